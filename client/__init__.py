@@ -1,0 +1,1 @@
+"""The thin lrctl client: grpcio and protobuf only, no torch."""

@@ -1,0 +1,92 @@
+"""attach(): the one call that puts a training job under lrctl's control."""
+
+from __future__ import annotations
+
+import atexit
+from typing import Iterable
+
+import torch
+
+from lrctl.server.controller import Controller
+from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
+from lrctl.server.service import LearningRateControlService
+from lrctl.v1 import lrctl_pb2_grpc
+
+
+class LRControl:
+    """A controller attached to one optimizer, and the gRPC server that exposes it.
+
+    Use as a context manager, or call `close()` when training ends. Closing detaches
+    the step hook (the optimizer keeps its current rates) and stops the server.
+    """
+
+    def __init__(self, controller: Controller, server: BuiltServer | None) -> None:
+        self.controller = controller
+        self._server = server
+        self._closed = False
+        atexit.register(self.close)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        if self._server is None:
+            raise RuntimeError("this LRControl was attached with serve=False")
+        return self._server.port
+
+    @property
+    def address(self) -> str:
+        """host:port the server listens on, with the bound port."""
+        if self._server is None:
+            raise RuntimeError("this LRControl was attached with serve=False")
+        return self._server.address
+
+    def close(self, grace: float = 2.0) -> None:
+        """Fail pending changes, stop serving (in-flight calls get `grace` seconds)."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        self.controller.close()
+        if self._server is not None:
+            self._server.stop(grace)
+
+    def __enter__(self) -> "LRControl":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach(
+    model: torch.nn.Module | Iterable[tuple[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    address: str = DEFAULT_ADDRESS,
+    insecure: bool = False,
+    serve: bool = True,
+    history_limit: int = 10_000,
+    max_workers: int = 8,
+) -> LRControl:
+    """Attach lrctl to a model's parameters and its optimizer, and start serving.
+
+    `model` is an ``nn.Module`` or an iterable of (name, parameter) pairs that covers
+    every tensor the optimizer holds. Rate changes are applied right before
+    ``optimizer.step()``; the training loop stays as it is. `address` defaults to
+    127.0.0.1:50051; port 0 picks a free port (read it back from ``.port``).
+    """
+    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
+    controller = Controller(named, optimizer, history_limit=history_limit)
+    if not serve:
+        return LRControl(controller, None)
+    service = LearningRateControlService(controller)
+    try:
+        server = build_server(
+            [lambda s: lrctl_pb2_grpc.add_LearningRateControlServicer_to_server(service, s)],
+            address=address,
+            insecure=insecure,
+            max_workers=max_workers,
+        )
+    except BaseException:
+        controller.close()
+        raise
+    return LRControl(controller, server)

@@ -1,0 +1,251 @@
+"""The LearningRateControl gRPC service: thin handlers over the controller.
+
+Handlers validate message-level input, translate messages to controller calls and
+back, and never touch the optimizer themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import zlib
+from typing import Iterable
+
+import grpc
+
+from lrctl.client.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from lrctl.server.controller import Controller, ParameterView
+from lrctl.server.history import Record
+from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Update
+from lrctl.v1 import lrctl_pb2 as pb
+from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
+
+try:
+    from importlib.metadata import version as _dist_version
+
+    SERVER_VERSION = _dist_version("lrctl")
+except Exception:  # running from a source tree that is not installed
+    SERVER_VERSION = "unknown"
+
+DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE = 1000, 5000
+DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE = 100, 1000
+DEFAULT_REPORTED_CHANGES = 1000
+# A waiting Set gives up this long before the client's deadline, so that the client
+# reads our "withdrawn, not applied" answer rather than its own deadline error.
+_WAIT_MARGIN_S = 0.1
+_WAIT_POLL_S = 0.5
+
+_MODES = {pb.UPDATE_MODE_ABSOLUTE: Mode.ABSOLUTE, pb.UPDATE_MODE_SCALE: Mode.SCALE}
+_MODE_TO_PB = {mode: code for code, mode in _MODES.items()}
+_STATES = {
+    "waiting_for_first_step": pb.TRAINING_STATE_WAITING_FOR_FIRST_STEP,
+    "training": pb.TRAINING_STATE_TRAINING,
+    "closing": pb.TRAINING_STATE_CLOSING,
+}
+
+
+def _page_size(requested: int, default: int, maximum: int) -> int:
+    if requested < 0:
+        raise InvalidArgumentError(f"page_size {requested} is negative")
+    return min(requested or default, maximum)
+
+
+def _encode_token(kind: str, position: int, context: str) -> str:
+    """An opaque page token bound to its listing (kind) and filter."""
+    raw = f"{kind}:{position}:{zlib.crc32(context.encode()):08x}"
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_token(token: str, kind: str, context: str) -> int:
+    if not token:
+        return 0
+    try:
+        got_kind, position, crc = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if got_kind == kind and crc == f"{zlib.crc32(context.encode()):08x}" and int(position) >= 0:
+            return int(position)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        pass
+    raise InvalidArgumentError(
+        f"page_token {token!r} is not a token of this listing (tokens are bound to the filter)"
+    )
+
+
+def _parameter_pb(view: ParameterView) -> pb.Parameter:
+    return pb.Parameter(
+        name=view.name,
+        shape=view.shape,
+        numel=view.numel,
+        dtype=view.dtype,
+        device=view.device,
+        requires_grad=view.requires_grad,
+        in_optimizer=view.in_optimizer,
+        settable=view.settable,
+        lr=view.lr,
+        group=view.group,
+        hyperparameters=view.hyperparameters,
+    )
+
+
+def _rate_changes_pb(changes: Iterable[RateChange]) -> list[pb.RateChange]:
+    return [pb.RateChange(name=c.name, old_lr=c.old_lr, new_lr=c.new_lr) for c in changes]
+
+
+def _updates_pb(updates: Iterable[Update]) -> list[pb.LearningRateUpdate]:
+    return [
+        pb.LearningRateUpdate(selector=u.selector, mode=_MODE_TO_PB[u.mode], value=u.value)
+        for u in updates
+    ]
+
+
+def _updates_from_pb(updates: Iterable[pb.LearningRateUpdate]) -> tuple[Update, ...]:
+    out = []
+    for k, u in enumerate(updates):
+        mode = _MODES.get(u.mode)
+        if mode is None:
+            name = pb.UpdateMode.Name(u.mode) if u.mode in pb.UpdateMode.values() else str(u.mode)
+            raise InvalidArgumentError(
+                f"updates[{k}] ({u.selector!r}) has mode {name}; use UPDATE_MODE_ABSOLUTE or "
+                "UPDATE_MODE_SCALE"
+            )
+        out.append(Update(u.selector, u.value, mode))
+    return tuple(out)
+
+
+def _user(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "lrctl-user":
+            return str(value)
+    return ""
+
+
+class LearningRateControlService(pb_grpc.LearningRateControlServicer):
+    """gRPC handlers for one controller."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+
+    def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext) -> pb.ListParametersResponse:
+        size = _page_size(request.page_size, DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE)
+        start = _decode_token(request.page_token, "params", request.filter)
+        matched = self._controller.filter(request.filter)
+        end = min(start + size, len(matched))
+        views = self._controller.describe(matched[start:end])
+        return pb.ListParametersResponse(
+            parameters=[_parameter_pb(v) for v in views],
+            next_page_token=_encode_token("params", end, request.filter) if end < len(matched) else "",
+            total_size=len(matched),
+        )
+
+    def GetLearningRates(self, request: pb.GetLearningRatesRequest, context: grpc.ServicerContext) -> pb.GetLearningRatesResponse:
+        rows, version, step = self._controller.read(list(request.selectors))
+        return pb.GetLearningRatesResponse(
+            rates=[pb.LearningRate(name=n, lr=lr, group=g) for n, lr, g in rows],
+            version=version,
+            step=step,
+        )
+
+    def SetLearningRates(self, request: pb.SetLearningRatesRequest, context: grpc.ServicerContext) -> pb.SetLearningRatesResponse:
+        if request.max_reported_changes < 0:
+            raise InvalidArgumentError(f"max_reported_changes {request.max_reported_changes} is negative")
+        change = ChangeRequest(
+            updates=_updates_from_pb(request.updates),
+            at_step=request.at_step if request.HasField("at_step") else None,
+            expected_version=request.expected_version if request.HasField("expected_version") else None,
+            reason=request.reason,
+            peer=context.peer(),
+            user=_user(context),
+        )
+        if request.dry_run:
+            outcome = self._controller.preview(change)
+        else:
+            pending, outcome = self._controller.submit(change)
+            if request.wait:
+                outcome = self._wait(pending, context)
+        limit = request.max_reported_changes or DEFAULT_REPORTED_CHANGES
+        return pb.SetLearningRatesResponse(
+            applied=outcome.applied,
+            step=outcome.step,
+            version=outcome.version,
+            changes=_rate_changes_pb(outcome.changes[:limit]),
+            change_id=outcome.change_id,
+            num_changes=len(outcome.changes),
+        )
+
+    def _wait(self, pending: PendingChange, context: grpc.ServicerContext) -> Outcome:
+        """Block until the change is applied; withdraw it if the caller gives up first."""
+        context.add_callback(lambda: self._controller.withdraw(pending))
+        while True:
+            remaining = context.time_remaining()
+            slice_s = _WAIT_POLL_S if remaining is None else min(_WAIT_POLL_S, remaining - _WAIT_MARGIN_S)
+            if slice_s > 0 and pending.finished.wait(slice_s):
+                break
+            if pending.finished.is_set():
+                break
+            out_of_time = remaining is not None and remaining - _WAIT_MARGIN_S <= 0
+            if out_of_time or not context.is_active():
+                status = self._controller.status()
+                error = DeadlineExceededError(
+                    f"change {pending.change_id} was withdrawn and NOT applied: no step boundary "
+                    f"came in time (the worker is at step {status.step}; "
+                    + (
+                        "no step yet"
+                        if status.seconds_since_last_step is None
+                        else f"last step {status.seconds_since_last_step:.1f}s ago"
+                    )
+                    + ")"
+                )
+                if self._controller.withdraw(pending, error):
+                    raise error
+        if pending.error is not None:
+            raise pending.error
+        assert pending.outcome is not None
+        return pending.outcome
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
+        s = self._controller.status()
+        return pb.GetStatusResponse(
+            step=s.step,
+            version=s.version,
+            optimizer=s.optimizer,
+            num_parameters=s.num_parameters,
+            num_settable=s.num_settable,
+            num_distinct_lrs=s.num_distinct_lrs,
+            num_param_groups=s.num_param_groups,
+            state=_STATES[s.state],
+            uptime_seconds=s.uptime_seconds,
+            seconds_since_last_step=s.seconds_since_last_step,
+            pending_changes=s.pending_changes,
+            server_version=SERVER_VERSION,
+        )
+
+    def ListChanges(self, request: pb.ListChangesRequest, context: grpc.ServicerContext) -> pb.ListChangesResponse:
+        size = _page_size(request.page_size, DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE)
+        if request.max_changes_per_record < 0:
+            raise InvalidArgumentError(
+                f"max_changes_per_record {request.max_changes_per_record} is negative"
+            )
+        per_record = request.max_changes_per_record or DEFAULT_REPORTED_CHANGES
+        after = max(request.after_version, _decode_token(request.page_token, "changes", ""))
+        records, more, dropped = self._controller.history(after, size)
+        return pb.ListChangesResponse(
+            changes=[self._record_pb(r, per_record) for r in records],
+            next_page_token=_encode_token("changes", records[-1].version, "") if more else "",
+            dropped=dropped,
+        )
+
+    def _record_pb(self, record: Record, per_record: int) -> pb.ChangeRecord:
+        return pb.ChangeRecord(
+            change_id=record.change_id,
+            version=record.version,
+            step=record.step,
+            applied_at=record.applied_at,
+            requested_at=record.requested_at,
+            updates=_updates_pb(record.updates),
+            changes=_rate_changes_pb(self._controller.rate_changes(record, per_record)),
+            peer=record.peer,
+            user=record.user,
+            reason=record.reason,
+            at_step=record.at_step,
+            num_changes=record.num_changes,
+        )

@@ -1,0 +1,72 @@
+"""The one place where errors become gRPC status codes.
+
+Handlers raise `lrctl.client.errors.LrctlError` subclasses; this interceptor aborts the
+RPC with the error's code and message. Anything else is a bug: it is logged with its
+traceback on the worker and answered as INTERNAL, and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import grpc
+
+from lrctl.client.errors import LrctlError
+
+log = logging.getLogger("lrctl.server")
+
+
+def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable:
+    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except LrctlError as exc:
+            context.abort(exc.code, str(exc))
+        except Exception as exc:
+            if context.code() is not None:  # context.abort() already chose the status
+                raise
+            log.exception("lrctl: handler %s failed", method)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
+
+    return guarded
+
+
+def _guard_stream(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable:
+    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            yield from behavior(request, context)
+        except LrctlError as exc:
+            context.abort(exc.code, str(exc))
+        except Exception as exc:
+            if context.code() is not None:
+                raise
+            log.exception("lrctl: handler %s failed", method)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
+
+    return guarded
+
+
+class ErrorStatusInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions raised by unary-unary and unary-stream handlers to status codes."""
+
+    def intercept_service(
+        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _guard(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _guard_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
