@@ -1,0 +1,209 @@
+"""`lrctl demo`: a worker that trains while a separate client process drives its rates.
+
+Without --serve, it reproduces the seed example end to end: the worker trains the
+two-layer model for ten steps while a client subprocess (lrctl.client.demo_driver)
+schedules inverse-time decay over gRPC with at_step; the client prints the table read
+back from the worker's history, and the worker checks that every optimizer step ran
+with exactly those rates. With --serve, it only runs a worker for you to play with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lrctl.server.attach import attach
+from lrctl.server.factory import DEFAULT_ADDRESS
+from lrctl.server.optim import build_optimizer
+
+SEED_LRS = {"layer1.weight": 0.01, "layer1.bias": 0.1, "layer2.weight": 0.001, "layer2.bias": 1.0}
+
+
+class SeedModel(nn.Module):
+    """The seed example's model: layer2(layer1(x)), 10 -> 20 -> 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(10, 20)
+        self.layer2 = nn.Linear(20, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.norm(x)
+
+
+class DemoMLP(nn.Module):
+    """A small encoder + head with names worth globbing (encoder.layers.3.*)."""
+
+    def __init__(self, width: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        self.encoder = Encoder(width, depth)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def _seed_job() -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], torch.Tensor]]:
+    model = SeedModel()
+    optimizer = build_optimizer(model, torch.optim.SGD, SEED_LRS, default_lr=10)
+    x = torch.zeros(1, 10)
+    return model, optimizer, lambda: model(x).sum()
+
+
+def _mlp_job() -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], torch.Tensor]]:
+    model = DemoMLP()
+    model.encoder.norm.requires_grad_(False)  # frozen: listed, but cannot be set
+    optimizer = build_optimizer(
+        model, torch.optim.AdamW, {"encoder.*": 1e-3, "head.*": 1e-2}, weight_decay=0.01
+    )
+
+    def loss() -> torch.Tensor:
+        x = torch.randn(64, 32)
+        target = torch.sin(x.sum(dim=1, keepdim=True))
+        return nn.functional.mse_loss(model(x), target)
+
+    return model, optimizer, loss
+
+
+JOBS = {"seed": _seed_job, "mlp": _mlp_job}
+
+
+def _train_step(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor]) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _lrs_by_name(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {n: float(g["lr"]) for g in optimizer.param_groups for n in g["param_names"]}
+
+
+def run_demo(steps: int = 10) -> int:
+    """The seed example over gRPC; returns the exit code (0: the tables match)."""
+    torch.manual_seed(0)
+    model, optimizer, loss_fn = _seed_job()
+    seen: list[dict[str, float]] = []
+    with attach(model, optimizer, address="127.0.0.1:0") as ctl:
+        # Registered after attach, so it runs after lrctl's hook: it sees the rates
+        # each step really used.
+        optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(_lrs_by_name(opt)))
+        print(f"worker: training the seed model (SGD, 4 parameters) on {ctl.address}", flush=True)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "lrctl.client.demo_driver", "--address", ctl.address,
+             "--steps", str(steps)]
+        )
+        try:
+            # The demo's only synchronization: step 0 waits until the client has
+            # scheduled every step, so the table starts at step 0 as the seed's does.
+            deadline = time.monotonic() + 60
+            while ctl.controller.pending_count < steps and driver.poll() is None:
+                if time.monotonic() > deadline:
+                    print("worker: the client scheduled nothing within 60 s", file=sys.stderr)
+                    return 1
+                time.sleep(0.01)
+            if driver.poll() is not None:
+                return driver.returncode or 1
+            for _ in range(steps):
+                _train_step(optimizer, loss_fn)
+            code = driver.wait(timeout=60)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        applied = {r.step: r for r in ctl.controller.history(0, steps)[0]}
+        names = ctl.controller.names
+        for step, rates in enumerate(seen):
+            record = applied.get(step)
+            wanted = dict(zip((names[i] for i in record.indices), record.new)) if record else {}
+            if any(rates[n] != lr for n, lr in wanted.items()):
+                print(f"worker: step {step} ran with {rates}, history says {wanted}", file=sys.stderr)
+                return 1
+        print(f"worker: all {len(seen)} optimizer steps ran with exactly the rates in the history")
+    return code
+
+
+def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool) -> int:
+    """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl."""
+    torch.manual_seed(0)
+    model, optimizer, loss_fn = JOBS[model_name]()
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with attach(model, optimizer, address=address, insecure=insecure) as ctl:
+            n = len(ctl.controller.names)
+            print(
+                f"lrctl worker: training the {model_name} model ({n} parameters) on {ctl.address}\n"
+                f"  try:  lrctl --address {ctl.address} list\n"
+                f"        lrctl --address {ctl.address} set '{ctl.controller.names[0]}=0.05'\n"
+                "  Ctrl-C stops it.",
+                flush=True,
+            )
+            last_report = time.monotonic()
+            step = 0
+            while not stop.is_set() and (steps == 0 or step < steps):
+                loss = _train_step(optimizer, loss_fn)
+                step += 1
+                now = time.monotonic()
+                if now - last_report >= 2.0 or step == steps:
+                    s = ctl.controller.status()
+                    print(
+                        f"step {s.step:>7}  loss {loss:.5g}  distinct lrs {s.num_distinct_lrs}  "
+                        f"groups {s.num_param_groups}  version {s.version}",
+                        flush=True,
+                    )
+                    last_report = now
+                if step_delay > 0:
+                    stop.wait(step_delay)
+            reason = "stopped by signal" if stop.is_set() else f"reached {step} steps"
+            print(f"lrctl worker: {reason}; shutting down", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lrctl demo",
+        description="Run the seed example end to end, or (--serve) a demo worker to play with.",
+    )
+    parser.add_argument("--serve", action="store_true", help="only run a worker, until the steps or a signal")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="with --serve: where to listen (default %(default)s)")
+    parser.add_argument("--model", choices=sorted(JOBS), default="seed", help="with --serve: the model to train")
+    parser.add_argument("--steps", type=int, default=None, help="steps to train (demo: 10; --serve: 0 = until stopped)")
+    parser.add_argument("--step-delay", type=float, default=0.05, help="with --serve: seconds between steps")
+    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --address without authentication")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 0 or not math.isfinite(args.step_delay) or args.step_delay < 0:
+        parser.error("--steps and --step-delay must not be negative")
+    try:
+        if args.serve:
+            return serve(args.address, args.model, args.steps or 0, args.step_delay, args.insecure)
+        if args.steps == 0:
+            parser.error("--steps must be at least 1 without --serve")
+        return run_demo(args.steps or 10)
+    except (ValueError, OSError) as exc:
+        print(f"lrctl: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
