@@ -27,7 +27,7 @@ from lrctl.client.errors import (
 )
 from lrctl.server.history import History, Record
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange
-from lrctl.server.selectors import NameIndex, not_found, parse_selector
+from lrctl.server.selectors import NameIndex, not_found, parse_selector, quote
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 
 log = logging.getLogger("lrctl.controller")
@@ -322,7 +322,7 @@ class Controller:
         old = array("d", (self._lrs[i] for i in indices))  # type: ignore[misc]
         new = array("d", self._new_values(pending.ops, old))
         for i, lr_new, lr_old in zip(indices, new, old):
-            if not math.isfinite(lr_new):
+            if not self._representable(i, lr_new):
                 raise InvalidArgumentError(
                     f"at step {step}, the rate of {self.index.names[i]!r} ({lr_old!r}) would "
                     f"become {lr_new!r}; change {pending.change_id} was not applied"
@@ -392,7 +392,7 @@ class Controller:
         old = [self._lrs[i] for i in ops]
         new = self._new_values(ops, old)  # type: ignore[arg-type]
         for i, lr_old, lr_new in zip(ops, old, new):
-            if not math.isfinite(lr_new):
+            if not self._representable(i, lr_new):
                 raise InvalidArgumentError(
                     f"the rate of {names[i]!r} ({lr_old!r}) would become {lr_new!r}"
                 )
@@ -420,7 +420,7 @@ class Controller:
                 if previous != op:
                     first = request.updates[origin[i]]
                     raise InvalidArgumentError(
-                        f"updates {first.selector!r} and {update.selector!r} disagree on "
+                        f"updates {quote(first.selector)} and {quote(update.selector)} disagree on "
                         f"{self.index.names[i]!r}: {_describe_value(*previous)} vs "
                         f"{_describe_value(*op)}"
                     )
@@ -430,11 +430,11 @@ class Controller:
     @staticmethod
     def _check_value(selector: str, mode: Mode, value: float) -> None:
         if not math.isfinite(value):
-            raise InvalidArgumentError(f"value {value!r} for {selector!r} is not a finite number")
+            raise InvalidArgumentError(f"value {value!r} for {quote(selector)} is not a finite number")
         if mode is Mode.SCALE and value <= 0:
-            raise InvalidArgumentError(f"scale factor {value!r} for {selector!r} must be > 0")
+            raise InvalidArgumentError(f"scale factor {value!r} for {quote(selector)} must be > 0")
         if mode is Mode.ABSOLUTE and value < 0:
-            raise InvalidArgumentError(f"learning rate {value!r} for {selector!r} is negative")
+            raise InvalidArgumentError(f"learning rate {value!r} for {quote(selector)} is negative")
 
     def _resolve(self, selector: str, *, for_set: bool) -> tuple[int, ...]:
         """Positions the selector matches among parameters that can be read (or set)."""
@@ -449,9 +449,15 @@ class Controller:
         if len(matched) == 1 and parse_selector(selector).is_exact:
             raise FailedPreconditionError(f"parameter {name!r} {why}; its rate cannot be {'set' if for_set else 'read'}")
         raise FailedPreconditionError(
-            f"selector {selector!r} matches {len(matched)} parameter(s), none of which can be "
+            f"selector {quote(selector)} matches {len(matched)} parameter(s), none of which can be "
             f"{'set' if for_set else 'read'} (e.g. {name!r} {why})"
         )
+
+    def _representable(self, i: int, lr: float) -> bool:
+        """A finite rate that the parameter's dtype can hold (else step() raises)."""
+        dtype = self._params[i].dtype
+        limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+        return math.isfinite(lr) and lr <= limit
 
     def _usable(self, i: int, for_set: bool) -> bool:
         if self._lrs[i] is None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+import math
+
 import torch
 
+from lrctl.client.errors import LrctlError
 from lrctl.server.selectors import NameIndex, not_found, parse_selector
 
 
@@ -25,11 +28,18 @@ def build_optimizer(
     left out, as optimizers usually leave them. Any other keyword goes to the optimizer
     (``momentum=0.9``, ``foreach=True``, ...).
     """
+    if default_lr is not None and not (math.isfinite(default_lr) and default_lr >= 0):
+        raise ValueError(f"default_lr {default_lr!r} must be a finite number >= 0")
     named = list(model.named_parameters() if isinstance(model, torch.nn.Module) else model)
     index = NameIndex([name for name, _ in named])
     chosen: dict[int, tuple[str, float]] = {}
     for key, lr in lrs.items():
-        matched = index.match(key)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"learning rate {lr!r} for {key!r} must be a finite number >= 0")
+        try:
+            matched = index.match(key)
+        except LrctlError as exc:
+            raise ValueError(str(exc)) from None
         if not matched:
             raise ValueError(str(not_found(parse_selector(key), index.names)))
         for i in matched:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 import zlib
 from typing import Iterable
 
 import grpc
 
-from lrctl.client.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from lrctl.client.errors import DeadlineExceededError, InvalidArgumentError
 from lrctl.server.controller import Controller, ParameterView
 from lrctl.server.history import Record
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Update
@@ -184,23 +183,25 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                 break
             out_of_time = remaining is not None and remaining - _WAIT_MARGIN_S <= 0
             if out_of_time or not context.is_active():
-                status = self._controller.status()
-                error = DeadlineExceededError(
-                    f"change {pending.change_id} was withdrawn and NOT applied: no step boundary "
-                    f"came in time (the worker is at step {status.step}; "
-                    + (
-                        "no step yet"
-                        if status.seconds_since_last_step is None
-                        else f"last step {status.seconds_since_last_step:.1f}s ago"
-                    )
-                    + ")"
-                )
+                error = self._not_applied_in_time(pending)
                 if self._controller.withdraw(pending, error):
                     raise error
         if pending.error is not None:
             raise pending.error
         assert pending.outcome is not None
         return pending.outcome
+
+    def _not_applied_in_time(self, pending: PendingChange) -> DeadlineExceededError:
+        status = self._controller.status()
+        last = status.seconds_since_last_step
+        due = pending.request.at_step
+        return DeadlineExceededError(
+            f"change {pending.change_id} was withdrawn and NOT applied: its step boundary did "
+            f"not come before the deadline (next step {status.step}"
+            + ("" if due is None else f", due at step {due}")
+            + ("; no step yet" if last is None else f"; last step {last:.1f}s ago")
+            + "). Use a longer timeout, or do not wait"
+        )
 
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
         s = self._controller.status()

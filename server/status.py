@@ -16,18 +16,28 @@ from lrctl.client.errors import LrctlError
 
 log = logging.getLogger("lrctl.server")
 
+# Status messages travel in HTTP/2 trailers, which gRPC caps (16 KiB by default); an
+# echoed oversized value must not turn a clear error into a transport failure.
+_MAX_MESSAGE = 2000
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    if len(message) > _MAX_MESSAGE:
+        message = message[: _MAX_MESSAGE - 20] + " ... (message cut)"
+    context.abort(code, message)
+
 
 def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable:
     def guarded(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return behavior(request, context)
         except LrctlError as exc:
-            context.abort(exc.code, str(exc))
+            _abort(context, exc.code, str(exc))
         except Exception as exc:
             if context.code() is not None:  # context.abort() already chose the status
                 raise
             log.exception("lrctl: handler %s failed", method)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
+            _abort(context, grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
 
     return guarded
 
@@ -37,12 +47,12 @@ def _guard_stream(behavior: Callable[[Any, grpc.ServicerContext], Any], method: 
         try:
             yield from behavior(request, context)
         except LrctlError as exc:
-            context.abort(exc.code, str(exc))
+            _abort(context, exc.code, str(exc))
         except Exception as exc:
             if context.code() is not None:
                 raise
             log.exception("lrctl: handler %s failed", method)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
+            _abort(context, grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
 
     return guarded
 

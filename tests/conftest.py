@@ -1,0 +1,244 @@
+"""Shared fixtures for the worker-side tests: the seed model, a real optimizer under
+lrctl, a real gRPC server on a free loopback port, and a background training loop.
+
+Everything is real: real torch optimizers, real gRPC servers bound to 127.0.0.1:0 (the
+bound port is read back, never fixed), raw generated stubs. Changes are applied in the
+optimizer's step pre-hook, so a test that waits for a change needs something calling
+``optimizer.step()``: either the `Trainer` below (a background loop), or the test
+thread itself (`train_step`) when the exact step matters.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from lrctl.server import attach
+from lrctl.server.attach import LRControl
+from lrctl.v1 import lrctl_pb2 as pb
+from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
+
+# Two cores: keep torch from oversubscribing them with intra-op threads.
+torch.set_num_threads(1)
+
+# The seed example's initial rates (see /work/shared/seed-example.md), in model order.
+SEED_LRS = {"layer1.weight": 0.01, "layer1.bias": 0.1, "layer2.weight": 0.001, "layer2.bias": 1.0}
+SEED_NAMES = tuple(SEED_LRS)
+
+# Generous bound for "eventually" waits; never asserted as a duration.
+PATIENCE_S = 30.0
+
+
+class SeedModel(nn.Module):
+    """The seed example's model: layer2(layer1(x)), four trainable parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(10, 20)
+        self.layer2 = nn.Linear(20, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(x))
+
+
+def seed_model(seed: int = 0) -> SeedModel:
+    torch.manual_seed(seed)
+    return SeedModel()
+
+
+def per_parameter_optimizer(
+    model: nn.Module,
+    cls: type[torch.optim.Optimizer] = torch.optim.SGD,
+    lrs: dict[str, float] | None = None,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """The seed recipe: one param group per parameter, default lr=10 that every group overrides."""
+    lrs = SEED_LRS if lrs is None else lrs
+    groups = [{"params": [p], "lr": lrs[n]} for n, p in model.named_parameters() if n in lrs]
+    kwargs.setdefault("lr", 10.0)
+    return cls(groups, **kwargs)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor | None = None) -> None:
+    """One step of the seed loop (loss = output.sum()), driven by the calling thread."""
+    if x is None:
+        x = torch.randn(4, 10, dtype=next(model.parameters()).dtype)
+    optimizer.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    optimizer.step()
+
+
+def group_lrs(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """name -> lr of the param group that holds it, read straight from the optimizer."""
+    lr_of = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    return {n: lr_of[id(p)] for n, p in model.named_parameters() if id(p) in lr_of}
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = PATIENCE_S) -> Any:
+    """Poll until predicate() is truthy; fail naming `what` if it never is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class Trainer:
+    """The seed training loop on a background thread, stepping every ~2 ms.
+
+    `pause()` returns once the loop is parked between steps (no step in progress and
+    none will start until `resume()`); `stop()` ends the thread. Exceptions raised by
+    a step are kept in `errors` (a healthy run has none).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, period_s: float = 0.002) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.period_s = period_s
+        self.errors: list[BaseException] = []
+        self._steps = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._pause = False
+        self._parked = False
+        self._gen = torch.Generator().manual_seed(1234)
+        self.thread = threading.Thread(target=self._run, name="test-trainer", daemon=True)
+
+    @property
+    def steps(self) -> int:
+        """optimizer.step() calls completed by the loop."""
+        with self._cond:
+            return self._steps
+
+    def start(self) -> "Trainer":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._pause and not self._stop:
+                        self._parked = True
+                        self._cond.notify_all()
+                        self._cond.wait()
+                    self._parked = False
+                    if self._stop:
+                        return
+                x = torch.randn(4, 10, generator=self._gen)
+                train_step(self.model, self.optimizer, x)
+                with self._cond:
+                    self._steps += 1
+                    self._cond.notify_all()
+                time.sleep(self.period_s)
+        except BaseException as exc:  # surfaced by the tests through `errors`
+            self.errors.append(exc)
+        finally:
+            with self._cond:
+                self._cond.notify_all()  # wake waiters: the loop is gone
+
+    def wait_steps(self, n: int = 1, timeout: float = PATIENCE_S) -> int:
+        """Wait until the loop has completed `n` more steps; returns the new count."""
+        with self._cond:
+            target = self._steps + n
+            ok = self._cond.wait_for(lambda: self._steps >= target or not self.thread.is_alive(), timeout)
+            if not ok or self._steps < target:
+                pytest.fail(
+                    f"training did not make {n} more step(s) (at {self._steps}, alive="
+                    f"{self.thread.is_alive()}, errors={self.errors!r})"
+                )
+            return self._steps
+
+    def pause(self, timeout: float = PATIENCE_S) -> None:
+        with self._cond:
+            self._pause = True
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: self._parked or not self.thread.is_alive(), timeout):
+                pytest.fail("the training loop did not pause")
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause = False
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self.thread.join(PATIENCE_S)
+
+
+class Served:
+    """A seed model and optimizer under lrctl, served on a free loopback port."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctl: LRControl) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.ctl = ctl
+        self.controller = ctl.controller
+        self.channel = grpc.insecure_channel(ctl.address)
+        self.stub = pb_grpc.LearningRateControlStub(self.channel)
+
+    def step(self, n: int = 1) -> None:
+        """Drive `n` optimizer steps from the calling thread."""
+        for _ in range(n):
+            train_step(self.model, self.optimizer)
+
+    def rates(self) -> dict[str, float]:
+        reply = self.stub.GetLearningRates(pb.GetLearningRatesRequest(), timeout=10)
+        return {r.name: r.lr for r in reply.rates}
+
+    def close(self) -> None:
+        self.channel.close()
+        self.ctl.close(grace=0.5)
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    """Seed model + SGD (one group per parameter, seed rates) attached and served; no training."""
+    model = seed_model()
+    optimizer = per_parameter_optimizer(model)
+    ctl = attach(model, optimizer, address="127.0.0.1:0")
+    s = Served(model, optimizer, ctl)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def training(served: Served) -> Iterator[Trainer]:
+    """A background loop training `served`; stopped (and checked healthy) at teardown."""
+    trainer = Trainer(served.model, served.optimizer).start()
+    try:
+        trainer.wait_steps(1)
+        yield trainer
+    finally:
+        trainer.stop()
+    assert not trainer.errors, f"the training loop raised: {trainer.errors!r}"
+
+
+def absolute(selector: str, value: float) -> pb.LearningRateUpdate:
+    return pb.LearningRateUpdate(selector=selector, mode=pb.UPDATE_MODE_ABSOLUTE, value=value)
+
+
+def scale(selector: str, value: float) -> pb.LearningRateUpdate:
+    return pb.LearningRateUpdate(selector=selector, mode=pb.UPDATE_MODE_SCALE, value=value)
+
+
+def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
+    """Run a stub call that must fail; return its error (fails the test on success)."""
+    try:
+        reply = call()
+    except grpc.RpcError as exc:
+        return exc
+    pytest.fail(f"expected an error status, got OK: {reply!r}")
