@@ -1,0 +1,422 @@
+"""The `lrctl` command line: a small layer on LRClient.
+
+Exit codes (also shown by `lrctl --help`):
+
+    0    ok
+    1    internal or unexpected error (a bug; the worker's INTERNAL/UNKNOWN too)
+    2    usage error (bad option, malformed NAME=VALUE)
+    3    cannot connect to the worker (UNAVAILABLE)
+    4    request rejected (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, and any
+         other gRPC status not listed here)
+    5    not authorized (UNAUTHENTICATED, PERMISSION_DENIED)
+    6    timed out (DEADLINE_EXCEEDED; a waiting set was withdrawn, not applied)
+    130  interrupted (Ctrl-C)
+    141  output pipe closed (e.g. `lrctl list | head`)
+
+Every error is one line on stderr, "lrctl: error: <message>", never a traceback
+(set LRCTL_DEBUG=1 to get the traceback of an unexpected error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any, NoReturn, Optional
+
+import grpc
+
+from lrctl.client.client import ADDRESS_ENV, LRClient, default_address
+from lrctl.client.errors import LrctlError, UnavailableError
+from lrctl.client.types import ChangeRecord, ParameterInfo, SetResult, Status, Update
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_REJECTED = 4
+EXIT_UNAUTHORIZED = 5
+EXIT_TIMEOUT = 6
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+_EXIT_BY_CODE: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_UNAUTHORIZED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_UNAUTHORIZED,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_TIMEOUT,
+    grpc.StatusCode.INTERNAL: EXIT_INTERNAL,
+    grpc.StatusCode.UNKNOWN: EXIT_INTERNAL,
+}
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    ok
+  1    internal or unexpected error
+  2    usage error
+  3    cannot connect to the worker (UNAVAILABLE)
+  4    request rejected (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...)
+  5    not authorized (UNAUTHENTICATED, PERMISSION_DENIED)
+  6    timed out (DEADLINE_EXCEEDED: a waiting set was withdrawn, not applied)
+  130  interrupted
+
+environment:
+  LRCTL_ADDRESS  worker address when --address is not given (default 127.0.0.1:50051)
+"""
+
+_DEMO_MISSING = "lrctl demo needs the worker extra: pip install 'lrctl[worker]'"
+# Top-level modules that only the worker extra installs (see pyproject.toml).
+_WORKER_EXTRA_MODULES = frozenset({"torch", "numpy", "regex", "grpc_health", "grpc_reflection"})
+
+
+class UsageError(Exception):
+    """A command line the CLI cannot run; exit 2 with one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, raised instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the whole usage block; the CLI promises one line per error.
+        verb = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        raise UsageError(f"{verb}: {message}" if verb else message)
+
+
+# -- output helpers ------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces, with a header row."""
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join(lines)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _fmt_lr(lr: Optional[float]) -> str:
+    # repr() gives the shortest string that reads back as the same double.
+    return "-" if lr is None else repr(lr)
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) if shape else "()"
+
+
+def _param_note(p: ParameterInfo) -> str:
+    notes = []
+    if not p.requires_grad:
+        notes.append("frozen")
+    if not p.in_optimizer:
+        notes.append("not in optimizer")
+    return ", ".join(notes)
+
+
+def _fmt_when(timestamp: float) -> str:
+    if timestamp <= 0:
+        return "-"
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fmt_update(u: Update) -> str:
+    if u.mode != "scale":
+        return f"{u.selector}={u.value!r}"
+    # "layer2.**0.5" would read as a glob; a space keeps the operator visible.
+    sep = " " if u.selector.endswith(("*", "?", "]")) else ""
+    return f"{u.selector}{sep}*{u.value!r}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# -- verbs ---------------------------------------------------------------------------
+
+
+def cmd_list(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl list: every parameter (matching PATTERN) with its rate and group."""
+    params = client.list_parameters(args.pattern)
+    if args.json:
+        _print_json([dataclasses.asdict(p) for p in params])
+    elif not params and args.pattern:
+        print(f"no parameter matches {args.pattern!r}")
+    else:
+        rows = (
+            (p.name, _fmt_shape(p.shape), p.dtype, _fmt_lr(p.lr),
+             p.group if p.group >= 0 else "-", _param_note(p))
+            for p in params
+        )
+        print(format_table(("NAME", "SHAPE", "DTYPE", "LR", "GROUP", "NOTE"), rows))
+    return EXIT_OK
+
+
+def cmd_get(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl get: the rate of each parameter the selectors match."""
+    rates = client.read_learning_rates(*args.selectors).rates
+    if args.json:
+        _print_json([dataclasses.asdict(r) for r in rates])
+    else:
+        print(format_table(("NAME", "LR", "GROUP"), ((r.name, repr(r.lr), r.group) for r in rates)))
+    return EXIT_OK
+
+
+def parse_assignment(arg: str) -> Update:
+    """NAME_OR_PATTERN=VALUE as an absolute Update; UsageError naming `arg` if malformed."""
+    # The last "=" splits: a regex selector may itself contain "=".
+    selector, sep, text = arg.rpartition("=")
+    if not sep:
+        raise UsageError(f"set: expected NAME=VALUE, got {arg!r}")
+    if not selector:
+        raise UsageError(f"set: missing parameter name in {arg!r}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"set: {text!r} in {arg!r} is not a number") from None
+    # NaN, inf and negatives parse; the worker judges them so every client gets one rule.
+    return Update(selector, value)
+
+
+def _set_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        dry_run=args.dry_run,
+        at_step=args.at_step,
+        wait=not args.no_wait,
+        reason=args.reason,
+        expected_version=args.expected_version,
+    )
+
+
+def _print_set_result(result: SetResult, args: argparse.Namespace) -> None:
+    if args.json:
+        _print_json({"dry_run": args.dry_run, **dataclasses.asdict(result)})
+        return
+    for c in result.changes:
+        print(f"{c.name}: {c.old_lr!r} -> {c.new_lr!r}")
+    if result.num_changes > len(result.changes):
+        print(f"... and {result.num_changes - len(result.changes)} more")
+    if args.dry_run:
+        print("dry run: nothing changed")
+    elif result.applied:
+        print(f"applied at step {result.step} (version {result.version})")
+    elif result.step >= 0:
+        print(f"accepted, due at step {result.step}")
+    else:
+        print("accepted, due at the next step")
+
+
+def cmd_set(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl set: change rates, one batch applied whole at one step."""
+    updates = [parse_assignment(a) for a in args.assignments]
+    _print_set_result(client.set_learning_rates(updates, **_set_options(args)), args)
+    return EXIT_OK
+
+
+def cmd_scale(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl scale: multiply the rates PATTERN matches by FACTOR."""
+    result = client.scale_learning_rates(args.pattern, args.factor, **_set_options(args))
+    _print_set_result(result, args)
+    return EXIT_OK
+
+
+def _status_lines(status: Status) -> list[tuple[str, Any]]:
+    fields = dataclasses.asdict(status)
+    since = fields["seconds_since_last_step"]
+    fields["uptime_seconds"] = f"{status.uptime_seconds:.1f}"
+    fields["seconds_since_last_step"] = "-" if since is None else f"{since:.3f}"
+    return list(fields.items())
+
+
+def cmd_status(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl status: the worker's step, version, optimizer and grouping."""
+    status = client.status()
+    if args.json:
+        _print_json(dataclasses.asdict(status))
+    else:
+        lines = _status_lines(status)
+        width = max(len(key) for key, _ in lines) + 1
+        for key, value in lines:
+            print(f"{key + ':':<{width}} {value}")
+    return EXIT_OK
+
+
+def _history_row(r: ChangeRecord) -> tuple[Any, ...]:
+    updates = ", ".join(_fmt_update(u) for u in r.updates)
+    return (r.change_id, r.step, r.version, _fmt_when(r.applied_at), r.user, updates,
+            _one_line(r.reason))
+
+
+def cmd_history(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl history: applied changes, oldest first (the last --limit N)."""
+    # A bounded deque keeps only the newest N while paging through the whole history.
+    records = list(collections.deque(client.iter_changes(), maxlen=args.limit))
+    if args.json:
+        _print_json([dataclasses.asdict(r) for r in records])
+    else:
+        headers = ("CHANGE", "STEP", "VERSION", "WHEN", "USER", "UPDATES", "REASON")
+        print(format_table(headers, map(_history_row, records)))
+    return EXIT_OK
+
+
+def run_demo(demo_args: list[str]) -> int:
+    """lrctl demo: hand over to the worker's demo (needs the worker extra, i.e. torch)."""
+    try:
+        from lrctl.server.demo import main as demo_main  # imports torch: keep it lazy
+    except ImportError as exc:
+        # Only a missing worker dependency means "install the extra"; any other
+        # ImportError is a bug and is reported as such.
+        if (exc.name or "").partition(".")[0] not in _WORKER_EXTRA_MODULES:
+            raise
+        print(f"lrctl: error: {_DEMO_MISSING}", file=sys.stderr)
+        return EXIT_INTERNAL
+    return int(demo_main(demo_args) or 0)
+
+
+# -- argument parsing ----------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _add_change_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="validate and show; change nothing")
+    p.add_argument("--at-step", type=int, metavar="N", help="apply right before step N")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return once accepted instead of once applied")
+    p.add_argument("--reason", default="", metavar="TEXT", help="recorded in the history")
+    p.add_argument("--expected-version", type=int, metavar="V",
+                   help="apply only if the config version is still V")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The lrctl argument parser."""
+    parser = _Parser(
+        prog="lrctl",
+        description="Steer a running PyTorch job's per-parameter learning rates.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--address", default=default_address(),
+                        help=f"worker host:port (default: ${ADDRESS_ENV} or 127.0.0.1:50051)")
+    parser.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                        help="deadline of each call; a waiting set waits this long (default 10)")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("list", help="list parameters with their rates and groups")
+    p.add_argument("pattern", nargs="?", default="", metavar="PATTERN",
+                   help="exact name, glob or re:REGEX (default: all)")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(func=cmd_list)
+
+    p = verbs.add_parser("get", help="read learning rates")
+    p.add_argument("selectors", nargs="*", metavar="NAME|PATTERN",
+                   help="exact names, globs or re:REGEX (default: every held parameter)")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(func=cmd_get)
+
+    p = verbs.add_parser("set", help="set learning rates (one batch, applied at one step)")
+    p.add_argument("assignments", nargs="+", metavar="NAME_OR_PATTERN=VALUE")
+    _add_change_options(p)
+    p.set_defaults(func=cmd_set)
+
+    p = verbs.add_parser("scale", help="multiply learning rates by a factor")
+    p.add_argument("pattern", metavar="PATTERN")
+    p.add_argument("factor", type=float, metavar="FACTOR")
+    _add_change_options(p)
+    p.set_defaults(func=cmd_scale)
+
+    p = verbs.add_parser("status", help="the worker's step, version and optimizer")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_status)
+
+    p = verbs.add_parser("history", help="applied changes, oldest first")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="only the last N changes")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(func=cmd_history)
+
+    # The demo parses its own arguments: this parser must not know any option (so
+    # "-h" and "--steps" pass through), which a prefix that never occurs achieves.
+    verbs.add_parser("demo", help="run a demo worker (needs lrctl[worker])", add_help=False,
+                     prefix_chars="\0")
+    return parser
+
+
+def _error(message: str, code: int) -> int:
+    print(f"lrctl: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _exit_code(err: LrctlError) -> int:
+    return _EXIT_BY_CODE.get(err.code, EXIT_REJECTED)
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
+    parser = build_parser()
+    try:
+        # parse_known_args lets `demo` take everything after it, in order, untouched.
+        args, rest = parser.parse_known_args(argv)
+        if args.verb == "demo":
+            return run_demo(rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    except UsageError as err:
+        return _error(str(err), EXIT_USAGE)
+    except SystemExit as done:  # --help and friends
+        return done.code if isinstance(done.code, int) else EXIT_OK
+
+    try:
+        with LRClient(args.address, timeout=args.timeout) as client:
+            return args.func(client, args)
+    except UsageError as err:
+        return _error(str(err), EXIT_USAGE)
+    except UnavailableError as err:
+        hint = "is a worker running? set --address or LRCTL_ADDRESS"
+        return _error(f"{err}; {hint}", EXIT_UNAVAILABLE)
+    except LrctlError as err:
+        return _error(str(err) or err.code.name, _exit_code(err))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run lrctl with `argv` (default sys.argv[1:]); returns the exit code."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`); silence the flush at interpreter exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except Exception as exc:  # the last line of defence: no tracebacks for users
+        if os.environ.get("LRCTL_DEBUG"):
+            raise
+        return _error(f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""LRClient: the Python client of a worker's LearningRateControl service.
+
+A thin layer on the generated stubs: it adds a deadline and the caller's name to every
+call, turns replies into typed results (lrctl.client.types) and every gRPC error into
+the matching lrctl.client.errors exception. grpcio and protobuf only; never torch.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable, Optional, TypeVar, Union
+
+import grpc
+
+from lrctl.client.errors import (
+    DeadlineExceededError,
+    LrctlError,
+    UnavailableError,
+    error_for_status,
+)
+from lrctl.client.types import (
+    ChangeRecord,
+    LearningRates,
+    ParameterInfo,
+    SetResult,
+    Status,
+    Update,
+)
+from lrctl.v1 import lrctl_pb2, lrctl_pb2_grpc
+
+__all__ = ["LRClient", "DEFAULT_ADDRESS", "ADDRESS_ENV", "default_address", "default_user"]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+ADDRESS_ENV = "LRCTL_ADDRESS"
+USER_METADATA_KEY = "lrctl-user"
+
+_Reply = TypeVar("_Reply")
+Updates = Union[Mapping[str, float], Iterable[Update]]
+
+
+def default_address() -> str:
+    """The worker address to use when none is given: $LRCTL_ADDRESS, else 127.0.0.1:50051."""
+    return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+
+
+def default_user() -> str:
+    """"user@host" of this process, as sent in the lrctl-user metadata."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (e.g. a container uid without a passwd entry)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _metadata_value(text: str) -> str:
+    """`text` made safe for an ASCII gRPC metadata value (grpc rejects anything else)."""
+    ascii_text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in ascii_text)
+
+
+def create_channel(address: str) -> grpc.Channel:
+    """The channel to a worker.
+
+    The one place that decides transport security: TLS and token credentials will be
+    added here (and only here) when the security issue lands.
+    """
+    return grpc.insecure_channel(address)
+
+
+class LRClient:
+    """Client of a running worker: list parameters, read and change their learning rates.
+
+    Use it as a context manager, or call close(). Every call has a deadline (`timeout`
+    seconds, overridable per call) and raises an lrctl.client.errors.LrctlError subclass
+    on failure, never a raw grpc.RpcError.
+    """
+
+    def __init__(
+        self,
+        address: Optional[str] = None,
+        *,
+        timeout: float = 10.0,
+        user: Optional[str] = None,
+    ) -> None:
+        self.address: str = address or default_address()
+        self.timeout: float = timeout
+        self.user: str = user or default_user()
+        self._metadata = ((USER_METADATA_KEY, _metadata_value(self.user)),)
+        self._channel = create_channel(self.address)
+        self._stub = lrctl_pb2_grpc.LearningRateControlStub(self._channel)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; the client cannot be used afterwards."""
+        self._channel.close()
+
+    def __enter__(self) -> LRClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LRClient(address={self.address!r}, timeout={self.timeout!r})"
+
+    def wait_until_ready(self, timeout: Optional[float] = None) -> None:
+        """Block until the channel is connected; UnavailableError after `timeout` seconds."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=limit)
+        except grpc.FutureTimeoutError:
+            raise UnavailableError(
+                f"no lrctl worker reachable at {self.address} within {limit:g}s"
+            ) from None
+
+    # -- the calls -------------------------------------------------------------------
+
+    def _call(
+        self,
+        method: Callable[..., _Reply],
+        request: Any,
+        timeout: Optional[float],
+        *,
+        on_deadline: Optional[str] = None,
+    ) -> _Reply:
+        """Invoke one RPC with deadline and metadata, translating gRPC errors."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return method(request, timeout=limit, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            # `from None`: the grpc internals add nothing for a user; the status does.
+            raise self._error(exc, limit, on_deadline) from None
+
+    def _error(self, exc: grpc.RpcError, limit: float, on_deadline: Optional[str]) -> LrctlError:
+        """The LrctlError for a failed call, naming the address where that helps."""
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if hasattr(exc, "details") else None) or str(code)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return UnavailableError(f"cannot reach lrctl worker at {self.address}: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
+            # The deadline expired on this side; say what that means for this call.
+            message = f"no answer from {self.address} within {limit:g}s"
+            return DeadlineExceededError(f"{message}; {on_deadline}" if on_deadline else message)
+        return error_for_status(code, details)
+
+    def iter_parameters(
+        self, pattern: str = "", page_size: int = 0, *, timeout: Optional[float] = None
+    ) -> Iterator[ParameterInfo]:
+        """Every parameter matching `pattern` (all when empty), in model order, page by page.
+
+        A pattern that matches nothing yields nothing (it is a filter, not a selector).
+        """
+        token = ""
+        while True:
+            request = lrctl_pb2.ListParametersRequest(
+                filter=pattern, page_size=page_size, page_token=token
+            )
+            reply = self._call(self._stub.ListParameters, request, timeout)
+            for param in reply.parameters:
+                yield ParameterInfo.from_proto(param)
+            if not reply.next_page_token:
+                return
+            if reply.next_page_token == token:  # a worker bug must not loop us forever
+                raise LrctlError(f"worker at {self.address} returned the same page token twice")
+            token = reply.next_page_token
+
+    def list_parameters(
+        self, pattern: str = "", page_size: int = 0, *, timeout: Optional[float] = None
+    ) -> list[ParameterInfo]:
+        """All parameters matching `pattern`, as a list (see iter_parameters)."""
+        return list(self.iter_parameters(pattern, page_size, timeout=timeout))
+
+    def read_learning_rates(
+        self, *selectors: str, timeout: Optional[float] = None
+    ) -> LearningRates:
+        """Rates, groups, config version and step for `selectors` (all held when none)."""
+        request = lrctl_pb2.GetLearningRatesRequest(selectors=list(selectors))
+        return LearningRates.from_proto(self._call(self._stub.GetLearningRates, request, timeout))
+
+    def get_learning_rates(self, *selectors: str, timeout: Optional[float] = None) -> dict[str, float]:
+        """name -> rate, in model order, for `selectors` (every held parameter when none).
+
+        Each selector must match at least one parameter the optimizer holds (else
+        NotFoundError).
+        """
+        reading = self.read_learning_rates(*selectors, timeout=timeout)
+        return {r.name: r.lr for r in reading.rates}
+
+    def set_learning_rates(
+        self,
+        updates: Updates,
+        *,
+        dry_run: bool = False,
+        at_step: Optional[int] = None,
+        wait: bool = True,
+        reason: str = "",
+        expected_version: Optional[int] = None,
+        max_reported_changes: int = 0,
+        timeout: Optional[float] = None,
+    ) -> SetResult:
+        """Change rates as one batch, applied whole at one step boundary or not at all.
+
+        `updates` maps selectors to new rates, or is an iterable of Update (which can
+        also scale). With wait=True (default) this returns once the change is applied;
+        if the deadline comes first, DeadlineExceededError says it was withdrawn.
+        `max_reported_changes` caps the per-name list in the result (0: worker default).
+        """
+        if isinstance(updates, Mapping):
+            batch = [Update(selector, value) for selector, value in updates.items()]
+        else:
+            batch = list(updates)
+        request = lrctl_pb2.SetLearningRatesRequest(
+            updates=[u.to_proto() for u in batch],
+            dry_run=dry_run,
+            wait=wait,
+            reason=reason,
+            max_reported_changes=max_reported_changes,
+        )
+        # Optional fields: absent means "next boundary" / "any version", so only set them
+        # when given (0 is a meaningful value for both).
+        if at_step is not None:
+            request.at_step = at_step
+        if expected_version is not None:
+            request.expected_version = expected_version
+        on_deadline = (
+            "the worker withdraws a change whose caller gave up, unless it was applied at that "
+            "very step: `lrctl history` tells"
+            if wait and not dry_run
+            else None
+        )
+        reply = self._call(self._stub.SetLearningRates, request, timeout, on_deadline=on_deadline)
+        return SetResult.from_proto(reply)
+
+    def scale_learning_rates(
+        self,
+        selector: str,
+        factor: float,
+        *,
+        dry_run: bool = False,
+        at_step: Optional[int] = None,
+        wait: bool = True,
+        reason: str = "",
+        expected_version: Optional[int] = None,
+        max_reported_changes: int = 0,
+        timeout: Optional[float] = None,
+    ) -> SetResult:
+        """Multiply the rates `selector` matches by `factor` (at the step it applies)."""
+        return self.set_learning_rates(
+            [Update(selector, factor, "scale")],
+            dry_run=dry_run,
+            at_step=at_step,
+            wait=wait,
+            reason=reason,
+            expected_version=expected_version,
+            max_reported_changes=max_reported_changes,
+            timeout=timeout,
+        )
+
+    def status(self, *, timeout: Optional[float] = None) -> Status:
+        """The worker's step, config version, optimizer, grouping and state."""
+        reply = self._call(self._stub.GetStatus, lrctl_pb2.GetStatusRequest(), timeout)
+        return Status.from_proto(reply)
+
+    def iter_changes(
+        self,
+        after_version: int = 0,
+        page_size: int = 0,
+        *,
+        max_changes_per_record: int = 0,
+        timeout: Optional[float] = None,
+    ) -> Iterator[ChangeRecord]:
+        """Applied changes with version > `after_version`, in order of application.
+
+        Pass the last record's version to follow the history. `max_changes_per_record`
+        caps each record's per-name list (0: the worker's default).
+        """
+        token = ""
+        while True:
+            request = lrctl_pb2.ListChangesRequest(
+                page_size=page_size,
+                page_token=token,
+                after_version=after_version,
+                max_changes_per_record=max_changes_per_record,
+            )
+            reply = self._call(self._stub.ListChanges, request, timeout)
+            for record in reply.changes:
+                yield ChangeRecord.from_proto(record)
+            if not reply.next_page_token:
+                return
+            if reply.next_page_token == token:
+                raise LrctlError(f"worker at {self.address} returned the same page token twice")
+            token = reply.next_page_token
+
+    def list_changes(
+        self,
+        after_version: int = 0,
+        page_size: int = 0,
+        *,
+        max_changes_per_record: int = 0,
+        timeout: Optional[float] = None,
+    ) -> list[ChangeRecord]:
+        """All applied changes after `after_version`, as a list (see iter_changes)."""
+        changes = self.iter_changes(
+            after_version, page_size, max_changes_per_record=max_changes_per_record, timeout=timeout
+        )
+        return list(changes)

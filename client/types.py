@@ -1,0 +1,249 @@
+"""Typed, immutable results of LRClient calls, made from the protobuf messages.
+
+Callers get plain Python values (floats, tuples, dicts, short strings) instead of
+protobuf messages, so code that uses the client does not depend on the generated stubs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from lrctl.v1 import lrctl_pb2
+
+UpdateModeName = Literal["absolute", "scale"]
+
+_MODE_TO_PROTO: dict[str, int] = {
+    "absolute": lrctl_pb2.UPDATE_MODE_ABSOLUTE,
+    "scale": lrctl_pb2.UPDATE_MODE_SCALE,
+}
+_MODE_FROM_PROTO: dict[int, str] = {v: k for k, v in _MODE_TO_PROTO.items()}
+
+_STATE_PREFIX = "TRAINING_STATE_"
+
+
+@dataclass(frozen=True)
+class Update:
+    """One entry of a batch: set `selector`'s rate to `value` or multiply it by `value`."""
+
+    selector: str
+    value: float
+    mode: UpdateModeName = "absolute"
+
+    def __post_init__(self) -> None:
+        # Only the mode is checked here; values are the worker's to judge, so that the
+        # client and every other language get the same errors for the same input.
+        if self.mode not in _MODE_TO_PROTO:
+            raise ValueError(f"Update mode must be 'absolute' or 'scale', not {self.mode!r}")
+
+    def to_proto(self) -> lrctl_pb2.LearningRateUpdate:
+        """The wire form of this update."""
+        return lrctl_pb2.LearningRateUpdate(
+            selector=self.selector, mode=_MODE_TO_PROTO[self.mode], value=float(self.value)
+        )
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.LearningRateUpdate) -> Update:
+        """An Update from its wire form (an unknown mode reads as 'unspecified')."""
+        mode = _MODE_FROM_PROTO.get(msg.mode, "unspecified")
+        # Bypass validation: a record read back from the worker is reported as it is.
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "selector", msg.selector)
+        object.__setattr__(obj, "value", msg.value)
+        object.__setattr__(obj, "mode", mode)
+        return obj
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One parameter tensor of the model and its current hyperparameters."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    dtype: str
+    device: str
+    requires_grad: bool
+    in_optimizer: bool
+    settable: bool
+    lr: Optional[float]
+    group: int
+    hyperparameters: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.Parameter) -> ParameterInfo:
+        """A ParameterInfo from a Parameter message."""
+        return cls(
+            name=msg.name,
+            shape=tuple(msg.shape),
+            numel=msg.numel,
+            dtype=msg.dtype,
+            device=msg.device,
+            requires_grad=msg.requires_grad,
+            in_optimizer=msg.in_optimizer,
+            settable=msg.settable,
+            lr=msg.lr if msg.HasField("lr") else None,
+            group=msg.group,
+            hyperparameters=dict(msg.hyperparameters),
+        )
+
+
+@dataclass(frozen=True)
+class LearningRate:
+    """The learning rate of one parameter and the physical group that holds it."""
+
+    name: str
+    lr: float
+    group: int
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """A consistent reading of rates (model order) with the worker's version and step."""
+
+    rates: list[LearningRate]
+    version: int
+    step: int
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.GetLearningRatesResponse) -> LearningRates:
+        """A LearningRates from a GetLearningRatesResponse."""
+        return cls(
+            rates=[LearningRate(r.name, r.lr, r.group) for r in msg.rates],
+            version=msg.version,
+            step=msg.step,
+        )
+
+
+@dataclass(frozen=True)
+class RateChange:
+    """One parameter's learning rate before and after a change."""
+
+    name: str
+    old_lr: float
+    new_lr: float
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.RateChange) -> RateChange:
+        """A RateChange from its wire form."""
+        return cls(msg.name, msg.old_lr, msg.new_lr)
+
+
+@dataclass(frozen=True)
+class SetResult:
+    """The answer to a set or scale request.
+
+    `applied` is True once the change took effect at `step`; False for a dry run or an
+    accepted (wait=False) change, whose `step` is when it is due (-1: next boundary).
+    `changes` may list fewer than `num_changes` entries (max_reported_changes).
+    """
+
+    applied: bool
+    step: int
+    version: int
+    changes: list[RateChange]
+    change_id: int
+    num_changes: int
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.SetLearningRatesResponse) -> SetResult:
+        """A SetResult from a SetLearningRatesResponse."""
+        return cls(
+            applied=msg.applied,
+            step=msg.step,
+            version=msg.version,
+            changes=[RateChange.from_proto(c) for c in msg.changes],
+            change_id=msg.change_id,
+            num_changes=msg.num_changes,
+        )
+
+
+def state_name(state: int) -> str:
+    """Short name of a TrainingState value ("training"); unknown values stay readable."""
+    try:
+        full = lrctl_pb2.TrainingState.Name(state)
+    except ValueError:
+        # A newer worker may report a state this client does not know yet.
+        return f"unknown({state})"
+    return full.removeprefix(_STATE_PREFIX).lower()
+
+
+@dataclass(frozen=True)
+class Status:
+    """The worker's step, config version, optimizer, grouping and training state.
+
+    `state` is one of "waiting_for_first_step", "training", "closing" (or "unspecified").
+    """
+
+    step: int
+    version: int
+    optimizer: str
+    num_parameters: int
+    num_settable: int
+    num_distinct_lrs: int
+    num_param_groups: int
+    state: str
+    uptime_seconds: float
+    seconds_since_last_step: Optional[float]
+    pending_changes: int
+    server_version: str
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.GetStatusResponse) -> Status:
+        """A Status from a GetStatusResponse."""
+        return cls(
+            step=msg.step,
+            version=msg.version,
+            optimizer=msg.optimizer,
+            num_parameters=msg.num_parameters,
+            num_settable=msg.num_settable,
+            num_distinct_lrs=msg.num_distinct_lrs,
+            num_param_groups=msg.num_param_groups,
+            state=state_name(msg.state),
+            uptime_seconds=msg.uptime_seconds,
+            seconds_since_last_step=(
+                msg.seconds_since_last_step if msg.HasField("seconds_since_last_step") else None
+            ),
+            pending_changes=msg.pending_changes,
+            server_version=msg.server_version,
+        )
+
+
+@dataclass(frozen=True)
+class ChangeRecord:
+    """One applied change from the worker's history: who, when, at which step, what.
+
+    `version` is the history's sequence number; `changes` may list fewer than
+    `num_changes` entries (max_changes_per_record).
+    """
+
+    change_id: int
+    version: int
+    step: int
+    applied_at: float
+    requested_at: float
+    updates: list[Update]
+    changes: list[RateChange]
+    peer: str
+    user: str
+    reason: str
+    at_step: Optional[int]
+    num_changes: int
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.ChangeRecord) -> ChangeRecord:
+        """A ChangeRecord from its wire form."""
+        return cls(
+            change_id=msg.change_id,
+            version=msg.version,
+            step=msg.step,
+            applied_at=msg.applied_at,
+            requested_at=msg.requested_at,
+            updates=[Update.from_proto(u) for u in msg.updates],
+            changes=[RateChange.from_proto(c) for c in msg.changes],
+            peer=msg.peer,
+            user=msg.user,
+            reason=msg.reason,
+            at_step=msg.at_step if msg.HasField("at_step") else None,
+            num_changes=msg.num_changes,
+        )

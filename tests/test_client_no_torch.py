@@ -1,0 +1,141 @@
+"""The client and CLI work where torch cannot be imported (the base, client-only install).
+
+A subprocess blocks every torch import with a meta-path finder, imports lrctl.client
+and its CLI, and drives a real worker (served by this test process) through `main()`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+# Runs in the subprocess: argv[1] is the worker's address. Prints one JSON object.
+CHILD = r"""
+import contextlib, io, json, sys
+
+class BlockTorch:
+    '''Fails every import of torch, as if it were not installed, and remembers it.'''
+    attempts = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "torch":
+            self.attempts.append(name)
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        return None
+
+sys.meta_path.insert(0, BlockTorch())
+
+import lrctl.client
+import lrctl.client.client
+import lrctl.client.cli
+import lrctl.client.types
+from lrctl.client.cli import main
+
+def run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+address = sys.argv[1]
+result = {
+    "help": run("--help"),
+    "list": run("--address", address, "list", "--json"),
+    "set": run("--address", address, "set", "layer1.weight=0.0625", "--reason", "no torch"),
+    "get": run("--address", address, "get", "layer1.*", "--json"),
+    "bad": run("--address", address, "set", "layer1.weight=-1"),
+}
+result["attempts"] = list(BlockTorch.attempts)
+result["loaded"] = sorted(m for m in sys.modules if m.partition(".")[0] == "torch")
+# Last: the demo verb imports the worker side, which needs torch.
+result["demo"] = run("demo", "--help")
+print(json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def worker_address() -> Iterator[str]:
+    """A real worker (Linear(10,20) "layer1", Linear(20,1) "layer2", SGD), stepping."""
+    from lrctl.server import attach
+
+    model = torch.nn.Module()
+    model.layer1 = torch.nn.Linear(10, 20)
+    model.layer2 = torch.nn.Linear(20, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # steps run the hooks and leave the weights be
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            while not stop.is_set():
+                optimizer.step()
+                stop.wait(0.005)
+        except BaseException as exc:
+            errors.append(exc)
+
+    ctl = attach(model, optimizer, address="127.0.0.1:0")
+    thread = threading.Thread(target=train, name="test-train-loop", daemon=True)
+    try:
+        thread.start()
+        yield ctl.address
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        ctl.close()
+    assert not errors, f"the training loop died: {errors!r}"
+
+
+@pytest.fixture(scope="module")
+def child(worker_address: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, worker_address],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_client_never_imports_torch(child: dict[str, Any]) -> None:
+    assert child["attempts"] == []
+    assert child["loaded"] == []
+
+
+def test_help_works_without_torch(child: dict[str, Any]) -> None:
+    assert child["help"]["code"] == 0
+    assert "exit codes" in child["help"]["out"]
+
+
+def test_list_get_set_work_without_torch(child: dict[str, Any]) -> None:
+    assert child["list"]["code"] == 0, child["list"]["err"]
+    names = [p["name"] for p in json.loads(child["list"]["out"])]
+    assert names == ["layer1.weight", "layer1.bias", "layer2.weight", "layer2.bias"]
+    assert child["set"]["code"] == 0, child["set"]["err"]
+    assert child["set"]["out"].splitlines()[0] == "layer1.weight: 0.1 -> 0.0625"
+    assert child["get"]["code"] == 0, child["get"]["err"]
+    assert {r["name"]: r["lr"] for r in json.loads(child["get"]["out"])} == {
+        "layer1.weight": 0.0625, "layer1.bias": 0.1,
+    }
+
+
+def test_errors_are_one_line_without_torch(child: dict[str, Any]) -> None:
+    bad = child["bad"]
+    assert bad["code"] == 4 and bad["out"] == ""
+    assert len(bad["err"].splitlines()) == 1 and bad["err"].startswith("lrctl: error: ")
+
+
+def test_demo_explains_the_missing_extra(child: dict[str, Any]) -> None:
+    demo = child["demo"]
+    assert demo["code"] == 1
+    assert demo["err"].strip() == (
+        "lrctl: error: lrctl demo needs the worker extra: pip install 'lrctl[worker]'"
+    )
