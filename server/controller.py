@@ -465,6 +465,9 @@ class Controller:
         return self._params[i].requires_grad or not for_set
 
     def _why_unusable(self, i: int) -> str:
+        reasons = []
+        if not self._params[i].requires_grad:
+            reasons.append("does not require grad")
         if self._lrs[i] is None:
-            return "is not held by the optimizer"
-        return "does not require grad"
+            reasons.append("is not held by the optimizer")
+        return " and ".join(reasons)

@@ -1,0 +1,115 @@
+"""`lrctl demo` end to end: real worker, real client subprocess, real gRPC on loopback."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LRCTL = [sys.executable, "-m", "lrctl.client.cli"]
+SEED_DOC = Path(__file__).resolve().parents[2] / "shared" / "seed-example.md"
+
+# The seed example's table (shared/seed-example.md), digit for digit.
+EXPECTED = """\
+| step | layer1.weight | layer1.bias | layer2.weight | layer2.bias |
+|---|---|---|---|---|
+| 0 | 0.01 | 0.1 | 0.001 | 1.0 |
+| 1 | 0.005 | 0.05 | 0.0005 | 0.5 |
+| 2 | 0.0033333333333333335 | 0.03333333333333333 | 0.0003333333333333333 | 0.3333333333333333 |
+| 3 | 0.0025 | 0.025 | 0.00025 | 0.25 |
+| 4 | 0.002 | 0.02 | 0.0002 | 0.2 |
+| 5 | 0.0016666666666666668 | 0.016666666666666666 | 0.00016666666666666666 | 0.16666666666666666 |
+| 6 | 0.0014285714285714286 | 0.014285714285714287 | 0.00014285714285714287 | 0.14285714285714285 |
+| 7 | 0.00125 | 0.0125 | 0.000125 | 0.125 |
+| 8 | 0.0011111111111111111 | 0.011111111111111112 | 0.00011111111111111112 | 0.1111111111111111 |
+| 9 | 0.001 | 0.01 | 0.0001 | 0.1 |"""
+
+
+def _table_rows(text: str) -> list[str]:
+    """The header and data rows of the step table in a Markdown text."""
+    rows = (line.strip() for line in text.splitlines())
+    return [row for row in rows if re.match(r"\| (step|\d+) \|", row)]
+
+
+def test_demo_prints_the_seed_table_exactly() -> None:
+    done = subprocess.run([*LRCTL, "demo"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert EXPECTED in done.stdout
+    assert "every step matches the schedule exactly" in done.stdout
+    assert "all 10 optimizer steps ran with exactly the rates in the history" in done.stdout
+
+
+@pytest.mark.skipif(not SEED_DOC.exists(), reason="shared/seed-example.md is not beside the checkout")
+def test_expected_table_is_the_seed_documents() -> None:
+    assert _table_rows(SEED_DOC.read_text()) == _table_rows(EXPECTED)
+
+
+def _start_serve(*extra: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [*LRCTL, "demo", "--serve", "--address", "127.0.0.1:0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    match = re.search(r"on (127\.0\.0\.1:\d+)", first)
+    if not match:
+        proc.kill()
+        pytest.fail(f"no address in {first!r}; stderr: {proc.stderr.read() if proc.stderr else ''}")
+    return proc, match.group(1)
+
+
+def _cli(address: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*LRCTL, "--address", address, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("model", ["seed", "mlp"])
+def test_serve_runs_until_sigterm_and_shuts_down_cleanly(model: str) -> None:
+    proc, address = _start_serve("--model", model, "--step-delay", "0.01")
+    try:
+        listed = _cli(address, "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert '"name"' in listed.stdout
+        if model == "mlp":
+            assert "encoder.layers.3.weight" in listed.stdout
+            done = _cli(address, "set", "encoder.layers.3.*=0.0005", "--reason", "test")
+            assert done.returncode == 0, done.stderr
+            assert "applied at step" in done.stdout
+            frozen = _cli(address, "set", "encoder.norm.weight=0.1")
+            assert frozen.returncode == 4 and "does not require grad" in frozen.stderr
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped by signal; shutting down" in out
+    assert "Traceback" not in err
+    # The port is released: nothing answers there any more.
+    gone = _cli(address, "--timeout", "2", "status")
+    assert gone.returncode == 3
+
+
+def test_serve_stops_after_the_step_count() -> None:
+    proc, _ = _start_serve("--steps", "30", "--step-delay", "0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "reached 30 steps; shutting down" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "-1"], "must not be negative"),
+        (["--serve", "--address", "0.0.0.0:0"], "refusing to listen on 0.0.0.0:0"),
+        (["--serve", "--address", "nonsense"], "bad address"),
+    ],
+)
+def test_demo_bad_arguments_get_one_line_and_nonzero_exit(args: list[str], message: str) -> None:
+    done = subprocess.run([*LRCTL, "demo", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
