@@ -129,9 +129,8 @@ def _fmt_when(timestamp: float) -> str:
 def _fmt_update(u: Update) -> str:
     if u.mode != "scale":
         return f"{u.selector}={u.value!r}"
-    # "layer2.**0.5" would read as a glob; a space keeps the operator visible.
-    sep = " " if u.selector.endswith(("*", "?", "]")) else ""
-    return f"{u.selector}{sep}*{u.value!r}"
+    # "layer2.**0.5" or "re:a\.*0.5" would read as part of the pattern; " x" cannot.
+    return f"{u.selector} x{u.value!r}"
 
 
 def _one_line(text: str) -> str:

@@ -335,7 +335,7 @@ def test_history_shows_who_what_and_why(client: LRClient, worker: Worker) -> Non
     assert record["user"] == default_user() and record["peer"]
     assert record["applied_at"] >= record["requested_at"] > 0
     human = table(ok(run_cli("history", "--limit", "1", address=worker.address)))
-    assert len(human) == 2 and human[1][5] == "layer2.* *2.0"
+    assert len(human) == 2 and human[1][5] == "layer2.* x2.0"
 
 
 # -- errors: one line, the right exit code, nothing changed -----------------------------
