@@ -10,6 +10,7 @@ thread itself (`train_step`) when the exact step matters.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -21,30 +22,18 @@ from torch import nn
 
 from lrctl.server import attach
 from lrctl.server.attach import LRControl
+from lrctl.server.demo import SEED_LRS, SeedModel
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
 # Two cores: keep torch from oversubscribing them with intra-op threads.
 torch.set_num_threads(1)
 
-# The seed example's initial rates (see /work/shared/seed-example.md), in model order.
-SEED_LRS = {"layer1.weight": 0.01, "layer1.bias": 0.1, "layer2.weight": 0.001, "layer2.bias": 1.0}
+# SEED_LRS: the seed example's initial rates (shared/seed-example.md), in model order.
 SEED_NAMES = tuple(SEED_LRS)
 
 # Generous bound for "eventually" waits; never asserted as a duration.
 PATIENCE_S = 30.0
-
-
-class SeedModel(nn.Module):
-    """The seed example's model: layer2(layer1(x)), four trainable parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer1 = nn.Linear(10, 20)
-        self.layer2 = nn.Linear(20, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer2(self.layer1(x))
 
 
 def seed_model(seed: int = 0) -> SeedModel:
@@ -90,6 +79,34 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = PATIENCE_
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def stepping(optimizer: torch.optim.Optimizer, period_s: float = 0.005) -> Iterator[None]:
+    """Call optimizer.step() on a background thread until the block ends.
+
+    The gradients are left as they are (zero gradients keep the weights still while
+    lrctl's hook still runs). Fails the test if a step raised: training must never die.
+    """
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                optimizer.step()
+                stop.wait(period_s)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop, name="test-stepping", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(PATIENCE_S)
+    assert not errors, f"the training loop died: {errors!r}"
 
 
 class Trainer:

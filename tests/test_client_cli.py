@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import stepping  # noqa: E402
 from lrctl.client.client import LRClient, default_user  # noqa: E402
 from lrctl.client.errors import (  # noqa: E402
     DeadlineExceededError,
@@ -78,29 +78,14 @@ def worker() -> Iterator[Worker]:
     from lrctl.server import attach
 
     model, optimizer = _build_model()
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def train() -> None:
-        try:
-            while not stop.is_set():
-                optimizer.step()
-                stop.wait(STEP_INTERVAL_S)
-        except BaseException as exc:  # reported at teardown: training must never die
-            errors.append(exc)
-
     ctl = attach(model, optimizer, address="127.0.0.1:0")
-    thread = threading.Thread(target=train, name="test-train-loop", daemon=True)
     try:
-        thread.start()
-        with LRClient(ctl.address) as client:
-            _wait_for(lambda: client.status().state == "training", what="the first step")
-        yield Worker(ctl.address, ctl, optimizer)
+        with stepping(optimizer, STEP_INTERVAL_S):
+            with LRClient(ctl.address) as client:
+                _wait_for(lambda: client.status().state == "training", what="the first step")
+            yield Worker(ctl.address, ctl, optimizer)
     finally:
-        stop.set()
-        thread.join(timeout=10)
         ctl.close()
-    assert not errors, f"the training loop died: {errors!r}"
 
 
 @pytest.fixture

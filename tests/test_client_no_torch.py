@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from conftest import stepping  # noqa: E402
 
 # Runs in the subprocess: argv[1] is the worker's address. Prints one JSON object.
 CHILD = r"""
@@ -72,27 +73,12 @@ def worker_address() -> Iterator[str]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # steps run the hooks and leave the weights be
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def train() -> None:
-        try:
-            while not stop.is_set():
-                optimizer.step()
-                stop.wait(0.005)
-        except BaseException as exc:
-            errors.append(exc)
-
     ctl = attach(model, optimizer, address="127.0.0.1:0")
-    thread = threading.Thread(target=train, name="test-train-loop", daemon=True)
     try:
-        thread.start()
-        yield ctl.address
+        with stepping(optimizer):
+            yield ctl.address
     finally:
-        stop.set()
-        thread.join(timeout=10)
         ctl.close()
-    assert not errors, f"the training loop died: {errors!r}"
 
 
 @pytest.fixture(scope="module")
