@@ -4,6 +4,14 @@ Pure Python plus torch, no gRPC: handlers call it from server threads, the optim
 step pre-hook calls it from the training thread. One lock guards the table; the hook
 holds it only to count the step and, when a change is due, to apply it. Validation,
 selector matching and formatting happen outside the lock, on the caller's thread.
+
+Scale (bench/bench_scale.py, 100,000 names): per-name RateChange objects are made only
+for what a reply or the history reads (RateChanges), never in the step hook or for a
+waiting Set; the dtype limit check looks at each distinct dtype once (falling back to
+the per-name check only to name a value that fails); submit does its per-name work
+outside the lock; a batch of disjoint selectors is merged with dict updates. Per-name
+passes are plain comprehensions: on CPython 3.11 they beat map/compress over bound
+methods (measured), and cProfile overstates Python loops, so time before changing one.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import math
 import threading
 import time
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -25,7 +33,7 @@ from lrctl.client.errors import (
     InvalidArgumentError,
     LrctlError,
 )
-from lrctl.server.history import History, Record
+from lrctl.server.history import History, RateChanges, Record
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange
 from lrctl.server.selectors import NameIndex, not_found, parse_selector, quote
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
@@ -33,6 +41,15 @@ from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 log = logging.getLogger("lrctl.controller")
 
 _NEVER = math.inf
+_LIMITS: dict[torch.dtype, float] = {}
+
+
+def _dtype_limit(dtype: torch.dtype) -> float:
+    """The largest finite value a tensor of `dtype` holds (inf for non-floating dtypes)."""
+    limit = _LIMITS.get(dtype)
+    if limit is None:
+        limit = _LIMITS[dtype] = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    return limit
 
 StrategyFactory = Callable[
     [torch.optim.Optimizer, Sequence[torch.Tensor], Sequence[str], "list[float | None]"],
@@ -75,6 +92,29 @@ class StatusView:
     uptime_seconds: float
     seconds_since_last_step: float | None
     pending_changes: int
+
+
+# ListParameters rows: ParameterView's fields, in order, as a plain tuple (cheaper to
+# make 100,000 of than frozen dataclasses).
+ParameterRow = tuple[
+    str, tuple[int, ...], int, str, str, bool, bool, "float | None", int, Mapping[str, float]
+]
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
+def _device_name(device: torch.device) -> str:
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        name = _DEVICE_NAMES[device] = str(device)
+    return name
 
 
 def _describe_value(mode: Mode, value: float) -> str:
@@ -154,49 +194,53 @@ class Controller:
             lrs = list(self._lrs)
         return {n: lr for n, lr in zip(self.index.names, lrs) if lr is not None}
 
-    def filter(self, selector: str) -> tuple[int, ...]:
+    def filter(self, selector: str) -> Sequence[int]:
         """Positions of the parameters a ListParameters filter matches (may be none)."""
         if not selector:
-            return tuple(range(len(self.index)))
+            return range(len(self.index))
         return self.index.match(selector)
 
     def describe(self, positions: Sequence[int]) -> list[ParameterView]:
         """Views of the given parameters with their rates and groups right now."""
+        return [ParameterView(*row) for row in self.parameter_rows(positions)]
+
+    def parameter_rows(self, positions: Sequence[int]) -> list[ParameterRow]:
+        """describe() as plain tuples in ParameterView's field order (ListParameters)."""
+        all_lrs = self._lrs
         with self._lock:
-            rates = [(self._lrs[i], self._strategy.group_of(i)) for i in positions]
-        views = []
-        for i, (lr, group) in zip(positions, rates):
-            p = self._params[i]
-            views.append(
-                ParameterView(
-                    name=self.index.names[i],
-                    shape=tuple(p.shape),
-                    numel=p.numel(),
-                    dtype=str(p.dtype).removeprefix("torch."),
-                    device=str(p.device),
-                    requires_grad=p.requires_grad,
-                    in_optimizer=lr is not None,
-                    lr=lr,
-                    group=group,
-                    hyperparameters=self._strategy.hyperparameters(i) if lr is not None else {},
-                )
-            )
-        return views
+            lrs = [all_lrs[i] for i in positions]
+            groups = self._strategy.groups_of(positions)
+        names, params, hyperparameters = self.index.names, self._params, self._strategy.hyperparameters
+        rows: list[ParameterRow] = []
+        append = rows.append
+        for i, lr, group in zip(positions, lrs, groups):
+            p, held = params[i], lr is not None
+            append((
+                names[i], tuple(p.shape), p.numel(), _dtype_name(p.dtype), _device_name(p.device),
+                p.requires_grad, held, lr, group, hyperparameters(i) if held else {},
+            ))
+        return rows
 
     def read(self, selectors: Sequence[str]) -> tuple[list[tuple[str, float, int]], int, int]:
         """(name, lr, group) for what the selectors match, in model order; version; step."""
-        if selectors:
+        chosen: Sequence[int]
+        if len(selectors) == 1:
+            chosen = self._resolve(selectors[0], for_set=False)  # ascending, unique
+        elif selectors:
             chosen = sorted({i for s in selectors for i in self._resolve(s, for_set=False)})
         else:
-            chosen = [i for i, lr in enumerate(self._lrs) if lr is not None]
+            chosen = self._held(range(len(self._lrs)))
+        all_lrs, names = self._lrs, self.index.names
         with self._lock:
-            rows = [(self.index.names[i], self._lrs[i], self._strategy.group_of(i)) for i in chosen]
+            lrs = [all_lrs[i] for i in chosen]
+            groups = self._strategy.groups_of(chosen)
             version, step = self._version, self._step
+        rows = list(zip([names[i] for i in chosen], lrs, groups))
         return rows, version, step  # type: ignore[return-value]
 
     def status(self) -> StatusView:
         with self._lock:
-            lrs = [lr for lr in self._lrs if lr is not None]
+            lrs = self._lrs.copy()
             step, version, pending = self._step, self._version, len(self._pending)
             last = self._last_step_at
             groups = self._strategy.num_groups
@@ -212,9 +256,9 @@ class Controller:
             optimizer=f"{cls.__module__}.{cls.__qualname__}",
             num_parameters=len(self.index),
             num_settable=sum(
-                1 for p, lr in zip(self._params, self._lrs) if lr is not None and p.requires_grad
+                1 for p, lr in zip(self._params, lrs) if lr is not None and p.requires_grad
             ),
-            num_distinct_lrs=len(set(lrs)),
+            num_distinct_lrs=len(set(lrs) - {None}),
             num_param_groups=groups,
             state=state,
             uptime_seconds=now - self._started,
@@ -244,18 +288,43 @@ class Controller:
         ops = self._resolve_batch(request)
         with self._lock:
             self._check_acceptable(request)
-            return self._expected_outcome(0, request, ops)
+            lrs, version = self._lrs.copy(), self._version
+        return self._expected_outcome(0, request, ops, lrs, version)
 
     def submit(self, request: ChangeRequest) -> tuple[PendingChange, Outcome]:
-        """Validate and queue a change; returns it and its expected outcome."""
+        """Validate and queue a change; returns it and its expected outcome.
+
+        The per-name work (old -> new, dtype limits) runs on a copy of the rates taken
+        under the lock, outside it, so the step hook never waits for it (100k names:
+        ~40 ms). The change is queued only if no change was applied meanwhile (the
+        config version is unchanged), else computed again; a third try holds the lock.
+        A change that fails validation is never queued.
+        """
         ops = self._resolve_batch(request)
-        with self._lock:
+        for _ in range(2):
+            with self._lock:
+                self._check_acceptable(request)
+                lrs, version = self._lrs.copy(), self._version
+            outcome = self._expected_outcome(0, request, ops, lrs, version)  # may raise
+            with self._lock:
+                if self._version == version:
+                    self._check_acceptable(request)
+                    pending = self._enqueue(request, ops)
+                    return pending, replace(outcome, change_id=pending.change_id)
+        with self._lock:  # changes keep landing meanwhile: all of it under the lock
             self._check_acceptable(request)
-            pending = PendingChange(self._next_change_id, request, ops, time.time())
-            self._next_change_id += 1
-            self._pending.append(pending)
-            self._next_due = min(self._next_due, pending.due)
-            return pending, self._expected_outcome(pending.change_id, request, ops)
+            outcome = self._expected_outcome(
+                self._next_change_id, request, ops, self._lrs, self._version
+            )
+            return self._enqueue(request, ops), outcome
+
+    def _enqueue(self, request: ChangeRequest, ops: dict[int, tuple[Mode, float]]) -> PendingChange:
+        """Queue a validated change (lock held)."""
+        pending = PendingChange(self._next_change_id, request, ops, time.time())
+        self._next_change_id += 1
+        self._pending.append(pending)
+        self._next_due = min(self._next_due, pending.due)
+        return pending
 
     def withdraw(self, pending: PendingChange, error: LrctlError | None = None) -> bool:
         """Take a change back if it has not been applied; True when it was withdrawn."""
@@ -318,17 +387,18 @@ class Controller:
                 f"expected_version {request.expected_version} does not match config version "
                 f"{self._version} at step {step}; change {pending.change_id} was not applied"
             )
+        lrs = self._lrs
         indices = array("q", pending.ops)
-        old = array("d", (self._lrs[i] for i in indices))  # type: ignore[misc]
+        old = array("d", [lrs[i] for i in indices])  # type: ignore[misc]
         new = array("d", self._new_values(pending.ops, old))
-        for i, lr_new, lr_old in zip(indices, new, old):
-            if not self._representable(i, lr_new):
-                raise InvalidArgumentError(
-                    f"at step {step}, the rate of {self.index.names[i]!r} ({lr_old!r}) would "
-                    f"become {lr_new!r}; change {pending.change_id} was not applied"
-                )
+        j = self._first_unrepresentable(indices, new)
+        if j is not None:
+            raise InvalidArgumentError(
+                f"at step {step}, the rate of {self.index.names[indices[j]]!r} ({old[j]!r}) would "
+                f"become {new[j]!r}; change {pending.change_id} was not applied"
+            )
         for i, lr in zip(indices, new):
-            self._lrs[i] = lr
+            lrs[i] = lr
         try:
             self._strategy.apply(dict(zip(indices, new)))
         except BaseException:
@@ -354,22 +424,19 @@ class Controller:
                 at_step=request.at_step,
             )
         )
-        names = self.index.names
         return Outcome(
             change_id=pending.change_id,
             step=step,
             version=self._version,
             applied=True,
-            changes=tuple(RateChange(names[i], o, n) for i, o, n in zip(indices, old, new)),
+            changes=RateChanges(self.index.names, indices, old, new),  # type: ignore[arg-type]
         )
 
     # -- validation (caller's thread) --------------------------------------------------
     @staticmethod
     def _new_values(ops: Mapping[int, tuple[Mode, float]], old: Iterable[float]) -> list[float]:
-        return [
-            value * lr if mode is Mode.SCALE else value
-            for (mode, value), lr in zip(ops.values(), old)
-        ]
+        scale = Mode.SCALE  # a local: looking up an Enum member per name costs 5x the rest
+        return [value * lr if mode is scale else value for (mode, value), lr in zip(ops.values(), old)]
 
     def _check_acceptable(self, request: ChangeRequest) -> None:
         """Checks against the live state; call with the lock held."""
@@ -386,22 +453,29 @@ class Controller:
             )
 
     def _expected_outcome(
-        self, change_id: int, request: ChangeRequest, ops: Mapping[int, tuple[Mode, float]]
+        self,
+        change_id: int,
+        request: ChangeRequest,
+        ops: Mapping[int, tuple[Mode, float]],
+        lrs: Sequence[float | None],
+        version: int,
     ) -> Outcome:
+        """What the change would do to rates `lrs` at config `version`; raises if invalid."""
         names = self.index.names
-        old = [self._lrs[i] for i in ops]
+        indices = list(ops)
+        old = [lrs[i] for i in indices]
         new = self._new_values(ops, old)  # type: ignore[arg-type]
-        for i, lr_old, lr_new in zip(ops, old, new):
-            if not self._representable(i, lr_new):
-                raise InvalidArgumentError(
-                    f"the rate of {names[i]!r} ({lr_old!r}) would become {lr_new!r}"
-                )
+        j = self._first_unrepresentable(indices, new)
+        if j is not None:
+            raise InvalidArgumentError(
+                f"the rate of {names[indices[j]]!r} ({old[j]!r}) would become {new[j]!r}"
+            )
         return Outcome(
             change_id=change_id,
             step=-1 if request.at_step is None else request.at_step,
-            version=self._version,
+            version=version,
             applied=False,
-            changes=tuple(RateChange(names[i], o, n) for i, o, n in zip(ops, old, new)),  # type: ignore[arg-type]
+            changes=RateChanges(names, indices, old, new),  # type: ignore[arg-type]
         )
 
     def _resolve_batch(self, request: ChangeRequest) -> dict[int, tuple[Mode, float]]:
@@ -411,21 +485,29 @@ class Controller:
         if request.at_step is not None and request.at_step < 0:
             raise InvalidArgumentError(f"at_step {request.at_step} is negative")
         ops: dict[int, tuple[Mode, float]] = {}
-        origin: dict[int, int] = {}
-        for k, update in enumerate(request.updates):
+        resolved: list[tuple[int, ...]] = []
+        for update in request.updates:
             self._check_value(update.selector, update.mode, update.value)
             op = (update.mode, update.value)
-            for i in self._resolve(update.selector, for_set=True):
+            indices = self._resolve(update.selector, for_set=True)
+            resolved.append(indices)
+            if ops.keys().isdisjoint(indices):  # the usual case: one dict update in C
+                ops.update(dict.fromkeys(indices, op))
+                continue
+            for i in indices:
                 previous = ops.setdefault(i, op)
-                if previous != op:
-                    first = request.updates[origin[i]]
+                if previous is not op and previous != op:
+                    # The first update that touched i (error path: a scan is fine).
+                    first = next(u for u, r in zip(request.updates, resolved) if i in r)
                     raise InvalidArgumentError(
                         f"updates {quote(first.selector)} and {quote(update.selector)} disagree on "
                         f"{self.index.names[i]!r}: {_describe_value(*previous)} vs "
                         f"{_describe_value(*op)}"
                     )
-                origin.setdefault(i, k)
-        return dict(sorted(ops.items()))
+        if len(resolved) == 1:
+            return ops  # one selector's positions: already in model order
+        order = sorted(ops)
+        return dict(zip(order, map(ops.__getitem__, order)))
 
     @staticmethod
     def _check_value(selector: str, mode: Mode, value: float) -> None:
@@ -441,7 +523,10 @@ class Controller:
         matched = self.index.match(selector)
         if not matched:
             raise not_found(parse_selector(selector), self.index.names)
-        usable = tuple(i for i in matched if self._usable(i, for_set))
+        usable = self._held(matched)
+        if for_set:
+            params = self._params
+            usable = tuple([i for i in usable if params[i].requires_grad])
         if usable:
             return usable
         name = self.index.names[matched[0]]
@@ -453,16 +538,31 @@ class Controller:
             f"{'set' if for_set else 'read'} (e.g. {name!r} {why})"
         )
 
+    def _held(self, positions: Sequence[int]) -> tuple[int, ...]:
+        """The positions (in their order) of parameters the optimizer holds."""
+        lrs = self._lrs
+        return tuple([i for i in positions if lrs[i] is not None])
+
     def _representable(self, i: int, lr: float) -> bool:
         """A finite rate that the parameter's dtype can hold (else step() raises)."""
-        dtype = self._params[i].dtype
-        limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
-        return math.isfinite(lr) and lr <= limit
+        return math.isfinite(lr) and lr <= _dtype_limit(self._params[i].dtype)
 
-    def _usable(self, i: int, for_set: bool) -> bool:
-        if self._lrs[i] is None:
-            return False
-        return self._params[i].requires_grad or not for_set
+    def _first_unrepresentable(self, indices: Sequence[int], new: Sequence[float]) -> int | None:
+        """Position j of the first new[j] that parameter indices[j] cannot hold, or None."""
+        if not indices:
+            return None
+        params = self._params
+        if len(indices) == len(params):  # unique indices: all of them
+            dtypes = {p.dtype for p in params}
+        else:
+            dtypes = {params[i].dtype for i in indices}
+        limit = min(map(_dtype_limit, dtypes))
+        if all(map(math.isfinite, new)) and max(new) <= limit:
+            return None  # the usual case: one look at each distinct dtype
+        return next(
+            (j for j, (i, lr) in enumerate(zip(indices, new)) if not self._representable(i, lr)),
+            None,
+        )
 
     def _why_unusable(self, i: int) -> str:
         reasons = []

@@ -8,10 +8,55 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, overload
 
-from lrctl.server.requests import Update
+from lrctl.server.requests import RateChange, Update
+
+
+class RateChanges(Sequence[RateChange]):
+    """Per-name changes that become RateChange objects only when read.
+
+    Behaves like the tuple of RateChange it stands for (len, index, slice, iterate,
+    equality with such a tuple). A change on 100,000 names would otherwise build
+    100,000 objects inside the step hook, though a reply reports at most
+    max_reported_changes of them.
+    """
+
+    __slots__ = ("_names", "_indices", "_old", "_new")
+
+    def __init__(
+        self, names: Sequence[str], indices: Sequence[int], old: Sequence[float], new: Sequence[float]
+    ) -> None:
+        self._names, self._indices, self._old, self._new = names, indices, old, new
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    @overload
+    def __getitem__(self, k: int) -> RateChange: ...
+    @overload
+    def __getitem__(self, k: slice) -> tuple[RateChange, ...]: ...
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return tuple(self[j] for j in range(*k.indices(len(self))))
+        return RateChange(self._names[self._indices[k]], self._old[k], self._new[k])
+
+    def __iter__(self) -> Iterator[RateChange]:
+        names = map(self._names.__getitem__, self._indices)
+        return map(RateChange, names, self._old, self._new)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (RateChanges, tuple)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
 
 
 @dataclass(frozen=True)

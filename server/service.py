@@ -9,12 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import zlib
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import grpc
 
 from lrctl.client.errors import DeadlineExceededError, InvalidArgumentError
-from lrctl.server.controller import Controller, ParameterView
+from lrctl.server.controller import Controller
 from lrctl.server.history import Record
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Update
 from lrctl.v1 import lrctl_pb2 as pb
@@ -70,20 +70,29 @@ def _decode_token(token: str, kind: str, context: str) -> int:
     )
 
 
-def _parameter_pb(view: ParameterView) -> pb.Parameter:
-    return pb.Parameter(
-        name=view.name,
-        shape=view.shape,
-        numel=view.numel,
-        dtype=view.dtype,
-        device=view.device,
-        requires_grad=view.requires_grad,
-        in_optimizer=view.in_optimizer,
-        settable=view.settable,
-        lr=view.lr,
-        group=view.group,
-        hyperparameters=view.hyperparameters,
-    )
+class _HyperparameterMessages:
+    """A Parameter message holding only a hyperparameter map, per distinct map object.
+
+    Parameters of one group template share one map object, so a listing merges a cached
+    message (C) instead of filling a protobuf map from a dict for each parameter (about
+    6 us each, 0.6 s for 100,000 parameters). Bounded; a miss just builds the message.
+    """
+
+    _LIMIT = 256
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[Mapping[str, float], pb.Parameter]] = {}
+
+    def __call__(self, hyperparameters: Mapping[str, float]) -> pb.Parameter:
+        hit = self._cache.get(id(hyperparameters))
+        if hit is not None and hit[0] is hyperparameters:
+            return hit[1]
+        message = pb.Parameter(hyperparameters=hyperparameters)
+        if len(self._cache) >= self._LIMIT:
+            self._cache.clear()
+        # Holding the map keeps its id from being reused while it is cached.
+        self._cache[id(hyperparameters)] = (hyperparameters, message)
+        return message
 
 
 def _rate_changes_pb(changes: Iterable[RateChange]) -> list[pb.RateChange]:
@@ -123,26 +132,44 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
 
     def __init__(self, controller: Controller) -> None:
         self._controller = controller
+        self._hyperparameters_pb = _HyperparameterMessages()
 
     def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext) -> pb.ListParametersResponse:
         size = _page_size(request.page_size, DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE)
         start = _decode_token(request.page_token, "params", request.filter)
         matched = self._controller.filter(request.filter)
         end = min(start + size, len(matched))
-        views = self._controller.describe(matched[start:end])
-        return pb.ListParametersResponse(
-            parameters=[_parameter_pb(v) for v in views],
+        rows = self._controller.parameter_rows(matched[start:end])
+        response = pb.ListParametersResponse(
             next_page_token=_encode_token("params", end, request.filter) if end < len(matched) else "",
             total_size=len(matched),
         )
+        # add() builds each message in place (half the cost of a list of messages).
+        add, hyperparameters_pb = response.parameters.add, self._hyperparameters_pb
+        for name, shape, numel, dtype, device, requires_grad, held, lr, group, hypers in rows:
+            message = add(
+                name=name,
+                shape=shape,
+                numel=numel,
+                dtype=dtype,
+                device=device,
+                requires_grad=requires_grad,
+                in_optimizer=held,
+                settable=held and requires_grad,
+                lr=lr,
+                group=group,
+            )
+            if hypers:
+                message.MergeFrom(hyperparameters_pb(hypers))
+        return response
 
     def GetLearningRates(self, request: pb.GetLearningRatesRequest, context: grpc.ServicerContext) -> pb.GetLearningRatesResponse:
         rows, version, step = self._controller.read(list(request.selectors))
-        return pb.GetLearningRatesResponse(
-            rates=[pb.LearningRate(name=n, lr=lr, group=g) for n, lr, g in rows],
-            version=version,
-            step=step,
-        )
+        response = pb.GetLearningRatesResponse(version=version, step=step)
+        add = response.rates.add
+        for name, lr, group in rows:
+            add(name=name, lr=lr, group=group)
+        return response
 
     def SetLearningRates(self, request: pb.SetLearningRatesRequest, context: grpc.ServicerContext) -> pb.SetLearningRatesResponse:
         if request.max_reported_changes < 0:

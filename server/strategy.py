@@ -27,6 +27,9 @@ class ApplyStrategy(Protocol):
     def group_of(self, index: int) -> int:
         """Physical group of a held parameter, -1 for one the optimizer does not hold."""
 
+    def groups_of(self, indices: Sequence[int]) -> list[int]:
+        """group_of of each of `indices` (one call, not one per name)."""
+
     @property
     def num_groups(self) -> int:
         """Number of physical groups."""
@@ -107,7 +110,7 @@ class CoalescedGroups:
                 self._template_of[position[id(p)]] = template_ids[key]
         self._numeric = [_numeric(t) for t in self._templates]
         self._group_of: list[int] = [-1] * len(params)
-        self._members: list[list[int]] = []
+        self._sizes: list[int] = []  # members per group (the lists would cost ~36 B a name)
         self._keys: list[tuple[int, float]] = []
         self._by_key: dict[tuple[int, float], int] = {}
         if not self._adopt_if_coalesced(position):
@@ -117,9 +120,13 @@ class CoalescedGroups:
     def group_of(self, index: int) -> int:
         return self._group_of[index]
 
+    def groups_of(self, indices: Sequence[int]) -> list[int]:
+        group_of = self._group_of
+        return [group_of[i] for i in indices]
+
     @property
     def num_groups(self) -> int:
-        return len(self._members)
+        return len(self._sizes)
 
     def hyperparameters(self, index: int) -> Mapping[str, float]:
         return self._numeric[self._template_of[index]]
@@ -155,7 +162,7 @@ class CoalescedGroups:
             touched[g] = touched.get(g, 0) + 1
         new_keys: set[tuple[int, float]] = set()
         for g, lr in edits.items():
-            if touched[g] != len(self._members[g]):
+            if touched[g] != self._sizes[g]:
                 return None  # part of the group moves
             key = (self._keys[g][0], lr)
             other = self._by_key.get(key)
@@ -187,7 +194,7 @@ class CoalescedGroups:
             group["param_names"] = [self._names[i] for i in idx]
             for i in idx:
                 self._group_of[i] = g
-        self._members, self._keys = members, keys
+        self._sizes, self._keys = list(map(len, members)), keys
         self._by_key = {k: g for g, k in enumerate(keys)}
         return True
 
@@ -215,4 +222,4 @@ class CoalescedGroups:
             groups.append(group)
         # Assign in place: callers may hold a reference to the list.
         self._optimizer.param_groups[:] = groups
-        self._members, self._keys, self._by_key = members, list(by_key), by_key
+        self._sizes, self._keys, self._by_key = list(map(len, members)), list(by_key), by_key
