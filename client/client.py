@@ -36,6 +36,7 @@ __all__ = ["LRClient", "DEFAULT_ADDRESS", "ADDRESS_ENV", "default_address", "def
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADDRESS_ENV = "LRCTL_ADDRESS"
 USER_METADATA_KEY = "lrctl-user"
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 _Reply = TypeVar("_Reply")
 Updates = Union[Mapping[str, float], Iterable[Update]]
@@ -67,7 +68,9 @@ def create_channel(address: str) -> grpc.Channel:
     The one place that decides transport security: TLS and token credentials will be
     added here (and only here) when the security issue lands.
     """
-    return grpc.insecure_channel(address)
+    # A GetLearningRates of every name of a 100k-parameter model can pass gRPC's 4 MiB
+    # default receive limit when names are long; replies are bounded by the model.
+    return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_REPLY_BYTES)])
 
 
 class LRClient:
