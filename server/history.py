@@ -83,18 +83,29 @@ class Record:
 
 
 class History:
-    """A bounded, append-only list of records; the oldest are dropped past `limit`."""
+    """A bounded, append-only list of records, oldest dropped first.
 
-    def __init__(self, limit: int = 10_000) -> None:
-        if limit < 1:
-            raise ValueError(f"history limit must be at least 1, got {limit}")
-        self._records: deque[Record] = deque(maxlen=limit)
+    Two bounds: `limit` records, and `max_entries` per-name changes in all (24 bytes
+    each), so that frequent changes on a 100k-parameter model cannot hold gigabytes.
+    The newest record is always kept.
+    """
+
+    def __init__(self, limit: int = 10_000, max_entries: int = 10_000_000) -> None:
+        if limit < 1 or max_entries < 1:
+            raise ValueError(f"history bounds must be at least 1, got {limit}, {max_entries}")
+        self._records: deque[Record] = deque()
+        self._limit, self._max_entries = limit, max_entries
+        self._entries = 0
         self.dropped = 0
 
     def append(self, record: Record) -> None:
-        if len(self._records) == self._records.maxlen:
-            self.dropped += 1
         self._records.append(record)
+        self._entries += record.num_changes
+        while len(self._records) > 1 and (
+            len(self._records) > self._limit or self._entries > self._max_entries
+        ):
+            self._entries -= self._records.popleft().num_changes
+            self.dropped += 1
 
     def __len__(self) -> int:
         return len(self._records)

@@ -730,3 +730,27 @@ def test_seed_schedule_reproduces_the_expected_table() -> None:
         assert rig.controller.version == 10
     finally:
         rig.controller.close()
+
+
+def test_history_is_bounded_by_per_name_entries_too() -> None:
+    from array import array
+
+    from lrctl.server.history import History, Record
+
+    def record(version: int, n: int) -> Record:
+        return Record(
+            change_id=version, version=version, step=version, applied_at=0.0, requested_at=0.0,
+            updates=(), indices=array("q", range(n)), old=array("d", [1.0] * n),
+            new=array("d", [2.0] * n), peer="local", user="", reason="", at_step=None,
+        )
+
+    history = History(limit=100, max_entries=10)
+    for v in range(1, 5):
+        history.append(record(v, 4))
+    # 16 entries > 10: the oldest go until at most 10 remain.
+    assert [r.version for r in history.after(0)] == [3, 4]
+    assert history.dropped == 2
+    history.append(record(5, 50))  # larger than the bound alone: still kept, alone
+    assert [r.version for r in history.after(0)] == [5]
+    assert history.dropped == 4
+    assert [r.version for r in history.after(4)] == [5]
