@@ -36,6 +36,8 @@ import sys
 import time
 from typing import Any
 
+from submit_timing import record_submits
+
 
 # -- the client process (no torch) -----------------------------------------------------
 def _client_main(address: str, sets: int, period: float, seed: int) -> None:
@@ -85,17 +87,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[float], list[tuple[f
         kwargs["server_kind"] = args.server_kind
     ctl = attach(model, opt, address="127.0.0.1:0", **kwargs)
 
-    submits: list[tuple[float, float]] = []
-    real_submit = ctl.controller.submit
-
-    def submit(request):
-        t0 = time.monotonic()
-        try:
-            return real_submit(request)
-        finally:
-            submits.append((t0, time.monotonic()))
-
-    ctl.controller.submit = submit  # type: ignore[method-assign]
+    submits = record_submits(ctl.controller)
 
     cmd = [sys.executable, os.path.abspath(__file__), "--client", ctl.address, "--sets", str(args.sets),
            "--period", str(args.period), "--seed", str(args.seed)]

@@ -41,6 +41,8 @@ import time
 import tracemalloc
 from typing import Any
 
+from submit_timing import record_submits
+
 GRPC_DEFAULT_MAX_RECEIVE = 4 * 1024 * 1024
 BLOCKS = 100
 
@@ -264,18 +266,8 @@ def serve_and_measure(model, args) -> tuple[dict, StepTimer, list[tuple[float, f
     timer.after_attach(opt)
 
     # Record when the service's submit (selector resolution + validation) runs.
-    submits: list[tuple[float, float]] = []
     controller = ctl.controller
-    real_submit = controller.submit
-
-    def submit(request):
-        t0 = time.monotonic()
-        try:
-            return real_submit(request)
-        finally:
-            submits.append((t0, time.monotonic()))
-
-    controller.submit = submit  # type: ignore[method-assign]
+    submits = record_submits(controller)
 
     stop = threading.Event()
     errors: list[BaseException] = []
