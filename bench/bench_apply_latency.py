@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import inspect
 import json
 import os
 import random
@@ -80,12 +79,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[float], list[tuple[f
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     boundaries: list[float] = []  # boundaries[k]: when step k's pre-hooks began
     opt.register_step_pre_hook(lambda *a: boundaries.append(time.monotonic()))
-    kwargs: dict[str, Any] = {}
-    if args.server_kind:
-        if "server_kind" not in inspect.signature(attach).parameters:
-            raise SystemExit("this lrctl's attach() has no server_kind option")
-        kwargs["server_kind"] = args.server_kind
-    ctl = attach(model, opt, address="127.0.0.1:0", **kwargs)
+    ctl = attach(model, opt, address="127.0.0.1:0")
 
     submits = record_submits(ctl.controller)
 
@@ -164,7 +158,6 @@ def main() -> None:
     parser.add_argument("--sets", type=int, default=40)
     parser.add_argument("--period", type=float, default=0.05, help="step period in seconds (sleep-padded)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--server-kind", help="passed to attach(server_kind=...) when given")
     parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
