@@ -142,6 +142,8 @@ def _one_line(text: str) -> str:
 
 def cmd_list(client: LRClient, args: argparse.Namespace) -> int:
     """lrctl list: every parameter (matching PATTERN) with its rate and group."""
+    if args.names:
+        return _list_names(client, args)
     params = client.list_parameters(args.pattern)
     if args.json:
         _print_json([dataclasses.asdict(p) for p in params])
@@ -154,6 +156,21 @@ def cmd_list(client: LRClient, args: argparse.Namespace) -> int:
             for p in params
         )
         print(format_table(("NAME", "SHAPE", "DTYPE", "LR", "GROUP", "NOTE"), rows))
+    return EXIT_OK
+
+
+def _list_names(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl list --names: names only, printed page by page as they arrive."""
+    if args.json:
+        _print_json(client.list_names(args.pattern))
+        return EXIT_OK
+    found = False
+    for name in client.iter_names(args.pattern):
+        print(name)
+        found = True
+    if not found and args.pattern:
+        # stderr: stdout stays a plain list of names for scripts.
+        print(f"no parameter matches {args.pattern!r}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -329,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("list", help="list parameters with their rates and groups")
     p.add_argument("pattern", nargs="?", default="", metavar="PATTERN",
                    help="exact name, glob or re:REGEX (default: all)")
+    p.add_argument("--names", action="store_true",
+                   help="print only the names, one a line (fast for very large models)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_list)
 

@@ -150,6 +150,22 @@ class LRClient:
             return DeadlineExceededError(f"{message}; {on_deadline}" if on_deadline else message)
         return error_for_status(code, details)
 
+    def _parameter_pages(
+        self, pattern: str, page_size: int, view: int, timeout: Optional[float]
+    ) -> Iterator[lrctl_pb2.ListParametersResponse]:
+        token = ""
+        while True:
+            request = lrctl_pb2.ListParametersRequest(
+                filter=pattern, page_size=page_size, page_token=token, view=view
+            )
+            reply = self._call(self._stub.ListParameters, request, timeout)
+            yield reply
+            if not reply.next_page_token:
+                return
+            if reply.next_page_token == token:  # a worker bug must not loop us forever
+                raise LrctlError(f"worker at {self.address} returned the same page token twice")
+            token = reply.next_page_token
+
     def iter_parameters(
         self, pattern: str = "", page_size: int = 0, *, timeout: Optional[float] = None
     ) -> Iterator[ParameterInfo]:
@@ -157,25 +173,31 @@ class LRClient:
 
         A pattern that matches nothing yields nothing (it is a filter, not a selector).
         """
-        token = ""
-        while True:
-            request = lrctl_pb2.ListParametersRequest(
-                filter=pattern, page_size=page_size, page_token=token
-            )
-            reply = self._call(self._stub.ListParameters, request, timeout)
-            for param in reply.parameters:
-                yield ParameterInfo.from_proto(param)
-            if not reply.next_page_token:
-                return
-            if reply.next_page_token == token:  # a worker bug must not loop us forever
-                raise LrctlError(f"worker at {self.address} returned the same page token twice")
-            token = reply.next_page_token
+        for reply in self._parameter_pages(pattern, page_size, lrctl_pb2.PARAMETER_VIEW_FULL, timeout):
+            yield from map(ParameterInfo.from_proto, reply.parameters)
 
     def list_parameters(
         self, pattern: str = "", page_size: int = 0, *, timeout: Optional[float] = None
     ) -> list[ParameterInfo]:
         """All parameters matching `pattern`, as a list (see iter_parameters)."""
         return list(self.iter_parameters(pattern, page_size, timeout=timeout))
+
+    def iter_names(
+        self, pattern: str = "", page_size: int = 0, *, timeout: Optional[float] = None
+    ) -> Iterator[str]:
+        """The names of the parameters matching `pattern`, in model order, page by page.
+
+        Carries only names (about a tenth of iter_parameters' bytes and time), so it is
+        the way to learn the names of a very large model.
+        """
+        for reply in self._parameter_pages(pattern, page_size, lrctl_pb2.PARAMETER_VIEW_NAMES, timeout):
+            yield from reply.names
+
+    def list_names(
+        self, pattern: str = "", page_size: int = 0, *, timeout: Optional[float] = None
+    ) -> list[str]:
+        """All names matching `pattern`, as a list (see iter_names)."""
+        return list(self.iter_names(pattern, page_size, timeout=timeout))
 
     def read_learning_rates(
         self, *selectors: str, timeout: Optional[float] = None

@@ -200,6 +200,13 @@ class Controller:
             return range(len(self.index))
         return self.index.match(selector)
 
+    def names_at(self, positions: Sequence[int]) -> Sequence[str]:
+        """The names at the given positions (ListParameters' names view)."""
+        names = self.index.names
+        if isinstance(positions, range) and positions.step == 1:
+            return names[positions.start:positions.stop]
+        return [names[i] for i in positions]
+
     def describe(self, positions: Sequence[int]) -> list[ParameterView]:
         """Views of the given parameters with their rates and groups right now."""
         return [ParameterView(*row) for row in self.parameter_rows(positions)]

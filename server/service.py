@@ -95,6 +95,11 @@ class _HyperparameterMessages:
         return message
 
 
+_PARAMETER_VIEWS = frozenset(
+    {pb.PARAMETER_VIEW_UNSPECIFIED, pb.PARAMETER_VIEW_FULL, pb.PARAMETER_VIEW_NAMES}
+)
+
+
 def _rate_changes_pb(changes: Iterable[RateChange]) -> list[pb.RateChange]:
     return [pb.RateChange(name=c.name, old_lr=c.old_lr, new_lr=c.new_lr) for c in changes]
 
@@ -137,13 +142,21 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
     def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext) -> pb.ListParametersResponse:
         size = _page_size(request.page_size, DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE)
         start = _decode_token(request.page_token, "params", request.filter)
+        view = request.view
+        if view not in _PARAMETER_VIEWS:
+            raise InvalidArgumentError(
+                f"view {view} is not a ParameterView; use PARAMETER_VIEW_FULL or PARAMETER_VIEW_NAMES"
+            )
         matched = self._controller.filter(request.filter)
         end = min(start + size, len(matched))
-        rows = self._controller.parameter_rows(matched[start:end])
         response = pb.ListParametersResponse(
             next_page_token=_encode_token("params", end, request.filter) if end < len(matched) else "",
             total_size=len(matched),
         )
+        if view == pb.PARAMETER_VIEW_NAMES:
+            response.names.extend(self._controller.names_at(matched[start:end]))
+            return response
+        rows = self._controller.parameter_rows(matched[start:end])
         # add() builds each message in place (half the cost of a list of messages).
         add, hyperparameters_pb = response.parameters.add, self._hyperparameters_pb
         for name, shape, numel, dtype, device, requires_grad, held, lr, group, hypers in rows:

@@ -143,6 +143,10 @@ def bad_calls(served: Served, step_now: int) -> list[tuple[str, Callable[[], grp
             lambda: code_of(lambda: stub.ListParameters(pb.ListParametersRequest(page_size=-1), timeout=T)),
         ),
         (
+            "list unknown view",
+            lambda: code_of(lambda: stub.ListParameters(pb.ListParametersRequest(view=7), timeout=T)),
+        ),
+        (
             "changes bad token",
             lambda: code_of(lambda: stub.ListChanges(pb.ListChangesRequest(page_token="!!"), timeout=T)),
         ),

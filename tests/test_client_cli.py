@@ -206,6 +206,16 @@ def test_list_filters(client: LRClient, worker: Worker) -> None:
     assert "no parameter matches" in ok(run_cli("list", "nothing*", address=worker.address))
 
 
+def test_list_names(client: LRClient, worker: Worker) -> None:
+    assert ok(run_cli("list", "--names", address=worker.address)).splitlines() == ALL_NAMES
+    assert ok_json(run_cli("list", "--names", "--json", r"re:\.bias$", address=worker.address)) == [
+        "layer1.bias", "layer2.bias", "frozen.bias",
+    ]
+    # Nothing matched: stdout stays an (empty) list of names, the note goes to stderr.
+    proc = run_cli("list", "--names", "nothing*", address=worker.address)
+    assert proc.returncode == 0 and proc.stdout == "" and "no parameter matches" in proc.stderr
+
+
 def test_get_glob_regex_and_all(client: LRClient, worker: Worker) -> None:
     got = ok_json(run_cli("get", "layer1.*", "--json", address=worker.address))
     assert [(r["name"], r["lr"]) for r in got] == [("layer1.weight", 0.01), ("layer1.bias", 0.1)]
@@ -386,6 +396,9 @@ def test_client_pages_and_typed_results(client: LRClient) -> None:
     assert params[0].shape == (20, 10) and params[0].lr == 0.01
     assert client.list_parameters("layer1.*", page_size=1) == params[:2]
     assert client.list_parameters("none*") == []
+    assert client.list_names(page_size=1) == ALL_NAMES
+    assert client.list_names("layer1.*") == ["layer1.weight", "layer1.bias"]
+    assert client.list_names("none*") == []
     status = client.status()
     assert isinstance(status, Status) and status.state == "training"
     assert status.num_param_groups >= 1

@@ -149,6 +149,40 @@ def test_garbage_page_token_is_rejected(served: Served, token: str) -> None:
     assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "page_token")
 
 
+@pytest.mark.parametrize("filter", ["", "*.bias", "re:^layer2", "encoder.*"])
+def test_names_view_pages_match_the_full_view(served: Served, filter: str) -> None:
+    names, token, pages = [], "", 0
+    while True:
+        reply = served.stub.ListParameters(
+            pb.ListParametersRequest(filter=filter, page_size=1, page_token=token,
+                                     view=pb.PARAMETER_VIEW_NAMES),
+            timeout=T,
+        )
+        assert len(reply.parameters) == 0 and len(reply.names) <= 1
+        names += reply.names
+        pages += 1
+        token = reply.next_page_token
+        if not token:
+            break
+    full = list_names(served, filter=filter, view=pb.PARAMETER_VIEW_FULL)
+    assert names == full == list_names(served, filter=filter)  # FULL is the default
+    assert reply.total_size == len(full) and pages == max(1, len(full))
+
+
+def test_page_tokens_carry_over_between_views(served: Served) -> None:
+    first = served.stub.ListParameters(
+        pb.ListParametersRequest(page_size=2, view=pb.PARAMETER_VIEW_NAMES), timeout=T
+    )
+    rest = served.stub.ListParameters(pb.ListParametersRequest(page_token=first.next_page_token), timeout=T)
+    assert (*first.names, *(p.name for p in rest.parameters)) == SEED_NAMES
+
+
+@pytest.mark.parametrize("view", [3, 99, -1])
+def test_unknown_view_is_invalid_argument(served: Served, view: int) -> None:
+    err = rpc_error(lambda: served.stub.ListParameters(pb.ListParametersRequest(view=view), timeout=T))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, f"view {view}", "PARAMETER_VIEW_NAMES")
+
+
 def test_negative_page_size_is_rejected(served: Served) -> None:
     err = rpc_error(lambda: served.stub.ListParameters(pb.ListParametersRequest(page_size=-3), timeout=T))
     assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "page_size -3")

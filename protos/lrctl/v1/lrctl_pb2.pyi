@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ParameterView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PARAMETER_VIEW_UNSPECIFIED: _ClassVar[ParameterView]
+    PARAMETER_VIEW_FULL: _ClassVar[ParameterView]
+    PARAMETER_VIEW_NAMES: _ClassVar[ParameterView]
+
 class UpdateMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     UPDATE_MODE_UNSPECIFIED: _ClassVar[UpdateMode]
@@ -19,6 +25,9 @@ class TrainingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRAINING_STATE_WAITING_FOR_FIRST_STEP: _ClassVar[TrainingState]
     TRAINING_STATE_TRAINING: _ClassVar[TrainingState]
     TRAINING_STATE_CLOSING: _ClassVar[TrainingState]
+PARAMETER_VIEW_UNSPECIFIED: ParameterView
+PARAMETER_VIEW_FULL: ParameterView
+PARAMETER_VIEW_NAMES: ParameterView
 UPDATE_MODE_UNSPECIFIED: UpdateMode
 UPDATE_MODE_ABSOLUTE: UpdateMode
 UPDATE_MODE_SCALE: UpdateMode
@@ -61,24 +70,28 @@ class Parameter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., requires_grad: _Optional[bool] = ..., in_optimizer: _Optional[bool] = ..., settable: _Optional[bool] = ..., lr: _Optional[float] = ..., group: _Optional[int] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListParametersRequest(_message.Message):
-    __slots__ = ("filter", "page_size", "page_token")
+    __slots__ = ("filter", "page_size", "page_token", "view")
     FILTER_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     filter: str
     page_size: int
     page_token: str
-    def __init__(self, filter: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    view: ParameterView
+    def __init__(self, filter: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[ParameterView, str]] = ...) -> None: ...
 
 class ListParametersResponse(_message.Message):
-    __slots__ = ("parameters", "next_page_token", "total_size")
+    __slots__ = ("parameters", "next_page_token", "total_size", "names")
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
     parameters: _containers.RepeatedCompositeFieldContainer[Parameter]
     next_page_token: str
     total_size: int
-    def __init__(self, parameters: _Optional[_Iterable[_Union[Parameter, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, parameters: _Optional[_Iterable[_Union[Parameter, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetLearningRatesRequest(_message.Message):
     __slots__ = ("selectors",)
