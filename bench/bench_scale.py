@@ -313,7 +313,7 @@ def _ms(seconds: float) -> str:
 def report(result: dict, timer: StepTimer, submits, idle_step_s: float, memory: dict, args) -> None:
     n = args.params
     print(f"\nreads through LRClient (separate process), {args.repeats} run(s) each: median [min, max] ms")
-    print(f"{"call":<64} {'median':>8} {'min':>8} {'max':>8}  message / target")
+    print(f"{'call':<64} {'median':>8} {'min':>8} {'max':>8}  message / target")
     for label, r in result["reads"].items():
         t = r["times"]
         note = ""
