@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, TypeVar, Union
 import grpc
 
 from lrctl.client.errors import (
+    AbortedError,
     DeadlineExceededError,
     LrctlError,
     UnavailableError,
@@ -30,6 +31,9 @@ from lrctl.client.types import (
     Update,
 )
 from lrctl.v1 import lrctl_pb2, lrctl_pb2_grpc
+
+# A paged reading interrupted by changes this many times in a row gives up.
+_PAGED_READ_ATTEMPTS = 3
 
 __all__ = ["LRClient", "DEFAULT_ADDRESS", "ADDRESS_ENV", "default_address", "default_user"]
 
@@ -200,11 +204,38 @@ class LRClient:
         return list(self.iter_names(pattern, page_size, timeout=timeout))
 
     def read_learning_rates(
-        self, *selectors: str, timeout: Optional[float] = None
+        self, *selectors: str, page_size: int = 0, timeout: Optional[float] = None
     ) -> LearningRates:
-        """Rates, groups, config version and step for `selectors` (all held when none)."""
-        request = lrctl_pb2.GetLearningRatesRequest(selectors=list(selectors))
-        return LearningRates.from_proto(self._call(self._stub.GetLearningRates, request, timeout))
+        """Rates, groups, config version and step for `selectors` (all held when none).
+
+        With `page_size`, reads page by page (for clients with a small receive limit);
+        the reading is still at one version: a change between pages restarts it, up to
+        a few times, then raises AbortedError.
+        """
+        if not page_size:
+            request = lrctl_pb2.GetLearningRatesRequest(selectors=list(selectors))
+            return LearningRates.from_proto(self._call(self._stub.GetLearningRates, request, timeout))
+        for _ in range(_PAGED_READ_ATTEMPTS - 1):
+            try:
+                return self._read_pages(list(selectors), page_size, timeout)
+            except AbortedError:
+                pass  # a change landed between two pages: read again at the new version
+        return self._read_pages(list(selectors), page_size, timeout)
+
+    def _read_pages(self, selectors: list[str], page_size: int, timeout: Optional[float]) -> LearningRates:
+        rates, token = [], ""
+        while True:
+            request = lrctl_pb2.GetLearningRatesRequest(
+                selectors=selectors, page_size=page_size, page_token=token
+            )
+            reply = self._call(self._stub.GetLearningRates, request, timeout)
+            page = LearningRates.from_proto(reply)
+            rates += page.rates
+            if not reply.next_page_token:
+                return LearningRates(rates=rates, version=page.version, step=page.step)
+            if reply.next_page_token == token:  # a worker bug must not loop us forever
+                raise LrctlError(f"worker at {self.address} returned the same page token twice")
+            token = reply.next_page_token
 
     def get_learning_rates(self, *selectors: str, timeout: Optional[float] = None) -> dict[str, float]:
         """name -> rate, in model order, for `selectors` (every held parameter when none).

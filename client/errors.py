@@ -57,6 +57,12 @@ class UnavailableError(LrctlError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class AbortedError(LrctlError):
+    """A concurrent change interrupted a multi-call read; start it again."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class ResourceExhaustedError(LrctlError):
     """The worker is busy or the message is too large."""
 
@@ -79,6 +85,7 @@ _BY_CODE: dict[grpc.StatusCode, type[LrctlError]] = {
         UnauthenticatedError,
         DeadlineExceededError,
         UnavailableError,
+        AbortedError,
         ResourceExhaustedError,
         InternalError,
     )

@@ -230,6 +230,13 @@ class Controller:
 
     def read(self, selectors: Sequence[str]) -> tuple[list[tuple[str, float, int]], int, int]:
         """(name, lr, group) for what the selectors match, in model order; version; step."""
+        rows, version, step, _ = self.read_page(selectors)
+        return rows, version, step
+
+    def read_page(
+        self, selectors: Sequence[str], start: int = 0, limit: int | None = None
+    ) -> tuple[list[tuple[str, float, int]], int, int, int]:
+        """read() of matches [start, start + limit), and the number of matches in all."""
         chosen: Sequence[int]
         if len(selectors) == 1:
             chosen = self._resolve(selectors[0], for_set=False)  # ascending, unique
@@ -237,13 +244,15 @@ class Controller:
             chosen = sorted({i for s in selectors for i in self._resolve(s, for_set=False)})
         else:
             chosen = self._held(range(len(self._lrs)))
+        total = len(chosen)
+        chosen = chosen[start:] if limit is None else chosen[start:start + limit]
         all_lrs, names = self._lrs, self.index.names
         with self._lock:
             lrs = [all_lrs[i] for i in chosen]
             groups = self._strategy.groups_of(chosen)
             version, step = self._version, self._step
         rows = list(zip([names[i] for i in chosen], lrs, groups))
-        return rows, version, step  # type: ignore[return-value]
+        return rows, version, step, total  # type: ignore[return-value]
 
     def status(self) -> StatusView:
         with self._lock:

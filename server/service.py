@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 import grpc
 
-from lrctl.client.errors import DeadlineExceededError, InvalidArgumentError
+from lrctl.client.errors import AbortedError, DeadlineExceededError, InvalidArgumentError
 from lrctl.server.controller import Controller
 from lrctl.server.history import Record
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Update
@@ -29,6 +29,7 @@ except Exception:  # running from a source tree that is not installed
 
 DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE = 1000, 5000
 DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE = 100, 1000
+MAX_RATE_PAGE = 50_000  # about 1.5 MB with 20-character names
 DEFAULT_REPORTED_CHANGES = 1000
 # A waiting Set gives up this long before the client's deadline, so that the client
 # reads our "withdrawn, not applied" answer rather than its own deadline error.
@@ -50,19 +51,27 @@ def _page_size(requested: int, default: int, maximum: int) -> int:
     return min(requested or default, maximum)
 
 
-def _encode_token(kind: str, position: int, context: str) -> str:
-    """An opaque page token bound to its listing (kind) and filter."""
+def _encode_token(kind: str, position: int, context: str, version: int | None = None) -> str:
+    """An opaque page token bound to its listing (kind) and filter, and maybe a version."""
     raw = f"{kind}:{position}:{zlib.crc32(context.encode()):08x}"
+    if version is not None:
+        raw += f":{version}"
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
-def _decode_token(token: str, kind: str, context: str) -> int:
+def _decode_token(token: str, kind: str, context: str) -> tuple[int, int | None]:
+    """(position, version or None) of a token of this listing; (0, None) for no token."""
     if not token:
-        return 0
+        return 0, None
     try:
-        got_kind, position, crc = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        if got_kind == kind and crc == f"{zlib.crc32(context.encode()):08x}" and int(position) >= 0:
-            return int(position)
+        got_kind, position, crc, *version = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if (
+            got_kind == kind
+            and crc == f"{zlib.crc32(context.encode()):08x}"
+            and int(position) >= 0
+            and len(version) <= 1
+        ):
+            return int(position), int(version[0]) if version else None
     except (ValueError, binascii.Error, UnicodeDecodeError):
         pass
     raise InvalidArgumentError(
@@ -141,7 +150,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
 
     def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext) -> pb.ListParametersResponse:
         size = _page_size(request.page_size, DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE)
-        start = _decode_token(request.page_token, "params", request.filter)
+        start, _ = _decode_token(request.page_token, "params", request.filter)
         view = request.view
         if view not in _PARAMETER_VIEWS:
             raise InvalidArgumentError(
@@ -177,8 +186,26 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         return response
 
     def GetLearningRates(self, request: pb.GetLearningRatesRequest, context: grpc.ServicerContext) -> pb.GetLearningRatesResponse:
-        rows, version, step = self._controller.read(list(request.selectors))
-        response = pb.GetLearningRatesResponse(version=version, step=step)
+        selectors = list(request.selectors)
+        size = _page_size(request.page_size, MAX_RATE_PAGE, MAX_RATE_PAGE) if request.page_size else None
+        # Every page of one reading must be at one version: the token carries it.
+        context = "\0".join(selectors)
+        start, first_version = _decode_token(request.page_token, "rates", context)
+        if request.page_token and first_version is None:
+            raise InvalidArgumentError(f"page_token {request.page_token!r} is not a token of this listing")
+        rows, version, step, total = self._controller.read_page(selectors, start, size)
+        if first_version is not None and version != first_version:
+            raise AbortedError(
+                f"learning rates changed (version {first_version} -> {version}) while reading them "
+                "page by page; read again from the first page"
+            )
+        end = start + len(rows)
+        response = pb.GetLearningRatesResponse(
+            version=version,
+            step=step,
+            total_size=total,
+            next_page_token=_encode_token("rates", end, context, version) if end < total else "",
+        )
         add = response.rates.add
         for name, lr, group in rows:
             add(name=name, lr=lr, group=group)
@@ -267,7 +294,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                 f"max_changes_per_record {request.max_changes_per_record} is negative"
             )
         per_record = request.max_changes_per_record or DEFAULT_REPORTED_CHANGES
-        after = max(request.after_version, _decode_token(request.page_token, "changes", ""))
+        after = max(request.after_version, _decode_token(request.page_token, "changes", "")[0])
         records, more, dropped = self._controller.history(after, size)
         return pb.ListChangesResponse(
             changes=[self._record_pb(r, per_record) for r in records],

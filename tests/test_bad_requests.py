@@ -157,6 +157,14 @@ def bad_calls(served: Served, step_now: int) -> list[tuple[str, Callable[[], grp
             ),
         ),
         (
+            "get bad page token",
+            lambda: code_of(lambda: stub.GetLearningRates(pb.GetLearningRatesRequest(page_token="zz"), timeout=T)),
+        ),
+        (
+            "get negative page",
+            lambda: code_of(lambda: stub.GetLearningRates(pb.GetLearningRatesRequest(page_size=-2), timeout=T)),
+        ),
+        (
             "get bad regex",
             lambda: code_of(lambda: stub.GetLearningRates(pb.GetLearningRatesRequest(selectors=["re:*"]), timeout=T)),
         ),

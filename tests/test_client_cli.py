@@ -399,6 +399,10 @@ def test_client_pages_and_typed_results(client: LRClient) -> None:
     assert client.list_names(page_size=1) == ALL_NAMES
     assert client.list_names("layer1.*") == ["layer1.weight", "layer1.bias"]
     assert client.list_names("none*") == []
+    whole = client.read_learning_rates()
+    paged = client.read_learning_rates(page_size=1)  # the worker trains: steps differ
+    assert (paged.rates, paged.version) == (whole.rates, whole.version)
+    assert client.read_learning_rates("layer1.*", page_size=1).rates == whole.rates[:2]
     status = client.status()
     assert isinstance(status, Status) and status.state == "training"
     assert status.num_param_groups >= 1

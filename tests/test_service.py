@@ -31,6 +31,8 @@ from conftest import (
     seed_model,
     wait_for,
 )
+from lrctl.client.client import LRClient
+from lrctl.client.errors import AbortedError
 from lrctl.server import attach
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
@@ -261,6 +263,88 @@ def test_get_learning_rates_unknown_selector_is_not_found(served: Served) -> Non
         lambda: served.stub.GetLearningRates(pb.GetLearningRatesRequest(selectors=["layer1.wieght"]), timeout=T)
     )
     assert_status(err, grpc.StatusCode.NOT_FOUND, "layer1.wieght", "layer1.weight")
+
+
+def get_page(served: Served, **request) -> pb.GetLearningRatesResponse:
+    return served.stub.GetLearningRates(pb.GetLearningRatesRequest(**request), timeout=T)
+
+
+@pytest.mark.parametrize("selectors", [[], ["layer2.bias", "re:^layer1"]])
+@pytest.mark.parametrize("page_size", [1, 2, 3, 50_000, 10**9])
+def test_get_learning_rates_pages_chain(served: Served, selectors: list[str], page_size: int) -> None:
+    whole = get_page(served, selectors=selectors)
+    assert whole.next_page_token == "" and whole.total_size == len(whole.rates)
+    rates, token, pages = [], "", 0
+    while True:
+        reply = get_page(served, selectors=selectors, page_size=page_size, page_token=token)
+        assert len(reply.rates) <= page_size and reply.total_size == len(whole.rates)
+        assert (reply.version, reply.step) == (whole.version, whole.step)
+        rates += reply.rates
+        pages += 1
+        token = reply.next_page_token
+        if not token:
+            break
+    assert rates == list(whole.rates) and pages == -(-len(whole.rates) // page_size)
+
+
+def test_a_change_between_pages_aborts_the_reading(served: Served) -> None:
+    first = get_page(served, page_size=2)
+    served.stub.SetLearningRates(set_request(scale("layer2.*", 2.0)), timeout=T)
+    served.step()  # applies the change: version 0 -> 1
+    err = rpc_error(lambda: get_page(served, page_size=2, page_token=first.next_page_token))
+    assert_status(err, grpc.StatusCode.ABORTED, "version 0 -> 1", "first page")
+    # Read again from the first page: every page is at the new version.
+    again = get_page(served, page_size=2)
+    rest = get_page(served, page_size=2, page_token=again.next_page_token)
+    assert again.version == rest.version == 1
+    # Steps alone (no change applied) do not disturb a reading.
+    served.step(2)
+    assert get_page(served, page_size=2, page_token=rest.next_page_token).version == 1
+
+
+class InterruptingClient(LRClient):
+    """An LRClient that lets a change land right before each of its next `n` later pages."""
+
+    def __init__(self, served: Served, n: int) -> None:
+        super().__init__(served.ctl.address, timeout=T)
+        self.served, self.interruptions = served, n
+
+    def _call(self, method, request, timeout):  # type: ignore[no-untyped-def]
+        if isinstance(request, pb.GetLearningRatesRequest) and request.page_token and self.interruptions:
+            self.interruptions -= 1
+            self.served.stub.SetLearningRates(set_request(scale("layer2.bias", 2.0)), timeout=T)
+            self.served.step()
+        return super()._call(method, request, timeout)
+
+
+def test_client_reads_pages_again_after_a_change(served: Served) -> None:
+    with InterruptingClient(served, n=2) as client:
+        reading = client.read_learning_rates(page_size=3)
+    assert reading.version == 2 and dict((r.name, r.lr) for r in reading.rates)["layer2.bias"] == 4.0
+    with InterruptingClient(served, n=3) as client, pytest.raises(AbortedError, match="version 4 -> 5"):
+        client.read_learning_rates(page_size=3)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        dict(page_size=-1),
+        dict(page_token="garbage"),
+        dict(page_token=base64.urlsafe_b64encode(b"rates:1:00000000").decode()),  # no version
+        dict(page_token=base64.urlsafe_b64encode(b"params:1:00000000").decode()),  # ListParameters'
+    ],
+    ids=["negative page_size", "garbage token", "token without version", "another listing's token"],
+)
+def test_get_learning_rates_bad_pages_are_invalid_argument(served: Served, request_: dict) -> None:
+    err = rpc_error(lambda: get_page(served, **request_))
+    fragment = "page_size -1" if "page_size" in request_ else "page_token"
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, fragment)
+
+
+def test_get_page_token_is_bound_to_its_selectors(served: Served) -> None:
+    token = get_page(served, page_size=1).next_page_token
+    err = rpc_error(lambda: get_page(served, selectors=["layer1.*"], page_size=1, page_token=token))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, token)
 
 
 # -- SetLearningRates ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lrctl/v1/lrctl.proto\x12\x08lrctl.v1\"\xb7\x02\n\tParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05numel\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\rrequires_grad\x18\x06 \x01(\x08\x12\x14\n\x0cin_optimizer\x18\x07 \x01(\x08\x12\x10\n\x08settable\x18\x08 \x01(\x08\x12\x0f\n\x02lr\x18\t \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05group\x18\n \x01(\x05\x12\x41\n\x0fhyperparameters\x18\x0b \x03(\x0b\x32(.lrctl.v1.Parameter.HyperparametersEntry\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x05\n\x03_lr\"u\n\x15ListParametersRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12%\n\x04view\x18\x04 \x01(\x0e\x32\x17.lrctl.v1.ParameterView\"}\n\x16ListParametersResponse\x12\'\n\nparameters\x18\x01 \x03(\x0b\x32\x13.lrctl.v1.Parameter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\x12\r\n\x05names\x18\x04 \x03(\t\",\n\x17GetLearningRatesRequest\x12\x11\n\tselectors\x18\x01 \x03(\t\"7\n\x0cLearningRate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\r\n\x05group\x18\x03 \x01(\x05\"`\n\x18GetLearningRatesResponse\x12%\n\x05rates\x18\x01 \x03(\x0b\x32\x16.lrctl.v1.LearningRate\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\"Y\n\x12LearningRateUpdate\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\"\n\x04mode\x18\x02 \x01(\x0e\x32\x14.lrctl.v1.UpdateMode\x12\r\n\x05value\x18\x03 \x01(\x01\"\xeb\x01\n\x17SetLearningRatesRequest\x12-\n\x07updates\x18\x01 \x03(\x0b\x32\x1c.lrctl.v1.LearningRateUpdate\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x14\n\x07\x61t_step\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x1c\n\x14max_reported_changes\x18\x07 \x01(\x05\x42\n\n\x08_at_stepB\x13\n\x11_expected_version\":\n\nRateChange\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06old_lr\x18\x02 \x01(\x01\x12\x0e\n\x06new_lr\x18\x03 \x01(\x01\"\x99\x01\n\x18SetLearningRatesResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12%\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x14.lrctl.v1.RateChange\x12\x11\n\tchange_id\x18\x05 \x01(\x03\x12\x13\n\x0bnum_changes\x18\x06 \x01(\x05\"\x12\n\x10GetStatusRequest\"\xda\x02\n\x11GetStatusResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\toptimizer\x18\x03 \x01(\t\x12\x16\n\x0enum_parameters\x18\x04 \x01(\x05\x12\x14\n\x0cnum_settable\x18\x05 \x01(\x05\x12\x18\n\x10num_distinct_lrs\x18\x06 \x01(\x05\x12\x18\n\x10num_param_groups\x18\x07 \x01(\x05\x12&\n\x05state\x18\x08 \x01(\x0e\x32\x17.lrctl.v1.TrainingState\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12$\n\x17seconds_since_last_step\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0fpending_changes\x18\x0b \x01(\x05\x12\x16\n\x0eserver_version\x18\x0c \x01(\tB\x1a\n\x18_seconds_since_last_step\"r\n\x12ListChangesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x15\n\rafter_version\x18\x03 \x01(\x03\x12\x1e\n\x16max_changes_per_record\x18\x04 \x01(\x05\"\xa3\x02\n\x0c\x43hangeRecord\x12\x11\n\tchange_id\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\napplied_at\x18\x04 \x01(\x01\x12\x14\n\x0crequested_at\x18\x05 \x01(\x01\x12-\n\x07updates\x18\x06 \x03(\x0b\x32\x1c.lrctl.v1.LearningRateUpdate\x12%\n\x07\x63hanges\x18\x07 \x03(\x0b\x32\x14.lrctl.v1.RateChange\x12\x0c\n\x04peer\x18\x08 \x01(\t\x12\x0c\n\x04user\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x14\n\x07\x61t_step\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0bnum_changes\x18\x0c \x01(\x05\x42\n\n\x08_at_step\"h\n\x13ListChangesResponse\x12\'\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x16.lrctl.v1.ChangeRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x03*b\n\rParameterView\x12\x1e\n\x1aPARAMETER_VIEW_UNSPECIFIED\x10\x00\x12\x17\n\x13PARAMETER_VIEW_FULL\x10\x01\x12\x18\n\x14PARAMETER_VIEW_NAMES\x10\x02*Z\n\nUpdateMode\x12\x1b\n\x17UPDATE_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14UPDATE_MODE_ABSOLUTE\x10\x01\x12\x15\n\x11UPDATE_MODE_SCALE\x10\x02*\x93\x01\n\rTrainingState\x12\x1e\n\x1aTRAINING_STATE_UNSPECIFIED\x10\x00\x12)\n%TRAINING_STATE_WAITING_FOR_FIRST_STEP\x10\x01\x12\x1b\n\x17TRAINING_STATE_TRAINING\x10\x02\x12\x1a\n\x16TRAINING_STATE_CLOSING\x10\x03\x32\xb2\x03\n\x13LearningRateControl\x12S\n\x0eListParameters\x12\x1f.lrctl.v1.ListParametersRequest\x1a .lrctl.v1.ListParametersResponse\x12Y\n\x10GetLearningRates\x12!.lrctl.v1.GetLearningRatesRequest\x1a\".lrctl.v1.GetLearningRatesResponse\x12Y\n\x10SetLearningRates\x12!.lrctl.v1.SetLearningRatesRequest\x1a\".lrctl.v1.SetLearningRatesResponse\x12\x44\n\tGetStatus\x12\x1a.lrctl.v1.GetStatusRequest\x1a\x1b.lrctl.v1.GetStatusResponse\x12J\n\x0bListChanges\x12\x1c.lrctl.v1.ListChangesRequest\x1a\x1d.lrctl.v1.ListChangesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lrctl/v1/lrctl.proto\x12\x08lrctl.v1\"\xb7\x02\n\tParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05numel\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\rrequires_grad\x18\x06 \x01(\x08\x12\x14\n\x0cin_optimizer\x18\x07 \x01(\x08\x12\x10\n\x08settable\x18\x08 \x01(\x08\x12\x0f\n\x02lr\x18\t \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05group\x18\n \x01(\x05\x12\x41\n\x0fhyperparameters\x18\x0b \x03(\x0b\x32(.lrctl.v1.Parameter.HyperparametersEntry\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x05\n\x03_lr\"u\n\x15ListParametersRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12%\n\x04view\x18\x04 \x01(\x0e\x32\x17.lrctl.v1.ParameterView\"}\n\x16ListParametersResponse\x12\'\n\nparameters\x18\x01 \x03(\x0b\x32\x13.lrctl.v1.Parameter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\x12\r\n\x05names\x18\x04 \x03(\t\"S\n\x17GetLearningRatesRequest\x12\x11\n\tselectors\x18\x01 \x03(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"7\n\x0cLearningRate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\r\n\x05group\x18\x03 \x01(\x05\"\x8d\x01\n\x18GetLearningRatesResponse\x12%\n\x05rates\x18\x01 \x03(\x0b\x32\x16.lrctl.v1.LearningRate\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\x12\x12\n\ntotal_size\x18\x05 \x01(\x05\"Y\n\x12LearningRateUpdate\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\"\n\x04mode\x18\x02 \x01(\x0e\x32\x14.lrctl.v1.UpdateMode\x12\r\n\x05value\x18\x03 \x01(\x01\"\xeb\x01\n\x17SetLearningRatesRequest\x12-\n\x07updates\x18\x01 \x03(\x0b\x32\x1c.lrctl.v1.LearningRateUpdate\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x14\n\x07\x61t_step\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04wait\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x1c\n\x14max_reported_changes\x18\x07 \x01(\x05\x42\n\n\x08_at_stepB\x13\n\x11_expected_version\":\n\nRateChange\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06old_lr\x18\x02 \x01(\x01\x12\x0e\n\x06new_lr\x18\x03 \x01(\x01\"\x99\x01\n\x18SetLearningRatesResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12%\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x14.lrctl.v1.RateChange\x12\x11\n\tchange_id\x18\x05 \x01(\x03\x12\x13\n\x0bnum_changes\x18\x06 \x01(\x05\"\x12\n\x10GetStatusRequest\"\xda\x02\n\x11GetStatusResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\toptimizer\x18\x03 \x01(\t\x12\x16\n\x0enum_parameters\x18\x04 \x01(\x05\x12\x14\n\x0cnum_settable\x18\x05 \x01(\x05\x12\x18\n\x10num_distinct_lrs\x18\x06 \x01(\x05\x12\x18\n\x10num_param_groups\x18\x07 \x01(\x05\x12&\n\x05state\x18\x08 \x01(\x0e\x32\x17.lrctl.v1.TrainingState\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\x12$\n\x17seconds_since_last_step\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0fpending_changes\x18\x0b \x01(\x05\x12\x16\n\x0eserver_version\x18\x0c \x01(\tB\x1a\n\x18_seconds_since_last_step\"r\n\x12ListChangesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x15\n\rafter_version\x18\x03 \x01(\x03\x12\x1e\n\x16max_changes_per_record\x18\x04 \x01(\x05\"\xa3\x02\n\x0c\x43hangeRecord\x12\x11\n\tchange_id\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\napplied_at\x18\x04 \x01(\x01\x12\x14\n\x0crequested_at\x18\x05 \x01(\x01\x12-\n\x07updates\x18\x06 \x03(\x0b\x32\x1c.lrctl.v1.LearningRateUpdate\x12%\n\x07\x63hanges\x18\x07 \x03(\x0b\x32\x14.lrctl.v1.RateChange\x12\x0c\n\x04peer\x18\x08 \x01(\t\x12\x0c\n\x04user\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x14\n\x07\x61t_step\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0bnum_changes\x18\x0c \x01(\x05\x42\n\n\x08_at_step\"h\n\x13ListChangesResponse\x12\'\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x16.lrctl.v1.ChangeRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x03*b\n\rParameterView\x12\x1e\n\x1aPARAMETER_VIEW_UNSPECIFIED\x10\x00\x12\x17\n\x13PARAMETER_VIEW_FULL\x10\x01\x12\x18\n\x14PARAMETER_VIEW_NAMES\x10\x02*Z\n\nUpdateMode\x12\x1b\n\x17UPDATE_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14UPDATE_MODE_ABSOLUTE\x10\x01\x12\x15\n\x11UPDATE_MODE_SCALE\x10\x02*\x93\x01\n\rTrainingState\x12\x1e\n\x1aTRAINING_STATE_UNSPECIFIED\x10\x00\x12)\n%TRAINING_STATE_WAITING_FOR_FIRST_STEP\x10\x01\x12\x1b\n\x17TRAINING_STATE_TRAINING\x10\x02\x12\x1a\n\x16TRAINING_STATE_CLOSING\x10\x03\x32\xb2\x03\n\x13LearningRateControl\x12S\n\x0eListParameters\x12\x1f.lrctl.v1.ListParametersRequest\x1a .lrctl.v1.ListParametersResponse\x12Y\n\x10GetLearningRates\x12!.lrctl.v1.GetLearningRatesRequest\x1a\".lrctl.v1.GetLearningRatesResponse\x12Y\n\x10SetLearningRates\x12!.lrctl.v1.SetLearningRatesRequest\x1a\".lrctl.v1.SetLearningRatesResponse\x12\x44\n\tGetStatus\x12\x1a.lrctl.v1.GetStatusRequest\x1a\x1b.lrctl.v1.GetStatusResponse\x12J\n\x0bListChanges\x12\x1c.lrctl.v1.ListChangesRequest\x1a\x1d.lrctl.v1.ListChangesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PARAMETER_HYPERPARAMETERSENTRY']._loaded_options = None
   _globals['_PARAMETER_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_PARAMETERVIEW']._serialized_start=2225
-  _globals['_PARAMETERVIEW']._serialized_end=2323
-  _globals['_UPDATEMODE']._serialized_start=2325
-  _globals['_UPDATEMODE']._serialized_end=2415
-  _globals['_TRAININGSTATE']._serialized_start=2418
-  _globals['_TRAININGSTATE']._serialized_end=2565
+  _globals['_PARAMETERVIEW']._serialized_start=2310
+  _globals['_PARAMETERVIEW']._serialized_end=2408
+  _globals['_UPDATEMODE']._serialized_start=2410
+  _globals['_UPDATEMODE']._serialized_end=2500
+  _globals['_TRAININGSTATE']._serialized_start=2503
+  _globals['_TRAININGSTATE']._serialized_end=2650
   _globals['_PARAMETER']._serialized_start=35
   _globals['_PARAMETER']._serialized_end=346
   _globals['_PARAMETER_HYPERPARAMETERSENTRY']._serialized_start=285
@@ -48,29 +48,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPARAMETERSRESPONSE']._serialized_start=467
   _globals['_LISTPARAMETERSRESPONSE']._serialized_end=592
   _globals['_GETLEARNINGRATESREQUEST']._serialized_start=594
-  _globals['_GETLEARNINGRATESREQUEST']._serialized_end=638
-  _globals['_LEARNINGRATE']._serialized_start=640
-  _globals['_LEARNINGRATE']._serialized_end=695
-  _globals['_GETLEARNINGRATESRESPONSE']._serialized_start=697
-  _globals['_GETLEARNINGRATESRESPONSE']._serialized_end=793
-  _globals['_LEARNINGRATEUPDATE']._serialized_start=795
-  _globals['_LEARNINGRATEUPDATE']._serialized_end=884
-  _globals['_SETLEARNINGRATESREQUEST']._serialized_start=887
-  _globals['_SETLEARNINGRATESREQUEST']._serialized_end=1122
-  _globals['_RATECHANGE']._serialized_start=1124
-  _globals['_RATECHANGE']._serialized_end=1182
-  _globals['_SETLEARNINGRATESRESPONSE']._serialized_start=1185
-  _globals['_SETLEARNINGRATESRESPONSE']._serialized_end=1338
-  _globals['_GETSTATUSREQUEST']._serialized_start=1340
-  _globals['_GETSTATUSREQUEST']._serialized_end=1358
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1361
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1707
-  _globals['_LISTCHANGESREQUEST']._serialized_start=1709
-  _globals['_LISTCHANGESREQUEST']._serialized_end=1823
-  _globals['_CHANGERECORD']._serialized_start=1826
-  _globals['_CHANGERECORD']._serialized_end=2117
-  _globals['_LISTCHANGESRESPONSE']._serialized_start=2119
-  _globals['_LISTCHANGESRESPONSE']._serialized_end=2223
-  _globals['_LEARNINGRATECONTROL']._serialized_start=2568
-  _globals['_LEARNINGRATECONTROL']._serialized_end=3002
+  _globals['_GETLEARNINGRATESREQUEST']._serialized_end=677
+  _globals['_LEARNINGRATE']._serialized_start=679
+  _globals['_LEARNINGRATE']._serialized_end=734
+  _globals['_GETLEARNINGRATESRESPONSE']._serialized_start=737
+  _globals['_GETLEARNINGRATESRESPONSE']._serialized_end=878
+  _globals['_LEARNINGRATEUPDATE']._serialized_start=880
+  _globals['_LEARNINGRATEUPDATE']._serialized_end=969
+  _globals['_SETLEARNINGRATESREQUEST']._serialized_start=972
+  _globals['_SETLEARNINGRATESREQUEST']._serialized_end=1207
+  _globals['_RATECHANGE']._serialized_start=1209
+  _globals['_RATECHANGE']._serialized_end=1267
+  _globals['_SETLEARNINGRATESRESPONSE']._serialized_start=1270
+  _globals['_SETLEARNINGRATESRESPONSE']._serialized_end=1423
+  _globals['_GETSTATUSREQUEST']._serialized_start=1425
+  _globals['_GETSTATUSREQUEST']._serialized_end=1443
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1446
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1792
+  _globals['_LISTCHANGESREQUEST']._serialized_start=1794
+  _globals['_LISTCHANGESREQUEST']._serialized_end=1908
+  _globals['_CHANGERECORD']._serialized_start=1911
+  _globals['_CHANGERECORD']._serialized_end=2202
+  _globals['_LISTCHANGESRESPONSE']._serialized_start=2204
+  _globals['_LISTCHANGESRESPONSE']._serialized_end=2308
+  _globals['_LEARNINGRATECONTROL']._serialized_start=2653
+  _globals['_LEARNINGRATECONTROL']._serialized_end=3087
 # @@protoc_insertion_point(module_scope)

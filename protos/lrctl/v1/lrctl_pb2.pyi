@@ -94,10 +94,14 @@ class ListParametersResponse(_message.Message):
     def __init__(self, parameters: _Optional[_Iterable[_Union[Parameter, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetLearningRatesRequest(_message.Message):
-    __slots__ = ("selectors",)
+    __slots__ = ("selectors", "page_size", "page_token")
     SELECTORS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     selectors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, selectors: _Optional[_Iterable[str]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, selectors: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class LearningRate(_message.Message):
     __slots__ = ("name", "lr", "group")
@@ -110,14 +114,18 @@ class LearningRate(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., group: _Optional[int] = ...) -> None: ...
 
 class GetLearningRatesResponse(_message.Message):
-    __slots__ = ("rates", "version", "step")
+    __slots__ = ("rates", "version", "step", "next_page_token", "total_size")
     RATES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     rates: _containers.RepeatedCompositeFieldContainer[LearningRate]
     version: int
     step: int
-    def __init__(self, rates: _Optional[_Iterable[_Union[LearningRate, _Mapping]]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    next_page_token: str
+    total_size: int
+    def __init__(self, rates: _Optional[_Iterable[_Union[LearningRate, _Mapping]]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class LearningRateUpdate(_message.Message):
     __slots__ = ("selector", "mode", "value")
