@@ -189,8 +189,8 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         selectors = list(request.selectors)
         size = _page_size(request.page_size, MAX_RATE_PAGE, MAX_RATE_PAGE) if request.page_size else None
         # Every page of one reading must be at one version: the token carries it.
-        context = "\0".join(selectors)
-        start, first_version = _decode_token(request.page_token, "rates", context)
+        bound_to = "\0".join(selectors)
+        start, first_version = _decode_token(request.page_token, "rates", bound_to)
         if request.page_token and first_version is None:
             raise InvalidArgumentError(f"page_token {request.page_token!r} is not a token of this listing")
         rows, version, step, total = self._controller.read_page(selectors, start, size)
@@ -204,7 +204,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             version=version,
             step=step,
             total_size=total,
-            next_page_token=_encode_token("rates", end, context, version) if end < total else "",
+            next_page_token=_encode_token("rates", end, bound_to, version) if end < total else "",
         )
         add = response.rates.add
         for name, lr, group in rows:
