@@ -7,10 +7,14 @@ timed in these configurations, interleaved round by round in a shuffled order:
   K 10rps       ... and a client process sending 10 requests per second
   K 100rps      ... and 100 requests per second
 for the server kinds K: sync (grpc.server with a pool of 8 threads, what attach()
-builds), sync-w2 (a pool of 2) and aio (a prototype: grpc.aio on an event loop thread,
-the same handlers; see AioServed). Two more configurations bound what the load costs:
+builds), sync-w2 (a pool of 2), aio (a prototype: grpc.aio on an event loop thread,
+the same handlers; see AioServed) and forward (a prototype: a child process owns the
+gRPC server and forwards each request's bytes over a socket to one thread here that
+runs the same handlers; see bench/forwarding_proto.py). Two more configurations bound
+what the load costs:
   K echo100        the client sends bare health Checks (grpc.health.v1) at 100/s: what
-                   the gRPC server costs before any lrctl handler runs
+                   the gRPC server costs before any lrctl handler runs (for forward, the
+                   sidecar answers them alone: what its CPU costs this machine)
   other-process    the mixed stream at 100/s to an lrctl server in another process: what
                    the client and the server cost this machine's cores, without the GIL
 
@@ -35,7 +39,7 @@ extra time went, from /proc/<tid>/schedstat: more time on a CPU, waiting on a ru
 training thread with torch on 1 thread, that is waiting for the GIL). The last line
 says how busy other processes kept the cores: on a shared machine, run it again.
 
-    python bench/bench_server_load.py            # the full run (~3 minutes)
+    python bench/bench_server_load.py            # the full run (~3.5 minutes)
     python bench/bench_server_load.py --quick    # a smoke run (CI), numbers not meaningful
 """
 
@@ -58,6 +62,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from forwarding_proto import ForwardingServed  # bench/, the script's directory
 from lrctl.server import attach
 
 LOAD_CLIENT = Path(__file__).resolve().with_name("load_client.py")
@@ -152,6 +157,7 @@ KINDS: dict[str, Callable[[nn.Module, torch.optim.Optimizer], Any]] = {
     "sync": lambda model, opt: attach(model, opt, address="127.0.0.1:0", max_workers=8),
     "sync-w2": lambda model, opt: attach(model, opt, address="127.0.0.1:0", max_workers=2),
     "aio": AioServed,
+    "forward": ForwardingServed,
 }
 TARGETS = {0: 1.01, 100: 1.03}  # rate -> the issue's bound on the ratio to base
 
@@ -281,6 +287,7 @@ class Config:
     errors: int = 0
     py_cpu: float = 0.0  # server Python threads' CPU seconds during the loads
     c_cpu: float = 0.0
+    sidecar_cpu: float = 0.0  # forward: the sidecar process's CPU seconds during the loads
     error_examples: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
     late_max_ms: float = 0.0
@@ -330,6 +337,7 @@ class Bench:
                 client.ask(cmd="load", address=address, rate=config.rate, mix=config.mix)
                 load_start = time.perf_counter()
                 cpu_start = thread_cpu()
+                sidecar_start = ctl.sidecar_cpu() if hasattr(ctl, "sidecar_cpu") else 0.0
             times = []
             for k in range(args.warmup + args.steps):
                 if k == args.warmup:
@@ -348,6 +356,8 @@ class Bench:
                                  (wall1 - wall0 - on_cpu - runq) * per_step))
             if config.rate:
                 cpu_end = thread_cpu()
+                if hasattr(ctl, "sidecar_cpu"):
+                    config.sidecar_cpu += ctl.sidecar_cpu() - sidecar_start
                 stats = client.ask(cmd="stop")
                 if stats.get("failure"):
                     raise RuntimeError(f"load client's stream failed: {stats['failure']}")
@@ -442,6 +452,10 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
     print(f"(base: {base_ms:.2f} ms/step. p99 step: the 99th percentile of single steps, as a ratio to "
           f"base's. req/s: the rate achieved. py us/req: CPU time of the server's Python threads per "
           f"request, all of it under the GIL; C us/req: CPU time of gRPC's C threads per request.)")
+    for c in configs:
+        if c.sidecar_cpu and c.sent:
+            print(f"{c.label}: the sidecar process used {c.sidecar_cpu / c.sent * 1e6:.0f} us CPU per "
+                  "request (py/C us/req above: this process's forwarding thread and the rest)")
 
 
 def serve_sidecar(args: argparse.Namespace) -> None:
@@ -467,7 +481,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--kinds", default="sync,sync-w2,aio", help=f"comma-separated, of {sorted(KINDS)}")
+    parser.add_argument("--kinds", default="sync,sync-w2,aio,forward", help=f"comma-separated, of {sorted(KINDS)}")
     parser.add_argument("--rates", default="10,100", help="requests per second (comma-separated)")
     parser.add_argument("--echo-rate", type=float, default=100.0,
                         help="also run each kind with a stream of bare health Checks at this rate "
