@@ -12,6 +12,7 @@ ratio to (a) and to (b). Gradients are filled once and reused, so only step() is
 
     python bench/bench_step.py            # the full run
     python bench/bench_step.py --quick    # a smoke run (CI), numbers not meaningful
+    python bench/bench_step.py --width 128  # same 1024 tensors, 16x the elements each
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--blocks", type=int, default=256, help="blocks of 4 tensors (default 256: 1024 tensors)")
-    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--width", type=int, default=32,
+                        help="features of each Linear/LayerNorm (default 32; the tensor count stays 4 * blocks)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed sample")
     args = parser.parse_args()
