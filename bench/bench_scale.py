@@ -383,7 +383,7 @@ def report(result: dict, timer: StepTimer, submits, idle_step_s: float, memory: 
     print(f"{'  of which allocated in lrctl source files':<56} {m['attach_lrctl_files']:>12,} "
           f"{m['attach_lrctl_files'] / m['n']:>14.1f}")
     label = f"then {m['history_records']} changes on all names (in history)"
-    print(f"{label:<64} {m['changes']:>12,} {m['changes'] / m['n']:>14.1f}")
+    print(f"{label:<56} {m['changes']:>12,} {m['changes'] / m['n']:>14.1f}")
     print(f"  (a history record keeps 3 arrays, index/old/new: 24 bytes per name it changed, "
           f"{24 * m['n'] / 1e6:.1f} MB for all names;")
     print("   the default history_limit of 10,000 records could so hold 24 GB of such changes)")
