@@ -209,8 +209,8 @@ class LRClient:
         """Rates, groups, config version and step for `selectors` (all held when none).
 
         With `page_size`, reads page by page (for clients with a small receive limit);
-        the reading is still at one version: a change between pages restarts it, up to
-        a few times, then raises AbortedError.
+        the reading is still at one version (its step is the last page's): a change
+        between pages restarts it, up to a few times, then raises AbortedError.
         """
         if not page_size:
             request = lrctl_pb2.GetLearningRatesRequest(selectors=list(selectors))
