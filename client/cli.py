@@ -81,6 +81,12 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line, raised instead of exiting."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No silent abbreviations: "--addr" must not keep meaning "--address" once an
+        # option "--addr-file" exists.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         # argparse prints the whole usage block; the CLI promises one line per error.
         verb = self.prog.split(" ", 1)[1] if " " in self.prog else ""
@@ -99,7 +105,12 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2))
+    if isinstance(value, list):
+        # One element a line: readable, greppable, and json's C encoder does the work
+        # (indent= would use the pure-Python one: 17 s for 100k parameters, not 2 s).
+        print("[\n" + ",\n".join("  " + json.dumps(v) for v in value) + "\n]" if value else "[]")
+    else:
+        print(json.dumps(value, indent=2))
 
 
 def _fmt_lr(lr: Optional[float]) -> str:
@@ -146,7 +157,8 @@ def cmd_list(client: LRClient, args: argparse.Namespace) -> int:
         return _list_names(client, args)
     params = client.list_parameters(args.pattern)
     if args.json:
-        _print_json([dataclasses.asdict(p) for p in params])
+        # vars(), not asdict(): asdict deep-copies every field (10x slower on 100k).
+        _print_json([vars(p) for p in params])
     elif not params and args.pattern:
         print(f"no parameter matches {args.pattern!r}")
     else:
@@ -298,21 +310,35 @@ def run_demo(demo_args: list[str]) -> int:
 # -- argument parsing ----------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
+# A longer deadline overflows gRPC's clock (1e10 s fails at once); 115 days is plenty.
+MAX_TIMEOUT_S = 1e7
+INT64_MAX = 2**63 - 1
+
+
+def _timeout(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}: {text!r}"
+        )
     return value
 
 
-def _positive_int(text: str) -> int:
+def _int64(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"out of range (a 64-bit integer): {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _int64(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
@@ -320,11 +346,11 @@ def _positive_int(text: str) -> int:
 
 def _add_change_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate and show; change nothing")
-    p.add_argument("--at-step", type=int, metavar="N", help="apply right before step N")
+    p.add_argument("--at-step", type=_int64, metavar="N", help="apply right before step N")
     p.add_argument("--no-wait", action="store_true",
                    help="return once accepted instead of once applied")
     p.add_argument("--reason", default="", metavar="TEXT", help="recorded in the history")
-    p.add_argument("--expected-version", type=int, metavar="V",
+    p.add_argument("--expected-version", type=_int64, metavar="V",
                    help="apply only if the config version is still V")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -339,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--address", default=default_address(),
                         help=f"worker host:port (default: ${ADDRESS_ENV} or 127.0.0.1:50051)")
-    parser.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_timeout, default=10.0, metavar="SECONDS",
                         help="deadline of each call; a waiting set waits this long (default 10)")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 

@@ -18,6 +18,7 @@ import grpc
 from lrctl.client.errors import (
     AbortedError,
     DeadlineExceededError,
+    InvalidArgumentError,
     LrctlError,
     UnavailableError,
     error_for_status,
@@ -32,6 +33,20 @@ from lrctl.client.types import (
 )
 from lrctl.v1 import lrctl_pb2, lrctl_pb2_grpc
 
+def _message(cls: Callable[..., _Message], **fields: Any) -> _Message:
+    """cls(**fields), with a value the wire cannot carry (an int out of its field's
+    range, a float for an int) as InvalidArgumentError naming the field."""
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as exc:
+        for name, value in fields.items():
+            try:
+                cls(**{name: value})
+            except (ValueError, TypeError) as field_exc:
+                raise InvalidArgumentError(f"{name} {value!r}: {field_exc}") from None
+        raise InvalidArgumentError(str(exc)) from None
+
+
 # A paged reading interrupted by changes this many times in a row gives up.
 _PAGED_READ_ATTEMPTS = 3
 
@@ -43,6 +58,7 @@ USER_METADATA_KEY = "lrctl-user"
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 _Reply = TypeVar("_Reply")
+_Message = TypeVar("_Message")
 Updates = Union[Mapping[str, float], Iterable[Update]]
 
 
@@ -148,6 +164,12 @@ class LRClient:
         details = (exc.details() if hasattr(exc, "details") else None) or str(code)
         if code == grpc.StatusCode.UNAVAILABLE:
             return UnavailableError(f"cannot reach lrctl worker at {self.address}: {details}")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            # Another gRPC server, or a worker too old for this call.
+            return error_for_status(code, (
+                f"the server at {self.address} does not serve this lrctl call ({details}); "
+                "is it an lrctl worker, of a version at least this client's?"
+            ))
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
             # The deadline expired on this side; say what that means for this call.
             message = f"no answer from {self.address} within {limit:g}s"
@@ -159,7 +181,8 @@ class LRClient:
     ) -> Iterator[lrctl_pb2.ListParametersResponse]:
         token = ""
         while True:
-            request = lrctl_pb2.ListParametersRequest(
+            request = _message(
+                lrctl_pb2.ListParametersRequest,
                 filter=pattern, page_size=page_size, page_token=token, view=view
             )
             reply = self._call(self._stub.ListParameters, request, timeout)
@@ -213,7 +236,7 @@ class LRClient:
         between pages restarts it, up to a few times, then raises AbortedError.
         """
         if not page_size:
-            request = lrctl_pb2.GetLearningRatesRequest(selectors=list(selectors))
+            request = _message(lrctl_pb2.GetLearningRatesRequest, selectors=list(selectors))
             return LearningRates.from_proto(self._call(self._stub.GetLearningRates, request, timeout))
         for _ in range(_PAGED_READ_ATTEMPTS - 1):
             try:
@@ -225,7 +248,8 @@ class LRClient:
     def _read_pages(self, selectors: list[str], page_size: int, timeout: Optional[float]) -> LearningRates:
         rates, token = [], ""
         while True:
-            request = lrctl_pb2.GetLearningRatesRequest(
+            request = _message(
+                lrctl_pb2.GetLearningRatesRequest,
                 selectors=selectors, page_size=page_size, page_token=token
             )
             reply = self._call(self._stub.GetLearningRates, request, timeout)
@@ -269,19 +293,18 @@ class LRClient:
             batch = [Update(selector, value) for selector, value in updates.items()]
         else:
             batch = list(updates)
-        request = lrctl_pb2.SetLearningRatesRequest(
+        # None leaves an optional field absent ("next boundary" / "any version"); 0 is a
+        # meaningful value for both.
+        request = _message(
+            lrctl_pb2.SetLearningRatesRequest,
             updates=[u.to_proto() for u in batch],
             dry_run=dry_run,
             wait=wait,
             reason=reason,
             max_reported_changes=max_reported_changes,
+            at_step=at_step,
+            expected_version=expected_version,
         )
-        # Optional fields: absent means "next boundary" / "any version", so only set them
-        # when given (0 is a meaningful value for both).
-        if at_step is not None:
-            request.at_step = at_step
-        if expected_version is not None:
-            request.expected_version = expected_version
         on_deadline = (
             "the worker withdraws a change whose caller gave up, unless it was applied at that "
             "very step: `lrctl history` tells"
@@ -336,7 +359,8 @@ class LRClient:
         """
         token = ""
         while True:
-            request = lrctl_pb2.ListChangesRequest(
+            request = _message(
+                lrctl_pb2.ListChangesRequest,
                 page_size=page_size,
                 page_token=token,
                 after_version=after_version,

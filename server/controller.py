@@ -51,6 +51,8 @@ def _dtype_limit(dtype: torch.dtype) -> float:
         limit = _LIMITS[dtype] = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
     return limit
 
+MAX_REASON_CHARS = 4096
+
 StrategyFactory = Callable[
     [torch.optim.Optimizer, Sequence[torch.Tensor], Sequence[str], "list[float | None]"],
     ApplyStrategy,
@@ -483,8 +485,10 @@ class Controller:
         new = self._new_values(ops, old)  # type: ignore[arg-type]
         j = self._first_unrepresentable(indices, new)
         if j is not None:
+            dtype = self._params[indices[j]].dtype
             raise InvalidArgumentError(
-                f"the rate of {names[indices[j]]!r} ({old[j]!r}) would become {new[j]!r}"
+                f"the rate of {names[indices[j]]!r} ({old[j]!r}) would become {new[j]!r}, more "
+                f"than its dtype {_dtype_name(dtype)} holds ({_dtype_limit(dtype):g})"
             )
         return Outcome(
             change_id=change_id,
@@ -500,6 +504,11 @@ class Controller:
             raise InvalidArgumentError("empty batch: give at least one update")
         if request.at_step is not None and request.at_step < 0:
             raise InvalidArgumentError(f"at_step {request.at_step} is negative")
+        if len(request.reason) > MAX_REASON_CHARS:
+            # The history keeps every reason: a bound keeps it from holding megabytes.
+            raise InvalidArgumentError(
+                f"reason of {len(request.reason)} characters is too long (at most {MAX_REASON_CHARS})"
+            )
         ops: dict[int, tuple[Mode, float]] = {}
         resolved: list[tuple[int, ...]] = []
         for update in request.updates:
@@ -531,7 +540,8 @@ class Controller:
             raise InvalidArgumentError(f"value {value!r} for {quote(selector)} is not a finite number")
         if mode is Mode.SCALE and value <= 0:
             raise InvalidArgumentError(f"scale factor {value!r} for {quote(selector)} must be > 0")
-        if mode is Mode.ABSOLUTE and value < 0:
+        # copysign: -0.0 counts as negative too (it would read back as "-0.0").
+        if mode is Mode.ABSOLUTE and math.copysign(1.0, value) < 0:
             raise InvalidArgumentError(f"learning rate {value!r} for {quote(selector)} is negative")
 
     def _resolve(self, selector: str, *, for_set: bool) -> tuple[int, ...]:

@@ -16,13 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 from torch import nn
 
+from lrctl.client.client import ADDRESS_ENV, DEFAULT_ADDRESS, default_address
 from lrctl.server.attach import attach
-from lrctl.server.factory import DEFAULT_ADDRESS
 from lrctl.server.optim import build_optimizer
 
 SEED_LRS = {"layer1.weight": 0.01, "layer1.bias": 0.1, "layer2.weight": 0.001, "layer2.bias": 1.0}
@@ -184,23 +184,40 @@ def serve(address: str, model_name: str, steps: int, step_delay: float, insecure
     return 0
 
 
+class _DemoParser(argparse.ArgumentParser):
+    """Errors in one line, like the rest of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"lrctl: error: demo: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _DemoParser(
         prog="lrctl demo",
         description="Run the seed example end to end, or (--serve) a demo worker to play with.",
+        allow_abbrev=False,
     )
     parser.add_argument("--serve", action="store_true", help="only run a worker, until the steps or a signal")
-    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="with --serve: where to listen (default %(default)s)")
-    parser.add_argument("--model", choices=sorted(JOBS), default="seed", help="with --serve: the model to train")
+    # The CLI's own default: `lrctl demo --serve` then `lrctl status` find each other.
+    parser.add_argument("--address", default=default_address(),
+                        help=f"with --serve: where to listen (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})")
+    parser.add_argument("--model", choices=sorted(JOBS), default=None,
+                        help="with --serve: the model to train (default: seed)")
     parser.add_argument("--steps", type=int, default=None, help="steps to train (demo: 10; --serve: 0 = until stopped)")
-    parser.add_argument("--step-delay", type=float, default=0.05, help="with --serve: seconds between steps")
+    parser.add_argument("--step-delay", type=float, default=0.05,
+                        help="with --serve: seconds between steps (default 0.05)")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --address without authentication")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 0 or not math.isfinite(args.step_delay) or args.step_delay < 0:
-        parser.error("--steps and --step-delay must not be negative")
+    if args.steps is not None and args.steps < 0:
+        parser.error(f"--steps must not be negative: {args.steps}")
+    if not math.isfinite(args.step_delay) or args.step_delay < 0:
+        parser.error(f"--step-delay must be a finite number of seconds >= 0: {args.step_delay}")
+    if not args.serve and args.model is not None:
+        parser.error("--model needs --serve (the demo without it always runs the seed model)")
     try:
         if args.serve:
-            return serve(args.address, args.model, args.steps or 0, args.step_delay, args.insecure)
+            return serve(args.address, args.model or "seed", args.steps or 0, args.step_delay, args.insecure)
         if args.steps == 0:
             parser.error("--steps must be at least 1 without --serve")
         return run_demo(args.steps or 10)

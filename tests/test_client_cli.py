@@ -16,10 +16,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2_grpc
 
 torch = pytest.importorskip("torch")
 
@@ -159,6 +162,15 @@ def test_help_names_verbs_and_exit_codes() -> None:
         (("list", "--bogus"), "--bogus"),
         (("scale", "layer1.*", "two"), "two"),
         (("history", "--limit", "0"), "--limit"),
+        # Numbers the wire cannot carry are usage errors, not "internal error"s.
+        (("history", "--limit", "99999999999999999999999"), "99999999999999999999999"),
+        (("set", "layer1.weight=0.1", "--at-step", str(2**63)), str(2**63)),
+        (("set", "layer1.weight=0.1", "--expected-version", str(-(2**63) - 1)), str(-(2**63) - 1)),
+        (("--timeout", "1e10", "status"), "1e10"),
+        (("--timeout", "nan", "status"), "nan"),
+        # No silent abbreviations of options.
+        (("list", "--js"), "--js"),
+        (("set", "layer1.weight=0.1", "--dry"), "--dry"),
     ],
 )
 def test_usage_errors_exit_2(args: tuple[str, ...], fragment: str) -> None:
@@ -406,6 +418,28 @@ def test_client_pages_and_typed_results(client: LRClient) -> None:
     status = client.status()
     assert isinstance(status, Status) and status.state == "training"
     assert status.num_param_groups >= 1
+
+
+def test_client_rejects_values_the_wire_cannot_carry(client: LRClient) -> None:
+    with pytest.raises(InvalidArgumentError, match="page_size 2147483648"):
+        client.read_learning_rates(page_size=2**31)
+    with pytest.raises(InvalidArgumentError, match="at_step 18446744073709551616"):
+        client.set_learning_rates({"layer1.weight": 0.1}, at_step=2**64)
+    with pytest.raises(InvalidArgumentError, match="page_size 1.5"):
+        client.list_names(page_size=1.5)  # type: ignore[arg-type]
+
+
+def test_a_server_that_is_not_lrctl_is_named_as_such() -> None:
+    health_only = grpc.server(ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), health_only)
+    port = health_only.add_insecure_port("127.0.0.1:0")
+    health_only.start()
+    try:
+        line = assert_error(run_cli("status", address=f"127.0.0.1:{port}"), 4)
+        assert f"the server at 127.0.0.1:{port} does not serve this lrctl call" in line
+        assert "is it an lrctl worker" in line
+    finally:
+        health_only.stop(0)
 
 
 def test_client_set_scale_and_history(worker: Worker, client: LRClient) -> None:

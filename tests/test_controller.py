@@ -309,8 +309,23 @@ def test_rate_beyond_the_parameter_dtype_range_is_rejected(rig: Rig, update: tup
     with pytest.raises(InvalidArgumentError) as info:
         rig.controller.submit(req(update))
     assert "1e+39" in str(info.value), str(info.value)
+    assert "float32 holds (3.40282e+38)" in str(info.value), str(info.value)  # says why
     rig.step()  # must not raise
     assert rig.snapshot() == before
+
+
+def test_negative_zero_is_a_negative_rate(rig: Rig) -> None:
+    with pytest.raises(InvalidArgumentError, match="learning rate -0.0 .* is negative"):
+        rig.controller.submit(req(set_("layer1.weight", -0.0)))
+    assert rig.apply(req(set_("layer1.weight", 0.0))).error is None  # +0 freezes it
+
+
+def test_reason_is_bounded(rig: Rig) -> None:
+    with pytest.raises(InvalidArgumentError, match="reason of 4097 characters is too long"):
+        rig.controller.submit(req(set_("layer1.weight", 0.5), reason="x" * 4097))
+    assert rig.controller.pending_count == 0
+    pending = rig.apply(req(set_("layer1.weight", 0.5), reason="x" * 4096))
+    assert pending.error is None
 
 
 # -- parameters that cannot be set --------------------------------------------------------
