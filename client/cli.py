@@ -436,6 +436,13 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     try:
         with LRClient(args.address, timeout=args.timeout) as client:
             return args.func(client, args)
+    except KeyboardInterrupt:
+        if args.verb in ("set", "scale") and not args.no_wait and not args.dry_run:
+            # The call is cancelled; the worker withdraws the change unless a step
+            # boundary came first. Only the history can tell which.
+            return _error("interrupted: the change is withdrawn unless it was already applied; "
+                          "`lrctl history` tells", EXIT_INTERRUPTED)
+        return _error("interrupted", EXIT_INTERRUPTED)
     except UsageError as err:
         return _error(str(err), EXIT_USAGE)
     except UnavailableError as err:

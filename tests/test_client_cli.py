@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -387,6 +388,28 @@ def test_waiting_set_times_out_and_is_withdrawn(client: LRClient, worker: Worker
     proc = run_cli("set", "layer1.weight=0.5", "--at-step", str(far), address=worker.address,
                    timeout=1)
     assert "withdrawn" in assert_error(proc, 6)
+    _wait_for(lambda: client.status().pending_changes == 0, what="the withdrawal")
+    after = client.read_learning_rates()
+    assert (after.rates, after.version) == (before.rates, before.version)
+
+
+def test_interrupted_waiting_set_says_what_became_of_the_change(client: LRClient, worker: Worker) -> None:
+    before = client.read_learning_rates()
+    far = client.status().step + 10_000_000
+    env = {k: v for k, v in os.environ.items() if k not in ("LRCTL_ADDRESS", "LRCTL_DEBUG")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrctl.client.cli", "--address", worker.address, "--timeout", "60",
+         "set", "layer1.weight=0.5", "--at-step", str(far)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    _wait_for(lambda: client.status().pending_changes == 1, what="the change to be queued")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and out == ""
+    assert err.splitlines() == [
+        "lrctl: error: interrupted: the change is withdrawn unless it was already applied; "
+        "`lrctl history` tells"
+    ]
     _wait_for(lambda: client.status().pending_changes == 0, what="the withdrawal")
     after = client.read_learning_rates()
     assert (after.rates, after.version) == (before.rates, before.version)
