@@ -264,8 +264,8 @@ class LRClient:
     def get_learning_rates(self, *selectors: str, timeout: Optional[float] = None) -> dict[str, float]:
         """name -> rate, in model order, for `selectors` (every held parameter when none).
 
-        Each selector must match at least one parameter the optimizer holds (else
-        NotFoundError).
+        Each selector must match a parameter (else NotFoundError), and one the optimizer
+        holds (else FailedPreconditionError).
         """
         reading = self.read_learning_rates(*selectors, timeout=timeout)
         return {r.name: r.lr for r in reading.rates}

@@ -78,7 +78,8 @@ def attach(
     controller = Controller(named, optimizer, history_limit=history_limit)
     if not serve:
         return LRControl(controller, None)
-    service = LearningRateControlService(controller)
+    # Two threads stay free of waiting Sets for reads and health checks.
+    service = LearningRateControlService(controller, max_waiting=max(1, max_workers - 2))
     try:
         server = build_server(
             [lambda s: lrctl_pb2_grpc.add_LearningRateControlServicer_to_server(service, s)],

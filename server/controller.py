@@ -41,16 +41,6 @@ from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 log = logging.getLogger("lrctl.controller")
 
 _NEVER = math.inf
-_LIMITS: dict[torch.dtype, float] = {}
-
-
-def _dtype_limit(dtype: torch.dtype) -> float:
-    """The largest finite value a tensor of `dtype` holds (inf for non-floating dtypes)."""
-    limit = _LIMITS.get(dtype)
-    if limit is None:
-        limit = _LIMITS[dtype] = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
-    return limit
-
 MAX_REASON_CHARS = 4096
 
 StrategyFactory = Callable[
@@ -138,6 +128,11 @@ class Controller:
         history_limit: int = 10_000,
         strategy: StrategyFactory = CoalescedGroups,
     ) -> None:
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError(
+                "LBFGS allows exactly one param group, so lrctl cannot give its parameters "
+                "rates of their own; use another optimizer"
+            )
         pairs = list(named_parameters)
         names = [name for name, _ in pairs]
         self._params: list[torch.Tensor] = [p for _, p in pairs]
@@ -382,15 +377,30 @@ class Controller:
             due = [p for p in self._pending if p.due <= step]
             self._pending = [p for p in self._pending if p.due > step]
             self._next_due = min((p.due for p in self._pending), default=_NEVER)
-            for pending in due:
-                self._apply_guarded(pending, step)
+            for k, pending in enumerate(due):
+                try:
+                    self._apply_guarded(pending, step)
+                except BaseException:  # KeyboardInterrupt & co. in the training thread
+                    self._abandon(due[k:], step)
+                    raise
         return None
+
+    def _abandon(self, changes: Sequence[PendingChange], step: int) -> None:
+        """Finish changes that an interrupt left half-way, so no caller waits forever."""
+        for pending in changes:
+            if not pending.finished.is_set():
+                pending.finish(error=InternalError(
+                    f"step {step} was interrupted while applying changes; change "
+                    f"{pending.change_id} may not have been applied: the history tells"
+                ))
 
     def _apply_guarded(self, pending: PendingChange, step: int) -> None:
         """Apply one change; whatever goes wrong costs the change, never the step."""
         try:
             outcome = self._apply(pending, step)
         except LrctlError as exc:
+            # Said here too: a change accepted without waiting has no one to tell.
+            log.warning("lrctl: change %d was not applied: %s", pending.change_id, exc)
             pending.finish(error=exc)
         except Exception as exc:  # a bug here must not kill training
             log.exception("lrctl: applying change %d failed", pending.change_id)
@@ -413,7 +423,8 @@ class Controller:
         if j is not None:
             raise InvalidArgumentError(
                 f"at step {step}, the rate of {self.index.names[indices[j]]!r} ({old[j]!r}) would "
-                f"become {new[j]!r}; change {pending.change_id} was not applied"
+                f"become {new[j]!r} ({self._limit_text(indices[j])}); change "
+                f"{pending.change_id} was not applied"
             )
         for i, lr in zip(indices, new):
             lrs[i] = lr
@@ -485,10 +496,9 @@ class Controller:
         new = self._new_values(ops, old)  # type: ignore[arg-type]
         j = self._first_unrepresentable(indices, new)
         if j is not None:
-            dtype = self._params[indices[j]].dtype
             raise InvalidArgumentError(
-                f"the rate of {names[indices[j]]!r} ({old[j]!r}) would become {new[j]!r}, more "
-                f"than its dtype {_dtype_name(dtype)} holds ({_dtype_limit(dtype):g})"
+                f"the rate of {names[indices[j]]!r} ({old[j]!r}) would become {new[j]!r}: "
+                f"{self._limit_text(indices[j])}"
             )
         return Outcome(
             change_id=change_id,
@@ -570,25 +580,23 @@ class Controller:
         return tuple([i for i in positions if lrs[i] is not None])
 
     def _representable(self, i: int, lr: float) -> bool:
-        """A finite rate that the parameter's dtype can hold (else step() raises)."""
-        return math.isfinite(lr) and lr <= _dtype_limit(self._params[i].dtype)
+        """A finite rate that the optimizer can apply to parameter i (else step() raises)."""
+        return math.isfinite(lr) and lr <= self._strategy.max_lr((i,))
 
     def _first_unrepresentable(self, indices: Sequence[int], new: Sequence[float]) -> int | None:
-        """Position j of the first new[j] that parameter indices[j] cannot hold, or None."""
+        """Position j of the first new[j] that parameter indices[j] cannot take, or None."""
         if not indices:
             return None
-        params = self._params
-        if len(indices) == len(params):  # unique indices: all of them
-            dtypes = {p.dtype for p in params}
-        else:
-            dtypes = {params[i].dtype for i in indices}
-        limit = min(map(_dtype_limit, dtypes))
-        if all(map(math.isfinite, new)) and max(new) <= limit:
-            return None  # the usual case: one look at each distinct dtype
+        if all(map(math.isfinite, new)) and max(new) <= self._strategy.max_lr(indices):
+            return None  # the usual case: one look at each kind of parameter
         return next(
             (j for j, (i, lr) in enumerate(zip(indices, new)) if not self._representable(i, lr)),
             None,
         )
+
+    def _limit_text(self, i: int) -> str:
+        return (f"above {self._strategy.max_lr((i,)):g}, the largest rate its optimizer can apply "
+                f"to a {_dtype_name(self._params[i].dtype)} parameter")
 
     def _why_unusable(self, i: int) -> str:
         reasons = []

@@ -7,8 +7,15 @@ Three forms, told apart by their text:
 
 User regexes run on the third-party `regex` engine rather than `re`: `re` holds the GIL
 while it backtracks, so one catastrophic pattern would freeze the training thread.
-`regex` releases the GIL (concurrent=True) and takes a timeout, so a slow pattern
+`regex` releases the GIL (concurrent=True) and takes a timeout, so a slow match
 costs its request (INVALID_ARGUMENT), never the job. Its default syntax is `re`'s.
+Compiling is not covered by that timeout (it holds the GIL, and `regex` expands nested
+counted repeats at compile time: ``(?:a{1000}){1000}`` took 0.4 s and 250 MB), so it is
+bounded before it starts: a selector has at most MAX_SELECTOR_CHARS characters (globs
+too: fnmatch + `re` compile time grows with the text), and a regex's counted repeats are
+capped (MAX_REPEAT_BOUND each, MAX_REPEAT_PRODUCT together, MAX_REPEAT_EXPANSION for
+the text they repeat). Within those caps the worst selector compiles in tens of ms and a
+few tens of MB, once (parsed selectors are cached, at most 256 of them).
 
 Scale (bench/bench_scale.py, 100,000 names): a glob or regex that starts with a literal
 prefix (``encoder.layers.3.*``, ``re:^encoder\\.layers\\.3\\.``) is only tried on the
@@ -23,6 +30,7 @@ from __future__ import annotations
 import bisect
 import difflib
 import fnmatch
+import math
 import operator
 import re
 import time
@@ -48,6 +56,29 @@ REGEX_BUDGET_S = 1.0
 # way: concurrent=True, each name with what is left of the budget.
 _CHUNK = 256
 _FAST_TIMEOUT_S = 1e-4
+# Caps checked before anything is compiled (measured on this machine, regex 2026.11.19;
+# parameter names are far shorter than any of them):
+# - MAX_SELECTOR_CHARS: the worst 4096-character selectors compile in ~55 ms (glob
+#   ``*a*a...``, regex ``(?:a|b)(?:a|b)...``); an 800 KB glob took 13.7 s.
+# - Counted repeats {m} {m,} {m,n} {,n} (upper bound; m for {m,}), found by a textual scan
+#   that may over-count (in classes, comments): each at most MAX_REPEAT_BOUND, their product
+#   at most MAX_REPEAT_PRODUCT. The allowed worst nesting, ``(?:a{100}){100}``, compiles in
+#   ~3 ms and ~3 MB; ``(?:a{1000}){1000}`` took 0.4 s and 250 MB, ``(?:a{3000}){3000}`` 2.6 GB.
+# - The product alone does not bound the cost: ``(?:[ab]...800 classes...){1000}`` passes
+#   it and took 0.8 s and 200 MB (2 GB with one more {10}). So MAX_REPEAT_EXPANSION bounds
+#   the repeated text too: each character (a class or escape counts 1) times the bounds of
+#   the repeats around it, summed. ~200 bytes and ~0.3 us of compiling per unit: at the
+#   cap, ~4 MB and ~6 ms (``(?:a{100}){100}`` is ~10,300).
+MAX_SELECTOR_CHARS = 4096
+MAX_REPEAT_BOUND = 1000
+MAX_REPEAT_PRODUCT = 10_000
+MAX_REPEAT_EXPANSION = 20_000
+_COUNTED_REPEAT = re.compile(r"\{(\d*)(,?)(\d*)\}")
+# Above this many names, "did you mean" compares the typo only with its neighbours in
+# sorted order (forwards and backwards spelled), not with every name: difflib over
+# 100,000 names took ~20 s of worker CPU.
+_SUGGEST_ALL = 2000
+_SUGGEST_WINDOW = 50
 _REGEX_META = frozenset(".^$*+?{}[]\\|()")
 _QUANTIFIERS = frozenset("*+?{")
 
@@ -179,18 +210,112 @@ def _compact(positions: list[int]) -> Sequence[int]:
     return array("q", positions)
 
 
+def _repeat_bound(match: re.Match[str]) -> int | None:
+    """Upper bound of a counted repeat ``{m}``/``{m,}``/``{m,n}``/``{,n}`` (m for ``{m,}``);
+    None when the braces are not a counted repeat (``{}``, ``{,}``: literal text)."""
+    low, comma, high = match.groups()
+    if not low and not high:
+        return None
+    return int(high) if high else int(low)
+
+
+def _check_repeats(text: str, source: str) -> None:
+    """Refuse a regex whose counted repeats would make compiling it slow or big.
+
+    Textual and conservative: braces inside classes or comments count too, and sibling
+    repeats multiply as if nested; that only makes the check stricter.
+    """
+    bounds = []
+    for match in _COUNTED_REPEAT.finditer(source):
+        j = match.start()
+        while j and source[j - 1] == "\\":
+            j -= 1
+        bound = _repeat_bound(match)
+        if bound is not None and (match.start() - j) % 2 == 0:  # not after an escaping '\\'
+            bounds.append(bound)
+    if not bounds:
+        return
+    if max(bounds) > MAX_REPEAT_BOUND:
+        raise InvalidArgumentError(
+            f"regex in selector {quote(text)} has a counted repeat of {max(bounds)}; at most "
+            f"{MAX_REPEAT_BOUND} (compiling expands counted repeats)"
+        )
+    product = math.prod(max(bound, 1) for bound in bounds)  # <= 1000 ** 1366: computable
+    if product > MAX_REPEAT_PRODUCT:
+        raise InvalidArgumentError(
+            f"regex in selector {quote(text)}: counted repeats multiply to {product}; at most "
+            f"{MAX_REPEAT_PRODUCT} (compiling expands counted repeats)"
+        )
+    if product > 1:
+        expansion = _expansion(source)
+        if expansion > MAX_REPEAT_EXPANSION:
+            raise InvalidArgumentError(
+                f"regex in selector {quote(text)}: counted repeats expand it to about {expansion} "
+                f"elements; at most {MAX_REPEAT_EXPANSION} (repeat less, or a shorter part)"
+            )
+
+
+def _expansion(source: str) -> int:
+    """About how many elements compiling `source` makes once counted repeats are expanded:
+    every character (a class or an escape counts as one) times the upper bounds of the
+    counted repeats around it. Over-counts rather than under-counts."""
+    levels: list[list[int]] = [[]]  # per open group: the sizes of its items so far
+    k, n = 0, len(source)
+    while k < n:
+        c = source[k]
+        if c == "\\":
+            levels[-1].append(1)
+            k += 2
+        elif c == "[":  # a class: one element; ends at the first ']' past a leading '^' / ']'
+            j = k + 1
+            if source[j : j + 1] == "^":
+                j += 1
+            if source[j : j + 1] == "]":
+                j += 1
+            while j < n and source[j] != "]":
+                j += 2 if source[j] == "\\" else 1
+            levels[-1].append(1)
+            k = j + 1
+        elif c == "(":
+            levels.append([])
+            k += 1
+        elif c == ")":
+            inner = levels.pop() if len(levels) > 1 else []
+            levels[-1].append(sum(inner) + 1)
+            k += 1
+        elif c == "{":
+            match = _COUNTED_REPEAT.match(source, k)
+            bound = _repeat_bound(match) if match else None
+            if bound is None or not levels[-1]:
+                levels[-1].append(1)
+                k += 1
+            else:
+                levels[-1][-1] *= max(bound, 1)
+                k = match.end()
+        else:
+            levels[-1].append(1)
+            k += 1
+    return sum(sum(items) for items in levels)
+
+
 @lru_cache(maxsize=256)
 def parse_selector(text: str) -> Selector:
-    """Parse one selector; raises InvalidArgumentError for an empty one or a bad regex."""
+    """Parse one selector; raises InvalidArgumentError for an empty or too long one, or a bad regex."""
     if not text:
         raise InvalidArgumentError("empty selector: give a name, a glob or 're:REGEX'")
+    if len(text) > MAX_SELECTOR_CHARS:
+        raise InvalidArgumentError(
+            f"selector {quote(text)} is {len(text)} characters long; at most {MAX_SELECTOR_CHARS}"
+        )
     if text.startswith(REGEX_PREFIX):
         source = text[len(REGEX_PREFIX):]
         if not source:
             raise InvalidArgumentError(f"empty regex in selector {quote(text)}")
+        _check_repeats(text, source)
         try:
-            return Selector(text, user_regex=regex.compile(source))
-        except (regex.error, OverflowError, RecursionError, ValueError) as exc:
+            # cache_pattern=False: regex's own cache (500 patterns) keeps none of them.
+            return Selector(text, user_regex=regex.compile(source, cache_pattern=False))
+        except (regex.error, OverflowError, RecursionError, ValueError, MemoryError) as exc:
             reason = quote(str(exc)).strip("'\"")
             raise InvalidArgumentError(f"malformed regex in selector {quote(text)}: {reason}") from None
     if _GLOB_CHARS.intersection(text):
@@ -199,8 +324,38 @@ def parse_selector(text: str) -> Selector:
 
 
 def closest_names(name: str, names: Sequence[str], n: int = 3) -> list[str]:
-    """Up to n names that look like `name`, best first (for 'did you mean')."""
-    return difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+    """Up to n names that look like `name`, best first (for 'did you mean').
+
+    Up to _SUGGEST_ALL names, every name is compared. Above, only the names next to
+    `name` in sorted order (sharing its longest prefix) and in sorted order of the
+    reversed names (sharing its longest suffix), _SUGGEST_WINDOW on each side: a typo
+    keeps either the start or the end of the name it misspells.
+    """
+    if len(names) <= _SUGGEST_ALL:
+        return difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+    forward, backward = _sorted_spellings(names)
+    candidates: dict[str, None] = {}
+    for ordered, key, flip in ((forward, name, False), (backward, name[::-1], True)):
+        at = bisect.bisect_left(ordered, key)
+        for found in ordered[max(at - _SUGGEST_WINDOW, 0) : at + _SUGGEST_WINDOW]:
+            candidates[found[::-1] if flip else found] = None
+    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+
+
+# names -> (names sorted, names reversed and sorted), for the few name lists in use
+# (one per attached model); keyed by identity, holding the names so the id stays theirs.
+_SPELLINGS: dict[int, tuple[Sequence[str], list[str], list[str]]] = {}
+_SPELLINGS_KEPT = 4
+
+
+def _sorted_spellings(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    kept = _SPELLINGS.get(id(names))
+    if kept is None or kept[0] is not names:
+        kept = (names, sorted(names), sorted(name[::-1] for name in names))
+        while len(_SPELLINGS) >= _SPELLINGS_KEPT:  # a race may build it twice, harmlessly
+            _SPELLINGS.pop(next(iter(_SPELLINGS)), None)
+        _SPELLINGS[id(names)] = kept
+    return kept[1], kept[2]
 
 
 def not_found(selector: Selector, names: Sequence[str], what: str = "parameter") -> NotFoundError:

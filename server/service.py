@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
 import zlib
 from typing import Iterable, Mapping
 
 import grpc
 
-from lrctl.client.errors import AbortedError, DeadlineExceededError, InvalidArgumentError
+from lrctl.client.errors import (
+    AbortedError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from lrctl.server.controller import Controller
 from lrctl.server.history import Record
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Update
@@ -144,8 +150,12 @@ def _user(context: grpc.ServicerContext) -> str:
 class LearningRateControlService(pb_grpc.LearningRateControlServicer):
     """gRPC handlers for one controller."""
 
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, max_waiting: int = 6) -> None:
         self._controller = controller
+        # Each waiting Set holds a server thread until its step: bound them below the
+        # pool size, so reads and health checks always find a thread.
+        self._max_waiting = max_waiting
+        self._waiting = threading.BoundedSemaphore(max_waiting)
         self._hyperparameters_pb = _HyperparameterMessages()
 
     def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext) -> pb.ListParametersResponse:
@@ -224,10 +234,20 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         )
         if request.dry_run:
             outcome = self._controller.preview(change)
+        elif not request.wait:
+            outcome = self._controller.submit(change)[1]
+        elif not self._waiting.acquire(blocking=False):
+            raise ResourceExhaustedError(
+                f"{self._max_waiting} calls already wait for their changes to apply, the most "
+                "this worker allows; send this one with wait=false (and follow the history), "
+                "or retry when one is done"
+            )
         else:
-            pending, outcome = self._controller.submit(change)
-            if request.wait:
+            try:
+                pending, outcome = self._controller.submit(change)
                 outcome = self._wait(pending, context)
+            finally:
+                self._waiting.release()
         limit = request.max_reported_changes or DEFAULT_REPORTED_CHANGES
         return pb.SetLearningRatesResponse(
             applied=outcome.applied,
@@ -253,6 +273,8 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                 error = self._not_applied_in_time(pending)
                 if self._controller.withdraw(pending, error):
                     raise error
+                # Too late to withdraw: it is being applied; its answer comes at once.
+                pending.finished.wait(_WAIT_POLL_S)
         if pending.error is not None:
             raise pending.error
         assert pending.outcome is not None

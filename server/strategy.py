@@ -37,6 +37,16 @@ class ApplyStrategy(Protocol):
     def hyperparameters(self, index: int) -> Mapping[str, float]:
         """Numeric hyperparameters other than lr of a held parameter, flattened."""
 
+    def max_lr(self, indices: Sequence[int]) -> float:
+        """The largest rate the optimizer can apply to every one of `indices` (held)."""
+
+
+def _finite_max(dtype: torch.dtype) -> float:
+    """The largest finite value of `dtype` (inf for integer dtypes)."""
+    if dtype.is_floating_point or dtype.is_complex:  # finfo of a complex dtype: its parts'
+        return float(torch.finfo(dtype).max)
+    return float("inf")
+
 
 def _freeze(value: Any) -> Hashable:
     """A hashable stand-in for a hyperparameter value, equal iff the values are."""
@@ -109,6 +119,7 @@ class CoalescedGroups:
             for p in group["params"]:
                 self._template_of[position[id(p)]] = template_ids[key]
         self._numeric = [_numeric(t) for t in self._templates]
+        self._limits: dict[tuple[int, torch.dtype], float] = {}
         self._group_of: list[int] = [-1] * len(params)
         self._sizes: list[int] = []  # members per group (the lists would cost ~36 B a name)
         self._keys: list[tuple[int, float]] = []
@@ -131,19 +142,49 @@ class CoalescedGroups:
     def hyperparameters(self, index: int) -> Mapping[str, float]:
         return self._numeric[self._template_of[index]]
 
+    def max_lr(self, indices: Sequence[int]) -> float:
+        template_of, params = self._template_of, self._params
+        if len(indices) == len(params):  # all of them: their kinds, not each one
+            kinds = {(template_of[i], p.dtype) for i, p in enumerate(params) if template_of[i] >= 0}
+        else:
+            kinds = {(template_of[i], params[i].dtype) for i in indices}
+        return min((self._max_lr(*kind) for kind in kinds), default=float("inf"))
+
+    def _max_lr(self, template: int, dtype: torch.dtype) -> float:
+        """What a step can take: the kernels turn lr into a scalar of the parameter's
+        dtype (and of a tensor lr's own), and Adam-like optimizers first divide it by
+        1 - beta1 (the bias correction of step 1): past that, step() raises."""
+        limit = self._limits.get((template, dtype))
+        if limit is None:
+            limit = _finite_max(dtype)
+            like = self._lr_like[template]
+            if like is not None:
+                limit = min(limit, _finite_max(like.dtype))
+            beta1 = self._numeric[template].get("betas.0")
+            if beta1 is not None and 0 <= beta1 < 1:
+                limit *= 1 - beta1
+            self._limits[(template, dtype)] = limit
+        return limit
+
     def apply(self, new_lrs: Mapping[int, float]) -> None:
         edits = self._in_place_edits(new_lrs)
         if edits is None:
             self._rebuild()
             return
         groups = self._optimizer.param_groups
-        for g, lr in edits.items():
-            del self._by_key[self._keys[g]]
-        for g, lr in edits.items():
-            key = (self._keys[g][0], lr)
-            self._keys[g] = key
-            self._by_key[key] = g
-            self._set_lr(groups[g], lr)
+        try:
+            for g, lr in edits.items():
+                del self._by_key[self._keys[g]]
+            for g, lr in edits.items():
+                key = (self._keys[g][0], lr)
+                self._keys[g] = key
+                self._by_key[key] = g
+                self._set_lr(groups[g], lr)
+        except BaseException:
+            # Half-edited tables would fail every later change: rebuild them whole
+            # from the controller's rates, then let the controller roll back.
+            self._rebuild()
+            raise
 
     # -- internals -----------------------------------------------------------------
     def _key(self, i: int) -> tuple[int, float]:
@@ -192,6 +233,10 @@ class CoalescedGroups:
             return False
         for g, (group, idx) in enumerate(zip(self._optimizer.param_groups, members)):
             group["param_names"] = [self._names[i] for i in idx]
+            if isinstance(group["lr"], torch.Tensor):
+                # torch gives every group without its own lr the one defaults["lr"]
+                # tensor: editing it in place would change the others too.
+                group["lr"] = group["lr"].detach().clone()
             for i in idx:
                 self._group_of[i] = g
         self._sizes, self._keys = list(map(len, members)), keys

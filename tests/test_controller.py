@@ -8,6 +8,7 @@ is exact.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterator
 
 import pytest
@@ -18,6 +19,7 @@ from conftest import SEED_LRS, SEED_NAMES, SeedModel, group_lrs, per_parameter_o
 from lrctl.client.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
+    InternalError,
     InvalidArgumentError,
     LrctlError,
     NotFoundError,
@@ -309,9 +311,101 @@ def test_rate_beyond_the_parameter_dtype_range_is_rejected(rig: Rig, update: tup
     with pytest.raises(InvalidArgumentError) as info:
         rig.controller.submit(req(update))
     assert "1e+39" in str(info.value), str(info.value)
-    assert "float32 holds (3.40282e+38)" in str(info.value), str(info.value)  # says why
+    assert "above 3.40282e+38, the largest rate its optimizer can apply to a float32" in str(info.value)
     rig.step()  # must not raise
     assert rig.snapshot() == before
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adam_rate_limit_counts_the_first_step_bias_correction(opt_cls, foreach: bool) -> None:
+    """Adam's first step uses lr / (1 - beta1): 1e38 fits float32, 1e39 as a step does not."""
+    model = seed_model()
+    rig = Rig(model, opt_cls(model.parameters(), lr=0.01, foreach=foreach))
+    before = rig.snapshot()
+    with pytest.raises(InvalidArgumentError, match=r"above 3.40282e\+37"):
+        rig.controller.submit(req(set_("layer1.weight", 1e38)))
+    rig.step(2)  # must not raise
+    assert rig.snapshot()[:3] == before[:3]
+    assert rig.apply(req(set_("layer1.weight", 3e37))).error is None
+    rig.step()
+
+
+def test_complex_parameters_have_a_rate_limit_too() -> None:
+    with warnings.catch_warnings():  # "complex modules are a new feature"
+        warnings.simplefilter("ignore", UserWarning)
+        model = nn.Linear(2, 2).to(torch.complex64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    controller = Controller(model.named_parameters(), opt)
+    with pytest.raises(InvalidArgumentError, match="complex64"):
+        controller.submit(req(set_("weight", 1e300)))
+    model(torch.ones(1, 2, dtype=torch.complex64)).abs().sum().backward()
+    opt.step()  # must not raise
+    controller.close()
+
+
+def test_a_tensor_lr_limits_by_its_own_dtype() -> None:
+    """float64 parameters with a float32 tensor lr: 1e39 would silently become inf."""
+    model = seed_model().double()
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=False)
+    rig = Rig(model, opt)
+    with pytest.raises(InvalidArgumentError, match=r"above 3.40282e\+37"):
+        rig.controller.submit(req(set_("layer1.weight", 1e39)))
+    rig.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_groups_sharing_one_lr_tensor_are_changed_one_at_a_time() -> None:
+    """torch gives groups without their own lr the same defaults["lr"] tensor: setting
+    one group's rate must not change the others' (nor the optimizer's defaults)."""
+    model = seed_model()
+    opt = torch.optim.Adam(
+        [{"params": model.layer1.parameters()},
+         {"params": model.layer2.parameters(), "weight_decay": 0.1}],
+        lr=torch.tensor(0.01), foreach=False,
+    )
+    assert opt.param_groups[0]["lr"] is opt.param_groups[1]["lr"]
+    rig = Rig(model, opt)
+    assert rig.apply(req(set_("layer1.*", 0.5))).error is None
+    untouched = float(torch.tensor(0.01))  # what a float32 tensor makes of 0.01
+    assert rig.optimizer_lrs() == {
+        "layer1.weight": 0.5, "layer1.bias": 0.5, "layer2.weight": untouched, "layer2.bias": untouched,
+    }
+    assert rig.controller.learning_rates() == rig.optimizer_lrs()
+    assert float(opt.defaults["lr"]) == untouched
+
+
+def test_an_interrupt_inside_the_hook_finishes_every_due_change(rig: Rig, monkeypatch) -> None:
+    """Ctrl-C can land in the training thread while the hook applies changes: the step
+    is interrupted, but no caller may wait forever and nothing is half-applied."""
+    first, _ = rig.controller.submit(req(set_("layer1.weight", 0.5)))
+    second, _ = rig.controller.submit(req(set_("layer2.weight", 0.5)))
+    before = rig.snapshot()
+    real_apply = rig.controller._strategy.apply
+    calls = []
+
+    def interrupted_once(new_lrs):
+        calls.append(new_lrs)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real_apply(new_lrs)
+
+    monkeypatch.setattr(rig.controller._strategy, "apply", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        rig.step()
+    assert first.finished.is_set() and second.finished.is_set()
+    assert isinstance(first.error, InternalError) and isinstance(second.error, InternalError)
+    assert "may not have been applied" in str(second.error)
+    assert rig.snapshot()[:3] == before[:3] and rig.controller.pending_count == 0
+    monkeypatch.undo()
+    assert rig.apply(req(set_("layer1.weight", 0.5))).error is None  # training goes on
+
+
+def test_lbfgs_is_refused_up_front() -> None:
+    """LBFGS asserts one param group inside step(): the first split would kill training."""
+    model = seed_model()
+    with pytest.raises(ValueError, match="LBFGS allows exactly one param group"):
+        Controller(model.named_parameters(), torch.optim.LBFGS(model.parameters()))
 
 
 def test_negative_zero_is_a_negative_rate(rig: Rig) -> None:
