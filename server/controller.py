@@ -32,6 +32,7 @@ from lrctl.client.errors import (
     InternalError,
     InvalidArgumentError,
     LrctlError,
+    ResourceExhaustedError,
 )
 from lrctl.server.history import History, RateChanges, Record
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange
@@ -42,6 +43,9 @@ log = logging.getLogger("lrctl.controller")
 
 _NEVER = math.inf
 MAX_REASON_CHARS = 4096
+# Queued changes are bounded in number and in per-name entries (~60 bytes each).
+MAX_PENDING = 1000
+MAX_PENDING_ENTRIES = 2_000_000
 
 StrategyFactory = Callable[
     [torch.optim.Optimizer, Sequence[torch.Tensor], Sequence[str], "list[float | None]"],
@@ -333,6 +337,13 @@ class Controller:
 
     def _enqueue(self, request: ChangeRequest, ops: dict[int, tuple[Mode, float]]) -> PendingChange:
         """Queue a validated change (lock held)."""
+        queued = len(self._pending)
+        entries = sum(len(p.ops) for p in self._pending) + len(ops)
+        if queued >= MAX_PENDING or entries > MAX_PENDING_ENTRIES:
+            raise ResourceExhaustedError(
+                f"{queued} changes already wait for their step (at most {MAX_PENDING} changes and "
+                f"{MAX_PENDING_ENTRIES} per-name entries in all); wait for some to apply"
+            )
         pending = PendingChange(self._next_change_id, request, ops, time.time())
         self._next_change_id += 1
         self._pending.append(pending)

@@ -82,6 +82,12 @@ class Record:
         return len(self.indices)
 
 
+def _entries(record: Record) -> int:
+    """What a record weighs against the bound: its per-name changes, and the updates
+    of its request, kept as they were sent (a batch may list 100k names one by one)."""
+    return record.num_changes + len(record.updates)
+
+
 class History:
     """A bounded, append-only list of records, oldest dropped first.
 
@@ -100,11 +106,11 @@ class History:
 
     def append(self, record: Record) -> None:
         self._records.append(record)
-        self._entries += record.num_changes
+        self._entries += _entries(record)
         while len(self._records) > 1 and (
             len(self._records) > self._limit or self._entries > self._max_entries
         ):
-            self._entries -= self._records.popleft().num_changes
+            self._entries -= _entries(self._records.popleft())
             self.dropped += 1
 
     def __len__(self) -> int:

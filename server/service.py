@@ -37,6 +37,9 @@ DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE = 1000, 5000
 DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE = 100, 1000
 MAX_RATE_PAGE = 50_000  # about 1.5 MB with 20-character names
 DEFAULT_REPORTED_CHANGES = 1000
+# One ListChanges page carries at most this many per-name entries and echoed updates
+# (~40 bytes each): a page of big records must not cost the worker hundreds of MB.
+MAX_ENTRIES_PER_CHANGE_PAGE = 200_000
 # A waiting Set gives up this long before the client's deadline, so that the client
 # reads our "withdrawn, not applied" answer rather than its own deadline error.
 _WAIT_MARGIN_S = 0.1
@@ -315,9 +318,16 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             raise InvalidArgumentError(
                 f"max_changes_per_record {request.max_changes_per_record} is negative"
             )
-        per_record = request.max_changes_per_record or DEFAULT_REPORTED_CHANGES
+        per_record = min(request.max_changes_per_record or DEFAULT_REPORTED_CHANGES,
+                         MAX_ENTRIES_PER_CHANGE_PAGE)
         after = max(request.after_version, _decode_token(request.page_token, "changes", "")[0])
         records, more, dropped = self._controller.history(after, size)
+        used = 0
+        for k, record in enumerate(records):  # a page ends early rather than grow huge
+            used += min(record.num_changes, per_record) + len(record.updates)
+            if k and used > MAX_ENTRIES_PER_CHANGE_PAGE:
+                records, more = records[:k], True
+                break
         return pb.ListChangesResponse(
             changes=[self._record_pb(r, per_record) for r in records],
             next_page_token=_encode_token("changes", records[-1].version, "") if more else "",

@@ -7,6 +7,7 @@ is exact.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Iterator
@@ -23,6 +24,7 @@ from lrctl.client.errors import (
     InvalidArgumentError,
     LrctlError,
     NotFoundError,
+    ResourceExhaustedError,
 )
 from lrctl.server import Controller
 from lrctl.server.requests import ChangeRequest, Mode, PendingChange, Update
@@ -863,3 +865,19 @@ def test_history_is_bounded_by_per_name_entries_too() -> None:
     assert [r.version for r in history.after(0)] == [5]
     assert history.dropped == 4
     assert [r.version for r in history.after(4)] == [5]
+    # The request's updates, kept as sent, weigh too: 2 names but 9 updates each.
+    many = tuple(Update(f"layer{k}.weight", 0.5) for k in range(9))
+    history.append(dataclasses.replace(record(6, 2), updates=many))
+    history.append(dataclasses.replace(record(7, 2), updates=many))
+    assert [r.version for r in history.after(0)] == [7]
+
+
+def test_the_queue_of_changes_is_bounded(rig: Rig) -> None:
+    from lrctl.server.controller import MAX_PENDING
+
+    for k in range(MAX_PENDING):
+        rig.controller.submit(req(set_("layer1.weight", 0.5), at_step=10**6 + k))
+    with pytest.raises(ResourceExhaustedError, match=f"{MAX_PENDING} changes already wait"):
+        rig.controller.submit(req(set_("layer1.weight", 0.5)))
+    rig.step()  # training goes on
+    assert rig.controller.pending_count == MAX_PENDING

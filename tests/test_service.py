@@ -34,6 +34,8 @@ from conftest import (
 from lrctl.client.client import LRClient
 from lrctl.client.errors import AbortedError
 from lrctl.server import attach
+from lrctl.server.requests import ChangeRequest, Update
+from lrctl.server.service import LearningRateControlService
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
@@ -194,6 +196,29 @@ class ManyLinears(nn.Module):
     def __init__(self, n: int) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(n))
+
+
+def test_a_history_page_of_big_records_ends_early() -> None:
+    """101 records of 1000 names, each listed as its own update (2000 entries a record):
+    a page stops at 200,000 entries, and the next page has the rest."""
+    model = ManyLinears(500)  # 1000 parameters
+    names = [n for n, _ in model.named_parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = attach(model, opt, address="127.0.0.1:0", serve=False)
+    try:
+        for k in range(101):
+            batch = tuple(Update(name, 0.01 * (1 + k % 2)) for name in names)
+            ctl.controller.submit(ChangeRequest(updates=batch))
+            opt.step()
+        # The handler itself: a full page is ~8 MB, over a default channel's 4 MiB limit.
+        service = LearningRateControlService(ctl.controller)
+        first = service.ListChanges(pb.ListChangesRequest(page_size=1000, max_changes_per_record=1000), None)
+        assert [r.version for r in first.changes] == list(range(1, 101)) and first.next_page_token
+        assert all(len(r.changes) == 1000 and len(r.updates) == 1000 for r in first.changes)
+        rest = service.ListChanges(pb.ListChangesRequest(page_token=first.next_page_token), None)
+        assert [r.version for r in rest.changes] == [101] and not rest.next_page_token
+    finally:
+        ctl.close()
 
 
 def test_large_model_paginates_with_default_and_max_page_sizes() -> None:
