@@ -84,10 +84,13 @@ _QUANTIFIERS = frozenset("*+?{")
 
 
 def quote(text: str, limit: int = 200) -> str:
-    """repr(text) for an error message, cut to about `limit` characters."""
-    if len(text) <= limit:
-        return repr(text)
-    return repr(text[:limit]) + f"... ({len(text)} characters)"
+    r"""`text` in quotes for an error message, cut to about `limit` characters.
+
+    Unprintable characters are escaped (a message stays one line), backslashes are not:
+    repr() would show the selector re:a\.b as 're:a\\.b', which is not what was typed.
+    """
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return f"'{shown}'" + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 
 @dataclass(frozen=True)
