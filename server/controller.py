@@ -598,8 +598,10 @@ class Controller:
         """Position j of the first new[j] that parameter indices[j] cannot take, or None."""
         if not indices:
             return None
-        if all(map(math.isfinite, new)) and max(new) <= self._strategy.max_lr(indices):
-            return None  # the usual case: one look at each kind of parameter
+        if all(map(math.isfinite, new)):
+            top = max(new)
+            if top <= self._strategy.safe_lr or top <= self._strategy.max_lr(indices):
+                return None  # the usual case: no look at each parameter
         return next(
             (j for j, (i, lr) in enumerate(zip(indices, new)) if not self._representable(i, lr)),
             None,

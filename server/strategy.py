@@ -40,12 +40,21 @@ class ApplyStrategy(Protocol):
     def max_lr(self, indices: Sequence[int]) -> float:
         """The largest rate the optimizer can apply to every one of `indices` (held)."""
 
+    @property
+    def safe_lr(self) -> float:
+        """A rate every held parameter can take, whatever its dtype: a check in O(1)."""
+
 
 def _finite_max(dtype: torch.dtype) -> float:
     """The largest finite value of `dtype` (inf for integer dtypes)."""
     if dtype.is_floating_point or dtype.is_complex:  # finfo of a complex dtype: its parts'
         return float(torch.finfo(dtype).max)
     return float("inf")
+
+
+# At most the largest value of every floating dtype torch has (float4_e2m1: 6.0), so
+# rates up to it (times an Adam factor) need no look at each parameter's dtype.
+_SMALLEST_FLOAT_MAX = 6.0
 
 
 def _freeze(value: Any) -> Hashable:
@@ -142,6 +151,13 @@ class CoalescedGroups:
     def hyperparameters(self, index: int) -> Mapping[str, float]:
         return self._numeric[self._template_of[index]]
 
+    @property
+    def safe_lr(self) -> float:
+        return min(
+            (self._max_lr_of_template(t, _SMALLEST_FLOAT_MAX) for t in range(len(self._templates))),
+            default=float("inf"),
+        )
+
     def max_lr(self, indices: Sequence[int]) -> float:
         template_of, params = self._template_of, self._params
         if len(indices) == len(params):  # all of them: their kinds, not each one
@@ -156,14 +172,17 @@ class CoalescedGroups:
         1 - beta1 (the bias correction of step 1): past that, step() raises."""
         limit = self._limits.get((template, dtype))
         if limit is None:
-            limit = _finite_max(dtype)
-            like = self._lr_like[template]
-            if like is not None:
-                limit = min(limit, _finite_max(like.dtype))
-            beta1 = self._numeric[template].get("betas.0")
-            if beta1 is not None and 0 <= beta1 < 1:
-                limit *= 1 - beta1
-            self._limits[(template, dtype)] = limit
+            limit = self._limits[(template, dtype)] = self._max_lr_of_template(template, _finite_max(dtype))
+        return limit
+
+    def _max_lr_of_template(self, template: int, dtype_max: float) -> float:
+        limit = dtype_max
+        like = self._lr_like[template]
+        if like is not None:
+            limit = min(limit, _finite_max(like.dtype))
+        beta1 = self._numeric[template].get("betas.0")
+        if beta1 is not None and 0 <= beta1 < 1:
+            limit *= 1 - beta1
         return limit
 
     def apply(self, new_lrs: Mapping[int, float]) -> None:
