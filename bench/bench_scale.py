@@ -386,7 +386,7 @@ def report(result: dict, timer: StepTimer, submits, idle_step_s: float, memory: 
     print(f"{label:<56} {m['changes']:>12,} {m['changes'] / m['n']:>14.1f}")
     print(f"  (a history record keeps 3 arrays, index/old/new: 24 bytes per name it changed, "
           f"{24 * m['n'] / 1e6:.1f} MB for all names;")
-    print("   the default history_limit of 10,000 records could so hold 24 GB of such changes)")
+    print("   the history keeps at most 10 million such entries, ~240 MB, however many records)")
 
 
 def main() -> None:
