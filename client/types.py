@@ -187,6 +187,7 @@ class Status:
     seconds_since_last_step: Optional[float]
     pending_changes: int
     server_version: str
+    run_id: str = ""
 
     @classmethod
     def from_proto(cls, msg: lrctl_pb2.GetStatusResponse) -> Status:
@@ -206,6 +207,7 @@ class Status:
             ),
             pending_changes=msg.pending_changes,
             server_version=msg.server_version,
+            run_id=msg.run_id,
         )
 
 

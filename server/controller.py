@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from array import array
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -88,6 +89,7 @@ class StatusView:
     uptime_seconds: float
     seconds_since_last_step: float | None
     pending_changes: int
+    run_id: str
 
 
 # ListParameters rows: ParameterView's fields, in order, as a plain tuple (cheaper to
@@ -141,6 +143,7 @@ class Controller:
         names = [name for name, _ in pairs]
         self._params: list[torch.Tensor] = [p for _, p in pairs]
         self.index = NameIndex(names)
+        self.run_id = uuid.uuid4().hex  # versions and change ids count from 0 per run
         self.optimizer = optimizer
         position = {id(p): i for i, p in enumerate(self._params)}
         self._lrs: list[float | None] = [None] * len(self._params)
@@ -281,6 +284,7 @@ class Controller:
             uptime_seconds=now - self._started,
             seconds_since_last_step=None if last is None else now - last,
             pending_changes=pending,
+            run_id=self.run_id,
         )
 
     def history(self, after_version: int, limit: int) -> tuple[list[Record], bool, int]:

@@ -310,6 +310,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             seconds_since_last_step=s.seconds_since_last_step,
             pending_changes=s.pending_changes,
             server_version=SERVER_VERSION,
+            run_id=s.run_id,
         )
 
     def ListChanges(self, request: pb.ListChangesRequest, context: grpc.ServicerContext) -> pb.ListChangesResponse:

@@ -615,6 +615,18 @@ def test_max_reported_changes_truncates_but_counts_all(served: Served) -> None:
 # -- GetStatus -----------------------------------------------------------------------------------
 
 
+def test_run_id_tells_one_worker_run_from_another(served: Served) -> None:
+    run_id = served.stub.GetStatus(pb.GetStatusRequest(), timeout=T).run_id
+    assert len(run_id) == 32 and int(run_id, 16) >= 0
+    served.step()
+    assert served.stub.GetStatus(pb.GetStatusRequest(), timeout=T).run_id == run_id
+    model = seed_model()
+    with attach(model, per_parameter_optimizer(model), address="127.0.0.1:0") as other:
+        with grpc.insecure_channel(other.address) as channel:
+            again = pb_grpc.LearningRateControlStub(channel).GetStatus(pb.GetStatusRequest(), timeout=T)
+    assert again.version == 0 and again.run_id != run_id
+
+
 def test_get_status_fields(served: Served) -> None:
     status = served.stub.GetStatus(pb.GetStatusRequest(), timeout=T)
     assert status.step == 0 and status.version == 0
