@@ -369,7 +369,26 @@ def not_found(selector: Selector, names: Sequence[str], what: str = "parameter")
         if suggestions:
             message += "; did you mean " + ", ".join(repr(s) for s in suggestions) + "?"
         return NotFoundError(message)
-    return NotFoundError(f"selector {quote(selector.text)} matches no {what}")
+    message = f"selector {quote(selector.text)} matches no {what}"
+    near = _names_near_prefix(selector.literal_prefix, names)
+    if near:
+        start, examples = near
+        message += f"; names that start with {quote(start)}: " + ", ".join(map(quote, examples))
+    return NotFoundError(message)
+
+
+def _names_near_prefix(prefix: str, names: Sequence[str], n: int = 3) -> tuple[str, list[str]] | None:
+    """The longest start of `prefix` that some names share, and n of them (a pattern
+    that matched nothing usually went wrong after the part it spelled right)."""
+    if not prefix or not names:
+        return None
+    ordered = _sorted_spellings(names)[0]
+    for cut in range(len(prefix), 0, -1):
+        start = prefix[:cut]
+        at = bisect.bisect_left(ordered, start)
+        if at < len(ordered) and ordered[at].startswith(start):
+            return start, [name for name in ordered[at:at + n] if name.startswith(start)]
+    return None
 
 
 class NameIndex:

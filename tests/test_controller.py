@@ -199,6 +199,19 @@ def test_unknown_name_suggests_the_closest_name(rig: Rig) -> None:
     assert "did you mean" in message and "'layer1.weight'" in message
 
 
+@pytest.mark.parametrize(
+    "selector, hint",
+    [
+        ("layer3.*", "names that start with 'layer': 'layer1.bias', 'layer1.weight', 'layer2.bias'"),
+        ("re:^layer1\\.wieght", "names that start with 'layer1.w': 'layer1.weight'"),
+    ],
+)
+def test_a_pattern_that_matches_nothing_shows_names_near_it(rig: Rig, selector: str, hint: str) -> None:
+    with pytest.raises(NotFoundError) as info:
+        rig.controller.submit(req(set_(selector, 0.5)))
+    assert f"selector '{selector}' matches no parameter; {hint}" == str(info.value)
+
+
 def test_empty_batch_is_rejected(rig: Rig) -> None:
     with pytest.raises(InvalidArgumentError, match="empty batch"):
         rig.controller.submit(req())
