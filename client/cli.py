@@ -363,13 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--address", default=default_address(),
-                        help=f"worker host:port (default: ${ADDRESS_ENV} or 127.0.0.1:50051)")
-    parser.add_argument("--timeout", type=_timeout, default=10.0, metavar="SECONDS",
-                        help="deadline of each call; a waiting set waits this long (default 10)")
+    # The global options, accepted before the verb and after it ("lrctl status
+    # --address X"); after it they default to nothing, so they only override.
+    common = _Parser(add_help=False)
+    for target, defaults in ((parser, True), (common, False)):
+        target.add_argument(
+            "--address", default=default_address() if defaults else argparse.SUPPRESS,
+            help=f"worker host:port (default: ${ADDRESS_ENV} or 127.0.0.1:50051)")
+        target.add_argument(
+            "--timeout", type=_timeout, default=10.0 if defaults else argparse.SUPPRESS,
+            metavar="SECONDS", help="deadline of each call; a waiting set waits this long (default 10)")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    p = verbs.add_parser("list", help="list parameters with their rates and groups")
+    p = verbs.add_parser("list", parents=[common], help="list parameters with their rates and groups")
     p.add_argument("pattern", nargs="?", default="", metavar="PATTERN",
                    help="exact name, glob or re:REGEX (default: all)")
     p.add_argument("--names", action="store_true",
@@ -377,28 +383,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_list)
 
-    p = verbs.add_parser("get", help="read learning rates")
+    p = verbs.add_parser("get", parents=[common], help="read learning rates")
     p.add_argument("selectors", nargs="*", metavar="NAME|PATTERN",
                    help="exact names, globs or re:REGEX (default: every held parameter)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_get)
 
-    p = verbs.add_parser("set", help="set learning rates (one batch, applied at one step)")
+    p = verbs.add_parser("set", parents=[common], help="set learning rates (one batch, applied at one step)")
     p.add_argument("assignments", nargs="+", metavar="NAME_OR_PATTERN=VALUE")
     _add_change_options(p)
     p.set_defaults(func=cmd_set)
 
-    p = verbs.add_parser("scale", help="multiply learning rates by a factor")
+    p = verbs.add_parser("scale", parents=[common], help="multiply learning rates by a factor")
     p.add_argument("pattern", metavar="PATTERN")
     p.add_argument("factor", type=float, metavar="FACTOR")
     _add_change_options(p)
     p.set_defaults(func=cmd_scale)
 
-    p = verbs.add_parser("status", help="the worker's step, version and optimizer")
+    p = verbs.add_parser("status", parents=[common], help="the worker's step, version and optimizer")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_status)
 
-    p = verbs.add_parser("history", help="applied changes, oldest first")
+    p = verbs.add_parser("history", parents=[common], help="applied changes, oldest first")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="only the last N changes")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_history)

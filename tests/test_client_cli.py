@@ -219,6 +219,14 @@ def test_list_filters(client: LRClient, worker: Worker) -> None:
     assert "no parameter matches" in ok(run_cli("list", "nothing*", address=worker.address))
 
 
+def test_global_options_work_after_the_verb_too(client: LRClient, worker: Worker) -> None:
+    assert "step:" in ok(run_cli("status", "--address", worker.address, "--timeout", "5"))
+    names = ok(run_cli("list", "--names", "--timeout", "5", "--address", worker.address))
+    assert names.splitlines() == ALL_NAMES  # "5" is the timeout, not a pattern
+    # After the verb wins over before it.
+    assert "step:" in ok(run_cli("status", "--address", worker.address, address="127.0.0.1:1"))
+
+
 def test_list_names(client: LRClient, worker: Worker) -> None:
     assert ok(run_cli("list", "--names", address=worker.address)).splitlines() == ALL_NAMES
     assert ok_json(run_cli("list", "--names", "--json", r"re:\.bias$", address=worker.address)) == [
