@@ -25,6 +25,7 @@ from lrctl.client.errors import (
 )
 from lrctl.client.types import (
     ChangeRecord,
+    LearningRate,
     LearningRates,
     ParameterInfo,
     SetResult,
@@ -32,6 +33,18 @@ from lrctl.client.types import (
     Update,
 )
 from lrctl.v1 import lrctl_pb2, lrctl_pb2_grpc
+
+__all__ = ["LRClient", "DEFAULT_ADDRESS", "ADDRESS_ENV", "default_address", "default_user"]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+ADDRESS_ENV = "LRCTL_ADDRESS"
+USER_METADATA_KEY = "lrctl-user"
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
+_Reply = TypeVar("_Reply")
+_Message = TypeVar("_Message")
+Updates = Union[Mapping[str, float], Iterable[Update]]
+
 
 def _message(cls: Callable[..., _Message], **fields: Any) -> _Message:
     """cls(**fields), with a value the wire cannot carry (an int out of its field's
@@ -49,17 +62,6 @@ def _message(cls: Callable[..., _Message], **fields: Any) -> _Message:
 
 # A paged reading interrupted by changes this many times in a row gives up.
 _PAGED_READ_ATTEMPTS = 3
-
-__all__ = ["LRClient", "DEFAULT_ADDRESS", "ADDRESS_ENV", "default_address", "default_user"]
-
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-ADDRESS_ENV = "LRCTL_ADDRESS"
-USER_METADATA_KEY = "lrctl-user"
-MAX_REPLY_BYTES = 64 * 1024 * 1024
-
-_Reply = TypeVar("_Reply")
-_Message = TypeVar("_Message")
-Updates = Union[Mapping[str, float], Iterable[Update]]
 
 
 def default_address() -> str:
@@ -176,22 +178,27 @@ class LRClient:
             return DeadlineExceededError(f"{message}; {on_deadline}" if on_deadline else message)
         return error_for_status(code, details)
 
+    def _pages(
+        self, method: Callable[..., _Reply], request_type: Callable[..., Any],
+        timeout: Optional[float], **fields: Any,
+    ) -> Iterator[_Reply]:
+        """Each reply of a paginated call, following next_page_token to the last page."""
+        token = ""
+        while True:
+            reply = self._call(method, _message(request_type, page_token=token, **fields), timeout)
+            yield reply
+            if not reply.next_page_token:  # type: ignore[attr-defined]
+                return
+            if reply.next_page_token == token:  # type: ignore[attr-defined]
+                # A worker bug must not loop us forever.
+                raise LrctlError(f"worker at {self.address} returned the same page token twice")
+            token = reply.next_page_token  # type: ignore[attr-defined]
+
     def _parameter_pages(
         self, pattern: str, page_size: int, view: int, timeout: Optional[float]
     ) -> Iterator[lrctl_pb2.ListParametersResponse]:
-        token = ""
-        while True:
-            request = _message(
-                lrctl_pb2.ListParametersRequest,
-                filter=pattern, page_size=page_size, page_token=token, view=view
-            )
-            reply = self._call(self._stub.ListParameters, request, timeout)
-            yield reply
-            if not reply.next_page_token:
-                return
-            if reply.next_page_token == token:  # a worker bug must not loop us forever
-                raise LrctlError(f"worker at {self.address} returned the same page token twice")
-            token = reply.next_page_token
+        return self._pages(self._stub.ListParameters, lrctl_pb2.ListParametersRequest, timeout,
+                           filter=pattern, page_size=page_size, view=view)
 
     def iter_parameters(
         self, pattern: str = "", page_size: int = 0, *, timeout: Optional[float] = None
@@ -246,20 +253,12 @@ class LRClient:
         return self._read_pages(list(selectors), page_size, timeout)
 
     def _read_pages(self, selectors: list[str], page_size: int, timeout: Optional[float]) -> LearningRates:
-        rates, token = [], ""
-        while True:
-            request = _message(
-                lrctl_pb2.GetLearningRatesRequest,
-                selectors=selectors, page_size=page_size, page_token=token
-            )
-            reply = self._call(self._stub.GetLearningRates, request, timeout)
+        rates: list[LearningRate] = []
+        for reply in self._pages(self._stub.GetLearningRates, lrctl_pb2.GetLearningRatesRequest,
+                                 timeout, selectors=selectors, page_size=page_size):
             page = LearningRates.from_proto(reply)
             rates += page.rates
-            if not reply.next_page_token:
-                return LearningRates(rates=rates, version=page.version, step=page.step)
-            if reply.next_page_token == token:  # a worker bug must not loop us forever
-                raise LrctlError(f"worker at {self.address} returned the same page token twice")
-            token = reply.next_page_token
+        return LearningRates(rates=rates, version=page.version, step=page.step)
 
     def get_learning_rates(self, *selectors: str, timeout: Optional[float] = None) -> dict[str, float]:
         """name -> rate, in model order, for `selectors` (every held parameter when none).
@@ -357,23 +356,11 @@ class LRClient:
         Pass the last record's version to follow the history. `max_changes_per_record`
         caps each record's per-name list (0: the worker's default).
         """
-        token = ""
-        while True:
-            request = _message(
-                lrctl_pb2.ListChangesRequest,
-                page_size=page_size,
-                page_token=token,
-                after_version=after_version,
-                max_changes_per_record=max_changes_per_record,
-            )
-            reply = self._call(self._stub.ListChanges, request, timeout)
-            for record in reply.changes:
-                yield ChangeRecord.from_proto(record)
-            if not reply.next_page_token:
-                return
-            if reply.next_page_token == token:
-                raise LrctlError(f"worker at {self.address} returned the same page token twice")
-            token = reply.next_page_token
+        for reply in self._pages(
+            self._stub.ListChanges, lrctl_pb2.ListChangesRequest, timeout, page_size=page_size,
+            after_version=after_version, max_changes_per_record=max_changes_per_record,
+        ):
+            yield from map(ChangeRecord.from_proto, reply.changes)
 
     def list_changes(
         self,
