@@ -37,7 +37,7 @@ from lrctl.client.errors import (
 )
 from lrctl.server.history import History, RateChanges, Record
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange
-from lrctl.server.selectors import NameIndex, not_found, parse_selector, quote
+from lrctl.server.selectors import NameIndex, parse_selector, quote
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 
 log = logging.getLogger("lrctl.controller")
@@ -573,7 +573,7 @@ class Controller:
         """Positions the selector matches among parameters that can be read (or set)."""
         matched = self.index.match(selector)
         if not matched:
-            raise not_found(parse_selector(selector), self.index.names)
+            raise self.index.not_found(parse_selector(selector))
         usable = self._held(matched)
         if for_set:
             params = self._params

@@ -9,7 +9,7 @@ import math
 import torch
 
 from lrctl.client.errors import LrctlError
-from lrctl.server.selectors import NameIndex, not_found, parse_selector
+from lrctl.server.selectors import NameIndex, parse_selector
 
 
 def build_optimizer(
@@ -41,7 +41,7 @@ def build_optimizer(
         except LrctlError as exc:
             raise ValueError(str(exc)) from None
         if not matched:
-            raise ValueError(str(not_found(parse_selector(key), index.names)))
+            raise ValueError(str(index.not_found(parse_selector(key))))
         for i in matched:
             previous = chosen.setdefault(i, (key, lr))
             if previous[1] != lr:

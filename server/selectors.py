@@ -326,71 +326,6 @@ def parse_selector(text: str) -> Selector:
     return Selector(text)
 
 
-def closest_names(name: str, names: Sequence[str], n: int = 3) -> list[str]:
-    """Up to n names that look like `name`, best first (for 'did you mean').
-
-    Up to _SUGGEST_ALL names, every name is compared. Above, only the names next to
-    `name` in sorted order (sharing its longest prefix) and in sorted order of the
-    reversed names (sharing its longest suffix), _SUGGEST_WINDOW on each side: a typo
-    keeps either the start or the end of the name it misspells.
-    """
-    if len(names) <= _SUGGEST_ALL:
-        return difflib.get_close_matches(name, names, n=n, cutoff=0.6)
-    forward, backward = _sorted_spellings(names)
-    candidates: dict[str, None] = {}
-    for ordered, key, flip in ((forward, name, False), (backward, name[::-1], True)):
-        at = bisect.bisect_left(ordered, key)
-        for found in ordered[max(at - _SUGGEST_WINDOW, 0) : at + _SUGGEST_WINDOW]:
-            candidates[found[::-1] if flip else found] = None
-    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
-
-
-# names -> (names sorted, names reversed and sorted), for the few name lists in use
-# (one per attached model); keyed by identity, holding the names so the id stays theirs.
-_SPELLINGS: dict[int, tuple[Sequence[str], list[str], list[str]]] = {}
-_SPELLINGS_KEPT = 4
-
-
-def _sorted_spellings(names: Sequence[str]) -> tuple[list[str], list[str]]:
-    kept = _SPELLINGS.get(id(names))
-    if kept is None or kept[0] is not names:
-        kept = (names, sorted(names), sorted(name[::-1] for name in names))
-        while len(_SPELLINGS) >= _SPELLINGS_KEPT:  # a race may build it twice, harmlessly
-            _SPELLINGS.pop(next(iter(_SPELLINGS)), None)
-        _SPELLINGS[id(names)] = kept
-    return kept[1], kept[2]
-
-
-def not_found(selector: Selector, names: Sequence[str], what: str = "parameter") -> NotFoundError:
-    """The NotFoundError for a selector that matched nothing, with suggestions."""
-    if selector.is_exact:
-        message = f"no {what} named {quote(selector.text)}"
-        suggestions = closest_names(selector.text, names)
-        if suggestions:
-            message += "; did you mean " + ", ".join(repr(s) for s in suggestions) + "?"
-        return NotFoundError(message)
-    message = f"selector {quote(selector.text)} matches no {what}"
-    near = _names_near_prefix(selector.literal_prefix, names)
-    if near:
-        start, examples = near
-        message += f"; names that start with {quote(start)}: " + ", ".join(map(quote, examples))
-    return NotFoundError(message)
-
-
-def _names_near_prefix(prefix: str, names: Sequence[str], n: int = 3) -> tuple[str, list[str]] | None:
-    """The longest start of `prefix` that some names share, and n of them (a pattern
-    that matched nothing usually went wrong after the part it spelled right)."""
-    if not prefix or not names:
-        return None
-    ordered = _sorted_spellings(names)[0]
-    for cut in range(len(prefix), 0, -1):
-        start = prefix[:cut]
-        at = bisect.bisect_left(ordered, start)
-        if at < len(ordered) and ordered[at].startswith(start):
-            return start, [name for name in ordered[at:at + n] if name.startswith(start)]
-    return None
-
-
 class NameIndex:
     """The model's parameter names in model order, with fast selector resolution.
 
@@ -406,6 +341,7 @@ class NameIndex:
             raise ValueError("parameter names must be unique")
         self._matches = lru_cache(maxsize=256)(self._match_uncached)
         self._sorted: tuple[list[str], array] | None = None
+        self._reversed: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -433,6 +369,60 @@ class NameIndex:
             order = sorted(range(len(self.names)), key=self.names.__getitem__)
             self._sorted = ([self.names[i] for i in order], array("q", order))
         return self._sorted
+
+    def _sorted_reversed(self) -> list[str]:
+        """Every name spelled backwards, sorted: names sharing an end sit together."""
+        if self._reversed is None:  # a race builds it twice, harmlessly
+            self._reversed = sorted(name[::-1] for name in self.names)
+        return self._reversed
+
+    def not_found(self, selector: Selector, what: str = "parameter") -> NotFoundError:
+        """The NotFoundError for a selector that matched nothing, with suggestions."""
+        if selector.is_exact:
+            message = f"no {what} named {quote(selector.text)}"
+            suggestions = self.closest_names(selector.text)
+            if suggestions:
+                message += "; did you mean " + ", ".join(repr(s) for s in suggestions) + "?"
+            return NotFoundError(message)
+        message = f"selector {quote(selector.text)} matches no {what}"
+        near = self._names_near_prefix(selector.literal_prefix)
+        if near:
+            start, examples = near
+            message += f"; names that start with {quote(start)}: " + ", ".join(map(quote, examples))
+        return NotFoundError(message)
+
+    def closest_names(self, name: str, n: int = 3) -> list[str]:
+        """Up to n names that look like `name`, best first (for 'did you mean').
+
+        Up to _SUGGEST_ALL names, every name is compared. Above, only the names next to
+        `name` in sorted order (sharing its longest prefix) and in sorted order of the
+        reversed names (sharing its longest suffix), _SUGGEST_WINDOW on each side: a typo
+        keeps either the start or the end of the name it misspells.
+        """
+        if len(self.names) <= _SUGGEST_ALL:
+            return difflib.get_close_matches(name, self.names, n=n, cutoff=0.6)
+        candidates: dict[str, None] = {}
+        for ordered, key, flip in (
+            (self._sorted_index()[0], name, False),
+            (self._sorted_reversed(), name[::-1], True),
+        ):
+            at = bisect.bisect_left(ordered, key)
+            for found in ordered[max(at - _SUGGEST_WINDOW, 0) : at + _SUGGEST_WINDOW]:
+                candidates[found[::-1] if flip else found] = None
+        return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+
+    def _names_near_prefix(self, prefix: str, n: int = 3) -> tuple[str, list[str]] | None:
+        """The longest start of `prefix` that some names share, and n of them (a pattern
+        that matched nothing usually went wrong after the part it spelled right)."""
+        if not prefix or not self.names:
+            return None
+        ordered = self._sorted_index()[0]
+        for cut in range(len(prefix), 0, -1):
+            start = prefix[:cut]
+            at = bisect.bisect_left(ordered, start)
+            if at < len(ordered) and ordered[at].startswith(start):
+                return start, [name for name in ordered[at:at + n] if name.startswith(start)]
+        return None
 
 
 def _prefix_range(sorted_names: Sequence[str], prefix: str) -> tuple[int, int]:

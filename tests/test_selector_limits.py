@@ -16,7 +16,6 @@ from lrctl.server.selectors import (
     MAX_REPEAT_PRODUCT,
     MAX_SELECTOR_CHARS,
     NameIndex,
-    not_found,
     parse_selector,
 )
 from lrctl.v1 import lrctl_pb2 as pb
@@ -128,11 +127,11 @@ def big_index() -> NameIndex:
 )
 def test_not_found_on_100k_names_suggests_the_name_a_typo_misspells(big_index: NameIndex, typo: str, meant: str) -> None:
     assert big_index.match(typo) == ()
-    error = not_found(parse_selector(typo), big_index.names)
+    error = big_index.not_found(parse_selector(typo))
     assert isinstance(error, NotFoundError)
     assert f"did you mean {meant!r}" in str(error)
 
 
 def test_small_models_still_compare_every_name() -> None:
-    error = not_found(parse_selector("layer1.wieght"), ("layer1.weight", "layer1.bias", "layer2.weight"))
+    error = NameIndex(["layer1.weight", "layer1.bias", "layer2.weight"]).not_found(parse_selector("layer1.wieght"))
     assert "did you mean 'layer1.weight'" in str(error)
