@@ -27,13 +27,14 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import grpc
 
 from lrctl.client.client import ADDRESS_ENV, LRClient, default_address
 from lrctl.client.errors import LrctlError, UnavailableError
 from lrctl.client.types import ChangeRecord, ParameterInfo, SetResult, Status, Update
+from lrctl.client.usage import OneLineParser, UsageError
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -72,25 +73,6 @@ environment:
 _DEMO_MISSING = "lrctl demo needs the worker extra: pip install 'lrctl[worker]'"
 # Top-level modules that only the worker extra installs (see pyproject.toml).
 _WORKER_EXTRA_MODULES = frozenset({"torch", "numpy", "regex", "grpc_health", "grpc_reflection"})
-
-
-class UsageError(Exception):
-    """A command line the CLI cannot run; exit 2 with one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, raised instead of exiting."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # No silent abbreviations: "--addr" must not keep meaning "--address" once an
-        # option "--addr-file" exists.
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        # argparse prints the whole usage block; the CLI promises one line per error.
-        verb = self.prog.split(" ", 1)[1] if " " in self.prog else ""
-        raise UsageError(f"{verb}: {message}" if verb else message)
 
 
 # -- output helpers ------------------------------------------------------------------
@@ -357,7 +339,7 @@ def _add_change_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The lrctl argument parser."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="lrctl",
         description="Steer a running PyTorch job's per-parameter learning rates.",
         epilog=EXIT_CODES_HELP,
@@ -365,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # The global options, accepted before the verb and after it ("lrctl status
     # --address X"); after it they default to nothing, so they only override.
-    common = _Parser(add_help=False)
+    common = OneLineParser(add_help=False)
     for target, defaults in ((parser, True), (common, False)):
         target.add_argument(
             "--address", default=default_address() if defaults else argparse.SUPPRESS,

@@ -9,18 +9,18 @@ with exactly those rates. With --serve, it only runs a worker for you to play wi
 
 from __future__ import annotations
 
-import argparse
 import math
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, NoReturn
+from typing import Callable
 
 import torch
 from torch import nn
 
+from lrctl.client.usage import OneLineParser
 from lrctl.client.client import ADDRESS_ENV, DEFAULT_ADDRESS, default_address
 from lrctl.server.attach import attach
 from lrctl.server.optim import build_optimizer
@@ -184,19 +184,11 @@ def serve(address: str, model_name: str, steps: int, step_delay: float, insecure
     return 0
 
 
-class _DemoParser(argparse.ArgumentParser):
-    """Errors in one line, like the rest of the CLI."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"lrctl: error: demo: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _DemoParser(
+    # The CLI's parser: its errors reach `lrctl` as one "lrctl: error: demo: ..." line.
+    parser = OneLineParser(
         prog="lrctl demo",
         description="Run the seed example end to end, or (--serve) a demo worker to play with.",
-        allow_abbrev=False,
     )
     parser.add_argument("--serve", action="store_true", help="only run a worker, until the steps or a signal")
     # The CLI's own default: `lrctl demo --serve` then `lrctl status` find each other.
