@@ -129,6 +129,11 @@ class CoalescedGroups:
                 self._template_of[position[id(p)]] = template_ids[key]
         self._numeric = [_numeric(t) for t in self._templates]
         self._limits: dict[tuple[int, torch.dtype], float] = {}
+        # Templates are fixed from here on, so this floor is too (checked on every change).
+        self._safe_lr = min(
+            (self._max_lr_of_template(t, _SMALLEST_FLOAT_MAX) for t in range(len(self._templates))),
+            default=float("inf"),
+        )
         self._group_of: list[int] = [-1] * len(params)
         self._sizes: list[int] = []  # members per group (the lists would cost ~36 B a name)
         self._keys: list[tuple[int, float]] = []
@@ -153,10 +158,7 @@ class CoalescedGroups:
 
     @property
     def safe_lr(self) -> float:
-        return min(
-            (self._max_lr_of_template(t, _SMALLEST_FLOAT_MAX) for t in range(len(self._templates))),
-            default=float("inf"),
-        )
+        return self._safe_lr
 
     def max_lr(self, indices: Sequence[int]) -> float:
         template_of, params = self._template_of, self._params
