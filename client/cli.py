@@ -29,7 +29,6 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-import grpc
 
 from lrctl.client.client import ADDRESS_ENV, LRClient, default_address
 from lrctl.client.errors import LrctlError, UnavailableError
@@ -46,13 +45,13 @@ EXIT_TIMEOUT = 6
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 
-_EXIT_BY_CODE: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
-    grpc.StatusCode.UNAUTHENTICATED: EXIT_UNAUTHORIZED,
-    grpc.StatusCode.PERMISSION_DENIED: EXIT_UNAUTHORIZED,
-    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_TIMEOUT,
-    grpc.StatusCode.INTERNAL: EXIT_INTERNAL,
-    grpc.StatusCode.UNKNOWN: EXIT_INTERNAL,
+_EXIT_BY_CODE: dict[str, int] = {  # keyed by status name (LrctlError.code)
+    "UNAVAILABLE": EXIT_UNAVAILABLE,
+    "UNAUTHENTICATED": EXIT_UNAUTHORIZED,
+    "PERMISSION_DENIED": EXIT_UNAUTHORIZED,
+    "DEADLINE_EXCEEDED": EXIT_TIMEOUT,
+    "INTERNAL": EXIT_INTERNAL,
+    "UNKNOWN": EXIT_INTERNAL,
 }
 
 EXIT_CODES_HELP = """\
@@ -437,7 +436,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         hint = "is a worker running? set --address or LRCTL_ADDRESS"
         return _error(f"{err}; {hint}", EXIT_UNAVAILABLE)
     except LrctlError as err:
-        return _error(str(err) or err.code.name, _exit_code(err))
+        return _error(str(err) or err.code, _exit_code(err))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,7 +1,26 @@
-"""The worker side of lrctl: attach a training job and serve its learning rates."""
+"""The worker side of lrctl: attach a training job and serve its learning rates.
 
-from lrctl.server.attach import LRControl, attach
-from lrctl.server.controller import Controller
-from lrctl.server.optim import build_optimizer
+Names are imported on first use, so that `lrctl.server.controller` and the other
+transport-free modules import without grpc (the serving modules need it)."""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["Controller", "LRControl", "attach", "build_optimizer"]
+
+_HOMES = {
+    "Controller": "lrctl.server.controller",
+    "LRControl": "lrctl.server.control",
+    "attach": "lrctl.server.control",
+    "build_optimizer": "lrctl.server.optim",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'lrctl.server' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(home), name)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from lrctl.client.errors import (
+from lrctl.common.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,

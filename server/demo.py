@@ -22,7 +22,7 @@ from torch import nn
 
 from lrctl.client.usage import OneLineParser
 from lrctl.client.client import ADDRESS_ENV, DEFAULT_ADDRESS, default_address
-from lrctl.server.attach import attach
+from lrctl.server.control import attach
 from lrctl.server.optim import build_optimizer
 
 SEED_LRS = {"layer1.weight": 0.01, "layer1.bias": 0.1, "layer2.weight": 0.001, "layer2.bias": 1.0}

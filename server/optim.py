@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from lrctl.client.errors import LrctlError
+from lrctl.common.errors import LrctlError
 from lrctl.server.selectors import NameIndex, parse_selector
 
 

@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from enum import Enum
 
-from lrctl.client.errors import LrctlError
+from lrctl.common.errors import LrctlError
 
 
 class Mode(Enum):

@@ -42,7 +42,7 @@ from typing import Sequence
 
 import regex
 
-from lrctl.client.errors import InvalidArgumentError, NotFoundError
+from lrctl.common.errors import InvalidArgumentError, NotFoundError
 
 REGEX_PREFIX = "re:"
 _GLOB_CHARS = frozenset("*?[")

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 
 import grpc
 
-from lrctl.client.errors import (
+from lrctl.common.errors import (
     AbortedError,
     DeadlineExceededError,
     InvalidArgumentError,

@@ -1,6 +1,6 @@
 """The one place where errors become gRPC status codes.
 
-Handlers raise `lrctl.client.errors.LrctlError` subclasses; this interceptor aborts the
+Handlers raise `lrctl.common.errors.LrctlError` subclasses; this interceptor aborts the
 RPC with the error's code and message. Anything else is a bug: it is logged with its
 traceback on the worker and answered as INTERNAL, and training goes on.
 """
@@ -12,13 +12,17 @@ from typing import Any, Callable
 
 import grpc
 
-from lrctl.client.errors import LrctlError
+from lrctl.common.errors import LrctlError
 
 log = logging.getLogger("lrctl.server")
 
 # Status messages travel in HTTP/2 trailers, which gRPC caps (16 KiB by default); an
 # echoed oversized value must not turn a clear error into a transport failure.
 _MAX_MESSAGE = 2000
+
+
+def _status(exc: LrctlError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN)
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
@@ -32,7 +36,7 @@ def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) ->
         try:
             return behavior(request, context)
         except LrctlError as exc:
-            _abort(context, exc.code, str(exc))
+            _abort(context, _status(exc), str(exc))
         except Exception as exc:
             if context.code() is not None:  # context.abort() already chose the status
                 raise
@@ -47,7 +51,7 @@ def _guard_stream(behavior: Callable[[Any, grpc.ServicerContext], Any], method: 
         try:
             yield from behavior(request, context)
         except LrctlError as exc:
-            _abort(context, exc.code, str(exc))
+            _abort(context, _status(exc), str(exc))
         except Exception as exc:
             if context.code() is not None:
                 raise

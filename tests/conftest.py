@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lrctl.server import attach
-from lrctl.server.attach import LRControl
+from lrctl.server.control import LRControl
 from lrctl.server.demo import SEED_LRS, SeedModel
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
