@@ -1,9 +1,15 @@
-"""The controller: the name -> learning-rate table of one optimizer, and its changes.
+"""The controller: the per-name rate table of one optimizer, and its changes.
+
+Three parts: the pure planner (lrctl.server.planner: old -> new per name, limits,
+for preview, submit and apply alike), the queue of accepted changes, each due at a
+concrete step, and the rate table (lrctl.server.rates: base, schedule and pin per
+name) that the step hook installs through the apply strategy.
 
 Pure Python plus torch, no gRPC: handlers call it from server threads, the optimizer
 step pre-hook calls it from the training thread. One lock guards the table; the hook
-holds it only to count the step and, when a change is due, to apply it. Validation,
-selector matching and formatting happen outside the lock, on the caller's thread.
+holds it to count the step, apply the changes that are due, and move scheduled rates
+(O(rate classes), nothing when no schedule is in use). Validation, selector matching
+and formatting happen outside the lock, on the caller's thread.
 
 Scale (bench/bench_scale.py, 100,000 names): per-name RateChange objects are made only
 for what a reply or the history reads (RateChanges), never in the step hook or for a
@@ -36,7 +42,9 @@ from lrctl.common.errors import (
     ResourceExhaustedError,
 )
 from lrctl.server.history import History, RateChanges, Record
-from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange
+from lrctl.server.planner import NameOp, PlannedChange, plan_change
+from lrctl.server.rates import CONSTANT, RateState, RateTable, ScheduleBook
+from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Target
 from lrctl.server.selectors import NameIndex, parse_selector, quote
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 
@@ -49,7 +57,7 @@ MAX_PENDING = 1000
 MAX_PENDING_ENTRIES = 2_000_000
 
 StrategyFactory = Callable[
-    [torch.optim.Optimizer, Sequence[torch.Tensor], Sequence[str], "list[float | None]"],
+    [torch.optim.Optimizer, Sequence[torch.Tensor], Sequence[str], Sequence[int], Mapping[int, float]],
     ApplyStrategy,
 ]
 
@@ -115,8 +123,38 @@ def _device_name(device: torch.device) -> str:
     return name
 
 
-def _describe_value(mode: Mode, value: float) -> str:
-    return f"scale by {value!r}" if mode is Mode.SCALE else f"set to {value!r}"
+def _describe_op(part: int, op: Any, describe_schedule: Callable[[int], str]) -> str:
+    if part == 2:
+        return f"schedule {describe_schedule(op) or 'constant'}"
+    mode, value = op
+    what = "base" if part == 0 else "pin"
+    if mode is Mode.UNPIN:
+        return "unpin"
+    return f"scale {what} by {value!r}" if mode is Mode.SCALE else f"set {what} to {value!r}"
+
+
+@dataclass(frozen=True)
+class RateRow:
+    """One name's rate as GetLearningRates reports it, at one step."""
+
+    name: str
+    lr: float
+    group: int
+    base: float
+    factor: float
+    pinned: bool
+    schedule: str  # one line; "" for constant
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    """One name's schedule as GetSchedules reports it."""
+
+    name: str
+    base: float
+    pin: float | None
+    schedule_id: int
+    schedule: Any  # the spec (lrctl.common.schedules) or an adopted torch scheduler's group
 
 
 class Controller:
@@ -124,6 +162,11 @@ class Controller:
 
     Steps are counted from 0 by a step pre-hook on the optimizer: a change applied "at
     step S" is in force for the (S+1)-th call of ``optimizer.step()`` and after.
+
+    `group_schedules` (one per optimizer param group, or None) gives the names of a
+    group a schedule, and `group_bases` their base rates (default: the group's lr):
+    this is how a user's torch scheduler is adopted (lrctl.server.adopt).
+    `on_step` callables run first in every step hook.
     """
 
     def __init__(
@@ -133,6 +176,9 @@ class Controller:
         *,
         history_limit: int = 10_000,
         strategy: StrategyFactory = CoalescedGroups,
+        group_schedules: Sequence[Any] | None = None,
+        group_bases: Sequence[float] | None = None,
+        on_step: Sequence[Callable[[], None]] = (),
     ) -> None:
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(
@@ -146,15 +192,25 @@ class Controller:
         self.run_id = uuid.uuid4().hex  # versions and change ids count from 0 per run
         self.optimizer = optimizer
         position = {id(p): i for i, p in enumerate(self._params)}
-        self._lrs: list[float | None] = [None] * len(self._params)
+        n_groups = len(optimizer.param_groups)
+        for what, given in (("group_schedules", group_schedules), ("group_bases", group_bases)):
+            if given is not None and len(given) != n_groups:
+                raise ValueError(f"{what} has {len(given)} entries for {n_groups} param groups")
+        self._book = ScheduleBook()
+        bases: list[float | None] = [None] * len(self._params)
+        schedules = [0] * len(self._params)
         foreign = 0
-        for group in optimizer.param_groups:
+        for g, group in enumerate(optimizer.param_groups):
+            base = lr_value(group["lr"]) if group_bases is None else float(group_bases[g])
+            sid = 0
+            if group_schedules is not None and group_schedules[g] is not None:
+                sid = self._book.intern(group_schedules[g])
             for p in group["params"]:
                 i = position.get(id(p))
                 if i is None:
                     foreign += 1
                 else:
-                    self._lrs[i] = lr_value(group["lr"])
+                    bases[i], schedules[i] = base, sid
         if foreign:
             raise ValueError(
                 f"the optimizer holds {foreign} tensor(s) that are not among the named "
@@ -162,7 +218,10 @@ class Controller:
                 "covers every tensor the optimizer updates"
             )
         self._lock = threading.Lock()
-        self._strategy = strategy(optimizer, self._params, names, self._lrs)
+        self._table = RateTable(bases, schedules, self._book)
+        self._installed: dict[int, float] = self._table.rates(0)
+        self._strategy = strategy(optimizer, self._params, names, self._table.class_of, self._installed)
+        self._table.set_limits(lambda i: self._strategy.max_lr((i,)))
         self._history = History(history_limit)
         self._pending: list[PendingChange] = []
         self._next_due: float = _NEVER
@@ -172,6 +231,7 @@ class Controller:
         self._closed = False
         self._started = time.monotonic()
         self._last_step_at: float | None = None
+        self._on_step = tuple(on_step)
         self._hook = optimizer.register_step_pre_hook(self._before_step)
 
     # -- reads ---------------------------------------------------------------------
@@ -193,10 +253,11 @@ class Controller:
         return len(self._pending)
 
     def learning_rates(self) -> dict[str, float]:
-        """Every held parameter's current rate, in model order."""
+        """Every held parameter's rate for the next step, in model order."""
         with self._lock:
-            lrs = list(self._lrs)
-        return {n: lr for n, lr in zip(self.index.names, lrs) if lr is not None}
+            rates, step = self._table.rates(self._step), self._step
+            class_of = array("q", self._table.class_of)
+        return {n: rates[c] for n, c in zip(self.index.names, class_of) if c >= 0}
 
     def filter(self, selector: str) -> Sequence[int]:
         """Positions of the parameters a ListParameters filter matches (may be none)."""
@@ -215,12 +276,18 @@ class Controller:
         """Views of the given parameters with their rates and groups right now."""
         return [ParameterView(*row) for row in self.parameter_rows(positions)]
 
+    def _rates_of(self, positions: Sequence[int]) -> tuple[list[float | None], list[int], int]:
+        """Rates for the next step and groups of `positions` (lock held)."""
+        table, step = self._table, self._step
+        rates = table.rates(step)
+        class_of = table.class_of
+        lrs = [rates.get(class_of[i]) for i in positions]
+        return lrs, self._strategy.groups_of(positions), step
+
     def parameter_rows(self, positions: Sequence[int]) -> list[ParameterRow]:
         """describe() as plain tuples in ParameterView's field order (ListParameters)."""
-        all_lrs = self._lrs
         with self._lock:
-            lrs = [all_lrs[i] for i in positions]
-            groups = self._strategy.groups_of(positions)
+            lrs, groups, _ = self._rates_of(positions)
         names, params, hyperparameters = self.index.names, self._params, self._strategy.hyperparameters
         rows: list[ParameterRow] = []
         append = rows.append
@@ -232,36 +299,59 @@ class Controller:
             ))
         return rows
 
-    def read(self, selectors: Sequence[str]) -> tuple[list[tuple[str, float, int]], int, int]:
-        """(name, lr, group) for what the selectors match, in model order; version; step."""
+    def read(self, selectors: Sequence[str]) -> tuple[list[RateRow], int, int]:
+        """Rate rows for what the selectors match, in model order; version; step."""
         rows, version, step, _ = self.read_page(selectors)
         return rows, version, step
 
+    def _chosen(self, selectors: Sequence[str]) -> Sequence[int]:
+        if len(selectors) == 1:
+            return self._resolve(selectors[0], for_set=False)  # ascending, unique
+        if selectors:
+            return sorted({i for s in selectors for i in self._resolve(s, for_set=False)})
+        return self._held(range(len(self._params)))
+
     def read_page(
         self, selectors: Sequence[str], start: int = 0, limit: int | None = None
-    ) -> tuple[list[tuple[str, float, int]], int, int, int]:
-        """read() of matches [start, start + limit), and the number of matches in all."""
-        chosen: Sequence[int]
-        if len(selectors) == 1:
-            chosen = self._resolve(selectors[0], for_set=False)  # ascending, unique
-        elif selectors:
-            chosen = sorted({i for s in selectors for i in self._resolve(s, for_set=False)})
-        else:
-            chosen = self._held(range(len(self._lrs)))
+    ) -> tuple[list[RateRow], int, int, int]:
+        """read() of matches [start, start + limit), and the number of matches in all.
+
+        Rates are those of the next step (`step`), unless a change is applied first.
+        """
+        chosen = self._chosen(selectors)
         total = len(chosen)
         chosen = chosen[start:] if limit is None else chosen[start:start + limit]
-        all_lrs, names = self._lrs, self.index.names
+        names, table, book = self.index.names, self._table, self._book
         with self._lock:
-            lrs = [all_lrs[i] for i in chosen]
-            groups = self._strategy.groups_of(chosen)
-            version, step = self._version, self._step
-        rows = list(zip([names[i] for i in chosen], lrs, groups))
-        return rows, version, step, total  # type: ignore[return-value]
+            lrs, groups, step = self._rates_of(chosen)
+            version = self._version
+            bases = [table.base[i] for i in chosen]
+            schedules = [table.schedule[i] for i in chosen]
+            pinned = [i in table.pins for i in chosen]
+            factors = {s: (1.0 if s == 0 else book[s].factor(step)) for s in set(schedules)}
+            described = {s: book.describe(s) for s in factors}
+        rows = [
+            RateRow(names[i], lr, g, b, factors[s], pin, described[s])  # type: ignore[arg-type]
+            for i, lr, g, b, s, pin in zip(chosen, lrs, groups, bases, schedules, pinned)
+        ]
+        return rows, version, step, total
+
+    def schedules(self, selectors: Sequence[str]) -> tuple[list[ScheduleRow], int, int]:
+        """Each matched name's base, pin and schedule; version; step."""
+        chosen = self._chosen(selectors)
+        names, table, book = self.index.names, self._table, self._book
+        with self._lock:
+            rows = [
+                ScheduleRow(names[i], table.base[i], table.pins.get(i), table.schedule[i],  # type: ignore[arg-type]
+                            book[table.schedule[i]])
+                for i in chosen
+            ]
+            return rows, self._version, self._step
 
     def status(self) -> StatusView:
         with self._lock:
-            lrs = self._lrs.copy()
             step, version, pending = self._step, self._version, len(self._pending)
+            rates = set(self._table.rates(step).values())
             last = self._last_step_at
             groups = self._strategy.num_groups
         now = time.monotonic()
@@ -276,9 +366,9 @@ class Controller:
             optimizer=f"{cls.__module__}.{cls.__qualname__}",
             num_parameters=len(self.index),
             num_settable=sum(
-                1 for p, lr in zip(self._params, lrs) if lr is not None and p.requires_grad
+                1 for p, b in zip(self._params, self._table.base) if b is not None and p.requires_grad
             ),
-            num_distinct_lrs=len(set(lrs) - {None}),
+            num_distinct_lrs=len(rates),
             num_param_groups=groups,
             state=state,
             uptime_seconds=now - self._started,
@@ -297,11 +387,10 @@ class Controller:
 
     def rate_changes(self, record: Record, limit: int) -> tuple[RateChange, ...]:
         """The first `limit` per-name changes of a record, with names."""
-        names = self.index.names
-        n = min(limit, record.num_changes)
-        return tuple(
-            RateChange(names[record.indices[j]], record.old[j], record.new[j]) for j in range(n)
-        )
+        return self._changes(record.plan)[:limit]
+
+    def _changes(self, plan: PlannedChange) -> RateChanges:
+        return RateChanges(self.index.names, plan, self._book.describe)
 
     # -- writes --------------------------------------------------------------------
     def preview(self, request: ChangeRequest) -> Outcome:
@@ -309,24 +398,24 @@ class Controller:
         ops = self._resolve_batch(request)
         with self._lock:
             self._check_acceptable(request)
-            lrs, version = self._lrs.copy(), self._version
-        return self._expected_outcome(0, request, ops, lrs, version)
+            state, version, step = self._table.copy(), self._version, self._step
+        return self._expected_outcome(0, request, ops, state, version, step)
 
     def submit(self, request: ChangeRequest) -> tuple[PendingChange, Outcome]:
         """Validate and queue a change; returns it and its expected outcome.
 
-        The per-name work (old -> new, dtype limits) runs on a copy of the rates taken
-        under the lock, outside it, so the step hook never waits for it (100k names:
-        ~40 ms). The change is queued only if no change was applied meanwhile (the
-        config version is unchanged), else computed again; a third try holds the lock.
-        A change that fails validation is never queued.
+        The per-name work (old -> new, limits) runs on a copy of the table taken under
+        the lock, outside it, so the step hook never waits for it (100k names: ~40 ms).
+        The change is queued only if no change was applied meanwhile (the config
+        version is unchanged), else planned again; a third try holds the lock. A
+        change that fails validation is never queued.
         """
         ops = self._resolve_batch(request)
         for _ in range(2):
             with self._lock:
                 self._check_acceptable(request)
-                lrs, version = self._lrs.copy(), self._version
-            outcome = self._expected_outcome(0, request, ops, lrs, version)  # may raise
+                state, version, step = self._table.copy(), self._version, self._step
+            outcome = self._expected_outcome(0, request, ops, state, version, step)  # may raise
             with self._lock:
                 if self._version == version:
                     self._check_acceptable(request)
@@ -335,11 +424,11 @@ class Controller:
         with self._lock:  # changes keep landing meanwhile: all of it under the lock
             self._check_acceptable(request)
             outcome = self._expected_outcome(
-                self._next_change_id, request, ops, self._lrs, self._version
+                self._next_change_id, request, ops, self._table, self._version, self._step
             )
             return self._enqueue(request, ops), outcome
 
-    def _enqueue(self, request: ChangeRequest, ops: dict[int, tuple[Mode, float]]) -> PendingChange:
+    def _enqueue(self, request: ChangeRequest, ops: dict[int, NameOp]) -> PendingChange:
         """Queue a validated change (lock held)."""
         queued = len(self._pending)
         entries = sum(len(p.ops) for p in self._pending) + len(ops)
@@ -383,22 +472,40 @@ class Controller:
 
     # -- the step boundary (training thread) -----------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        for on_step in self._on_step:
+            on_step()
         with self._lock:
             step = self._step
             self._step = step + 1
             self._last_step_at = time.monotonic()
-            if self._next_due > step:
-                return None
-            due = [p for p in self._pending if p.due <= step]
-            self._pending = [p for p in self._pending if p.due > step]
-            self._next_due = min((p.due for p in self._pending), default=_NEVER)
-            for k, pending in enumerate(due):
-                try:
-                    self._apply_guarded(pending, step)
-                except BaseException:  # KeyboardInterrupt & co. in the training thread
-                    self._abandon(due[k:], step)
-                    raise
+            if self._next_due <= step:
+                self._apply_due(step)
+            if self._table.scheduled:
+                self._tick(step)
         return None
+
+    def _apply_due(self, step: int) -> None:
+        due = [p for p in self._pending if p.due <= step]
+        self._pending = [p for p in self._pending if p.due > step]
+        self._next_due = min((p.due for p in self._pending), default=_NEVER)
+        for k, pending in enumerate(due):
+            try:
+                self._apply_guarded(pending, step)
+            except BaseException:  # KeyboardInterrupt & co. in the training thread
+                self._abandon(due[k:], step)
+                raise
+
+    def _tick(self, step: int) -> None:
+        """Install this step's rate of every scheduled class whose rate moved."""
+        installed, rate = self._installed, self._table.class_rate
+        moved = {}
+        for c in self._table.scheduled:
+            r = rate(c, step)
+            if installed.get(c) != r:
+                moved[c] = r
+        if moved:
+            self._strategy.set_rates(moved)
+            installed.update(moved)
 
     def _abandon(self, changes: Sequence[PendingChange], step: int) -> None:
         """Finish changes that an interrupt left half-way, so no caller waits forever."""
@@ -423,6 +530,17 @@ class Controller:
         else:
             pending.finish(outcome=outcome)
 
+    def _install(self, plan: PlannedChange, forward: bool) -> None:
+        """Put a plan's new (or, backwards, old) values in the table and the optimizer."""
+        table = self._table
+        if forward:
+            moved = table.commit(plan.indices, plan.new_base, plan.new_schedule, plan.new_pin)
+        else:
+            moved = table.commit(plan.indices, plan.old_base, plan.old_schedule, plan.old_pin)
+        rates = {c: table.class_rate(c, plan.step) for c in set(moved.values())}
+        self._strategy.move(moved, rates)
+        self._installed.update(rates)
+
     def _apply(self, pending: PendingChange, step: int) -> Outcome:
         request = pending.request
         if request.expected_version is not None and request.expected_version != self._version:
@@ -430,25 +548,14 @@ class Controller:
                 f"expected_version {request.expected_version} does not match config version "
                 f"{self._version} at step {step}; change {pending.change_id} was not applied"
             )
-        lrs = self._lrs
-        indices = array("q", pending.ops)
-        old = array("d", [lrs[i] for i in indices])  # type: ignore[misc]
-        new = array("d", self._new_values(pending.ops, old))
-        j = self._first_unrepresentable(indices, new)
-        if j is not None:
-            raise InvalidArgumentError(
-                f"at step {step}, the rate of {self.index.names[indices[j]]!r} ({old[j]!r}) would "
-                f"become {new[j]!r} ({self._limit_text(indices[j])}); change "
-                f"{pending.change_id} was not applied"
-            )
-        for i, lr in zip(indices, new):
-            lrs[i] = lr
         try:
-            self._strategy.apply(dict(zip(indices, new)))
+            plan = self._plan(pending.ops, self._table, step)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{exc}; change {pending.change_id} was not applied") from None
+        try:
+            self._install(plan, forward=True)
         except BaseException:
-            for i, lr in zip(indices, old):
-                self._lrs[i] = lr
-            self._strategy.apply(dict(zip(indices, old)))
+            self._install(plan, forward=False)
             raise
         self._version += 1
         self._history.append(
@@ -459,9 +566,8 @@ class Controller:
                 applied_at=time.time(),
                 requested_at=pending.requested_at,
                 updates=request.updates,
-                indices=indices,
-                old=old,
-                new=new,
+                schedules=request.schedules,
+                plan=plan,
                 peer=request.peer,
                 user=request.user,
                 reason=request.reason,
@@ -473,14 +579,13 @@ class Controller:
             step=step,
             version=self._version,
             applied=True,
-            changes=RateChanges(self.index.names, indices, old, new),  # type: ignore[arg-type]
+            changes=self._changes(plan),  # type: ignore[arg-type]
         )
 
     # -- validation (caller's thread) --------------------------------------------------
-    @staticmethod
-    def _new_values(ops: Mapping[int, tuple[Mode, float]], old: Iterable[float]) -> list[float]:
-        scale = Mode.SCALE  # a local: looking up an Enum member per name costs 5x the rest
-        return [value * lr if mode is scale else value for (mode, value), lr in zip(ops.values(), old)]
+    def _plan(self, ops: Mapping[int, NameOp], state: RateState, step: int) -> PlannedChange:
+        return plan_change(ops, state, self._book, step, self.index.names,
+                           self._first_unrepresentable, self._limit_text)
 
     def _check_acceptable(self, request: ChangeRequest) -> None:
         """Checks against the live state; call with the lock held."""
@@ -500,32 +605,30 @@ class Controller:
         self,
         change_id: int,
         request: ChangeRequest,
-        ops: Mapping[int, tuple[Mode, float]],
-        lrs: Sequence[float | None],
+        ops: Mapping[int, NameOp],
+        state: RateState,
         version: int,
+        step: int,
     ) -> Outcome:
-        """What the change would do to rates `lrs` at config `version`; raises if invalid."""
-        names = self.index.names
-        indices = list(ops)
-        old = [lrs[i] for i in indices]
-        new = self._new_values(ops, old)  # type: ignore[arg-type]
-        j = self._first_unrepresentable(indices, new)
-        if j is not None:
-            raise InvalidArgumentError(
-                f"the rate of {names[indices[j]]!r} ({old[j]!r}) would become {new[j]!r}: "
-                f"{self._limit_text(indices[j])}"
-            )
+        """What the change would do to `state` at config `version`; raises if invalid.
+
+        Planned for its due step (the next one when none is given)."""
+        plan = self._plan(ops, state, step if request.at_step is None else request.at_step)
         return Outcome(
             change_id=change_id,
             step=-1 if request.at_step is None else request.at_step,
             version=version,
             applied=False,
-            changes=RateChanges(names, indices, old, new),  # type: ignore[arg-type]
+            changes=self._changes(plan),  # type: ignore[arg-type]
         )
 
-    def _resolve_batch(self, request: ChangeRequest) -> dict[int, tuple[Mode, float]]:
-        """Per parameter position (model order), its (mode, value); all-or-nothing checks."""
-        if not request.updates:
+    def _intern(self, schedule: Any) -> int:
+        with self._lock:
+            return self._book.intern(CONSTANT if schedule is None else schedule)
+
+    def _resolve_batch(self, request: ChangeRequest) -> dict[int, NameOp]:
+        """Per parameter position (model order), what happens to it; all-or-nothing checks."""
+        if not request.updates and not request.schedules:
             raise InvalidArgumentError("empty batch: give at least one update")
         if request.at_step is not None and request.at_step < 0:
             raise InvalidArgumentError(f"at_step {request.at_step} is negative")
@@ -534,33 +637,58 @@ class Controller:
             raise InvalidArgumentError(
                 f"reason of {len(request.reason)} characters is too long (at most {MAX_REASON_CHARS})"
             )
-        ops: dict[int, tuple[Mode, float]] = {}
-        resolved: list[tuple[int, ...]] = []
+        entries: list[tuple[str, NameOp]] = []
         for update in request.updates:
-            self._check_value(update.selector, update.mode, update.value)
-            op = (update.mode, update.value)
-            indices = self._resolve(update.selector, for_set=True)
+            self._check_value(update.selector, update.mode, update.value, update.target)
+            part = (update.mode, update.value)
+            op: NameOp = (part, None, None) if update.target is Target.BASE else (None, part, None)
+            entries.append((update.selector, op))
+        for schedule_update in request.schedules:
+            entries.append((schedule_update.selector, (None, None, self._intern(schedule_update.schedule))))
+        ops: dict[int, NameOp] = {}
+        resolved: list[tuple[int, ...]] = []
+        for selector, op in entries:
+            indices = self._resolve(selector, for_set=True)
             resolved.append(indices)
             if ops.keys().isdisjoint(indices):  # the usual case: one dict update in C
                 ops.update(dict.fromkeys(indices, op))
                 continue
             for i in indices:
                 previous = ops.setdefault(i, op)
-                if previous is not op and previous != op:
-                    # The first update that touched i (error path: a scan is fine).
-                    first = next(u for u, r in zip(request.updates, resolved) if i in r)
-                    raise InvalidArgumentError(
-                        f"updates {quote(first.selector)} and {quote(update.selector)} disagree on "
-                        f"{self.index.names[i]!r}: {_describe_value(*previous)} vs "
-                        f"{_describe_value(*op)}"
-                    )
+                if previous is not op:
+                    ops[i] = self._merge(i, previous, op, selector, entries, resolved)
         if len(resolved) == 1:
             return ops  # one selector's positions: already in model order
         order = sorted(ops)
         return dict(zip(order, map(ops.__getitem__, order)))
 
+    def _merge(
+        self, i: int, previous: NameOp, op: NameOp, selector: str,
+        entries: Sequence[tuple[str, NameOp]], resolved: Sequence[tuple[int, ...]],
+    ) -> NameOp:
+        """Two updates touch parameter i: they must agree on whatever both change."""
+        merged = list(previous)
+        for part, (mine, theirs) in enumerate(zip(op, previous)):
+            if mine is None:
+                continue
+            if theirs is not None and theirs != mine:
+                # The first update that touched i this way (error path: a scan is fine).
+                first = next(s for (s, o), r in zip(entries, resolved) if i in r and o[part] is not None)
+                describe = self._book.describe
+                raise InvalidArgumentError(
+                    f"updates {quote(first)} and {quote(selector)} disagree on "
+                    f"{self.index.names[i]!r}: {_describe_op(part, theirs, describe)} vs "
+                    f"{_describe_op(part, mine, describe)}"
+                )
+            merged[part] = mine
+        return tuple(merged)  # type: ignore[return-value]
+
     @staticmethod
-    def _check_value(selector: str, mode: Mode, value: float) -> None:
+    def _check_value(selector: str, mode: Mode, value: float, target: Target = Target.BASE) -> None:
+        if mode is Mode.UNPIN:
+            if target is not Target.PIN:
+                raise InvalidArgumentError(f"unpin of {quote(selector)} must target the pin")
+            return
         if not math.isfinite(value):
             raise InvalidArgumentError(f"value {value!r} for {quote(selector)} is not a finite number")
         if mode is Mode.SCALE and value <= 0:
@@ -591,8 +719,8 @@ class Controller:
 
     def _held(self, positions: Sequence[int]) -> tuple[int, ...]:
         """The positions (in their order) of parameters the optimizer holds."""
-        lrs = self._lrs
-        return tuple([i for i in positions if lrs[i] is not None])
+        bases = self._table.base
+        return tuple([i for i in positions if bases[i] is not None])
 
     def _representable(self, i: int, lr: float) -> bool:
         """A finite rate that the optimizer can apply to parameter i (else step() raises)."""
@@ -619,6 +747,6 @@ class Controller:
         reasons = []
         if not self._params[i].requires_grad:
             reasons.append("does not require grad")
-        if self._lrs[i] is None:
+        if self._table.base[i] is None:
             reasons.append("is not held by the optimizer")
         return " and ".join(reasons)

@@ -136,7 +136,7 @@ def run_demo(steps: int = 10) -> int:
         names = ctl.controller.names
         for step, rates in enumerate(seen):
             record = applied.get(step)
-            wanted = dict(zip((names[i] for i in record.indices), record.new)) if record else {}
+            wanted = dict(zip((names[i] for i in record.plan.indices), record.plan.new_lr)) if record else {}
             if any(rates[n] != lr for n, lr in wanted.items()):
                 print(f"worker: step {step} ran with {rates}, history says {wanted}", file=sys.stderr)
                 return 1

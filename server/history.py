@@ -6,17 +6,18 @@ name), so a durable log can later be fed from the same records.
 
 from __future__ import annotations
 
-from array import array
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, overload
+from typing import Any, Callable, Iterator, overload
 
-from lrctl.server.requests import RateChange, Update
+from lrctl.server.planner import PlannedChange
+from lrctl.server.requests import RateChange, ScheduleUpdate, Update
 
 
 class RateChanges(Sequence[RateChange]):
-    """Per-name changes that become RateChange objects only when read.
+    """Per-name changes of a plan that become RateChange objects only when read.
 
     Behaves like the tuple of RateChange it stands for (len, index, slice, iterate,
     equality with such a tuple). A change on 100,000 names would otherwise build
@@ -24,15 +25,15 @@ class RateChanges(Sequence[RateChange]):
     max_reported_changes of them.
     """
 
-    __slots__ = ("_names", "_indices", "_old", "_new")
+    __slots__ = ("_names", "_plan", "_describe")
 
     def __init__(
-        self, names: Sequence[str], indices: Sequence[int], old: Sequence[float], new: Sequence[float]
+        self, names: Sequence[str], plan: PlannedChange, describe: Callable[[int], str]
     ) -> None:
-        self._names, self._indices, self._old, self._new = names, indices, old, new
+        self._names, self._plan, self._describe = names, plan, describe
 
     def __len__(self) -> int:
-        return len(self._indices)
+        return len(self._plan.indices)
 
     @overload
     def __getitem__(self, k: int) -> RateChange: ...
@@ -41,11 +42,23 @@ class RateChanges(Sequence[RateChange]):
     def __getitem__(self, k: Any) -> Any:
         if isinstance(k, slice):
             return tuple(self[j] for j in range(*k.indices(len(self))))
-        return RateChange(self._names[self._indices[k]], self._old[k], self._new[k])
+        plan = self._plan
+        if k < 0:
+            k += len(plan.indices)
+        old_pin = new_pin = None
+        if plan.old_pin is not None and plan.new_pin is not None:
+            old_pin, new_pin = _pin(plan.old_pin[k]), _pin(plan.new_pin[k])
+        old_schedule = new_schedule = ""
+        if plan.old_schedule is not None and plan.new_schedule is not None:
+            old_schedule = self._describe(plan.old_schedule[k])
+            new_schedule = self._describe(plan.new_schedule[k])
+        return RateChange(
+            self._names[plan.indices[k]], plan.old_lr[k], plan.new_lr[k],
+            plan.old_base[k], plan.new_base[k], old_pin, new_pin, old_schedule, new_schedule,
+        )
 
     def __iter__(self) -> Iterator[RateChange]:
-        names = map(self._names.__getitem__, self._indices)
-        return map(RateChange, names, self._old, self._new)
+        return (self[k] for k in range(len(self)))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (RateChanges, tuple)):
@@ -59,9 +72,13 @@ class RateChanges(Sequence[RateChange]):
         return repr(tuple(self))
 
 
+def _pin(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
 @dataclass(frozen=True)
 class Record:
-    """One applied change. Per-name values are kept in compact arrays, model order."""
+    """One applied change: its plan (per-name values in compact arrays, model order)."""
 
     change_id: int
     version: int
@@ -69,9 +86,8 @@ class Record:
     applied_at: float
     requested_at: float
     updates: tuple[Update, ...]
-    indices: array  # array('q'): parameter positions in model order
-    old: array  # array('d')
-    new: array  # array('d')
+    schedules: tuple[ScheduleUpdate, ...]
+    plan: PlannedChange
     peer: str
     user: str
     reason: str
@@ -79,20 +95,20 @@ class Record:
 
     @property
     def num_changes(self) -> int:
-        return len(self.indices)
+        return len(self.plan.indices)
 
 
 def _entries(record: Record) -> int:
     """What a record weighs against the bound: its per-name changes, and the updates
     of its request, kept as they were sent (a batch may list 100k names one by one)."""
-    return record.num_changes + len(record.updates)
+    return record.num_changes + len(record.updates) + len(record.schedules)
 
 
 class History:
     """A bounded, append-only list of records, oldest dropped first.
 
-    Two bounds: `limit` records, and `max_entries` per-name changes in all (24 bytes
-    each), so that frequent changes on a 100k-parameter model cannot hold gigabytes.
+    Two bounds: `limit` records, and `max_entries` per-name changes in all (40 bytes
+    each, more with pins or schedules), so that frequent changes on a 100k-parameter model cannot hold gigabytes.
     The newest record is always kept.
     """
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from lrctl.common.errors import LrctlError
 
@@ -14,15 +16,32 @@ class Mode(Enum):
 
     ABSOLUTE = "absolute"
     SCALE = "scale"
+    UNPIN = "unpin"  # target PIN only: the rate follows base x schedule again
+
+
+class Target(Enum):
+    """What an update changes: a name's base rate (the default) or its pin."""
+
+    BASE = "base"
+    PIN = "pin"
 
 
 @dataclass(frozen=True)
 class Update:
-    """One entry of a batch: set (or scale) the rate of what `selector` matches."""
+    """One entry of a batch: set (or scale) the base, or the pin, of what `selector` matches."""
 
     selector: str
     value: float
     mode: Mode = Mode.ABSOLUTE
+    target: Target = Target.BASE
+
+
+@dataclass(frozen=True)
+class ScheduleUpdate:
+    """One entry of a batch: give what `selector` matches this schedule (None: constant)."""
+
+    selector: str
+    schedule: Any  # a lrctl.common.schedules.Schedule, or None to clear
 
 
 @dataclass(frozen=True)
@@ -30,6 +49,7 @@ class ChangeRequest:
     """A batch of updates and its options, as a handler hands it to the controller."""
 
     updates: tuple[Update, ...]
+    schedules: tuple[ScheduleUpdate, ...] = ()
     at_step: int | None = None
     expected_version: int | None = None
     reason: str = ""
@@ -39,11 +59,21 @@ class ChangeRequest:
 
 @dataclass(frozen=True)
 class RateChange:
-    """One parameter's rate before and after a change."""
+    """One parameter's rate in force before and after a change, and what made it.
+
+    The rate in force is the pin when there is one, else base x schedule factor.
+    Schedules are named by their one-line description; "" means constant.
+    """
 
     name: str
     old_lr: float
     new_lr: float
+    old_base: float = math.nan
+    new_base: float = math.nan
+    old_pin: float | None = None
+    new_pin: float | None = None
+    old_schedule: str = ""
+    new_schedule: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,13 +91,13 @@ class Outcome:
 class PendingChange:
     """An accepted change waiting for its step boundary.
 
-    `ops` maps a parameter position to its (mode, value); `finished` is set once the
+    `ops` maps a parameter position to what happens to it; `finished` is set once the
     change is applied, rejected at its step, or withdrawn.
     """
 
     change_id: int
     request: ChangeRequest
-    ops: dict[int, tuple[Mode, float]]
+    ops: dict[int, Any]  # position -> NameOp (lrctl.server.planner)
     requested_at: float
     finished: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None

@@ -20,9 +20,19 @@ from lrctl.common.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
+from lrctl.common.schedule_messages import schedule_from_pb, schedule_to_pb
 from lrctl.server.controller import Controller
 from lrctl.server.history import Record
-from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Update
+from lrctl.server.requests import (
+    ChangeRequest,
+    Mode,
+    Outcome,
+    PendingChange,
+    RateChange,
+    ScheduleUpdate,
+    Target,
+    Update,
+)
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
@@ -45,8 +55,13 @@ MAX_ENTRIES_PER_CHANGE_PAGE = 200_000
 _WAIT_MARGIN_S = 0.1
 _WAIT_POLL_S = 0.5
 
-_MODES = {pb.UPDATE_MODE_ABSOLUTE: Mode.ABSOLUTE, pb.UPDATE_MODE_SCALE: Mode.SCALE}
+_MODES = {pb.UPDATE_MODE_ABSOLUTE: Mode.ABSOLUTE, pb.UPDATE_MODE_SCALE: Mode.SCALE,
+          pb.UPDATE_MODE_UNPIN: Mode.UNPIN}
 _MODE_TO_PB = {mode: code for code, mode in _MODES.items()}
+_TARGETS = {pb.UPDATE_TARGET_UNSPECIFIED: Target.BASE, pb.UPDATE_TARGET_BASE: Target.BASE,
+            pb.UPDATE_TARGET_PIN: Target.PIN}
+# BASE travels as the default (0): records of plain rate changes stay as small as before.
+_TARGET_TO_PB = {Target.BASE: pb.UPDATE_TARGET_UNSPECIFIED, Target.PIN: pb.UPDATE_TARGET_PIN}
 _STATES = {
     "waiting_for_first_step": pb.TRAINING_STATE_WAITING_FOR_FIRST_STEP,
     "training": pb.TRAINING_STATE_TRAINING,
@@ -119,14 +134,39 @@ _PARAMETER_VIEWS = frozenset(
 
 
 def _rate_changes_pb(changes: Iterable[RateChange]) -> list[pb.RateChange]:
-    return [pb.RateChange(name=c.name, old_lr=c.old_lr, new_lr=c.new_lr) for c in changes]
+    return [
+        pb.RateChange(name=c.name, old_lr=c.old_lr, new_lr=c.new_lr, old_base=c.old_base,
+                      new_base=c.new_base, old_pin=c.old_pin, new_pin=c.new_pin,
+                      old_schedule=c.old_schedule, new_schedule=c.new_schedule)
+        for c in changes
+    ]
 
 
 def _updates_pb(updates: Iterable[Update]) -> list[pb.LearningRateUpdate]:
     return [
-        pb.LearningRateUpdate(selector=u.selector, mode=_MODE_TO_PB[u.mode], value=u.value)
+        pb.LearningRateUpdate(selector=u.selector, mode=_MODE_TO_PB[u.mode], value=u.value,
+                              target=_TARGET_TO_PB[u.target])
         for u in updates
     ]
+
+
+def _schedules_pb(updates: Iterable[ScheduleUpdate]) -> list[pb.ScheduleAssignment]:
+    return [
+        pb.ScheduleAssignment(selector=u.selector, schedule=schedule_to_pb(u.schedule)
+                              if u.schedule is not None else pb.Schedule(constant=pb.ConstantSchedule()))
+        for u in updates
+    ]
+
+
+def _schedules_from_pb(assignments: Iterable[pb.ScheduleAssignment]) -> tuple[ScheduleUpdate, ...]:
+    out = []
+    for k, a in enumerate(assignments):
+        try:
+            schedule = schedule_from_pb(a.schedule)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"schedules[{k}] ({a.selector!r}): {exc}") from None
+        out.append(ScheduleUpdate(a.selector, schedule))
+    return tuple(out)
 
 
 def _updates_from_pb(updates: Iterable[pb.LearningRateUpdate]) -> tuple[Update, ...]:
@@ -136,10 +176,16 @@ def _updates_from_pb(updates: Iterable[pb.LearningRateUpdate]) -> tuple[Update, 
         if mode is None:
             name = pb.UpdateMode.Name(u.mode) if u.mode in pb.UpdateMode.values() else str(u.mode)
             raise InvalidArgumentError(
-                f"updates[{k}] ({u.selector!r}) has mode {name}; use UPDATE_MODE_ABSOLUTE or "
-                "UPDATE_MODE_SCALE"
+                f"updates[{k}] ({u.selector!r}) has mode {name}; use UPDATE_MODE_ABSOLUTE, "
+                "UPDATE_MODE_SCALE or UPDATE_MODE_UNPIN"
             )
-        out.append(Update(u.selector, u.value, mode))
+        target = _TARGETS.get(u.target)
+        if target is None:
+            raise InvalidArgumentError(
+                f"updates[{k}] ({u.selector!r}) has target {u.target}; use UPDATE_TARGET_BASE "
+                "or UPDATE_TARGET_PIN"
+            )
+        out.append(Update(u.selector, u.value, mode, target))
     return tuple(out)
 
 
@@ -220,15 +266,52 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             next_page_token=_encode_token("rates", end, bound_to, version) if end < total else "",
         )
         add = response.rates.add
-        for name, lr, group in rows:
-            add(name=name, lr=lr, group=group)
+        for row in rows:
+            add(name=row.name, lr=row.lr, group=row.group, base=row.base, factor=row.factor,
+                pinned=row.pinned, schedule=row.schedule)
         return response
 
     def SetLearningRates(self, request: pb.SetLearningRatesRequest, context: grpc.ServicerContext) -> pb.SetLearningRatesResponse:
+        return self._change(request, context, _updates_from_pb(request.updates),
+                            _schedules_from_pb(request.schedules))
+
+    def SetSchedules(self, request: pb.SetSchedulesRequest, context: grpc.ServicerContext) -> pb.SetLearningRatesResponse:
+        if not request.schedules:
+            raise InvalidArgumentError("empty batch: give at least one schedule assignment")
+        return self._change(request, context, (), _schedules_from_pb(request.schedules))
+
+    def ClearSchedules(self, request: pb.ClearSchedulesRequest, context: grpc.ServicerContext) -> pb.SetLearningRatesResponse:
+        if not request.selectors:
+            raise InvalidArgumentError("empty batch: give at least one selector")
+        return self._change(request, context, (),
+                            tuple(ScheduleUpdate(s, None) for s in request.selectors))
+
+    def GetSchedules(self, request: pb.GetSchedulesRequest, context: grpc.ServicerContext) -> pb.GetSchedulesResponse:
+        rows, version, step = self._controller.schedules(list(request.selectors))
+        response = pb.GetSchedulesResponse(version=version, step=step)
+        messages: dict[int, tuple[pb.Schedule, str]] = {}  # one message per distinct schedule
+        add = response.schedules.add
+        for row in rows:
+            cached = messages.get(row.schedule_id)
+            if cached is None:
+                text = "" if row.schedule_id == 0 else row.schedule.describe()
+                cached = messages[row.schedule_id] = (schedule_to_pb(row.schedule), text)
+            add(name=row.name, base=row.base, pin=row.pin, schedule=cached[0], description=cached[1])
+        return response
+
+    def _change(
+        self,
+        request: pb.SetLearningRatesRequest | pb.SetSchedulesRequest | pb.ClearSchedulesRequest,
+        context: grpc.ServicerContext,
+        updates: tuple[Update, ...],
+        schedules: tuple[ScheduleUpdate, ...],
+    ) -> pb.SetLearningRatesResponse:
+        """Submit one batch of rate and schedule changes with the request's options."""
         if request.max_reported_changes < 0:
             raise InvalidArgumentError(f"max_reported_changes {request.max_reported_changes} is negative")
         change = ChangeRequest(
-            updates=_updates_from_pb(request.updates),
+            updates=updates,
+            schedules=schedules,
             at_step=request.at_step if request.HasField("at_step") else None,
             expected_version=request.expected_version if request.HasField("expected_version") else None,
             reason=request.reason,
@@ -343,6 +426,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             applied_at=record.applied_at,
             requested_at=record.requested_at,
             updates=_updates_pb(record.updates),
+            schedules=_schedules_pb(record.schedules),
             changes=_rate_changes_pb(self._controller.rate_changes(record, per_record)),
             peer=record.peer,
             user=record.user,

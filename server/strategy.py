@@ -19,10 +19,19 @@ _NON_HYPER = frozenset({"params", "param_names", "lr"})
 
 
 class ApplyStrategy(Protocol):
-    """The physical layer under the controller. Called with the controller's lock held."""
+    """The physical layer under the controller. Called with the controller's lock held.
 
-    def apply(self, new_lrs: Mapping[int, float]) -> None:
-        """Make parameter i train at new_lrs[i] from the next step on (training thread)."""
+    The controller hands it rates, never its own tables: every held parameter belongs
+    to one *rate class* (lrctl.server.rates), and the strategy makes each parameter
+    train at its class's rate.
+    """
+
+    def move(self, moved: Mapping[int, int], rates: Mapping[int, float]) -> None:
+        """Parameters `moved` (position -> class) now belong to those classes, whose
+        rates are `rates`; from the next step on (training thread)."""
+
+    def set_rates(self, rates: Mapping[int, float]) -> None:
+        """New rates of some classes; no parameter changed class (a schedule tick)."""
 
     def group_of(self, index: int) -> int:
         """Physical group of a held parameter, -1 for one the optimizer does not hold."""
@@ -93,10 +102,12 @@ def lr_value(lr: Any) -> float:
 
 
 class CoalescedGroups:
-    """One param group per distinct (other hyperparameters, lr).
+    """One param group per distinct (other hyperparameters, rate class).
 
-    A change that keeps the partition of parameters into groups only edits group
-    dicts; a change that splits or merges groups rebuilds ``optimizer.param_groups``.
+    At attach the user's groups stay as they are (code that indexes groups by
+    position keeps working) until a change needs a regroup. A change that keeps the
+    partition of parameters into groups only edits group dicts; one that splits or
+    merges groups rebuilds ``optimizer.param_groups``, ordered by first member.
     Optimizer state is keyed by the parameter tensor, so rebuilding keeps momentum
     buffers and Adam moments.
     """
@@ -106,12 +117,14 @@ class CoalescedGroups:
         optimizer: torch.optim.Optimizer,
         params: Sequence[torch.Tensor],
         names: Sequence[str],
-        lrs: list[float | None],
+        classes: Sequence[int],
+        rates: Mapping[int, float],
     ) -> None:
         self._optimizer = optimizer
         self._params = params
         self._names = names
-        self._lrs = lrs  # the controller's list: read here, written by the controller
+        self._class_of = list(classes)  # copies: the controller's tables are its own
+        self._rate: dict[int, float] = dict(rates)  # per class, as installed
         position = {id(p): i for i, p in enumerate(params)}
         self._template_of: list[int] = [-1] * len(params)
         self._templates: list[dict[str, Any]] = []
@@ -136,10 +149,10 @@ class CoalescedGroups:
         )
         self._group_of: list[int] = [-1] * len(params)
         self._sizes: list[int] = []  # members per group (the lists would cost ~36 B a name)
-        self._keys: list[tuple[int, float]] = []
-        self._by_key: dict[tuple[int, float], int] = {}
-        if not self._adopt_if_coalesced(position):
-            self._rebuild()
+        self._keys: list[tuple[int, int]] = []  # (template, class) per group
+        self._by_key: dict[tuple[int, int], list[int]] = {}
+        self._by_class: dict[int, list[int]] = {}
+        self._adopt(position)
 
     # -- ApplyStrategy -------------------------------------------------------------
     def group_of(self, index: int) -> int:
@@ -187,51 +200,72 @@ class CoalescedGroups:
             limit *= 1 - beta1
         return limit
 
-    def apply(self, new_lrs: Mapping[int, float]) -> None:
-        edits = self._in_place_edits(new_lrs)
-        if edits is None:
-            self._rebuild()
-            return
-        groups = self._optimizer.param_groups
+    def move(self, moved: Mapping[int, int], rates: Mapping[int, float]) -> None:
+        class_of = self._class_of
+        old = {i: class_of[i] for i in moved}
+        old_rates = {c: self._rate[c] for c in rates if c in self._rate}
+        for i, c in moved.items():
+            class_of[i] = c
+        self._rate.update(rates)
         try:
-            for g, lr in edits.items():
-                del self._by_key[self._keys[g]]
-            for g, lr in edits.items():
-                key = (self._keys[g][0], lr)
-                self._keys[g] = key
-                self._by_key[key] = g
-                self._set_lr(groups[g], lr)
+            relabel = self._relabelling(moved)
+            if relabel is None:
+                self._rebuild()
+                return
+            for g, c in relabel.items():
+                self._forget(g)
+            for g, c in relabel.items():
+                self._remember(g, (self._keys[g][0], c))
+            self.set_rates({c: rates[c] for c in set(relabel.values())})
         except BaseException:
-            # Half-edited tables would fail every later change: rebuild them whole
-            # from the controller's rates, then let the controller roll back.
+            # Half-edited tables would fail every later change: restore the classes,
+            # rebuild whole, and let the controller roll back.
+            for i, c in old.items():
+                class_of[i] = c
+            self._rate.update(old_rates)
             self._rebuild()
             raise
 
-    # -- internals -----------------------------------------------------------------
-    def _key(self, i: int) -> tuple[int, float]:
-        lr = self._lrs[i]
-        assert lr is not None
-        return (self._template_of[i], lr)
+    def set_rates(self, rates: Mapping[int, float]) -> None:
+        groups, by_class = self._optimizer.param_groups, self._by_class
+        self._rate.update(rates)
+        for c, lr in rates.items():
+            for g in by_class.get(c, ()):
+                self._set_lr(groups[g], lr)
 
-    def _in_place_edits(self, new_lrs: Mapping[int, float]) -> dict[int, float] | None:
-        """Per group, its new lr when the change keeps the partition; None otherwise."""
-        edits: dict[int, float] = {}
+    # -- internals -----------------------------------------------------------------
+    def _relabelling(self, moved: Mapping[int, int]) -> dict[int, int] | None:
+        """Per touched group, its new class, when the move keeps the partition; else None."""
+        new_class: dict[int, int] = {}
         touched: dict[int, int] = {}
-        for i, lr in new_lrs.items():
+        for i, c in moved.items():
             g = self._group_of[i]
-            if edits.setdefault(g, lr) != lr:
+            if new_class.setdefault(g, c) != c:
                 return None  # the group splits
             touched[g] = touched.get(g, 0) + 1
-        new_keys: set[tuple[int, float]] = set()
-        for g, lr in edits.items():
+        new_keys: set[tuple[int, int]] = set()
+        for g, c in new_class.items():
             if touched[g] != self._sizes[g]:
                 return None  # part of the group moves
-            key = (self._keys[g][0], lr)
-            other = self._by_key.get(key)
-            if key in new_keys or (other is not None and other not in edits):
+            key = (self._keys[g][0], c)
+            if key in new_keys or any(h not in new_class for h in self._by_key.get(key, ())):
                 return None  # two groups merge
             new_keys.add(key)
-        return edits
+        return new_class
+
+    def _forget(self, g: int) -> None:
+        key = self._keys[g]
+        self._by_key[key].remove(g)
+        if not self._by_key[key]:
+            del self._by_key[key]
+        self._by_class[key[1]].remove(g)
+        if not self._by_class[key[1]]:
+            del self._by_class[key[1]]
+
+    def _remember(self, g: int, key: tuple[int, int]) -> None:
+        self._keys[g] = key
+        self._by_key.setdefault(key, []).append(g)
+        self._by_class.setdefault(key[1], []).append(g)
 
     def _set_lr(self, group: dict[str, Any], lr: float) -> None:
         if isinstance(group["lr"], torch.Tensor):
@@ -239,19 +273,18 @@ class CoalescedGroups:
         else:
             group["lr"] = lr
 
-    def _adopt_if_coalesced(self, position: Mapping[int, int]) -> bool:
-        """Keep the optimizer's own groups if they already are one per distinct key."""
+    def _adopt(self, position: Mapping[int, int]) -> None:
+        """Keep the optimizer's own groups: each holds one rate class already."""
         members: list[list[int]] = []
-        keys: list[tuple[int, float]] = []
+        keys: list[tuple[int, int]] = []
         for group in self._optimizer.param_groups:
             idx = [position[id(p)] for p in group["params"]]
-            group_keys = {self._key(i) for i in idx}
-            if len(group_keys) != 1:
-                return False
+            group_keys = {(self._template_of[i], self._class_of[i]) for i in idx}
+            if len(group_keys) > 1:
+                self._rebuild()  # not one class a group: make it so
+                return
             members.append(idx)
-            keys.append(group_keys.pop())
-        if len(set(keys)) != len(keys):
-            return False
+            keys.append(group_keys.pop() if group_keys else (-1, -1))
         for g, (group, idx) in enumerate(zip(self._optimizer.param_groups, members)):
             group["param_names"] = [self._names[i] for i in idx]
             if isinstance(group["lr"], torch.Tensor):
@@ -260,18 +293,20 @@ class CoalescedGroups:
                 group["lr"] = group["lr"].detach().clone()
             for i in idx:
                 self._group_of[i] = g
-        self._sizes, self._keys = list(map(len, members)), keys
-        self._by_key = {k: g for g, k in enumerate(keys)}
-        return True
+        self._sizes = list(map(len, members))
+        self._keys, self._by_key, self._by_class = [], {}, {}
+        for g, key in enumerate(keys):
+            self._keys.append(key)
+            self._remember(g, key)
 
     def _rebuild(self) -> None:
-        """Partition the held parameters by key, groups ordered by first member."""
-        by_key: dict[tuple[int, float], int] = {}
+        """Partition the held parameters by (template, class), groups ordered by first member."""
+        by_key: dict[tuple[int, int], int] = {}
         members: list[list[int]] = []
-        for i, lr in enumerate(self._lrs):
-            if lr is None:
+        for i, c in enumerate(self._class_of):
+            if c < 0:
                 continue
-            key = (self._template_of[i], lr)
+            key = (self._template_of[i], c)
             g = by_key.get(key)
             if g is None:
                 g = by_key[key] = len(members)
@@ -279,8 +314,9 @@ class CoalescedGroups:
             members[g].append(i)
             self._group_of[i] = g
         groups = []
-        for (template, lr), idx in zip(by_key, members):
+        for (template, c), idx in zip(by_key, members):
             group = dict(self._templates[template])
+            lr = self._rate[c]
             like = self._lr_like[template]
             group["lr"] = lr if like is None else torch.tensor(lr, dtype=like.dtype, device=like.device)
             group["params"] = [self._params[i] for i in idx]
@@ -288,4 +324,8 @@ class CoalescedGroups:
             groups.append(group)
         # Assign in place: callers may hold a reference to the list.
         self._optimizer.param_groups[:] = groups
-        self._sizes, self._keys, self._by_key = list(map(len, members)), list(by_key), by_key
+        self._sizes = list(map(len, members))
+        self._keys, self._by_key, self._by_class = [], {}, {}
+        for g, key in enumerate(by_key):
+            self._keys.append(key)
+            self._remember(g, key)

@@ -18,6 +18,26 @@ class UpdateMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPDATE_MODE_UNSPECIFIED: _ClassVar[UpdateMode]
     UPDATE_MODE_ABSOLUTE: _ClassVar[UpdateMode]
     UPDATE_MODE_SCALE: _ClassVar[UpdateMode]
+    UPDATE_MODE_UNPIN: _ClassVar[UpdateMode]
+
+class UpdateTarget(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPDATE_TARGET_UNSPECIFIED: _ClassVar[UpdateTarget]
+    UPDATE_TARGET_BASE: _ClassVar[UpdateTarget]
+    UPDATE_TARGET_PIN: _ClassVar[UpdateTarget]
+
+class WarmupDecay(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WARMUP_DECAY_UNSPECIFIED: _ClassVar[WarmupDecay]
+    WARMUP_DECAY_CONSTANT: _ClassVar[WarmupDecay]
+    WARMUP_DECAY_LINEAR: _ClassVar[WarmupDecay]
+    WARMUP_DECAY_COSINE: _ClassVar[WarmupDecay]
+
+class OneCycleAnneal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ONE_CYCLE_ANNEAL_UNSPECIFIED: _ClassVar[OneCycleAnneal]
+    ONE_CYCLE_ANNEAL_COS: _ClassVar[OneCycleAnneal]
+    ONE_CYCLE_ANNEAL_LINEAR: _ClassVar[OneCycleAnneal]
 
 class TrainingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +51,17 @@ PARAMETER_VIEW_NAMES: ParameterView
 UPDATE_MODE_UNSPECIFIED: UpdateMode
 UPDATE_MODE_ABSOLUTE: UpdateMode
 UPDATE_MODE_SCALE: UpdateMode
+UPDATE_MODE_UNPIN: UpdateMode
+UPDATE_TARGET_UNSPECIFIED: UpdateTarget
+UPDATE_TARGET_BASE: UpdateTarget
+UPDATE_TARGET_PIN: UpdateTarget
+WARMUP_DECAY_UNSPECIFIED: WarmupDecay
+WARMUP_DECAY_CONSTANT: WarmupDecay
+WARMUP_DECAY_LINEAR: WarmupDecay
+WARMUP_DECAY_COSINE: WarmupDecay
+ONE_CYCLE_ANNEAL_UNSPECIFIED: OneCycleAnneal
+ONE_CYCLE_ANNEAL_COS: OneCycleAnneal
+ONE_CYCLE_ANNEAL_LINEAR: OneCycleAnneal
 TRAINING_STATE_UNSPECIFIED: TrainingState
 TRAINING_STATE_WAITING_FOR_FIRST_STEP: TrainingState
 TRAINING_STATE_TRAINING: TrainingState
@@ -104,14 +135,22 @@ class GetLearningRatesRequest(_message.Message):
     def __init__(self, selectors: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class LearningRate(_message.Message):
-    __slots__ = ("name", "lr", "group")
+    __slots__ = ("name", "lr", "group", "base", "factor", "pinned", "schedule")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     group: int
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., group: _Optional[int] = ...) -> None: ...
+    base: float
+    factor: float
+    pinned: bool
+    schedule: str
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., group: _Optional[int] = ..., base: _Optional[float] = ..., factor: _Optional[float] = ..., pinned: _Optional[bool] = ..., schedule: _Optional[str] = ...) -> None: ...
 
 class GetLearningRatesResponse(_message.Message):
     __slots__ = ("rates", "version", "step", "next_page_token", "total_size")
@@ -128,17 +167,129 @@ class GetLearningRatesResponse(_message.Message):
     def __init__(self, rates: _Optional[_Iterable[_Union[LearningRate, _Mapping]]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class LearningRateUpdate(_message.Message):
-    __slots__ = ("selector", "mode", "value")
+    __slots__ = ("selector", "mode", "value", "target")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     selector: str
     mode: UpdateMode
     value: float
-    def __init__(self, selector: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., value: _Optional[float] = ...) -> None: ...
+    target: UpdateTarget
+    def __init__(self, selector: _Optional[str] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., value: _Optional[float] = ..., target: _Optional[_Union[UpdateTarget, str]] = ...) -> None: ...
+
+class Schedule(_message.Message):
+    __slots__ = ("start_step", "constant", "warmup", "step", "exponential", "inverse_time", "one_cycle", "piecewise_linear", "adopted")
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    CONSTANT_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EXPONENTIAL_FIELD_NUMBER: _ClassVar[int]
+    INVERSE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ONE_CYCLE_FIELD_NUMBER: _ClassVar[int]
+    PIECEWISE_LINEAR_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_FIELD_NUMBER: _ClassVar[int]
+    start_step: int
+    constant: ConstantSchedule
+    warmup: WarmupSchedule
+    step: StepSchedule
+    exponential: ExponentialSchedule
+    inverse_time: InverseTimeSchedule
+    one_cycle: OneCycleSchedule
+    piecewise_linear: PiecewiseLinearSchedule
+    adopted: AdoptedSchedule
+    def __init__(self, start_step: _Optional[int] = ..., constant: _Optional[_Union[ConstantSchedule, _Mapping]] = ..., warmup: _Optional[_Union[WarmupSchedule, _Mapping]] = ..., step: _Optional[_Union[StepSchedule, _Mapping]] = ..., exponential: _Optional[_Union[ExponentialSchedule, _Mapping]] = ..., inverse_time: _Optional[_Union[InverseTimeSchedule, _Mapping]] = ..., one_cycle: _Optional[_Union[OneCycleSchedule, _Mapping]] = ..., piecewise_linear: _Optional[_Union[PiecewiseLinearSchedule, _Mapping]] = ..., adopted: _Optional[_Union[AdoptedSchedule, _Mapping]] = ...) -> None: ...
+
+class ConstantSchedule(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WarmupSchedule(_message.Message):
+    __slots__ = ("warmup_steps", "total_steps", "decay", "start_factor", "final_factor", "num_cycles")
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECAY_FIELD_NUMBER: _ClassVar[int]
+    START_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    NUM_CYCLES_FIELD_NUMBER: _ClassVar[int]
+    warmup_steps: int
+    total_steps: int
+    decay: WarmupDecay
+    start_factor: float
+    final_factor: float
+    num_cycles: float
+    def __init__(self, warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., decay: _Optional[_Union[WarmupDecay, str]] = ..., start_factor: _Optional[float] = ..., final_factor: _Optional[float] = ..., num_cycles: _Optional[float] = ...) -> None: ...
+
+class StepSchedule(_message.Message):
+    __slots__ = ("gamma", "step_size", "milestones")
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MILESTONES_FIELD_NUMBER: _ClassVar[int]
+    gamma: float
+    step_size: int
+    milestones: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, gamma: _Optional[float] = ..., step_size: _Optional[int] = ..., milestones: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ExponentialSchedule(_message.Message):
+    __slots__ = ("gamma",)
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    gamma: float
+    def __init__(self, gamma: _Optional[float] = ...) -> None: ...
+
+class InverseTimeSchedule(_message.Message):
+    __slots__ = ("gamma",)
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    gamma: float
+    def __init__(self, gamma: _Optional[float] = ...) -> None: ...
+
+class OneCycleSchedule(_message.Message):
+    __slots__ = ("total_steps", "pct_start", "div_factor", "final_div_factor", "anneal", "three_phase")
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PCT_START_FIELD_NUMBER: _ClassVar[int]
+    DIV_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    FINAL_DIV_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    ANNEAL_FIELD_NUMBER: _ClassVar[int]
+    THREE_PHASE_FIELD_NUMBER: _ClassVar[int]
+    total_steps: int
+    pct_start: float
+    div_factor: float
+    final_div_factor: float
+    anneal: OneCycleAnneal
+    three_phase: bool
+    def __init__(self, total_steps: _Optional[int] = ..., pct_start: _Optional[float] = ..., div_factor: _Optional[float] = ..., final_div_factor: _Optional[float] = ..., anneal: _Optional[_Union[OneCycleAnneal, str]] = ..., three_phase: _Optional[bool] = ...) -> None: ...
+
+class SchedulePoint(_message.Message):
+    __slots__ = ("step", "factor")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    factor: float
+    def __init__(self, step: _Optional[int] = ..., factor: _Optional[float] = ...) -> None: ...
+
+class PiecewiseLinearSchedule(_message.Message):
+    __slots__ = ("points",)
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedCompositeFieldContainer[SchedulePoint]
+    def __init__(self, points: _Optional[_Iterable[_Union[SchedulePoint, _Mapping]]] = ...) -> None: ...
+
+class AdoptedSchedule(_message.Message):
+    __slots__ = ("scheduler", "group")
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    scheduler: str
+    group: int
+    def __init__(self, scheduler: _Optional[str] = ..., group: _Optional[int] = ...) -> None: ...
+
+class ScheduleAssignment(_message.Message):
+    __slots__ = ("selector", "schedule")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    selector: str
+    schedule: Schedule
+    def __init__(self, selector: _Optional[str] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ...) -> None: ...
 
 class SetLearningRatesRequest(_message.Message):
-    __slots__ = ("updates", "dry_run", "at_step", "wait", "reason", "expected_version", "max_reported_changes")
+    __slots__ = ("updates", "dry_run", "at_step", "wait", "reason", "expected_version", "max_reported_changes", "schedules")
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +297,7 @@ class SetLearningRatesRequest(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_REPORTED_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
     updates: _containers.RepeatedCompositeFieldContainer[LearningRateUpdate]
     dry_run: bool
     at_step: int
@@ -153,17 +305,96 @@ class SetLearningRatesRequest(_message.Message):
     reason: str
     expected_version: int
     max_reported_changes: int
-    def __init__(self, updates: _Optional[_Iterable[_Union[LearningRateUpdate, _Mapping]]] = ..., dry_run: _Optional[bool] = ..., at_step: _Optional[int] = ..., wait: _Optional[bool] = ..., reason: _Optional[str] = ..., expected_version: _Optional[int] = ..., max_reported_changes: _Optional[int] = ...) -> None: ...
+    schedules: _containers.RepeatedCompositeFieldContainer[ScheduleAssignment]
+    def __init__(self, updates: _Optional[_Iterable[_Union[LearningRateUpdate, _Mapping]]] = ..., dry_run: _Optional[bool] = ..., at_step: _Optional[int] = ..., wait: _Optional[bool] = ..., reason: _Optional[str] = ..., expected_version: _Optional[int] = ..., max_reported_changes: _Optional[int] = ..., schedules: _Optional[_Iterable[_Union[ScheduleAssignment, _Mapping]]] = ...) -> None: ...
+
+class SetSchedulesRequest(_message.Message):
+    __slots__ = ("schedules", "dry_run", "at_step", "wait", "reason", "expected_version", "max_reported_changes")
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPORTED_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    schedules: _containers.RepeatedCompositeFieldContainer[ScheduleAssignment]
+    dry_run: bool
+    at_step: int
+    wait: bool
+    reason: str
+    expected_version: int
+    max_reported_changes: int
+    def __init__(self, schedules: _Optional[_Iterable[_Union[ScheduleAssignment, _Mapping]]] = ..., dry_run: _Optional[bool] = ..., at_step: _Optional[int] = ..., wait: _Optional[bool] = ..., reason: _Optional[str] = ..., expected_version: _Optional[int] = ..., max_reported_changes: _Optional[int] = ...) -> None: ...
+
+class ClearSchedulesRequest(_message.Message):
+    __slots__ = ("selectors", "dry_run", "at_step", "wait", "reason", "expected_version", "max_reported_changes")
+    SELECTORS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPORTED_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    selectors: _containers.RepeatedScalarFieldContainer[str]
+    dry_run: bool
+    at_step: int
+    wait: bool
+    reason: str
+    expected_version: int
+    max_reported_changes: int
+    def __init__(self, selectors: _Optional[_Iterable[str]] = ..., dry_run: _Optional[bool] = ..., at_step: _Optional[int] = ..., wait: _Optional[bool] = ..., reason: _Optional[str] = ..., expected_version: _Optional[int] = ..., max_reported_changes: _Optional[int] = ...) -> None: ...
+
+class GetSchedulesRequest(_message.Message):
+    __slots__ = ("selectors",)
+    SELECTORS_FIELD_NUMBER: _ClassVar[int]
+    selectors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, selectors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NameSchedule(_message.Message):
+    __slots__ = ("name", "base", "pin", "schedule", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    base: float
+    pin: float
+    schedule: Schedule
+    description: str
+    def __init__(self, name: _Optional[str] = ..., base: _Optional[float] = ..., pin: _Optional[float] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class GetSchedulesResponse(_message.Message):
+    __slots__ = ("schedules", "version", "step")
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    schedules: _containers.RepeatedCompositeFieldContainer[NameSchedule]
+    version: int
+    step: int
+    def __init__(self, schedules: _Optional[_Iterable[_Union[NameSchedule, _Mapping]]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class RateChange(_message.Message):
-    __slots__ = ("name", "old_lr", "new_lr")
+    __slots__ = ("name", "old_lr", "new_lr", "old_base", "new_base", "old_pin", "new_pin", "old_schedule", "new_schedule")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OLD_LR_FIELD_NUMBER: _ClassVar[int]
     NEW_LR_FIELD_NUMBER: _ClassVar[int]
+    OLD_BASE_FIELD_NUMBER: _ClassVar[int]
+    NEW_BASE_FIELD_NUMBER: _ClassVar[int]
+    OLD_PIN_FIELD_NUMBER: _ClassVar[int]
+    NEW_PIN_FIELD_NUMBER: _ClassVar[int]
+    OLD_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    NEW_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     name: str
     old_lr: float
     new_lr: float
-    def __init__(self, name: _Optional[str] = ..., old_lr: _Optional[float] = ..., new_lr: _Optional[float] = ...) -> None: ...
+    old_base: float
+    new_base: float
+    old_pin: float
+    new_pin: float
+    old_schedule: str
+    new_schedule: str
+    def __init__(self, name: _Optional[str] = ..., old_lr: _Optional[float] = ..., new_lr: _Optional[float] = ..., old_base: _Optional[float] = ..., new_base: _Optional[float] = ..., old_pin: _Optional[float] = ..., new_pin: _Optional[float] = ..., old_schedule: _Optional[str] = ..., new_schedule: _Optional[str] = ...) -> None: ...
 
 class SetLearningRatesResponse(_message.Message):
     __slots__ = ("applied", "step", "version", "changes", "change_id", "num_changes")
@@ -228,7 +459,7 @@ class ListChangesRequest(_message.Message):
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., after_version: _Optional[int] = ..., max_changes_per_record: _Optional[int] = ...) -> None: ...
 
 class ChangeRecord(_message.Message):
-    __slots__ = ("change_id", "version", "step", "applied_at", "requested_at", "updates", "changes", "peer", "user", "reason", "at_step", "num_changes")
+    __slots__ = ("change_id", "version", "step", "applied_at", "requested_at", "updates", "changes", "peer", "user", "reason", "at_step", "num_changes", "schedules")
     CHANGE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +472,7 @@ class ChangeRecord(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
     change_id: int
     version: int
     step: int
@@ -253,7 +485,8 @@ class ChangeRecord(_message.Message):
     reason: str
     at_step: int
     num_changes: int
-    def __init__(self, change_id: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., applied_at: _Optional[float] = ..., requested_at: _Optional[float] = ..., updates: _Optional[_Iterable[_Union[LearningRateUpdate, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[RateChange, _Mapping]]] = ..., peer: _Optional[str] = ..., user: _Optional[str] = ..., reason: _Optional[str] = ..., at_step: _Optional[int] = ..., num_changes: _Optional[int] = ...) -> None: ...
+    schedules: _containers.RepeatedCompositeFieldContainer[ScheduleAssignment]
+    def __init__(self, change_id: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., applied_at: _Optional[float] = ..., requested_at: _Optional[float] = ..., updates: _Optional[_Iterable[_Union[LearningRateUpdate, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[RateChange, _Mapping]]] = ..., peer: _Optional[str] = ..., user: _Optional[str] = ..., reason: _Optional[str] = ..., at_step: _Optional[int] = ..., num_changes: _Optional[int] = ..., schedules: _Optional[_Iterable[_Union[ScheduleAssignment, _Mapping]]] = ...) -> None: ...
 
 class ListChangesResponse(_message.Message):
     __slots__ = ("changes", "next_page_token", "dropped")

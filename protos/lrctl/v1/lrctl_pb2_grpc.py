@@ -59,6 +59,21 @@ class LearningRateControlStub:
                 request_serializer=lrctl_dot_v1_dot_lrctl__pb2.ListChangesRequest.SerializeToString,
                 response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.ListChangesResponse.FromString,
                 _registered_method=True)
+        self.SetSchedules = channel.unary_unary(
+                '/lrctl.v1.LearningRateControl/SetSchedules',
+                request_serializer=lrctl_dot_v1_dot_lrctl__pb2.SetSchedulesRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.SetLearningRatesResponse.FromString,
+                _registered_method=True)
+        self.ClearSchedules = channel.unary_unary(
+                '/lrctl.v1.LearningRateControl/ClearSchedules',
+                request_serializer=lrctl_dot_v1_dot_lrctl__pb2.ClearSchedulesRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.SetLearningRatesResponse.FromString,
+                _registered_method=True)
+        self.GetSchedules = channel.unary_unary(
+                '/lrctl.v1.LearningRateControl/GetSchedules',
+                request_serializer=lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesResponse.FromString,
+                _registered_method=True)
 
 
 class LearningRateControlServicer:
@@ -99,6 +114,28 @@ class LearningRateControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSchedules(self, request, context):
+        """Gives the names that selectors match a schedule: one batch, applied whole at one
+        step boundary or not at all (same options and answer as SetLearningRates).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearSchedules(self, request, context):
+        """Puts the names that selectors match back on the constant schedule (factor 1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedules(self, request, context):
+        """Reads each matched name's base, pin, schedule and rate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearningRateControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +163,21 @@ def add_LearningRateControlServicer_to_server(servicer, server):
                     servicer.ListChanges,
                     request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.ListChangesRequest.FromString,
                     response_serializer=lrctl_dot_v1_dot_lrctl__pb2.ListChangesResponse.SerializeToString,
+            ),
+            'SetSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSchedules,
+                    request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.SetSchedulesRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_lrctl__pb2.SetLearningRatesResponse.SerializeToString,
+            ),
+            'ClearSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearSchedules,
+                    request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.ClearSchedulesRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_lrctl__pb2.SetLearningRatesResponse.SerializeToString,
+            ),
+            'GetSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedules,
+                    request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +315,87 @@ class LearningRateControl:
             '/lrctl.v1.LearningRateControl/ListChanges',
             lrctl_dot_v1_dot_lrctl__pb2.ListChangesRequest.SerializeToString,
             lrctl_dot_v1_dot_lrctl__pb2.ListChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.LearningRateControl/SetSchedules',
+            lrctl_dot_v1_dot_lrctl__pb2.SetSchedulesRequest.SerializeToString,
+            lrctl_dot_v1_dot_lrctl__pb2.SetLearningRatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.LearningRateControl/ClearSchedules',
+            lrctl_dot_v1_dot_lrctl__pb2.ClearSchedulesRequest.SerializeToString,
+            lrctl_dot_v1_dot_lrctl__pb2.SetLearningRatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.LearningRateControl/GetSchedules',
+            lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesRequest.SerializeToString,
+            lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesResponse.FromString,
             options,
             channel_credentials,
             insecure,

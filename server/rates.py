@@ -1,0 +1,233 @@
+"""The rate table: per name a base rate, a schedule and an optional pin; names grouped
+into rate classes.
+
+The rate in force for a name at step S is its pin when it has one, else
+``schedule.rate(base, S)``. Names with the same (base, schedule), or the same pin,
+form one *rate class*: one rate per step, however many names share it. The apply
+strategy installs class rates, so a schedule costs O(classes) per step, not O(names).
+
+Pure Python: no torch, no grpc. The controller holds its lock around every call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from array import array
+from itertools import repeat
+from typing import Any, Callable, Hashable, Iterable, Sequence
+
+from lrctl.common.errors import ResourceExhaustedError
+from lrctl.common.schedules import Constant
+
+log = logging.getLogger("lrctl.controller")
+
+CONSTANT = Constant()
+# Schedules are never forgotten (the history refers to them by id): bound them.
+MAX_SCHEDULES = 10_000
+MAX_SCHEDULE_POINTS = 200_000
+
+# A class key: (PINNED, pin) or (SCHEDULED, base, schedule id).
+PINNED, SCHEDULED = 0, 1
+ClassKey = tuple
+
+
+def rate_of(schedule: Any, base: float, pin: float | None, step: int) -> float:
+    """The rate in force: the pin, else the schedule's rate for `base` at `step`."""
+    if pin is not None:
+        return pin
+    return schedule.rate(base, step)
+
+
+class ScheduleBook:
+    """Every schedule used in this run, by id; id 0 is constant. Equal specs share an id."""
+
+    def __init__(self) -> None:
+        self._schedules: list[Any] = [CONSTANT]
+        self._ids: dict[Hashable, int] = {CONSTANT: 0}
+        self._points = 0
+
+    def intern(self, schedule: Any) -> int:
+        """The id of `schedule`, adding it if new (ResourceExhaustedError past the bound)."""
+        found = self._ids.get(schedule)
+        if found is not None:
+            return found
+        points = len(getattr(schedule, "points", ()))
+        if len(self._schedules) >= MAX_SCHEDULES or self._points + points > MAX_SCHEDULE_POINTS:
+            raise ResourceExhaustedError(
+                f"this run already uses {len(self._schedules)} distinct schedules "
+                f"({self._points} piecewise points); at most {MAX_SCHEDULES} "
+                f"({MAX_SCHEDULE_POINTS} points) are kept: reuse one"
+            )
+        self._points += points
+        self._ids[schedule] = len(self._schedules)
+        self._schedules.append(schedule)
+        return len(self._schedules) - 1
+
+    def __getitem__(self, schedule_id: int) -> Any:
+        return self._schedules[schedule_id]
+
+    def __len__(self) -> int:
+        return len(self._schedules)
+
+    def describe(self, schedule_id: int) -> str:
+        """One line for replies and the history; "" for constant."""
+        return "" if schedule_id == 0 else self._schedules[schedule_id].describe()
+
+
+class RateState:
+    """Per-name bases, schedule ids and pins: what the planner reads.
+
+    `base[i]` is None for a parameter the optimizer does not hold.
+    """
+
+    def __init__(self, base: list[float | None], schedule: array, pins: dict[int, float]) -> None:
+        self.base, self.schedule, self.pins = base, schedule, pins
+
+    def copy(self) -> "RateState":
+        return RateState(self.base.copy(), array("q", self.schedule), dict(self.pins))
+
+
+class RateTable(RateState):
+    """The live table and its partition into rate classes.
+
+    A scheduled rate past what a class's parameters can take (see set_limits) is
+    clamped at the step, never handed to the optimizer.
+    """
+
+    def __init__(
+        self,
+        base: list[float | None],
+        schedule: Sequence[int],
+        book: ScheduleBook,
+    ) -> None:
+        super().__init__(base, array("q", schedule), {})
+        self.book = book
+        self._limit_of: Callable[[int], float] = lambda i: math.inf
+        self.class_of = array("q", [-1]) * len(base)
+        self._keys: list[ClassKey | None] = []
+        self._ids: dict[ClassKey, int] = {}
+        self._sizes: list[int] = []
+        self._limits: list[float] = []
+        self._free: list[int] = []
+        self.scheduled: set[int] = set()  # classes whose rate depends on the step
+        self._clamped: set[int] = set()
+        for i, b in enumerate(base):
+            if b is not None:
+                self._join(i, self._key(i))
+
+    def set_limits(self, limit_of: Callable[[int], float]) -> None:
+        """Use `limit_of(i)`, the largest rate parameter i can take, to clamp schedules."""
+        self._limit_of = limit_of
+        self._limits = [math.inf] * len(self._limits)
+        for i, c in enumerate(self.class_of):
+            if c >= 0:
+                self._limits[c] = min(self._limits[c], limit_of(i))
+
+    # -- classes -----------------------------------------------------------------
+    def _key(self, i: int) -> ClassKey:
+        pin = self.pins.get(i)
+        if pin is not None:
+            return (PINNED, pin)
+        return (SCHEDULED, self.base[i], self.schedule[i])
+
+    def _join(self, i: int, key: ClassKey) -> int:
+        c = self._ids.get(key)
+        if c is None:
+            c = self._free.pop() if self._free else len(self._keys)
+            if c == len(self._keys):
+                self._keys.append(key)
+                self._sizes.append(0)
+                self._limits.append(math.inf)
+            else:
+                self._keys[c], self._sizes[c], self._limits[c] = key, 0, math.inf
+            self._ids[key] = c
+            if key[0] == SCHEDULED and not self.book[key[2]].is_constant:
+                self.scheduled.add(c)
+        self._sizes[c] += 1
+        self._limits[c] = min(self._limits[c], self._limit_of(i))
+        self.class_of[i] = c
+        return c
+
+    def _leave(self, i: int) -> None:
+        c = self.class_of[i]
+        self._sizes[c] -= 1
+        if self._sizes[c] == 0:
+            del self._ids[self._keys[c]]  # type: ignore[arg-type]
+            self._keys[c] = None
+            self.scheduled.discard(c)
+            self._clamped.discard(c)
+            self._free.append(c)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._ids)
+
+    def class_key(self, c: int) -> ClassKey:
+        key = self._keys[c]
+        assert key is not None
+        return key
+
+    # -- rates ---------------------------------------------------------------------
+    def class_rate(self, c: int, step: int) -> float:
+        """Class c's rate at `step`, clamped to what its parameters can take."""
+        key = self.class_key(c)
+        if key[0] == PINNED:
+            return key[1]
+        rate = self.book[key[2]].rate(key[1], step)
+        limit = self._limits[c]
+        if rate <= limit:  # False for NaN too
+            return rate
+        if c not in self._clamped:
+            self._clamped.add(c)
+            log.warning(
+                "lrctl: the schedule %r gives base %r the rate %r at step %d, past %g, the "
+                "largest its parameters can take; holding %g", self.book.describe(key[2]),
+                key[1], rate, step, limit, limit)
+        return limit if not math.isnan(rate) else key[1]
+
+    def rates(self, step: int) -> dict[int, float]:
+        """Every class's rate at `step`."""
+        return {c: self.class_rate(c, step) for c in self._ids.values()}
+
+    def rate(self, i: int, step: int) -> float | None:
+        """Parameter i's rate at `step` (None when the optimizer does not hold it)."""
+        c = self.class_of[i]
+        return None if c < 0 else self.class_rate(c, step)
+
+    def factor(self, i: int, step: int) -> float:
+        """The schedule factor of parameter i at `step` (1.0 for constant)."""
+        s = self.schedule[i]
+        return 1.0 if s == 0 else self.book[s].factor(step)
+
+    # -- changes -------------------------------------------------------------------
+    def commit(
+        self,
+        indices: Iterable[int],
+        base: Iterable[float],
+        schedule: Iterable[int] | None,
+        pins: Iterable[float] | None,
+    ) -> dict[int, int]:
+        """Install new per-name values (NaN pin: none); returns position -> new class
+        for every name whose class changed."""
+        moved: dict[int, int] = {}
+        pairs: Iterable[Any] = zip(
+            indices, base,
+            repeat(None) if schedule is None else schedule,
+            repeat(None) if pins is None else pins,
+        )
+        for i, b, s, p in pairs:
+            old_key = self._key(i)
+            self.base[i] = b
+            if s is not None:
+                self.schedule[i] = s
+            if p is not None:
+                if math.isnan(p):
+                    self.pins.pop(i, None)
+                else:
+                    self.pins[i] = p
+            key = self._key(i)
+            if key != old_key:
+                self._leave(i)
+                moved[i] = self._join(i, key)
+        return moved
