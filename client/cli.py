@@ -32,7 +32,17 @@ from typing import Any, Optional
 
 from lrctl.client.client import ADDRESS_ENV, LRClient, default_address
 from lrctl.client.errors import LrctlError, UnavailableError
-from lrctl.client.types import ChangeRecord, ParameterInfo, SetResult, Status, Update
+from lrctl.client.types import (
+    ChangeRecord,
+    LearningRate,
+    ParameterInfo,
+    RateChange,
+    ScheduleAssignment,
+    SetResult,
+    Status,
+    Update,
+)
+from lrctl.common.schedules import KINDS, parse_schedule
 from lrctl.client.usage import OneLineParser, UsageError
 
 EXIT_OK = 0
@@ -67,6 +77,21 @@ exit codes:
 
 environment:
   LRCTL_ADDRESS  worker address when --address is not given (default 127.0.0.1:50051)
+"""
+
+SCHEDULE_KINDS_HELP = """\
+kinds and their KEY=VALUE options (rate = base x factor(step)):
+  constant
+  warmup        warmup_steps=N [decay=constant|linear|cosine total_steps=N
+                start_factor=F final_factor=F num_cycles=F]
+  step          gamma=F step_size=N | milestones=N,N,...
+  exponential   gamma=F
+  inverse_time  [gamma=F]                 rate = base / (1 + gamma x step)
+  one_cycle     total_steps=N [pct_start=F div_factor=F final_div_factor=F
+                anneal=cos|linear three_phase=true]   base is the peak rate
+  piecewise_linear points=STEP:FACTOR,STEP:FACTOR,...
+
+example: lrctl schedule set 'encoder.*' warmup warmup_steps=100 decay=cosine total_steps=10000
 """
 
 _DEMO_MISSING = "lrctl demo needs the worker extra: pip install 'lrctl[worker]'"
@@ -119,10 +144,17 @@ def _fmt_when(timestamp: float) -> str:
 
 
 def _fmt_update(u: Update) -> str:
+    pin = "pin " if u.target == "pin" else ""
+    if u.mode == "unpin":
+        return f"unpin {u.selector}"
     if u.mode != "scale":
-        return f"{u.selector}={u.value!r}"
+        return f"{pin}{u.selector}={u.value!r}"
     # "layer2.**0.5" or "re:a\.*0.5" would read as part of the pattern; " x" cannot.
-    return f"{u.selector} x{u.value!r}"
+    return f"{pin}{u.selector} x{u.value!r}"
+
+
+def _fmt_assignment(a: ScheduleAssignment) -> str:
+    return f"schedule {a.selector}: {a.schedule.describe() if a.schedule is not None else 'constant'}"
 
 
 def _one_line(text: str) -> str:
@@ -167,12 +199,24 @@ def _list_names(client: LRClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rate_note(r: LearningRate) -> str:
+    if r.pinned:
+        return "pinned"
+    return r.schedule
+
+
 def cmd_get(client: LRClient, args: argparse.Namespace) -> int:
-    """lrctl get: the rate of each parameter the selectors match."""
-    rates = client.read_learning_rates(*args.selectors).rates
+    """lrctl get: the rate of each parameter the selectors match (pin, else base x factor)."""
+    reading = client.read_learning_rates(*args.selectors)
+    rates = reading.rates
     if args.json:
-        _print_json([dataclasses.asdict(r) for r in rates])
-    else:
+        extra = {"step": reading.step, "version": reading.version}
+        _print_json([{**dataclasses.asdict(r), **extra} for r in rates])
+        return EXIT_OK
+    if any(r.schedule or r.pinned or r.base != r.lr for r in rates):
+        rows = ((r.name, repr(r.lr), repr(r.base), repr(r.factor), r.group, _rate_note(r)) for r in rates)
+        print(format_table(("NAME", "LR", "BASE", "FACTOR", "GROUP", "NOTE"), rows))
+    else:  # no schedule, no pin: rate = base, and the short table says all
         print(format_table(("NAME", "LR", "GROUP"), ((r.name, repr(r.lr), r.group) for r in rates)))
     return EXIT_OK
 
@@ -203,12 +247,28 @@ def _set_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _fmt_change(c: RateChange) -> str:
+    """`name: old -> new`, and what made it when that is more than the base."""
+    line = f"{c.name}: {c.old_lr!r} -> {c.new_lr!r}"
+    notes = []
+    plain = not c.old_schedule and not c.new_schedule and c.old_pin is None and c.new_pin is None
+    if c.old_base != c.new_base and not (plain and c.old_base == c.old_lr and c.new_base == c.new_lr):
+        notes.append(f"base {c.old_base!r} -> {c.new_base!r}")
+    if c.old_pin != c.new_pin:
+        notes.append("unpinned" if c.new_pin is None else f"pinned at {c.new_pin!r}")
+    elif c.new_pin is not None:
+        notes.append(f"pinned at {c.new_pin!r}")
+    if c.old_schedule != c.new_schedule:
+        notes.append(f"schedule {c.old_schedule or 'constant'} -> {c.new_schedule or 'constant'}")
+    return f"{line} ({'; '.join(notes)})" if notes else line
+
+
 def _print_set_result(result: SetResult, args: argparse.Namespace) -> None:
     if args.json:
         _print_json({"dry_run": args.dry_run, **dataclasses.asdict(result)})
         return
     for c in result.changes:
-        print(f"{c.name}: {c.old_lr!r} -> {c.new_lr!r}")
+        print(_fmt_change(c))
     if result.num_changes > len(result.changes):
         print(f"... and {result.num_changes - len(result.changes)} more")
     if args.dry_run:
@@ -222,16 +282,72 @@ def _print_set_result(result: SetResult, args: argparse.Namespace) -> None:
 
 
 def cmd_set(client: LRClient, args: argparse.Namespace) -> int:
-    """lrctl set: change rates, one batch applied whole at one step."""
+    """lrctl set: change base rates (or pins), one batch applied whole at one step."""
     updates = [parse_assignment(a) for a in args.assignments]
+    if args.pin:
+        updates = [dataclasses.replace(u, target="pin") for u in updates]
     _print_set_result(client.set_learning_rates(updates, **_set_options(args)), args)
     return EXIT_OK
 
 
 def cmd_scale(client: LRClient, args: argparse.Namespace) -> int:
-    """lrctl scale: multiply the rates PATTERN matches by FACTOR."""
-    result = client.scale_learning_rates(args.pattern, args.factor, **_set_options(args))
+    """lrctl scale: multiply the base rates PATTERN matches by FACTOR (--pin: pin at
+    FACTOR x the rate in force)."""
+    update = Update(args.pattern, args.factor, "scale", "pin" if args.pin else "base")
+    _print_set_result(client.set_learning_rates([update], **_set_options(args)), args)
+    return EXIT_OK
+
+
+def cmd_unpin(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl unpin: the names follow base x schedule again."""
+    _print_set_result(client.unpin(*args.selectors, **_set_options(args)), args)
+    return EXIT_OK
+
+
+def _schedule_options(words: Sequence[str]) -> dict[str, str]:
+    options = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise UsageError(f"schedule set: expected KEY=VALUE, got {word!r}")
+        options[key] = value
+    return options
+
+
+def cmd_schedule_set(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl schedule set: give what SELECTOR matches a built-in schedule."""
+    options = _schedule_options(args.options)
+    if args.start_step is not None:
+        options["start_step"] = str(args.start_step)
+    try:
+        schedule = parse_schedule(args.kind, options)
+    except LrctlError as err:  # checked here too: a typo needs no round trip
+        raise UsageError(f"schedule set: {err}") from None
+    result = client.set_schedules({args.selector: schedule}, **_set_options(args))
     _print_set_result(result, args)
+    return EXIT_OK
+
+
+def cmd_schedule_clear(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl schedule clear: back to constant (rate = base)."""
+    _print_set_result(client.clear_schedules(*args.selectors, **_set_options(args)), args)
+    return EXIT_OK
+
+
+def cmd_schedule_show(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl schedule show: each name's base, pin and schedule."""
+    rows = client.get_schedules(*args.selectors)
+    if args.json:
+        _print_json([
+            {"name": r.name, "base": r.base, "pin": r.pin, "description": r.description,
+             "schedule": r.schedule.to_dict() if r.schedule is not None else None,
+             "adopted": r.adopted or None}
+            for r in rows
+        ])
+        return EXIT_OK
+    table = ((r.name, repr(r.base), "-" if r.pin is None else repr(r.pin), r.description or "constant")
+             for r in rows)
+    print(format_table(("NAME", "BASE", "PIN", "SCHEDULE"), table))
     return EXIT_OK
 
 
@@ -257,7 +373,7 @@ def cmd_status(client: LRClient, args: argparse.Namespace) -> int:
 
 
 def _history_row(r: ChangeRecord) -> tuple[Any, ...]:
-    updates = ", ".join(_fmt_update(u) for u in r.updates)
+    updates = ", ".join([*map(_fmt_update, r.updates), *map(_fmt_assignment, r.schedules)])
     return (r.change_id, r.step, r.version, _fmt_when(r.applied_at), r.user, updates,
             _one_line(r.reason))
 
@@ -326,6 +442,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_change_options(p: argparse.ArgumentParser) -> None:
+    """The options of every verb that changes something (set, scale, unpin, schedule set/clear)."""
     p.add_argument("--dry-run", action="store_true", help="validate and show; change nothing")
     p.add_argument("--at-step", type=_int64, metavar="N", help="apply right before step N")
     p.add_argument("--no-wait", action="store_true",
@@ -370,16 +487,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_get)
 
-    p = verbs.add_parser("set", parents=[common], help="set learning rates (one batch, applied at one step)")
+    p = verbs.add_parser("set", parents=[common],
+                         help="set base rates, or pin rates (one batch, applied at one step)")
     p.add_argument("assignments", nargs="+", metavar="NAME_OR_PATTERN=VALUE")
+    p.add_argument("--pin", action="store_true",
+                   help="pin at exactly VALUE whatever the schedule (until `lrctl unpin`)")
     _add_change_options(p)
     p.set_defaults(func=cmd_set)
 
-    p = verbs.add_parser("scale", parents=[common], help="multiply learning rates by a factor")
+    p = verbs.add_parser("scale", parents=[common], help="multiply base rates by a factor")
     p.add_argument("pattern", metavar="PATTERN")
     p.add_argument("factor", type=float, metavar="FACTOR")
+    p.add_argument("--pin", action="store_true", help="pin at FACTOR x the rate in force instead")
     _add_change_options(p)
     p.set_defaults(func=cmd_scale)
+
+    p = verbs.add_parser("unpin", parents=[common], help="remove pins: follow base x schedule again")
+    p.add_argument("selectors", nargs="+", metavar="NAME|PATTERN")
+    _add_change_options(p)
+    p.set_defaults(func=cmd_unpin)
+
+    p = verbs.add_parser("schedule", parents=[common], help="set, clear or show schedules")
+    schedule_verbs = p.add_subparsers(dest="schedule_verb", metavar="ACTION", required=True)
+    q = schedule_verbs.add_parser(
+        "set", parents=[common], help="give names a built-in schedule",
+        epilog=SCHEDULE_KINDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("selector", metavar="NAME|PATTERN")
+    q.add_argument("kind", metavar="KIND", help=", ".join(KINDS))
+    q.add_argument("options", nargs="*", metavar="KEY=VALUE")
+    q.add_argument("--start-step", type=_int64, metavar="N",
+                   help="the schedule's step 0 is optimizer step N (default 0: the job's step)")
+    _add_change_options(q)
+    q.set_defaults(func=cmd_schedule_set)
+    q = schedule_verbs.add_parser("clear", parents=[common], help="back to constant (rate = base)")
+    q.add_argument("selectors", nargs="+", metavar="NAME|PATTERN")
+    _add_change_options(q)
+    q.set_defaults(func=cmd_schedule_clear)
+    q = schedule_verbs.add_parser("show", parents=[common], help="base, pin and schedule per name")
+    q.add_argument("selectors", nargs="*", metavar="NAME|PATTERN")
+    q.add_argument("--json", action="store_true", help="print a JSON array")
+    q.set_defaults(func=cmd_schedule_show)
 
     p = verbs.add_parser("status", parents=[common], help="the worker's step, version and optimizer")
     p.add_argument("--json", action="store_true", help="print a JSON object")
@@ -424,7 +571,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         with LRClient(args.address, timeout=args.timeout) as client:
             return args.func(client, args)
     except KeyboardInterrupt:
-        if args.verb in ("set", "scale") and not args.no_wait and not args.dry_run:
+        changing = args.verb in ("set", "scale", "unpin") or getattr(args, "schedule_verb", "") in ("set", "clear")
+        if changing and not args.no_wait and not args.dry_run:
             # The call is cancelled; the worker withdraws the change unless a step
             # boundary came first. Only the history can tell which.
             return _error("interrupted: the change is withdrawn unless it was already applied; "

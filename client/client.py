@@ -27,11 +27,15 @@ from lrctl.client.types import (
     ChangeRecord,
     LearningRate,
     LearningRates,
+    NameSchedule,
     ParameterInfo,
+    ScheduleAssignment,
     SetResult,
     Status,
     Update,
 )
+from lrctl.common.schedule_messages import schedule_to_pb
+from lrctl.common.schedules import Constant, Schedule
 from lrctl.v1 import lrctl_pb2, lrctl_pb2_grpc
 
 __all__ = ["LRClient", "DEFAULT_ADDRESS", "ADDRESS_ENV", "default_address", "default_user"]
@@ -59,6 +63,11 @@ def _message(cls: Callable[..., _Message], **fields: Any) -> _Message:
                 raise InvalidArgumentError(f"{name} {value!r}: {field_exc}") from None
         raise InvalidArgumentError(str(exc)) from None
 
+
+_WITHDRAWN_UNLESS_APPLIED = (
+    "the worker withdraws a change whose caller gave up, unless it was applied at that "
+    "very step: `lrctl history` tells"
+)
 
 # A paged reading interrupted by changes this many times in a row gives up.
 _PAGED_READ_ATTEMPTS = 3
@@ -304,12 +313,7 @@ class LRClient:
             at_step=at_step,
             expected_version=expected_version,
         )
-        on_deadline = (
-            "the worker withdraws a change whose caller gave up, unless it was applied at that "
-            "very step: `lrctl history` tells"
-            if wait and not dry_run
-            else None
-        )
+        on_deadline = _WITHDRAWN_UNLESS_APPLIED if wait and not dry_run else None
         reply = self._call(self._stub.SetLearningRates, request, timeout, on_deadline=on_deadline)
         return SetResult.from_proto(reply)
 
@@ -337,6 +341,82 @@ class LRClient:
             max_reported_changes=max_reported_changes,
             timeout=timeout,
         )
+
+    def pin_learning_rates(
+        self, pins: Mapping[str, float], **options: Any
+    ) -> SetResult:
+        """Pin names at exact rates, whatever their schedule, until unpinned.
+
+        Takes the options of set_learning_rates (wait, at_step, reason, ...).
+        """
+        return self.set_learning_rates(
+            [Update(selector, value, "absolute", "pin") for selector, value in pins.items()], **options
+        )
+
+    def unpin(self, *selectors: str, **options: Any) -> SetResult:
+        """Remove pins: the names follow base x schedule again."""
+        return self.set_learning_rates([Update(s, 0.0, "unpin", "pin") for s in selectors], **options)
+
+    def set_schedules(
+        self,
+        schedules: Union[Mapping[str, Optional[Schedule]], Iterable[ScheduleAssignment]],
+        *,
+        dry_run: bool = False,
+        at_step: Optional[int] = None,
+        wait: bool = True,
+        reason: str = "",
+        expected_version: Optional[int] = None,
+        max_reported_changes: int = 0,
+        timeout: Optional[float] = None,
+    ) -> SetResult:
+        """Give names schedules (lrctl.common.schedules; None: constant), as one batch
+        applied whole at one step boundary. Bases and pins stay as they are."""
+        if isinstance(schedules, Mapping):
+            batch = [ScheduleAssignment(selector, spec) for selector, spec in schedules.items()]
+        else:
+            batch = list(schedules)
+        request = _message(
+            lrctl_pb2.SetSchedulesRequest,
+            schedules=[
+                lrctl_pb2.ScheduleAssignment(
+                    selector=a.selector,
+                    schedule=schedule_to_pb(a.schedule if a.schedule is not None else Constant()),
+                )
+                for a in batch
+            ],
+            dry_run=dry_run, wait=wait, reason=reason, max_reported_changes=max_reported_changes,
+            at_step=at_step, expected_version=expected_version,
+        )
+        reply = self._call(self._stub.SetSchedules, request, timeout,
+                           on_deadline=_WITHDRAWN_UNLESS_APPLIED if wait and not dry_run else None)
+        return SetResult.from_proto(reply)
+
+    def clear_schedules(
+        self,
+        *selectors: str,
+        dry_run: bool = False,
+        at_step: Optional[int] = None,
+        wait: bool = True,
+        reason: str = "",
+        expected_version: Optional[int] = None,
+        max_reported_changes: int = 0,
+        timeout: Optional[float] = None,
+    ) -> SetResult:
+        """Put the names `selectors` match back on the constant schedule (rate = base)."""
+        request = _message(
+            lrctl_pb2.ClearSchedulesRequest, selectors=list(selectors),
+            dry_run=dry_run, wait=wait, reason=reason, max_reported_changes=max_reported_changes,
+            at_step=at_step, expected_version=expected_version,
+        )
+        reply = self._call(self._stub.ClearSchedules, request, timeout,
+                           on_deadline=_WITHDRAWN_UNLESS_APPLIED if wait and not dry_run else None)
+        return SetResult.from_proto(reply)
+
+    def get_schedules(self, *selectors: str, timeout: Optional[float] = None) -> list[NameSchedule]:
+        """Base, pin and schedule of each name the selectors match (all held when none)."""
+        request = _message(lrctl_pb2.GetSchedulesRequest, selectors=list(selectors))
+        reply = self._call(self._stub.GetSchedules, request, timeout)
+        return [NameSchedule.from_proto(m) for m in reply.schedules]
 
     def status(self, *, timeout: Optional[float] = None) -> Status:
         """The worker's step, config version, optimizer, grouping and state."""

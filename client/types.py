@@ -9,48 +9,69 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from lrctl.common.schedule_messages import schedule_from_pb
+from lrctl.common.schedules import Schedule
 from lrctl.v1 import lrctl_pb2
 
-UpdateModeName = Literal["absolute", "scale"]
+UpdateModeName = Literal["absolute", "scale", "unpin"]
+UpdateTargetName = Literal["base", "pin"]
 
 _MODE_TO_PROTO: dict[str, int] = {
     "absolute": lrctl_pb2.UPDATE_MODE_ABSOLUTE,
     "scale": lrctl_pb2.UPDATE_MODE_SCALE,
+    "unpin": lrctl_pb2.UPDATE_MODE_UNPIN,
 }
 _MODE_FROM_PROTO: dict[int, str] = {v: k for k, v in _MODE_TO_PROTO.items()}
+_TARGET_TO_PROTO: dict[str, int] = {
+    "base": lrctl_pb2.UPDATE_TARGET_UNSPECIFIED,
+    "pin": lrctl_pb2.UPDATE_TARGET_PIN,
+}
+_TARGET_FROM_PROTO: dict[int, str] = {
+    lrctl_pb2.UPDATE_TARGET_UNSPECIFIED: "base",
+    lrctl_pb2.UPDATE_TARGET_BASE: "base",
+    lrctl_pb2.UPDATE_TARGET_PIN: "pin",
+}
 
 _STATE_PREFIX = "TRAINING_STATE_"
 
 
 @dataclass(frozen=True)
 class Update:
-    """One entry of a batch: set `selector`'s rate to `value` or multiply it by `value`."""
+    """One entry of a batch: set `selector`'s base rate to `value` or multiply it by `value`.
+
+    With target="pin" the names are pinned at `value` (or at `value` x their rate in
+    force, with mode="scale") whatever their schedule; mode="unpin" removes the pin.
+    """
 
     selector: str
     value: float
     mode: UpdateModeName = "absolute"
+    target: UpdateTargetName = "base"
 
     def __post_init__(self) -> None:
-        # Only the mode is checked here; values are the worker's to judge, so that the
-        # client and every other language get the same errors for the same input.
+        # Only the mode and target are checked here; values are the worker's to judge,
+        # so that the client and every other language get the same errors.
         if self.mode not in _MODE_TO_PROTO:
-            raise ValueError(f"Update mode must be 'absolute' or 'scale', not {self.mode!r}")
+            raise ValueError(f"Update mode must be 'absolute', 'scale' or 'unpin', not {self.mode!r}")
+        if self.target not in _TARGET_TO_PROTO:
+            raise ValueError(f"Update target must be 'base' or 'pin', not {self.target!r}")
 
     def to_proto(self) -> lrctl_pb2.LearningRateUpdate:
         """The wire form of this update."""
         return lrctl_pb2.LearningRateUpdate(
-            selector=self.selector, mode=_MODE_TO_PROTO[self.mode], value=float(self.value)
+            selector=self.selector, mode=_MODE_TO_PROTO[self.mode], value=float(self.value),
+            target=_TARGET_TO_PROTO[self.target],
         )
 
     @classmethod
     def from_proto(cls, msg: lrctl_pb2.LearningRateUpdate) -> Update:
-        """An Update from its wire form (an unknown mode reads as 'unspecified')."""
-        mode = _MODE_FROM_PROTO.get(msg.mode, "unspecified")
+        """An Update from its wire form (unknown values read as 'unspecified')."""
         # Bypass validation: a record read back from the worker is reported as it is.
         obj = cls.__new__(cls)
         object.__setattr__(obj, "selector", msg.selector)
         object.__setattr__(obj, "value", msg.value)
-        object.__setattr__(obj, "mode", mode)
+        object.__setattr__(obj, "mode", _MODE_FROM_PROTO.get(msg.mode, "unspecified"))
+        object.__setattr__(obj, "target", _TARGET_FROM_PROTO.get(msg.target, "unspecified"))
         return obj
 
 
@@ -90,11 +111,17 @@ class ParameterInfo:
 
 @dataclass(frozen=True)
 class LearningRate:
-    """The learning rate of one parameter and the physical group that holds it."""
+    """The rate of one parameter (pin, else base x factor) and its physical group.
+
+    `schedule` describes the schedule in one line ("" for constant)."""
 
     name: str
     lr: float
     group: int
+    base: float = 0.0
+    factor: float = 1.0
+    pinned: bool = False
+    schedule: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,7 +136,8 @@ class LearningRates:
     def from_proto(cls, msg: lrctl_pb2.GetLearningRatesResponse) -> LearningRates:
         """A LearningRates from a GetLearningRatesResponse."""
         return cls(
-            rates=[LearningRate(r.name, r.lr, r.group) for r in msg.rates],
+            rates=[LearningRate(r.name, r.lr, r.group, r.base, r.factor, r.pinned, r.schedule)
+                   for r in msg.rates],
             version=msg.version,
             step=msg.step,
         )
@@ -117,16 +145,78 @@ class LearningRates:
 
 @dataclass(frozen=True)
 class RateChange:
-    """One parameter's learning rate before and after a change."""
+    """One parameter's rate in force before and after a change, and what made it.
+
+    Pins are None when there is none; schedules are one-line descriptions ("" for
+    constant, and both "" when the change did not touch schedules).
+    """
 
     name: str
     old_lr: float
     new_lr: float
+    old_base: float = 0.0
+    new_base: float = 0.0
+    old_pin: Optional[float] = None
+    new_pin: Optional[float] = None
+    old_schedule: str = ""
+    new_schedule: str = ""
 
     @classmethod
     def from_proto(cls, msg: lrctl_pb2.RateChange) -> RateChange:
         """A RateChange from its wire form."""
-        return cls(msg.name, msg.old_lr, msg.new_lr)
+        return cls(
+            msg.name, msg.old_lr, msg.new_lr, msg.old_base, msg.new_base,
+            msg.old_pin if msg.HasField("old_pin") else None,
+            msg.new_pin if msg.HasField("new_pin") else None,
+            msg.old_schedule, msg.new_schedule,
+        )
+
+    def what_changed(self) -> list[str]:
+        """Which of base, pin, schedule this change moved (in that order)."""
+        moved = []
+        if self.old_base != self.new_base:
+            moved.append("base")
+        if self.old_pin != self.new_pin:
+            moved.append("pin")
+        if self.old_schedule != self.new_schedule:
+            moved.append("schedule")
+        return moved
+
+
+@dataclass(frozen=True)
+class ScheduleAssignment:
+    """A schedule given to what `selector` matches (None: back to constant)."""
+
+    selector: str
+    schedule: Optional[Schedule]
+
+
+@dataclass(frozen=True)
+class NameSchedule:
+    """One parameter's base, pin and schedule.
+
+    `schedule` is the spec (lrctl.common.schedules), or None for a torch scheduler the
+    worker adopted (`adopted` then names it, e.g. "LambdaLR group 0").
+    """
+
+    name: str
+    base: float
+    pin: Optional[float]
+    schedule: Optional[Schedule]
+    description: str
+    adopted: str = ""
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.NameSchedule) -> NameSchedule:
+        """A NameSchedule from its wire form."""
+        adopted = ""
+        schedule: Optional[Schedule] = None
+        if msg.schedule.WhichOneof("kind") == "adopted":
+            adopted = f"{msg.schedule.adopted.scheduler} group {msg.schedule.adopted.group}"
+        else:
+            schedule = schedule_from_pb(msg.schedule)
+        return cls(msg.name, msg.base, msg.pin if msg.HasField("pin") else None, schedule,
+                   msg.description, adopted)
 
 
 @dataclass(frozen=True)
@@ -231,6 +321,7 @@ class ChangeRecord:
     reason: str
     at_step: Optional[int]
     num_changes: int
+    schedules: list[ScheduleAssignment] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, msg: lrctl_pb2.ChangeRecord) -> ChangeRecord:
@@ -248,4 +339,10 @@ class ChangeRecord:
             reason=msg.reason,
             at_step=msg.at_step if msg.HasField("at_step") else None,
             num_changes=msg.num_changes,
+            schedules=[_assignment_from_proto(a) for a in msg.schedules],
         )
+
+
+def _assignment_from_proto(msg: lrctl_pb2.ScheduleAssignment) -> ScheduleAssignment:
+    schedule = schedule_from_pb(msg.schedule)
+    return ScheduleAssignment(msg.selector, None if schedule.is_constant and not schedule.start_step else schedule)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import atexit
-from typing import Iterable
+import warnings
+from typing import Any, Iterable
 
 import torch
 
+from lrctl.server.adopt import AdoptedScheduler, unwrap_optimizer
 from lrctl.server.controller import Controller
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.service import LearningRateControlService
+from lrctl.server.wrappers import named_parameters
 from lrctl.v1 import lrctl_pb2_grpc
 
 
@@ -25,6 +28,16 @@ class LRControl:
         self._server = server
         self._closed = False
         atexit.register(self.close)
+
+    @property
+    def step(self) -> int:
+        """Index of the next optimizer step lrctl counts (0 before the first).
+
+        lrctl counts calls of ``optimizer.step()``: when a GradScaler skips a step
+        (inf/NaN gradients) the optimizer's step is not called and not counted, so
+        this can trail a trainer's ``global_step``, which counts every update attempt.
+        """
+        return self.controller.step
 
     @property
     def port(self) -> int:
@@ -61,6 +74,7 @@ def attach(
     model: torch.nn.Module | Iterable[tuple[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     *,
+    scheduler: Any = None,
     address: str = DEFAULT_ADDRESS,
     insecure: bool = False,
     serve: bool = True,
@@ -69,13 +83,42 @@ def attach(
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
-    `model` is an ``nn.Module`` or an iterable of (name, parameter) pairs that covers
-    every tensor the optimizer holds. Rate changes are applied right before
+    `model` is an ``nn.Module`` (torch.compile, DDP and DataParallel wrappers are seen
+    through: names are the model's own) or an iterable of (name, parameter) pairs
+    that covers every tensor the optimizer holds. `optimizer` may be wrapped
+    (Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer).
+
+    `scheduler`, a ``torch.optim.lr_scheduler`` object of this optimizer, is adopted:
+    it becomes the schedule of the names of each group it drove, your code keeps
+    calling ``scheduler.step()``, and the rates are exactly what it would have given
+    (ReduceLROnPlateau cannot be adopted yet). Rate changes are applied right before
     ``optimizer.step()``; the training loop stays as it is. `address` defaults to
     127.0.0.1:50051; port 0 picks a free port (read it back from ``.port``).
+    Anything wrong is raised before lrctl touches the optimizer or the scheduler.
     """
-    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
-    controller = Controller(named, optimizer, history_limit=history_limit)
+    named = named_parameters(model)
+    optimizer = unwrap_optimizer(optimizer)
+    if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
+        warnings.warn(
+            "the optimizer's param groups have 'initial_lr': a torch LR scheduler seems to drive "
+            "them. Pass it as attach(..., scheduler=...) so that lrctl adopts it; stepped "
+            "on its own it fights lrctl's rates and breaks when lrctl regroups",
+            stacklevel=2,
+        )
+    adopted = AdoptedScheduler(scheduler, optimizer) if scheduler is not None else None
+    try:
+        controller = Controller(
+            named,
+            optimizer,
+            history_limit=history_limit,
+            group_schedules=None if adopted is None else adopted.groups,
+            group_bases=None if adopted is None else [g.base_lr for g in adopted.groups],
+            on_step=() if adopted is None else (adopted.mark_stepped,),
+        )
+    except BaseException:
+        if adopted is not None:
+            adopted.release()
+        raise
     if not serve:
         return LRControl(controller, None)
     # Two threads stay free of waiting Sets for reads and health checks.

@@ -506,6 +506,10 @@ class Controller:
         if moved:
             self._strategy.set_rates(moved)
             installed.update(moved)
+        if self._table.driven:
+            self._strategy.set_hyperparameters(
+                {c: schedule.driven() for c, schedule in self._table.driven.items()}
+            )
 
     def _abandon(self, changes: Sequence[PendingChange], step: int) -> None:
         """Finish changes that an interrupt left half-way, so no caller waits forever."""

@@ -111,6 +111,9 @@ class RateTable(RateState):
         self._limits: list[float] = []
         self._free: list[int] = []
         self.scheduled: set[int] = set()  # classes whose rate depends on the step
+        # Classes whose schedule also drives other hyperparameters (an adopted
+        # OneCycleLR cycles momentum): class -> schedule.
+        self.driven: dict[int, Any] = {}
         self._clamped: set[int] = set()
         for i, b in enumerate(base):
             if b is not None:
@@ -144,6 +147,8 @@ class RateTable(RateState):
             self._ids[key] = c
             if key[0] == SCHEDULED and not self.book[key[2]].is_constant:
                 self.scheduled.add(c)
+                if getattr(self.book[key[2]], "driven_keys", ()):
+                    self.driven[c] = self.book[key[2]]
         self._sizes[c] += 1
         self._limits[c] = min(self._limits[c], self._limit_of(i))
         self.class_of[i] = c
@@ -156,6 +161,7 @@ class RateTable(RateState):
             del self._ids[self._keys[c]]  # type: ignore[arg-type]
             self._keys[c] = None
             self.scheduled.discard(c)
+            self.driven.pop(c, None)
             self._clamped.discard(c)
             self._free.append(c)
 

@@ -33,6 +33,9 @@ class ApplyStrategy(Protocol):
     def set_rates(self, rates: Mapping[int, float]) -> None:
         """New rates of some classes; no parameter changed class (a schedule tick)."""
 
+    def set_hyperparameters(self, values: Mapping[int, Mapping[str, Any]]) -> None:
+        """Per class, other hyperparameters an adopted scheduler drives (momentum, betas)."""
+
     def group_of(self, index: int) -> int:
         """Physical group of a held parameter, -1 for one the optimizer does not hold."""
 
@@ -232,6 +235,12 @@ class CoalescedGroups:
         for c, lr in rates.items():
             for g in by_class.get(c, ()):
                 self._set_lr(groups[g], lr)
+
+    def set_hyperparameters(self, values: Mapping[int, Mapping[str, Any]]) -> None:
+        groups, by_class = self._optimizer.param_groups, self._by_class
+        for c, hypers in values.items():
+            for g in by_class.get(c, ()):
+                groups[g].update(hypers)
 
     # -- internals -----------------------------------------------------------------
     def _relabelling(self, moved: Mapping[int, int]) -> dict[int, int] | None:

@@ -355,39 +355,67 @@ def test_crashing_handler_costs_only_the_request(
 
 
 class _FailOnce:
-    """Wraps the controller's apply strategy; its first apply() raises mid-way."""
+    """Wraps the controller's apply strategy; its first move() raises after a half-done
+    edit: the groups already changed (all of the move, or only part of it) and the
+    strategy did not undo it, so only the controller's rollback can."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, part: str) -> None:
         self.inner = inner
+        self.part = part
         self.failed = False
 
-    def apply(self, new_lrs):
+    def move(self, moved, rates):
         if not self.failed:
             self.failed = True
-            self.inner.apply(new_lrs)  # half done: the groups already changed...
+            if self.part == "half":  # some parameters moved, the others not
+                moved = dict(list(moved.items())[: max(1, len(moved) // 2)])
+                rates = {c: r for c, r in rates.items() if c in set(moved.values())}
+            self.inner.move(moved, rates)  # half done: the groups already changed...
             raise RuntimeError("simulated failure while applying")
-        return self.inner.apply(new_lrs)
+        return self.inner.move(moved, rates)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
 
-def test_crash_while_applying_costs_only_the_change(served: Served, training: Trainer) -> None:
+def group_layout(optimizer) -> list[tuple]:
+    """Each param group as the optimizer has it, in order: its parameters (by identity),
+    its rate and its other hyperparameters."""
+    return [
+        (
+            [id(p) for p in g["params"]],
+            list(g["param_names"]),
+            float(g["lr"]),
+            {k: v for k, v in g.items() if k not in ("params", "param_names", "lr")},
+        )
+        for g in optimizer.param_groups
+    ]
+
+
+@pytest.mark.parametrize("part", ["all", "half"])
+def test_crash_while_applying_costs_only_the_change(served: Served, training: Trainer, part: str) -> None:
     controller = served.controller
-    controller._strategy = _FailOnce(controller._strategy)
+    before = group_layout(served.optimizer)
+    controller._strategy = _FailOnce(controller._strategy, part)
     err = rpc_error(
         lambda: served.stub.SetLearningRates(set_request(absolute("layer1.*", 0.5), wait=True), timeout=30)
     )
+    assert controller._strategy.failed
     assert err.code() == grpc.StatusCode.INTERNAL and "simulated failure" in err.details()
     training.wait_steps(5)
     assert training.thread.is_alive() and not training.errors
-    # Rolled back: rates as served and as the optimizer has them.
+    # Rolled back: rates as served and as the optimizer has them, the same groups in
+    # the same order with the same hyperparameters.
     assert served.rates() == SEED_LRS
     assert group_lrs(served.model, served.optimizer) == SEED_LRS
-    assert served.stub.GetStatus(pb.GetStatusRequest(), timeout=T).version == 0
+    assert group_layout(served.optimizer) == before
+    status = served.stub.GetStatus(pb.GetStatusRequest(), timeout=T)
+    assert (status.version, status.num_param_groups) == (0, len(before))
+    assert list(served.stub.ListChanges(pb.ListChangesRequest(), timeout=T).changes) == []
     reply = served.stub.SetLearningRates(set_request(absolute("layer1.*", 0.5), wait=True), timeout=30)
     assert reply.applied and reply.version == 1
-    assert group_lrs(served.model, served.optimizer)["layer1.bias"] == 0.5
+    assert group_lrs(served.model, served.optimizer) == {**SEED_LRS, "layer1.weight": 0.5, "layer1.bias": 0.5}
+    assert served.rates() == group_lrs(served.model, served.optimizer)
 
 
 def test_rate_too_large_for_float32_is_refused_and_training_survives(served: Served, training: Trainer) -> None:

@@ -287,7 +287,9 @@ def test_set_applies_and_reads_back_exactly(client: LRClient, worker: Worker) ->
 def test_set_json(client: LRClient, worker: Worker) -> None:
     result = ok_json(run_cli("set", "layer1.bias=0.25", "--json", address=worker.address))
     assert result["applied"] is True and result["dry_run"] is False
-    assert result["changes"] == [{"name": "layer1.bias", "old_lr": 0.1, "new_lr": 0.25}]
+    assert result["changes"] == [{"name": "layer1.bias", "old_lr": 0.1, "new_lr": 0.25, "old_base": 0.1,
+                                   "new_base": 0.25, "old_pin": None, "new_pin": None,
+                                   "old_schedule": "", "new_schedule": ""}]
     assert result["change_id"] > 0 and result["num_changes"] == 1
     assert result["version"] == client.status().version
 
@@ -329,7 +331,8 @@ def test_at_step_without_wait_applies_at_exactly_that_step(client: LRClient, wor
 
     record = _wait_for(applied, timeout=20, what=f"the change due at step {target}")
     assert (record["step"], record["at_step"]) == (target, target)
-    assert record["changes"] == [{"name": "layer1.bias", "old_lr": 0.1, "new_lr": 0.03}]
+    assert [{k: c[k] for k in ("name", "old_lr", "new_lr", "old_base", "new_base")} for c in record["changes"]] == [
+        {"name": "layer1.bias", "old_lr": 0.1, "new_lr": 0.03, "old_base": 0.1, "new_base": 0.03}]
     assert client.get_learning_rates("layer1.bias") == {"layer1.bias": 0.03}
 
 
@@ -343,7 +346,7 @@ def test_history_shows_who_what_and_why(client: LRClient, worker: Worker) -> Non
 
     ok(run_cli("scale", "layer2.*", "2", address=worker.address))
     (record,) = ok_json(run_cli("history", "--json", "--limit", "1", address=worker.address))
-    assert record["updates"] == [{"selector": "layer2.*", "value": 2.0, "mode": "scale"}]
+    assert record["updates"] == [{"selector": "layer2.*", "value": 2.0, "mode": "scale", "target": "base"}]
     assert record["changes"] == [
         {"name": "layer2.weight", "old_lr": 0.001, "new_lr": 0.002},
         {"name": "layer2.bias", "old_lr": 1.0, "new_lr": 2.0},

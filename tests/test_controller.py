@@ -80,9 +80,9 @@ class Rig:
             len(self.optimizer.param_groups),
         )
 
-    def check_groups(self) -> None:
+    def check_groups(self, coalesced: bool = True) -> None:
         """Every group's param_names match its params; every held param in exactly one group
-        at the rate the controller reports."""
+        at the rate the controller reports (and, when `coalesced`, one group per rate)."""
         rates = self.controller.learning_rates()
         seen = []
         for group in self.optimizer.param_groups:
@@ -93,9 +93,13 @@ class Rig:
                 seen.append(name)
         assert sorted(seen) == sorted(rates)
         assert len(set(seen)) == len(seen)
-        # Coalesced: one group per distinct rate (all other hyperparameters are equal here).
-        assert len(self.optimizer.param_groups) == len(set(rates.values()))
+        if coalesced:
+            # One group per distinct rate (all other hyperparameters are equal here).
+            assert len(self.optimizer.param_groups) == len(set(rates.values()))
         assert self.controller.status().num_param_groups == len(self.optimizer.param_groups)
+        groups = {n: g for g, group in enumerate(self.optimizer.param_groups) for n in group["param_names"]}
+        views = self.controller.describe(self.controller.filter(""))
+        assert {v.name: v.group for v in views if v.in_optimizer} == groups
 
 
 @pytest.fixture
@@ -148,14 +152,19 @@ def test_regex_selectors_resolve_with_search(rig: Rig, selector: str, expected: 
 
 def test_read_by_selectors_and_all(rig: Rig) -> None:
     rows, version, step = rig.controller.read(["layer2.*", "layer1.bias"])
-    assert [(n, lr) for n, lr, _ in rows] == [
+    assert [(r.name, r.lr) for r in rows] == [
         ("layer1.bias", 0.1),
         ("layer2.weight", 0.001),
         ("layer2.bias", 1.0),
     ]
+    # No schedule, no pin: the rate is the base.
+    assert all((r.base, r.factor, r.pinned, r.schedule) == (r.lr, 1.0, False, "") for r in rows)
+    groups = {v.name: v.group for v in rig.controller.describe(rig.controller.filter(""))}
+    assert all(r.group == groups[r.name] for r in rows)
     assert (version, step) == (0, 0)
     rows, _, _ = rig.controller.read([])
-    assert {n: lr for n, lr, _ in rows} == SEED_LRS
+    assert [r.name for r in rows] == list(SEED_NAMES)
+    assert {r.name: r.lr for r in rows} == SEED_LRS
 
 
 # -- rejected values and selectors ----------------------------------------------------------
@@ -390,30 +399,39 @@ def test_groups_sharing_one_lr_tensor_are_changed_one_at_a_time() -> None:
     assert float(opt.defaults["lr"]) == untouched
 
 
-def test_an_interrupt_inside_the_hook_finishes_every_due_change(rig: Rig, monkeypatch) -> None:
+@pytest.mark.parametrize("edited", [False, True], ids=["before-the-edit", "after-the-edit"])
+def test_an_interrupt_inside_the_hook_finishes_every_due_change(rig: Rig, monkeypatch, edited: bool) -> None:
     """Ctrl-C can land in the training thread while the hook applies changes: the step
-    is interrupted, but no caller may wait forever and nothing is half-applied."""
+    is interrupted, but no caller may wait forever and nothing is half-applied (whether
+    the strategy had changed the groups yet or not)."""
     first, _ = rig.controller.submit(req(set_("layer1.weight", 0.5)))
     second, _ = rig.controller.submit(req(set_("layer2.weight", 0.5)))
     before = rig.snapshot()
-    real_apply = rig.controller._strategy.apply
+    groups_before = [(g["param_names"], float(g["lr"])) for g in rig.optimizer.param_groups]
+    real_move = rig.controller._strategy.move
     calls = []
 
-    def interrupted_once(new_lrs):
-        calls.append(new_lrs)
+    def interrupted_once(moved, rates):
+        calls.append((dict(moved), dict(rates)))
         if len(calls) == 1:
+            if edited:
+                real_move(moved, rates)
             raise KeyboardInterrupt
-        real_apply(new_lrs)
+        real_move(moved, rates)
 
-    monkeypatch.setattr(rig.controller._strategy, "apply", interrupted_once)
+    monkeypatch.setattr(rig.controller._strategy, "move", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
         rig.step()
     assert first.finished.is_set() and second.finished.is_set()
     assert isinstance(first.error, InternalError) and isinstance(second.error, InternalError)
     assert "may not have been applied" in str(second.error)
     assert rig.snapshot()[:3] == before[:3] and rig.controller.pending_count == 0
+    assert [(g["param_names"], float(g["lr"])) for g in rig.optimizer.param_groups] == groups_before
+    rig.check_groups()
     monkeypatch.undo()
     assert rig.apply(req(set_("layer1.weight", 0.5))).error is None  # training goes on
+    assert rig.optimizer_lrs() == rig.controller.learning_rates() == {**SEED_LRS, "layer1.weight": 0.5}
+    rig.check_groups()
 
 
 def test_lbfgs_is_refused_up_front() -> None:
@@ -489,7 +507,7 @@ def test_unsettable_parameters_are_listed_with_flags(odd_rig: Rig) -> None:
     assert (status.num_parameters, status.num_settable) == (4, 2)
     # The frozen-but-held parameter can still be read.
     rows, _, _ = c.read(["layer2.bias"])
-    assert rows[0][:2] == ("layer2.bias", 1.0)
+    assert [(r.name, r.lr) for r in rows] == [("layer2.bias", 1.0)]
 
 
 def test_optimizer_holding_unnamed_tensors_is_refused() -> None:
@@ -689,17 +707,51 @@ def test_bounded_history_drops_oldest_and_counts_them() -> None:
 # -- coalesced param groups --------------------------------------------------------------------
 
 
-def test_attach_coalesces_per_parameter_groups_with_equal_rates() -> None:
+def test_attach_keeps_groups_until_a_change_needs_a_regroup() -> None:
+    """One group per parameter, all at one rate: attach keeps them as they are (code that
+    indexes groups by position, e.g. a torch LR scheduler, keeps working); a change that
+    keeps the partition edits them in place; the first change that needs a regroup
+    coalesces equal rates, and the optimizer state (momentum buffers) survives it."""
     model = seed_model()
-    opt = per_parameter_optimizer(model, lrs={n: 0.1 for n in SEED_NAMES})
-    assert len(opt.param_groups) == 4
+    opt = per_parameter_optimizer(model, lrs={n: 0.1 for n in SEED_NAMES}, momentum=0.9)
+    groups = list(opt.param_groups)
+    assert len(groups) == 4
     rig = Rig(model, opt)
     try:
-        assert len(opt.param_groups) == 1
-        assert opt.param_groups[0]["param_names"] == list(SEED_NAMES)
-        assert opt.param_groups[0]["lr"] == 0.1
+        # Attach: the same group objects, in the same order, one parameter each.
+        assert len(opt.param_groups) == 4
+        assert all(a is b for a, b in zip(opt.param_groups, groups))
+        assert [g["param_names"] for g in opt.param_groups] == [[n] for n in SEED_NAMES]
+        assert [g["params"][0] for g in opt.param_groups] == [rig.params[n] for n in SEED_NAMES]
+        assert all(g["lr"] == 0.1 for g in opt.param_groups)
+        rig.check_groups(coalesced=False)
+        assert rig.controller.status().num_param_groups == 4
+        assert rig.controller.status().num_distinct_lrs == 1
+        rig.step(2)  # momentum buffers exist from here on
+        buffers = {n: opt.state[p]["momentum_buffer"] for n, p in rig.params.items()}
+        assert all(b is not None for b in buffers.values())
+
+        # A change that keeps the partition: the groups are edited in place.
+        assert rig.apply(req(set_("layer1.weight", 0.5))).error is None
+        assert all(a is b for a, b in zip(opt.param_groups, groups)) and len(opt.param_groups) == 4
+        assert [g["lr"] for g in opt.param_groups] == [0.5, 0.1, 0.1, 0.1]
+        rig.check_groups(coalesced=False)
+
+        # layer1.bias joins layer1.weight's rate: a merge, so a regroup, which coalesces
+        # the untouched layer2 pair (equal rates) too: 4 groups -> 2.
+        assert rig.apply(req(set_("layer1.bias", 0.5))).error is None
+        assert len(opt.param_groups) == 2
+        assert [g["param_names"] for g in opt.param_groups] == [
+            ["layer1.weight", "layer1.bias"], ["layer2.weight", "layer2.bias"],
+        ]
+        assert [g["lr"] for g in opt.param_groups] == [0.5, 0.1]
+        assert all(g["momentum"] == 0.9 for g in opt.param_groups)
         rig.check_groups()
-        assert rig.controller.status().num_param_groups == 1
+        assert rig.controller.status().num_param_groups == 2
+        # State is keyed by the parameter: the same buffers, updated in place by the step.
+        assert all(opt.state[p]["momentum_buffer"] is buffers[n] for n, p in rig.params.items())
+        rig.step()
+        assert all(opt.state[p]["momentum_buffer"] is buffers[n] for n, p in rig.params.items())
     finally:
         rig.controller.close()
 
@@ -835,7 +887,8 @@ def test_rates_read_back_exactly_as_set(rig: Rig) -> None:
     assert rig.controller.learning_rates() == values
     assert rig.optimizer_lrs() == values
     rows, _, _ = rig.controller.read([])
-    assert {n: lr for n, lr, _ in rows} == values
+    assert {r.name: r.lr for r in rows} == values
+    assert {r.name: r.base for r in rows} == values
 
 
 def test_seed_schedule_reproduces_the_expected_table() -> None:
@@ -860,13 +913,23 @@ def test_history_is_bounded_by_per_name_entries_too() -> None:
     from array import array
 
     from lrctl.server.history import History, Record
+    from lrctl.server.planner import plan_change
+    from lrctl.server.rates import RateState, ScheduleBook
 
     def record(version: int, n: int) -> Record:
-        return Record(
-            change_id=version, version=version, step=version, applied_at=0.0, requested_at=0.0,
-            updates=(), indices=array("q", range(n)), old=array("d", [1.0] * n),
-            new=array("d", [2.0] * n), peer="local", user="", reason="", at_step=None,
+        """A record of a change that sets n names from 1.0 to 2.0."""
+        state = RateState([1.0] * n, array("q", [0] * n), {})
+        plan = plan_change(
+            {i: ((Mode.ABSOLUTE, 2.0), None, None) for i in range(n)}, state, ScheduleBook(),
+            version, [f"p{i}" for i in range(n)], lambda indices, rates: None, str,
         )
+        assert (len(plan), list(plan.old_lr), list(plan.new_lr)) == (n, [1.0] * n, [2.0] * n)
+        r = Record(
+            change_id=version, version=version, step=version, applied_at=0.0, requested_at=0.0,
+            updates=(), schedules=(), plan=plan, peer="local", user="", reason="", at_step=None,
+        )
+        assert r.num_changes == n
+        return r
 
     history = History(limit=100, max_entries=10)
     for v in range(1, 5):

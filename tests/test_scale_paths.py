@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import random
 import re
+from array import array
 
 import pytest
 import regex
@@ -15,6 +16,8 @@ import torch
 from lrctl.client.errors import InvalidArgumentError
 from lrctl.server.controller import Controller
 from lrctl.server.history import RateChanges
+from lrctl.server.planner import plan_change
+from lrctl.server.rates import RateState, ScheduleBook
 from lrctl.server.requests import ChangeRequest, Mode, RateChange, Update
 from lrctl.server.selectors import NameIndex, _matches_everything, _regex_literal
 
@@ -104,8 +107,17 @@ def test_patterns_with_assertions_are_not_assumed_to_match_everything(source: st
 
 def test_rate_changes_behave_like_the_tuple() -> None:
     names = ("a", "b", "c")
-    changes = RateChanges(names, [0, 2], [0.1, 0.2], [0.3, 0.4])
-    expected = (RateChange("a", 0.1, 0.3), RateChange("c", 0.2, 0.4))
+    state, book = RateState([0.1, 0.5, 0.2], array("q", [0, 0, 0]), {}), ScheduleBook()
+    plan = plan_change(
+        # "a": set the base to 0.3; "c": pin it at 0.4 (its base stays 0.2).
+        {0: ((Mode.ABSOLUTE, 0.3), None, None), 2: (None, (Mode.ABSOLUTE, 0.4), None)},
+        state, book, 0, names, lambda indices, rates: None, str,
+    )
+    changes = RateChanges(names, plan, book.describe)
+    expected = (
+        RateChange("a", 0.1, 0.3, 0.1, 0.3, None, None),
+        RateChange("c", 0.2, 0.4, 0.2, 0.2, None, 0.4),
+    )
     assert changes == expected and tuple(changes) == expected and len(changes) == 2
     assert changes[1] == expected[1] and changes[-1] == expected[-1]
     assert changes[:1] == expected[:1] and changes[5:] == ()
@@ -126,4 +138,6 @@ def test_a_change_refused_at_submit_is_not_queued() -> None:
     for _ in range(5):
         optimizer.step()
     assert controller.learning_rates() == {"p": 1.0}
-    assert [r.new.tolist() for r in controller.history(0, 10)[0]] == [[1.0]]
+    records = controller.history(0, 10)[0]
+    assert [r.plan.new_lr.tolist() for r in records] == [[1.0]]
+    assert [c.new_lr for r in records for c in controller.rate_changes(r, 10)] == [1.0]
