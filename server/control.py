@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import atexit
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from lrctl.server.adopt import AdoptedScheduler, unwrap_optimizer
-from lrctl.server.controller import Controller
+from lrctl.server.controller import RESUME_POLICIES, Controller
+from lrctl.server.resume import Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.service import LearningRateControlService
 from lrctl.server.wrappers import named_parameters
@@ -23,9 +24,10 @@ class LRControl:
     the step hook (the optimizer keeps its current rates) and stops the server.
     """
 
-    def __init__(self, controller: Controller, server: BuiltServer | None) -> None:
+    def __init__(self, controller: Controller, server: BuiltServer | None, resume: Resume) -> None:
         self.controller = controller
         self._server = server
+        self._resume = resume
         self._closed = False
         atexit.register(self.close)
 
@@ -38,6 +40,23 @@ class LRControl:
         this can trail a trainer's ``global_step``, which counts every update attempt.
         """
         return self.controller.step
+
+    def state_dict(self) -> dict[str, Any]:
+        """lrctl's state keyed by parameter name: bases, schedules, pins, step, version,
+        run lineage, the history tail, waiting changes and an adopted scheduler's
+        progress. ``optimizer.state_dict()`` carries it too (see the README)."""
+        return self._resume.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any], policy: str | None = None) -> list[str]:
+        """Restore state_dict() of an earlier run; returns (and logs) what did not match.
+
+        `policy` overrides attach's `resume`: "checkpoint" (its rates win) or "code"."""
+        return self._resume.load_state_dict(state, policy)
+
+    @property
+    def resume_report(self) -> list[str]:
+        """What the last resume could not match (names gained or lost, ...); [] if all did."""
+        return list(self._resume.report)
 
     @property
     def port(self) -> int:
@@ -59,6 +78,7 @@ class LRControl:
             return
         self._closed = True
         atexit.unregister(self.close)
+        self._resume.remove()
         self.controller.close()
         if self._server is not None:
             self._server.stop(grace)
@@ -80,6 +100,7 @@ def attach(
     serve: bool = True,
     history_limit: int = 10_000,
     max_workers: int = 8,
+    resume: str = "checkpoint",
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -95,9 +116,18 @@ def attach(
     ``optimizer.step()``; the training loop stays as it is. `address` defaults to
     127.0.0.1:50051; port 0 picks a free port (read it back from ``.port``).
     Anything wrong is raised before lrctl touches the optimizer or the scheduler.
+
+    Checkpoints: ``optimizer.state_dict()`` is saved in your original grouping with
+    lrctl's state inside; loading it (before or after attach) restores lrctl's state.
+    `resume` says whose rates win then: "checkpoint" (default, as torch restores group
+    rates) or "code" (the rates this run was built with).
     """
+    if resume not in RESUME_POLICIES:
+        raise ValueError(f"resume {resume!r} is not one of {', '.join(map(repr, RESUME_POLICIES))}")
     named = named_parameters(model)
     optimizer = unwrap_optimizer(optimizer)
+    # Loaded before attach: lrctl's state sits in the group dicts; it is no hyperparameter.
+    loaded = take_state(optimizer.param_groups)
     if scheduler is None and any("initial_lr" in g for g in optimizer.param_groups):
         warnings.warn(
             "the optimizer's param groups have 'initial_lr': a torch LR scheduler seems to drive "
@@ -115,12 +145,15 @@ def attach(
             group_bases=None if adopted is None else [g.base_lr for g in adopted.groups],
             on_step=() if adopted is None else (adopted.mark_stepped,),
         )
+        checkpoints = Resume(controller, optimizer, adopted, resume)
+        if loaded is not None:
+            checkpoints.load_state_dict(loaded)
     except BaseException:
         if adopted is not None:
             adopted.release()
         raise
     if not serve:
-        return LRControl(controller, None)
+        return LRControl(controller, None, checkpoints)
     # Two threads stay free of waiting Sets for reads and health checks.
     service = LearningRateControlService(controller, max_waiting=max(1, max_workers - 2))
     try:
@@ -131,6 +164,7 @@ def attach(
             max_workers=max_workers,
         )
     except BaseException:
+        checkpoints.remove()
         controller.close()
         raise
-    return LRControl(controller, server)
+    return LRControl(controller, server, checkpoints)

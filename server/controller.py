@@ -41,6 +41,7 @@ from lrctl.common.errors import (
     LrctlError,
     ResourceExhaustedError,
 )
+from lrctl.server import state
 from lrctl.server.history import History, RateChanges, Record
 from lrctl.server.planner import NameOp, PlannedChange, plan_change
 from lrctl.server.rates import CONSTANT, RateState, RateTable, ScheduleBook
@@ -51,6 +52,7 @@ from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 log = logging.getLogger("lrctl.controller")
 
 _NEVER = math.inf
+RESUME_POLICIES = ("checkpoint", "code")
 MAX_REASON_CHARS = 4096
 # Queued changes are bounded in number and in per-name entries (~60 bytes each).
 MAX_PENDING = 1000
@@ -121,6 +123,11 @@ def _device_name(device: torch.device) -> str:
     if name is None:
         name = _DEVICE_NAMES[device] = str(device)
     return name
+
+
+def _listing(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(map(repr, names[:limit]))
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _describe_op(part: int, op: Any, describe_schedule: Callable[[int], str]) -> str:
@@ -222,7 +229,9 @@ class Controller:
         self._installed: dict[int, float] = self._table.rates(0)
         self._strategy = strategy(optimizer, self._params, names, self._table.class_of, self._installed)
         self._table.set_limits(lambda i: self._strategy.max_lr((i,)))
+        self._history_limit = history_limit
         self._history = History(history_limit)
+        self.lineage: tuple[str, ...] = ()  # run ids of the runs this one resumed from
         self._pending: list[PendingChange] = []
         self._next_due: float = _NEVER
         self._step = 0
@@ -243,6 +252,21 @@ class Controller:
     def step(self) -> int:
         """Index of the next optimizer step."""
         return self._step
+
+    @property
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        """The named parameters, in model order (names[i] is parameters[i]'s name)."""
+        return tuple(self._params)
+
+    def reinstall(self) -> None:
+        """Write every rate (and driven hyperparameter) into the optimizer again, e.g.
+        after a plain torch load_state_dict replaced its group dicts."""
+        with self._lock:
+            self._installed = self._table.rates(self._step)
+            self._strategy.set_rates(self._installed)
+            if self._table.driven:
+                self._strategy.set_hyperparameters(
+                    {c: schedule.driven() for c, schedule in self._table.driven.items()})
 
     @property
     def version(self) -> int:
@@ -470,6 +494,135 @@ class Controller:
                 )
             )
 
+    # -- state (checkpoints) ------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """This controller's state as plain data keyed by name (lrctl.server.state):
+        bases, pins and schedules, step, version, lineage, the history tail and the
+        changes still waiting for their step."""
+        names, table, book = self.index.names, self._table, self._book
+        with self._lock:
+            held = [i for i, b in enumerate(table.base) if b is not None]
+            tail: list[Record] = []
+            entries = 0
+            for record in reversed(list(self._history.after(0))):
+                entries += record.num_changes
+                if len(tail) >= state.MAX_SAVED_RECORDS or (tail and entries > state.MAX_SAVED_ENTRIES):
+                    break
+                tail.append(record)
+            tail.reverse()
+            kept_from = tail[0].version if tail else self._version + 1
+            return {
+                "format": state.FORMAT,
+                "run_id": self.run_id,
+                "lineage": [*self.lineage, self.run_id],
+                "step": self._step,
+                "version": self._version,
+                "next_change_id": self._next_change_id,
+                "schedules": [[sid, state.schedule_to_state(book[sid])] for sid in range(1, len(book))],
+                "rates": {
+                    "names": [names[i] for i in held],
+                    "base": [table.base[i] for i in held],
+                    "schedule": [table.schedule[i] for i in held],
+                    "pin": [table.pins.get(i) for i in held],
+                },
+                "history": [state.record_to_state(r, names, int) for r in tail],
+                "history_dropped": kept_from - 1,  # versions count from 1, one per record
+                "pending": [
+                    {
+                        "change_id": p.change_id, "requested_at": p.requested_at,
+                        "updates": state.updates_to_state(p.request.updates),
+                        "schedules": state.schedule_updates_to_state(p.request.schedules),
+                        "at_step": p.request.at_step, "expected_version": p.request.expected_version,
+                        "reason": p.request.reason, "peer": p.request.peer, "user": p.request.user,
+                        "ops": state.ops_to_state(p.ops, names, int),
+                    }
+                    for p in self._pending
+                ],
+            }
+
+    def import_state(
+        self, saved: Mapping[str, Any], *, policy: str = "checkpoint", adopted: Sequence[Any] = ()
+    ) -> list[str]:
+        """Resume from export_state() of an earlier run; returns what did not match.
+
+        policy "checkpoint": the saved bases, pins and schedules win (as torch's own
+        load_state_dict restores group rates); "code": the rates this run was attached
+        with stay. Either way the step, version, history, lineage and waiting changes
+        are restored. `adopted` are this run's adopted scheduler groups, by index.
+        Names the model lost or gained are reported, never fatal.
+        """
+        if policy not in RESUME_POLICIES:
+            raise ValueError(f"resume policy {policy!r} is not one of {', '.join(RESUME_POLICIES)}")
+        saved = state.check_format(saved)
+        position = {name: i for i, name in enumerate(self.index.names)}
+        report: list[str] = []
+        with self._lock:
+            table, book = self._table, self._book
+            ids: dict[int, int | None] = {0: 0}
+            for sid, data in saved["schedules"]:
+                schedule = state.schedule_from_state(data, adopted)
+                ids[int(sid)] = None if schedule is None else book.intern(schedule)
+            if any(v is None for v in ids.values()):
+                report.append("the checkpoint has adopted torch schedulers this run did not pass to "
+                              "attach(scheduler=...); their names keep this run's schedules")
+            rates = saved["rates"]
+            unknown = [n for n in rates["names"] if n not in position]
+            if unknown:
+                report.append(f"{len(unknown)} name(s) of the checkpoint are not in the model: "
+                              + _listing(unknown))
+            known = set(rates["names"])
+            new = [n for i, n in enumerate(self.index.names) if table.base[i] is not None and n not in known]
+            if new:
+                report.append(f"{len(new)} name(s) are not in the checkpoint and keep this run's "
+                              "rates: " + _listing(new))
+            if policy == "checkpoint":
+                picked = [
+                    (position[n], float(b), ids[int(sid)], math.nan if p is None else float(p))
+                    for n, b, sid, p in zip(rates["names"], rates["base"], rates["schedule"], rates["pin"])
+                    if n in position and table.base[position[n]] is not None and ids[int(sid)] is not None
+                ]
+                if picked:
+                    indices, bases, sids, pins = map(list, zip(*picked))
+                    moved = table.commit(indices, bases, sids, pins)
+                    self._strategy.move(moved, {c: table.class_rate(c, int(saved["step"]))
+                                                for c in set(moved.values())})
+            self._step = int(saved["step"])
+            self._version = int(saved["version"])
+            self._next_change_id = int(saved["next_change_id"])
+            self.lineage = tuple(saved["lineage"])
+            self._installed = table.rates(self._step)
+            self._strategy.set_rates(self._installed)
+            lookup = book.__getitem__
+            schedule_id = lambda sid: ids.get(int(sid)) or 0  # noqa: E731 (unresolvable: shown as constant)
+            self._history = History(self._history_limit)
+            for data in saved["history"]:
+                self._history.append(state.record_from_state(data, position, schedule_id, lookup, adopted))
+            self._history.dropped = int(saved["history_dropped"])
+            for data in saved["pending"]:
+                ops = {
+                    position[n]: (state._op_from_state(b), state._op_from_state(p),
+                                  None if sid is None else schedule_id(sid))
+                    for n, b, p, sid in data["ops"] if n in position
+                }
+                if not ops:
+                    report.append(f"change {data['change_id']} waited for step {data['at_step']} but "
+                                  "touches no name of this model; dropped")
+                    continue
+                request = ChangeRequest(
+                    updates=state.updates_from_state(data["updates"]),
+                    schedules=state.schedule_updates_from_state(data["schedules"], adopted),
+                    at_step=data["at_step"], expected_version=data["expected_version"],
+                    reason=data["reason"], peer=data["peer"], user=data["user"],
+                )
+                pending = PendingChange(int(data["change_id"]), request, ops, float(data["requested_at"]))
+                self._pending.append(pending)
+                self._next_due = min(self._next_due, pending.due)
+        for line in report:
+            log.warning("lrctl: resuming: %s", line)
+        log.info("lrctl: resumed at step %d, version %d (%s's rates win)", self._step, self._version,
+                 "the checkpoint" if policy == "checkpoint" else "the code")
+        return report
+
     # -- the step boundary (training thread) -----------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         for on_step in self._on_step:
@@ -480,7 +633,7 @@ class Controller:
             self._last_step_at = time.monotonic()
             if self._next_due <= step:
                 self._apply_due(step)
-            if self._table.scheduled:
+            if self._table.scheduled or self._table.driven:
                 self._tick(step)
         return None
 

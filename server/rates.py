@@ -27,7 +27,9 @@ CONSTANT = Constant()
 MAX_SCHEDULES = 10_000
 MAX_SCHEDULE_POINTS = 200_000
 
-# A class key: (PINNED, pin) or (SCHEDULED, base, schedule id).
+# A class key: (PINNED, pin, driving schedule id or 0) or (SCHEDULED, base, schedule id).
+# A pinned name keeps following the momentum an adopted scheduler drives, so pins of
+# names under different such schedulers are different classes.
 PINNED, SCHEDULED = 0, 1
 ClassKey = tuple
 
@@ -130,9 +132,10 @@ class RateTable(RateState):
     # -- classes -----------------------------------------------------------------
     def _key(self, i: int) -> ClassKey:
         pin = self.pins.get(i)
+        sid = self.schedule[i]
         if pin is not None:
-            return (PINNED, pin)
-        return (SCHEDULED, self.base[i], self.schedule[i])
+            return (PINNED, pin, sid if getattr(self.book[sid], "driven_keys", ()) else 0)
+        return (SCHEDULED, self.base[i], sid)
 
     def _join(self, i: int, key: ClassKey) -> int:
         c = self._ids.get(key)
@@ -147,8 +150,8 @@ class RateTable(RateState):
             self._ids[key] = c
             if key[0] == SCHEDULED and not self.book[key[2]].is_constant:
                 self.scheduled.add(c)
-                if getattr(self.book[key[2]], "driven_keys", ()):
-                    self.driven[c] = self.book[key[2]]
+            if getattr(self.book[key[2]], "driven_keys", ()):
+                self.driven[c] = self.book[key[2]]
         self._sizes[c] += 1
         self._limits[c] = min(self._limits[c], self._limit_of(i))
         self.class_of[i] = c

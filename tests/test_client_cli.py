@@ -347,9 +347,11 @@ def test_history_shows_who_what_and_why(client: LRClient, worker: Worker) -> Non
     ok(run_cli("scale", "layer2.*", "2", address=worker.address))
     (record,) = ok_json(run_cli("history", "--json", "--limit", "1", address=worker.address))
     assert record["updates"] == [{"selector": "layer2.*", "value": 2.0, "mode": "scale", "target": "base"}]
-    assert record["changes"] == [
-        {"name": "layer2.weight", "old_lr": 0.001, "new_lr": 0.002},
-        {"name": "layer2.bias", "old_lr": 1.0, "new_lr": 2.0},
+    assert [{k: c[k] for k in ("name", "old_lr", "new_lr", "old_base", "new_base", "new_pin")}
+            for c in record["changes"]] == [
+        {"name": "layer2.weight", "old_lr": 0.001, "new_lr": 0.002, "old_base": 0.001, "new_base": 0.002,
+         "new_pin": None},
+        {"name": "layer2.bias", "old_lr": 1.0, "new_lr": 2.0, "old_base": 1.0, "new_base": 2.0, "new_pin": None},
     ]
     assert record["user"] == default_user() and record["peer"]
     assert record["applied_at"] >= record["requested_at"] > 0
