@@ -301,20 +301,26 @@ class LRClient:
             batch = [Update(selector, value) for selector, value in updates.items()]
         else:
             batch = list(updates)
-        # None leaves an optional field absent ("next boundary" / "any version"); 0 is a
-        # meaningful value for both.
-        request = _message(
-            lrctl_pb2.SetLearningRatesRequest,
-            updates=[u.to_proto() for u in batch],
-            dry_run=dry_run,
-            wait=wait,
-            reason=reason,
-            max_reported_changes=max_reported_changes,
-            at_step=at_step,
+        return self._change(
+            self._stub.SetLearningRates, lrctl_pb2.SetLearningRatesRequest, timeout,
+            updates=[u.to_proto() for u in batch], dry_run=dry_run, wait=wait, reason=reason,
+            max_reported_changes=max_reported_changes, at_step=at_step,
             expected_version=expected_version,
         )
-        on_deadline = _WITHDRAWN_UNLESS_APPLIED if wait and not dry_run else None
-        reply = self._call(self._stub.SetLearningRates, request, timeout, on_deadline=on_deadline)
+
+    def _change(
+        self, method: Callable[..., Any], request_type: Callable[..., Any],
+        timeout: Optional[float], **fields: Any,
+    ) -> SetResult:
+        """One change call (set, schedules): the request from `fields`, the answer typed.
+
+        None leaves an optional field absent ("next boundary" / "any version"); 0 is a
+        meaningful value for both.
+        """
+        request = _message(request_type, **fields)
+        waits = fields["wait"] and not fields["dry_run"]
+        reply = self._call(method, request, timeout,
+                           on_deadline=_WITHDRAWN_UNLESS_APPLIED if waits else None)
         return SetResult.from_proto(reply)
 
     def scale_learning_rates(
@@ -375,21 +381,19 @@ class LRClient:
             batch = [ScheduleAssignment(selector, spec) for selector, spec in schedules.items()]
         else:
             batch = list(schedules)
-        request = _message(
-            lrctl_pb2.SetSchedulesRequest,
-            schedules=[
-                lrctl_pb2.ScheduleAssignment(
-                    selector=a.selector,
-                    schedule=schedule_to_pb(a.schedule if a.schedule is not None else Constant()),
-                )
-                for a in batch
-            ],
-            dry_run=dry_run, wait=wait, reason=reason, max_reported_changes=max_reported_changes,
-            at_step=at_step, expected_version=expected_version,
+        assignments = [
+            lrctl_pb2.ScheduleAssignment(
+                selector=a.selector,
+                schedule=schedule_to_pb(a.schedule if a.schedule is not None else Constant()),
+            )
+            for a in batch
+        ]
+        return self._change(
+            self._stub.SetSchedules, lrctl_pb2.SetSchedulesRequest, timeout,
+            schedules=assignments, dry_run=dry_run, wait=wait, reason=reason,
+            max_reported_changes=max_reported_changes, at_step=at_step,
+            expected_version=expected_version,
         )
-        reply = self._call(self._stub.SetSchedules, request, timeout,
-                           on_deadline=_WITHDRAWN_UNLESS_APPLIED if wait and not dry_run else None)
-        return SetResult.from_proto(reply)
 
     def clear_schedules(
         self,
@@ -403,14 +407,12 @@ class LRClient:
         timeout: Optional[float] = None,
     ) -> SetResult:
         """Put the names `selectors` match back on the constant schedule (rate = base)."""
-        request = _message(
-            lrctl_pb2.ClearSchedulesRequest, selectors=list(selectors),
-            dry_run=dry_run, wait=wait, reason=reason, max_reported_changes=max_reported_changes,
-            at_step=at_step, expected_version=expected_version,
+        return self._change(
+            self._stub.ClearSchedules, lrctl_pb2.ClearSchedulesRequest, timeout,
+            selectors=list(selectors), dry_run=dry_run, wait=wait, reason=reason,
+            max_reported_changes=max_reported_changes, at_step=at_step,
+            expected_version=expected_version,
         )
-        reply = self._call(self._stub.ClearSchedules, request, timeout,
-                           on_deadline=_WITHDRAWN_UNLESS_APPLIED if wait and not dry_run else None)
-        return SetResult.from_proto(reply)
 
     def get_schedules(self, *selectors: str, timeout: Optional[float] = None) -> list[NameSchedule]:
         """Base, pin and schedule of each name the selectors match (all held when none)."""
