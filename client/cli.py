@@ -102,9 +102,18 @@ _WORKER_EXTRA_MODULES = frozenset({"torch", "numpy", "regex", "grpc_health", "gr
 # -- output helpers ------------------------------------------------------------------
 
 
+def _printable(text: str) -> str:
+    """`text` with control characters (ESC, BEL, CR, C1 codes, ...) shown as escapes:
+    selectors, reasons and user names come from any client, and must not drive the
+    terminal of whoever reads them."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """Left-aligned columns separated by two spaces, with a header row."""
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    cells = [list(map(str, headers))] + [[_printable(str(c)) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
     return "\n".join(lines)
@@ -158,7 +167,7 @@ def _fmt_assignment(a: ScheduleAssignment) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return _printable(" ".join(text.split()))
 
 
 # -- verbs ---------------------------------------------------------------------------
@@ -268,7 +277,7 @@ def _print_set_result(result: SetResult, args: argparse.Namespace) -> None:
         _print_json({"dry_run": args.dry_run, **dataclasses.asdict(result)})
         return
     for c in result.changes:
-        print(_fmt_change(c))
+        print(_printable(_fmt_change(c)))
     if result.num_changes > len(result.changes):
         print(f"... and {result.num_changes - len(result.changes)} more")
     if args.dry_run:
@@ -378,12 +387,19 @@ def _history_row(r: ChangeRecord) -> tuple[Any, ...]:
             _one_line(r.reason))
 
 
+def _record_json(r: ChangeRecord) -> dict[str, Any]:
+    # Schedules by to_dict(): asdict() would drop their kind (a class attribute).
+    schedules = [{"selector": a.selector, "schedule": None if a.schedule is None else a.schedule.to_dict()}
+                 for a in r.schedules]
+    return {**dataclasses.asdict(dataclasses.replace(r, schedules=[])), "schedules": schedules}
+
+
 def cmd_history(client: LRClient, args: argparse.Namespace) -> int:
     """lrctl history: applied changes, oldest first (the last --limit N)."""
     # A bounded deque keeps only the newest N while paging through the whole history.
     records = list(collections.deque(client.iter_changes(), maxlen=args.limit))
     if args.json:
-        _print_json([dataclasses.asdict(r) for r in records])
+        _print_json([_record_json(r) for r in records])
     else:
         headers = ("CHANGE", "STEP", "VERSION", "WHEN", "USER", "UPDATES", "REASON")
         print(format_table(headers, map(_history_row, records)))

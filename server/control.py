@@ -147,7 +147,9 @@ def attach(
         )
         checkpoints = Resume(controller, optimizer, adopted, resume)
         if loaded is not None:
+            checkpoints.loaded_before_attach = True
             checkpoints.load_state_dict(loaded)
+            checkpoints.loaded_before_attach = False
     except BaseException:
         if adopted is not None:
             adopted.release()

@@ -130,9 +130,9 @@ def _listing(names: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _describe_op(part: int, op: Any, describe_schedule: Callable[[int], str]) -> str:
+def _describe_op(part: int, op: Any) -> str:
     if part == 2:
-        return f"schedule {describe_schedule(op) or 'constant'}"
+        return f"schedule {op.describe()}"
     mode, value = op
     what = "base" if part == 0 else "pin"
     if mode is Mode.UNPIN:
@@ -151,6 +151,37 @@ class RateRow:
     factor: float
     pinned: bool
     schedule: str  # one line; "" for constant
+
+
+@dataclass(frozen=True)
+class ParsedState:
+    """A checked export_state() dict, read against this model (Controller.parse_state)."""
+
+    step: int
+    version: int
+    next_change_id: int
+    lineage: tuple[str, ...]
+    rates: list[tuple[int, float, Any, float]]  # (position, base, schedule spec, pin or NaN)
+    specs: Mapping[int, Any]  # saved schedule id -> spec (None: unresolvable)
+    records: list[Record]
+    dropped: int
+    pending: list[PendingChange]
+    report: list[str]
+
+
+def _with_real_ids(record: Record, book: ScheduleBook) -> Record:
+    """`record` with its plan's schedule ids (provisional, from a scratch book) made real."""
+    plan = record.plan
+    if plan.old_schedule is None or plan.new_schedule is None:
+        return record
+    real = {sid: book.intern(spec) for sid, spec in plan.schedules.items()}
+    real[0] = 0
+    return replace(record, plan=replace(
+        plan,
+        old_schedule=array("q", [real[s] for s in plan.old_schedule]),
+        new_schedule=array("q", [real[s] for s in plan.new_schedule]),
+        schedules={real[s]: spec for s, spec in plan.schedules.items()},
+    ))
 
 
 @dataclass(frozen=True)
@@ -414,7 +445,9 @@ class Controller:
         return self._changes(record.plan)[:limit]
 
     def _changes(self, plan: PlannedChange) -> RateChanges:
-        return RateChanges(self.index.names, plan, self._book.describe)
+        schedules = plan.schedules  # ids of a previewed plan may be provisional: its own specs
+        return RateChanges(self.index.names, plan,
+                           lambda sid: "" if sid == 0 else schedules[sid].describe())
 
     # -- writes --------------------------------------------------------------------
     def preview(self, request: ChangeRequest) -> Outcome:
@@ -534,7 +567,7 @@ class Controller:
                         "schedules": state.schedule_updates_to_state(p.request.schedules),
                         "at_step": p.request.at_step, "expected_version": p.request.expected_version,
                         "reason": p.request.reason, "peer": p.request.peer, "user": p.request.user,
-                        "ops": state.ops_to_state(p.ops, names, int),
+                        "ops": state.ops_to_state(p.ops, names),
                     }
                     for p in self._pending
                 ],
@@ -549,79 +582,104 @@ class Controller:
         load_state_dict restores group rates); "code": the rates this run was attached
         with stay. Either way the step, version, history, lineage and waiting changes
         are restored. `adopted` are this run's adopted scheduler groups, by index.
-        Names the model lost or gained are reported, never fatal.
+        Names the model lost or gained are reported, never fatal. A state that is not
+        whole is refused (InvalidArgumentError) before anything changes.
         """
-        if policy not in RESUME_POLICIES:
-            raise ValueError(f"resume policy {policy!r} is not one of {', '.join(RESUME_POLICIES)}")
+        return self.apply_state(self.parse_state(saved, adopted=adopted), policy=policy)
+
+    def parse_state(self, saved: Any, *, adopted: Sequence[Any] = ()) -> "ParsedState":
+        """Check and read an export_state() dict against this model; changes nothing."""
         saved = state.check_format(saved)
         position = {name: i for i, name in enumerate(self.index.names)}
+        try:
+            return self._parse_state(saved, position, adopted)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise InvalidArgumentError(f"the lrctl state is malformed or incomplete: {exc!r}") from None
+
+    def _parse_state(
+        self, saved: Mapping[str, Any], position: Mapping[str, int], adopted: Sequence[Any]
+    ) -> "ParsedState":
         report: list[str] = []
+        specs: dict[int, Any] = {0: CONSTANT}
+        for sid, data in saved["schedules"]:
+            specs[int(sid)] = state.schedule_from_state(data, adopted)
+        if any(spec is None for spec in specs.values()):
+            report.append("the checkpoint has adopted torch schedulers this run did not pass to "
+                          "attach(scheduler=...); their names keep this run's schedules")
+        rates = saved["rates"]
+        columns = [rates[k] for k in ("names", "base", "schedule", "pin")]
+        if len({len(c) for c in columns}) != 1:
+            raise ValueError("the rates' columns differ in length")
+        unknown = [n for n in rates["names"] if n not in position]
+        if unknown:
+            report.append(f"{len(unknown)} name(s) of the checkpoint are not in the model: "
+                          + _listing(unknown))
+        known = set(rates["names"])
+        new = [n for i, n in enumerate(self.index.names) if self._table.base[i] is not None and n not in known]
+        if new:
+            report.append(f"{len(new)} name(s) are not in the checkpoint and keep this run's "
+                          "rates: " + _listing(new))
+        picked = [
+            (position[n], float(b), specs[int(sid)], math.nan if p is None else float(p))
+            for n, b, sid, p in zip(*columns)
+            if n in position and self._table.base[position[n]] is not None and specs[int(sid)] is not None
+        ]
+        with self._lock:
+            book = self._book.scratch()
+            ids = {int(sid): book.intern(spec) for sid, spec in specs.items() if spec is not None}
+        schedule_id = lambda sid: ids.get(int(sid), 0)  # noqa: E731 (unresolvable: constant)
+        records = [state.record_from_state(data, position, schedule_id, lambda s: book[s], adopted)
+                   for data in saved["history"]]
+        pending = []
+        for data in saved["pending"]:
+            ops = state.ops_from_state(data["ops"], position, adopted)
+            if not ops:
+                report.append(f"change {data['change_id']} waited for step {data['at_step']} but "
+                              "touches no name of this model; dropped")
+                continue
+            request = ChangeRequest(
+                updates=state.updates_from_state(data["updates"]),
+                schedules=state.schedule_updates_from_state(data["schedules"], adopted),
+                at_step=None if data["at_step"] is None else int(data["at_step"]),
+                expected_version=None if data["expected_version"] is None else int(data["expected_version"]),
+                reason=str(data["reason"]), peer=str(data["peer"]), user=str(data["user"]),
+            )
+            pending.append(PendingChange(int(data["change_id"]), request, ops, float(data["requested_at"])))
+        return ParsedState(
+            step=int(saved["step"]), version=int(saved["version"]),
+            next_change_id=int(saved["next_change_id"]), lineage=tuple(map(str, saved["lineage"])),
+            rates=picked, specs=specs, records=records, dropped=int(saved["history_dropped"]),
+            pending=pending, report=report,
+        )
+
+    def apply_state(self, parsed: "ParsedState", *, policy: str = "checkpoint") -> list[str]:
+        """Install a parse_state() result (see import_state)."""
+        if policy not in RESUME_POLICIES:
+            raise ValueError(f"resume policy {policy!r} is not one of {', '.join(RESUME_POLICIES)}")
         with self._lock:
             table, book = self._table, self._book
-            ids: dict[int, int | None] = {0: 0}
-            for sid, data in saved["schedules"]:
-                schedule = state.schedule_from_state(data, adopted)
-                ids[int(sid)] = None if schedule is None else book.intern(schedule)
-            if any(v is None for v in ids.values()):
-                report.append("the checkpoint has adopted torch schedulers this run did not pass to "
-                              "attach(scheduler=...); their names keep this run's schedules")
-            rates = saved["rates"]
-            unknown = [n for n in rates["names"] if n not in position]
-            if unknown:
-                report.append(f"{len(unknown)} name(s) of the checkpoint are not in the model: "
-                              + _listing(unknown))
-            known = set(rates["names"])
-            new = [n for i, n in enumerate(self.index.names) if table.base[i] is not None and n not in known]
-            if new:
-                report.append(f"{len(new)} name(s) are not in the checkpoint and keep this run's "
-                              "rates: " + _listing(new))
-            if policy == "checkpoint":
-                picked = [
-                    (position[n], float(b), ids[int(sid)], math.nan if p is None else float(p))
-                    for n, b, sid, p in zip(rates["names"], rates["base"], rates["schedule"], rates["pin"])
-                    if n in position and table.base[position[n]] is not None and ids[int(sid)] is not None
-                ]
-                if picked:
-                    indices, bases, sids, pins = map(list, zip(*picked))
-                    moved = table.commit(indices, bases, sids, pins)
-                    self._strategy.move(moved, {c: table.class_rate(c, int(saved["step"]))
-                                                for c in set(moved.values())})
-            self._step = int(saved["step"])
-            self._version = int(saved["version"])
-            self._next_change_id = int(saved["next_change_id"])
-            self.lineage = tuple(saved["lineage"])
+            if policy == "checkpoint" and parsed.rates:
+                indices, bases, specs, pins = map(list, zip(*parsed.rates))
+                moved = table.commit(indices, bases, [book.intern(s) for s in specs], pins)
+                self._strategy.move(moved, {c: table.class_rate(c, parsed.step)
+                                            for c in set(moved.values())})
+            self._step, self._version = parsed.step, parsed.version
+            self._next_change_id = parsed.next_change_id
+            self.lineage = parsed.lineage
             self._installed = table.rates(self._step)
             self._strategy.set_rates(self._installed)
-            lookup = book.__getitem__
-            schedule_id = lambda sid: ids.get(int(sid)) or 0  # noqa: E731 (unresolvable: shown as constant)
             self._history = History(self._history_limit)
-            for data in saved["history"]:
-                self._history.append(state.record_from_state(data, position, schedule_id, lookup, adopted))
-            self._history.dropped = int(saved["history_dropped"])
-            for data in saved["pending"]:
-                ops = {
-                    position[n]: (state._op_from_state(b), state._op_from_state(p),
-                                  None if sid is None else schedule_id(sid))
-                    for n, b, p, sid in data["ops"] if n in position
-                }
-                if not ops:
-                    report.append(f"change {data['change_id']} waited for step {data['at_step']} but "
-                                  "touches no name of this model; dropped")
-                    continue
-                request = ChangeRequest(
-                    updates=state.updates_from_state(data["updates"]),
-                    schedules=state.schedule_updates_from_state(data["schedules"], adopted),
-                    at_step=data["at_step"], expected_version=data["expected_version"],
-                    reason=data["reason"], peer=data["peer"], user=data["user"],
-                )
-                pending = PendingChange(int(data["change_id"]), request, ops, float(data["requested_at"]))
+            for record in parsed.records:
+                self._history.append(_with_real_ids(record, book))
+            self._history.dropped = parsed.dropped
+            for pending in parsed.pending:
                 self._pending.append(pending)
                 self._next_due = min(self._next_due, pending.due)
-        for line in report:
+        for line in parsed.report:
             log.warning("lrctl: resuming: %s", line)
         log.info("lrctl: resumed at step %d, version %d (%s's rates win)", self._step, self._version,
                  "the checkpoint" if policy == "checkpoint" else "the code")
-        return report
+        return list(parsed.report)
 
     # -- the step boundary (training thread) -----------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -706,7 +764,7 @@ class Controller:
                 f"{self._version} at step {step}; change {pending.change_id} was not applied"
             )
         try:
-            plan = self._plan(pending.ops, self._table, step)
+            plan = self._plan(pending.ops, self._table, step, apply=True)
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"{exc}; change {pending.change_id} was not applied") from None
         try:
@@ -740,8 +798,12 @@ class Controller:
         )
 
     # -- validation (caller's thread) --------------------------------------------------
-    def _plan(self, ops: Mapping[int, NameOp], state: RateState, step: int) -> PlannedChange:
-        return plan_change(ops, state, self._book, step, self.index.names,
+    def _plan(
+        self, ops: Mapping[int, NameOp], state: RateState, step: int, *, apply: bool = False
+    ) -> PlannedChange:
+        """Plan against `state`; only a plan being applied adds schedules to the book."""
+        book = self._book if apply else self._book.scratch()
+        return plan_change(ops, state, book, step, self.index.names,
                            self._first_unrepresentable, self._limit_text)
 
     def _check_acceptable(self, request: ChangeRequest) -> None:
@@ -779,10 +841,6 @@ class Controller:
             changes=self._changes(plan),  # type: ignore[arg-type]
         )
 
-    def _intern(self, schedule: Any) -> int:
-        with self._lock:
-            return self._book.intern(CONSTANT if schedule is None else schedule)
-
     def _resolve_batch(self, request: ChangeRequest) -> dict[int, NameOp]:
         """Per parameter position (model order), what happens to it; all-or-nothing checks."""
         if not request.updates and not request.schedules:
@@ -801,7 +859,8 @@ class Controller:
             op: NameOp = (part, None, None) if update.target is Target.BASE else (None, part, None)
             entries.append((update.selector, op))
         for schedule_update in request.schedules:
-            entries.append((schedule_update.selector, (None, None, self._intern(schedule_update.schedule))))
+            spec = CONSTANT if schedule_update.schedule is None else schedule_update.schedule
+            entries.append((schedule_update.selector, (None, None, spec)))
         ops: dict[int, NameOp] = {}
         resolved: list[tuple[int, ...]] = []
         for selector, op in entries:
@@ -831,11 +890,10 @@ class Controller:
             if theirs is not None and theirs != mine:
                 # The first update that touched i this way (error path: a scan is fine).
                 first = next(s for (s, o), r in zip(entries, resolved) if i in r and o[part] is not None)
-                describe = self._book.describe
                 raise InvalidArgumentError(
                     f"updates {quote(first)} and {quote(selector)} disagree on "
-                    f"{self.index.names[i]!r}: {_describe_op(part, theirs, describe)} vs "
-                    f"{_describe_op(part, mine, describe)}"
+                    f"{self.index.names[i]!r}: {_describe_op(part, theirs)} vs "
+                    f"{_describe_op(part, mine)}"
                 )
             merged[part] = mine
         return tuple(merged)  # type: ignore[return-value]

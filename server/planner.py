@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from lrctl.common.errors import InvalidArgumentError
-from lrctl.server.rates import RateState, ScheduleBook, rate_of
+from lrctl.server.rates import RateState, ScheduleBook, ScratchBook, rate_of
 from lrctl.server.requests import Mode
 
-# What happens to one name: (base op, pin op, schedule id), each None when untouched.
-# A base op is (ABSOLUTE | SCALE, value); a pin op is (ABSOLUTE | SCALE | UNPIN, value).
+# What happens to one name: (base op, pin op, schedule spec), each None when untouched.
+# A base op is (ABSOLUTE | SCALE, value); a pin op is (ABSOLUTE | SCALE | UNPIN, value);
+# a schedule spec is a lrctl.common.schedules.Schedule (Constant to clear).
 Op = Optional[tuple[Mode, float]]
-NameOp = tuple[Op, Op, Optional[int]]
+NameOp = tuple[Op, Op, Optional[Any]]
 
 # first_unrepresentable(indices, rates): position j of the first rate that parameter
 # indices[j] cannot take, or None.
@@ -59,7 +60,7 @@ _NO_PIN = math.nan
 def plan_change(
     ops: Mapping[int, NameOp],
     state: RateState,
-    book: ScheduleBook,
+    book: ScheduleBook | ScratchBook,
     step: int,
     names: Sequence[str],
     first_unrepresentable: LimitCheck,
@@ -67,6 +68,8 @@ def plan_change(
 ) -> PlannedChange:
     """Plan `ops` against `state` at `step`; InvalidArgumentError if a result is unusable.
 
+    New schedules get their ids from `book.intern`: pass the live book only where the
+    plan is applied, a scratch book (ScheduleBook.scratch()) to preview or validate.
     A SCALE of the base multiplies the base; a SCALE of the pin multiplies the rate in
     force at `step` (so "halve and hold" works on a scheduled name).
     """
@@ -84,13 +87,14 @@ def plan_change(
     new_base = array("d", old_base)
     new_sched = array("q", old_sched)
     new_pin = array("d", old_pin)
+    ids = {id(op[2]): book.intern(op[2]) for op in _distinct(ops) if op[2] is not None}
     for j, op in enumerate(ops.values()):
         base_op, pin_op, sched = op
         if base_op is not None:
             mode, value = base_op
             new_base[j] = value * old_base[j] if mode is scale else value
         if sched is not None:
-            new_sched[j] = sched
+            new_sched[j] = ids[id(sched)]
         if pin_op is not None:
             mode, value = pin_op
             if mode is unpin:
@@ -130,7 +134,7 @@ def _distinct(ops: Mapping[int, NameOp]) -> list[NameOp]:
 
 
 def _rates(
-    book: ScheduleBook, step: int, sched: Sequence[int], base: Sequence[float],
+    book: ScheduleBook | ScratchBook, step: int, sched: Sequence[int], base: Sequence[float],
     pin: Sequence[float], memo: dict[tuple[int, float], float],
 ) -> list[float]:
     """The rate in force per name; one schedule evaluation per distinct (schedule, base)."""

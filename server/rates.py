@@ -55,16 +55,16 @@ class ScheduleBook:
         if found is not None:
             return found
         points = len(getattr(schedule, "points", ()))
-        if len(self._schedules) >= MAX_SCHEDULES or self._points + points > MAX_SCHEDULE_POINTS:
-            raise ResourceExhaustedError(
-                f"this run already uses {len(self._schedules)} distinct schedules "
-                f"({self._points} piecewise points); at most {MAX_SCHEDULES} "
-                f"({MAX_SCHEDULE_POINTS} points) are kept: reuse one"
-            )
+        _check_room(len(self._schedules), self._points + points)
         self._points += points
         self._ids[schedule] = len(self._schedules)
         self._schedules.append(schedule)
         return len(self._schedules) - 1
+
+    def scratch(self) -> "ScratchBook":
+        """A book for planning that keeps nothing: a request that is refused, or a dry
+        run, must not use up the room every later request shares."""
+        return ScratchBook(self)
 
     def __getitem__(self, schedule_id: int) -> Any:
         return self._schedules[schedule_id]
@@ -75,6 +75,39 @@ class ScheduleBook:
     def describe(self, schedule_id: int) -> str:
         """One line for replies and the history; "" for constant."""
         return "" if schedule_id == 0 else self._schedules[schedule_id].describe()
+
+
+def _check_room(schedules: int, points: int) -> None:
+    if schedules >= MAX_SCHEDULES or points > MAX_SCHEDULE_POINTS:
+        raise ResourceExhaustedError(
+            f"this run already uses {schedules} distinct schedules ({points} piecewise points "
+            f"with this one); at most {MAX_SCHEDULES} ({MAX_SCHEDULE_POINTS} points) are kept: "
+            "reuse one"
+        )
+
+
+class ScratchBook:
+    """A ScheduleBook's ids plus provisional ids for specs it does not hold yet."""
+
+    def __init__(self, book: ScheduleBook) -> None:
+        self._book = book
+        self._extra: list[Any] = []
+        self._extra_ids: dict[Hashable, int] = {}
+
+    def intern(self, schedule: Any) -> int:
+        found = self._book._ids.get(schedule)
+        if found is None:
+            found = self._extra_ids.get(schedule)
+        if found is None:
+            points = sum(len(getattr(s, "points", ())) for s in (*self._extra, schedule))
+            _check_room(len(self._book) + len(self._extra), self._book._points + points)
+            found = self._extra_ids[schedule] = len(self._book) + len(self._extra)
+            self._extra.append(schedule)
+        return found
+
+    def __getitem__(self, schedule_id: int) -> Any:
+        n = len(self._book)
+        return self._book[schedule_id] if schedule_id < n else self._extra[schedule_id - n]
 
 
 class RateState:

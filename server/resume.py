@@ -24,9 +24,11 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from lrctl.common.errors import InvalidArgumentError
 from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server.checkpoint import Layout, NameReport, remap_by_name, to_layout
 from lrctl.server.controller import RESUME_POLICIES, Controller
+from lrctl.server.state import FORMAT
 
 log = logging.getLogger("lrctl.resume")
 
@@ -64,6 +66,7 @@ class Resume:
         # The user's grouping as attach found it: what checkpoints are saved in.
         self._layout = Layout.of(optimizer, self._names_by_param)
         self._loaded: Optional[dict[str, Any]] = None
+        self.loaded_before_attach = False  # set by attach when it found lrctl's state in the groups
         self.report: list[str] = []  # what the last resume could not match
         self._handles = [
             optimizer.register_state_dict_post_hook(self._after_save),
@@ -87,6 +90,15 @@ class Resume:
     def load_state_dict(self, state: Mapping[str, Any], policy: Optional[str] = None) -> list[str]:
         """Restore a state_dict() of an earlier run; returns what did not match (also logged)."""
         policy = policy or self.policy
+        if not isinstance(state, Mapping) or "controller" not in state:
+            found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise InvalidArgumentError(
+                f"not an lrctl state of format {FORMAT} (LRControl.state_dict() has 'controller' "
+                f"and 'scheduler'; got {found!r})"
+            )
+        groups = () if self._adopted is None else self._adopted.groups
+        # Everything is checked before anything changes: the scheduler's state too.
+        parsed = self._controller.parse_state(state["controller"], adopted=groups)
         report: list[str] = []
         scheduler_state = state.get("scheduler")
         if scheduler_state is not None:
@@ -94,9 +106,16 @@ class Resume:
                 report.append("the checkpoint's rates came from an adopted torch scheduler; pass it "
                               "as attach(scheduler=...) to resume its progress")
             else:
-                self._adopted.load_state_dict(scheduler_state)
-        groups = () if self._adopted is None else self._adopted.groups
-        report += self._controller.import_state(state["controller"], policy=policy, adopted=groups)
+                try:
+                    self._adopted.load_state_dict(scheduler_state)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise InvalidArgumentError(f"the adopted scheduler's state does not fit: {exc}") from None
+        if policy == "code" and self.loaded_before_attach:
+            report.append("resume='code' needs the optimizer's state loaded after attach: loaded "
+                          "before, torch had already put the checkpoint's rates in the groups, so "
+                          "the checkpoint's rates are used")
+            policy = "checkpoint"
+        report += self._controller.apply_state(parsed, policy=policy)
         self.report = report
         return report
 

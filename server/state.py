@@ -12,12 +12,13 @@ from array import array
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from lrctl.common.errors import InvalidArgumentError
-from lrctl.common.schedules import schedule_from_dict
+from lrctl.common.schedules import Constant, schedule_from_dict
 from lrctl.server.history import Record
 from lrctl.server.planner import PlannedChange
 from lrctl.server.requests import Mode, ScheduleUpdate, Target, Update
 
 FORMAT = 1
+CONSTANT = Constant()
 # A checkpoint keeps the newest records up to these bounds (the rest is counted as dropped).
 MAX_SAVED_RECORDS = 1000
 MAX_SAVED_ENTRIES = 1_000_000
@@ -62,12 +63,27 @@ def schedule_updates_from_state(data: Sequence[Sequence[Any]], adopted: Sequence
     return tuple(ScheduleUpdate(s, None if d is None else schedule_from_state(d, adopted)) for s, d in data)
 
 
-def ops_to_state(ops: Mapping[int, Any], names: Sequence[str], schedule_key: Callable[[int], Any]) -> list[list[Any]]:
-    """A pending change's per-name ops, by name; schedule ids as their saved keys."""
+def ops_to_state(ops: Mapping[int, Any], names: Sequence[str]) -> list[list[Any]]:
+    """A waiting change's per-name ops, by name."""
     return [
-        [names[i], _op_to_state(base), _op_to_state(pin), None if sid is None else schedule_key(sid)]
-        for i, (base, pin, sid) in ops.items()
+        [names[i], _op_to_state(base), _op_to_state(pin), None if spec is None else schedule_to_state(spec)]
+        for i, (base, pin, spec) in ops.items()
     ]
+
+
+def ops_from_state(
+    data: Sequence[Sequence[Any]], position: Mapping[str, int], adopted: Sequence[Any]
+) -> dict[int, Any]:
+    """ops_to_state() read back, for the names this model has (an adopted schedule this
+    run has no scheduler for becomes constant)."""
+    ops = {}
+    for name, base, pin, spec in data:
+        if name in position:
+            schedule = None if spec is None else schedule_from_state(spec, adopted)
+            if spec is not None and schedule is None:
+                schedule = CONSTANT
+            ops[position[name]] = (_op_from_state(base), _op_from_state(pin), schedule)
+    return ops
 
 
 def plan_to_state(plan: PlannedChange, names: Sequence[str], schedule_key: Callable[[int], Any]) -> dict[str, Any]:
