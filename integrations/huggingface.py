@@ -19,11 +19,21 @@ What the callback does:
   own base rate, also after lrctl splits or merges param groups. It logs the address at
   INFO level. When resuming (``trainer.train(resume_from_checkpoint=...)``) the Trainer
   has already loaded optimizer.pt, which carries lrctl's state (bases, pins, step,
-  history, changes still waiting for their step), so attach restores it; ``resume=
-  "code"`` keeps the base rates this run was built with instead. An attach that fails
-  raises (RuntimeError naming the cause): training does not start without control.
+  history, changes still waiting for their step), so attach restores it. With
+  ``resume="code"`` the names get the Trainer's own base rates back (its scheduler's
+  base rates, which the Trainer itself restores from scheduler.pt), dropping the bases
+  and pins set remotely; step, history and waiting changes resume all the same. An
+  attach that fails raises (RuntimeError naming the cause): training does not start
+  without control.
 - ``on_log`` adds ``lrctl/step`` and, per selector in ``report``, ``lrctl/lr/<selector>``:
-  the rate of the first name the selector matches.
+  the rate of the first name the selector matches, to the logs (and to that entry of
+  ``trainer.state.log_history``). The Trainer runs its ``report_to`` loggers
+  (TensorBoard, W&B, ...) before the callbacks you pass, so they see a log before this
+  callback adds to it; to have lrctl's keys reach them, move the callback first::
+
+      trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(LRControlCallback))
+
+  (Its ``on_train_end`` then runs first too.)
 - ``on_train_end`` closes: stops serving and detaches lrctl's hooks (the optimizer keeps
   the rates it has).
 
@@ -32,14 +42,17 @@ Steps: ``state.global_step`` counts optimizer updates the Trainer attempted, lrc
 that happened. They agree (also with gradient accumulation, where both count updates,
 not micro-batches) unless a GradScaler skips steps on inf/NaN gradients (fp16): those are
 not counted by lrctl, so lrctl's step then trails ``global_step``. ``--at-step S`` applies
-right before lrctl's step S, i.e. to the update that makes ``global_step`` S + 1.
+right before lrctl's step S, i.e. to the update that makes ``global_step`` S + 1. lrctl's
+step is saved in optimizer.pt, so a resumed run goes on counting where it stopped; a
+checkpoint saved without lrctl has no step for it, so lrctl then counts from 0 (and
+warns that its step and ``global_step`` differ).
 
 Rates in the logs: the Trainer's own ``learning_rate`` is the scheduler's rate of param
 group 0 (of the Trainer's original grouping) for the update just made; it knows nothing
 of the rates you set. ``lrctl/lr/<selector>`` is what that name really trains at: its pin,
-else its base x the scheduler's factor, for the next update (the one about to be made:
-one scheduler tick after ``learning_rate``, and without changes still waiting for a
-later step).
+else its base x the scheduler's factor, for the next update: one scheduler tick after
+``learning_rate``, and without changes queued for a step (``--at-step``) that has not
+begun, even the next one (they apply as it begins).
 
 If training raises, the Trainer calls no callback (it has no ``on_exception``): lrctl
 stays attached and serving until the process exits (attach registers
@@ -72,11 +85,14 @@ STEP_KEY = "lrctl/step"
 
 def _inner_scheduler(scheduler: Any) -> Any:
     """The torch scheduler inside Accelerate's AcceleratedScheduler (at most a few levels)."""
+    try:
+        from accelerate.scheduler import AcceleratedScheduler
+    except ImportError:  # no accelerate, no wrapper
+        return scheduler
     for _ in range(4):
-        inner = getattr(scheduler, "scheduler", None)
-        if inner is None or inner is scheduler or hasattr(scheduler, "last_epoch"):
+        if not isinstance(scheduler, AcceleratedScheduler):
             break
-        scheduler = inner
+        scheduler = scheduler.scheduler
     return scheduler
 
 
@@ -87,7 +103,12 @@ class LRControlCallback(TrainerCallback):
     training began). `resume`: whose rates win when resuming from a checkpoint,
     "checkpoint" (default) or "code". `report`: selectors whose rate ``on_log`` adds as
     ``lrctl/lr/<selector>``. Other keyword arguments go to ``lrctl.server.attach``
-    (``insecure``, ``history_limit``, ``max_workers``, ``serve``...).
+    (``insecure``, ``history_limit``, ``max_workers``, ``serve``...; ``scheduler=`` to
+    adopt another scheduler than the Trainer's).
+
+    Names are those of ``model.named_parameters()``: a tied weight has one name (GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``). After attach: ``.control`` (the
+    LRControl: ``.step``, ``.controller``, ``.resume_report``...), ``.address``, ``.port``.
     """
 
     def __init__(
@@ -145,13 +166,15 @@ class LRControlCallback(TrainerCallback):
                 "lrctl: the Trainer gave LRControlCallback no model or optimizer at "
                 "on_train_begin; cannot attach"
             )
-        kwargs_ = dict(self._attach_kwargs)
-        scheduler = kwargs_.pop("scheduler", lr_scheduler)
+        options = dict(self._attach_kwargs)
+        scheduler = options.pop("scheduler", lr_scheduler)
         if scheduler is not None:
             scheduler = _inner_scheduler(scheduler)
         try:
+            # A checkpoint's lrctl state (the Trainer loaded optimizer.pt already) wins over
+            # start_step; without one, lrctl counts on from the Trainer's step.
             ctl = attach(model, optimizer, scheduler=scheduler, address=self._address,
-                         resume=self._resume, **kwargs_)
+                         resume=self._resume, start_step=state.global_step, **options)
         except Exception as exc:
             raise RuntimeError(f"lrctl could not attach to the Trainer's optimizer: {exc}") from exc
         self.control = ctl
@@ -161,10 +184,17 @@ class LRControlCallback(TrainerCallback):
         except Exception as exc:
             self.close()
             raise RuntimeError(f"lrctl: report selector {selector!r}: {exc}") from exc
-        where = ctl.address if ctl._server is not None else "not serving (serve=False)"
+        try:
+            where = ctl.address
+        except RuntimeError:  # attached with serve=False
+            where = "nowhere (serve=False)"
+        # (What a resume could not match is logged by lrctl as it resumes: ctl.resume_report.)
         log.info("lrctl: serving learning rates on %s (step %d)", where, ctl.step)
-        for line in ctl.resume_report:
-            log.warning("lrctl: resume: %s", line)
+        if ctl.step != state.global_step:
+            log.warning(
+                "lrctl: lrctl's step is %d but the Trainer's global_step is %d (a checkpoint "
+                "without lrctl's state, or steps a GradScaler skipped): --at-step and the steps "
+                "lrctl reports count lrctl's steps", ctl.step, state.global_step)
 
     def on_log(
         self,
@@ -177,7 +207,7 @@ class LRControlCallback(TrainerCallback):
         ctl = self.control
         if ctl is None or logs is None:
             return
-        logs[STEP_KEY] = ctl.step
+        added: dict[str, Any] = {STEP_KEY: ctl.step}
         for selector in self.report:
             try:
                 rows, _, _ = ctl.controller.read([selector])
@@ -185,7 +215,14 @@ class LRControlCallback(TrainerCallback):
                 log.warning("lrctl: cannot read %r for the logs: %s", selector, exc)
                 continue
             if rows:
-                logs[LOG_PREFIX + selector] = rows[0].lr
+                added[LOG_PREFIX + selector] = rows[0].lr
+        # Trainer.log() put a copy of `logs` into log_history just before on_log; put the
+        # values there too (trainer_state.json), when that entry is this one.
+        history = state.log_history
+        if (history and history[-1].get("step") == state.global_step
+                and set(history[-1]) - {"step"} <= set(logs)):
+            history[-1].update(added)
+        logs.update(added)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:

@@ -17,7 +17,7 @@ Imports torch but never grpc, so it loads and tests with grpc blocked.
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.optim import Optimizer
@@ -311,6 +311,14 @@ class AdoptedScheduler:
             for g in self._shadow.param_groups
         ]
         return {"version": _STATE_VERSION, "scheduler": _label(self.scheduler), "groups": groups}
+
+    def load_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
+        """Take the values a plain torch checkpoint put into the optimizer's groups (same
+        order and count as at adoption) into the shadow, as the scheduler would have
+        continued from them."""
+        self.load_state_dict({"groups": [
+            {k: v for k, v in g.items() if k not in _NOT_STATE} for g in groups
+        ]})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the shadow groups from `state_dict()`; tensor values stay tensors."""

@@ -78,7 +78,9 @@ class LRControl:
             return
         self._closed = True
         atexit.unregister(self.close)
-        self._resume.remove()
+        # Saving keeps working after close (checkpoints in the user's grouping, with
+        # lrctl's last state); loading no longer involves lrctl.
+        self._resume.remove(keep_saving=True)
         self.controller.close()
         if self._server is not None:
             self._server.stop(grace)
@@ -101,6 +103,7 @@ def attach(
     history_limit: int = 10_000,
     max_workers: int = 8,
     resume: str = "checkpoint",
+    start_step: int = 0,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -120,7 +123,9 @@ def attach(
     Checkpoints: ``optimizer.state_dict()`` is saved in your original grouping with
     lrctl's state inside; loading it (before or after attach) restores lrctl's state.
     `resume` says whose rates win then: "checkpoint" (default, as torch restores group
-    rates) or "code" (the rates this run was built with).
+    rates) or "code" (the rates this run was built with). `start_step` is where lrctl's
+    step count starts when no lrctl state is restored (a trainer resuming from a
+    checkpoint saved without lrctl passes its own step).
     """
     if resume not in RESUME_POLICIES:
         raise ValueError(f"resume {resume!r} is not one of {', '.join(map(repr, RESUME_POLICIES))}")
@@ -144,6 +149,7 @@ def attach(
             group_schedules=None if adopted is None else adopted.groups,
             group_bases=None if adopted is None else [g.base_lr for g in adopted.groups],
             on_step=() if adopted is None else (adopted.mark_stepped,),
+            start_step=start_step,
         )
         checkpoints = Resume(controller, optimizer, adopted, resume)
         if loaded is not None:

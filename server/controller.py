@@ -204,7 +204,9 @@ class Controller:
     `group_schedules` (one per optimizer param group, or None) gives the names of a
     group a schedule, and `group_bases` their base rates (default: the group's lr):
     this is how a user's torch scheduler is adopted (lrctl.server.adopt).
-    `on_step` callables run first in every step hook.
+    `on_step` callables run first in every step hook. `start_step` is the index of the
+    next step (0; a trainer resuming from a checkpoint without lrctl's state passes
+    its own step count).
     """
 
     def __init__(
@@ -217,6 +219,7 @@ class Controller:
         group_schedules: Sequence[Any] | None = None,
         group_bases: Sequence[float] | None = None,
         on_step: Sequence[Callable[[], None]] = (),
+        start_step: int = 0,
     ) -> None:
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(
@@ -257,7 +260,9 @@ class Controller:
             )
         self._lock = threading.Lock()
         self._table = RateTable(bases, schedules, self._book)
-        self._installed: dict[int, float] = self._table.rates(0)
+        if start_step < 0:
+            raise ValueError(f"start_step {start_step} is negative")
+        self._installed: dict[int, float] = self._table.rates(start_step)
         self._strategy = strategy(optimizer, self._params, names, self._table.class_of, self._installed)
         self._table.set_limits(lambda i: self._strategy.max_lr((i,)))
         self._history_limit = history_limit
@@ -265,7 +270,7 @@ class Controller:
         self.lineage: tuple[str, ...] = ()  # run ids of the runs this one resumed from
         self._pending: list[PendingChange] = []
         self._next_due: float = _NEVER
-        self._step = 0
+        self._step = start_step
         self._version = 0
         self._next_change_id = 1
         self._closed = False
@@ -288,6 +293,23 @@ class Controller:
     def parameters(self) -> tuple[torch.Tensor, ...]:
         """The named parameters, in model order (names[i] is parameters[i]'s name)."""
         return tuple(self._params)
+
+    def rebase(self, bases: Mapping[int, float]) -> None:
+        """Set the base rates of names (position -> base) without a recorded change: a
+        plain torch checkpoint (no lrctl state) was loaded and its rates win. The names
+        keep their schedules; pins are left alone."""
+        with self._lock:
+            table = self._table
+            indices = [i for i in bases if table.base[i] is not None]
+            moved = table.commit(indices, [bases[i] for i in indices], None, None)
+            self._strategy.move(moved, {c: table.class_rate(c, self._step) for c in set(moved.values())})
+            self._installed.update(table.rates(self._step))
+
+    def adopted_positions(self) -> set[int]:
+        """Positions of the names whose schedule is an adopted torch scheduler."""
+        book, table = self._book, self._table
+        with self._lock:
+            return {i for i, s in enumerate(table.schedule) if s and book[s].kind == "adopted"}
 
     def reinstall(self) -> None:
         """Write every rate (and driven hyperparameter) into the optimizer again, e.g.
@@ -331,9 +353,12 @@ class Controller:
         """Views of the given parameters with their rates and groups right now."""
         return [ParameterView(*row) for row in self.parameter_rows(positions)]
 
-    def _rates_of(self, positions: Sequence[int]) -> tuple[list[float | None], list[int], int]:
-        """Rates for the next step and groups of `positions` (lock held)."""
-        table, step = self._table, self._step
+    def _rates_of(
+        self, positions: Sequence[int], step: int | None = None
+    ) -> tuple[list[float | None], list[int], int]:
+        """Rates at `step` (default: the next step) and groups of `positions` (lock held)."""
+        table = self._table
+        step = self._step if step is None else step
         rates = table.rates(step)
         class_of = table.class_of
         lrs = [rates.get(class_of[i]) for i in positions]
@@ -354,9 +379,16 @@ class Controller:
             ))
         return rows
 
-    def read(self, selectors: Sequence[str]) -> tuple[list[RateRow], int, int]:
-        """Rate rows for what the selectors match, in model order; version; step."""
-        rows, version, step, _ = self.read_page(selectors)
+    def read(
+        self, selectors: Sequence[str], *, step: int | None = None
+    ) -> tuple[list[RateRow], int, int]:
+        """Rate rows for what the selectors match, in model order; version; step.
+
+        `step` defaults to the next step; ``controller.step - 1`` gives the rates the
+        last step used (what a trainer's logger wants), as far as the current bases,
+        pins and schedules tell (an adopted torch scheduler only knows its latest rate).
+        """
+        rows, version, step, _ = self.read_page(selectors, step=step)
         return rows, version, step
 
     def _chosen(self, selectors: Sequence[str]) -> Sequence[int]:
@@ -367,18 +399,19 @@ class Controller:
         return self._held(range(len(self._params)))
 
     def read_page(
-        self, selectors: Sequence[str], start: int = 0, limit: int | None = None
+        self, selectors: Sequence[str], start: int = 0, limit: int | None = None,
+        *, step: int | None = None,
     ) -> tuple[list[RateRow], int, int, int]:
         """read() of matches [start, start + limit), and the number of matches in all.
 
-        Rates are those of the next step (`step`), unless a change is applied first.
+        Rates are those of `step` (default: the next step), unless a change is applied first.
         """
         chosen = self._chosen(selectors)
         total = len(chosen)
         chosen = chosen[start:] if limit is None else chosen[start:start + limit]
         names, table, book = self.index.names, self._table, self._book
         with self._lock:
-            lrs, groups, step = self._rates_of(chosen)
+            lrs, groups, step = self._rates_of(chosen, step)
             version = self._version
             bases = [table.base[i] for i in chosen]
             schedules = [table.schedule[i] for i in chosen]

@@ -19,6 +19,7 @@ dict surgery):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Mapping, Optional
 
@@ -29,6 +30,7 @@ from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server.checkpoint import Layout, NameReport, remap_by_name, to_layout
 from lrctl.server.controller import RESUME_POLICIES, Controller
 from lrctl.server.state import FORMAT
+from lrctl.server.strategy import lr_value
 
 log = logging.getLogger("lrctl.resume")
 
@@ -74,11 +76,12 @@ class Resume:
             optimizer.register_load_state_dict_post_hook(self._after_load),
         ]
 
-    def remove(self) -> None:
-        """Unhook (lrctl detaching): later state dicts follow the live grouping."""
-        for handle in self._handles:
+    def remove(self, keep_saving: bool = False) -> None:
+        """Unhook (lrctl detaching). With `keep_saving`, state dicts are still saved in
+        the user's grouping (lrctl's regrouping stays in the optimizer after detach)."""
+        for handle in self._handles[1:] if keep_saving else self._handles:
             handle.remove()
-        self._handles = []
+        self._handles = self._handles[:1] if keep_saving else []
 
     def state_dict(self) -> dict[str, Any]:
         """lrctl's state, plain data keyed by parameter name."""
@@ -111,9 +114,16 @@ class Resume:
                 except (ValueError, KeyError, TypeError) as exc:
                     raise InvalidArgumentError(f"the adopted scheduler's state does not fit: {exc}") from None
         if policy == "code" and self.loaded_before_attach:
-            report.append("resume='code' needs the optimizer's state loaded after attach: loaded "
-                          "before, torch had already put the checkpoint's rates in the groups, so "
-                          "the checkpoint's rates are used")
+            # torch's load already put the checkpoint's rates in the groups, so the code's
+            # are lost, except for names an adopted scheduler gives their base.
+            adopted_names = self._controller.adopted_positions()
+            rest = [r for r in parsed.rates if r[0] not in adopted_names]
+            if rest:
+                report.append(
+                    f"resume='code': {len(rest)} name(s) take the checkpoint's rates, since the "
+                    "optimizer's state was loaded before attach and had replaced the code's "
+                    "(load it after attach, or adopt a scheduler, to keep the code's)")
+            parsed = dataclasses.replace(parsed, rates=rest)
             policy = "checkpoint"
         report += self._controller.apply_state(parsed, policy=policy)
         self.report = report
@@ -144,7 +154,25 @@ class Resume:
         if state is not None:
             report += self.load_state_dict(state)
         else:
-            # A plain torch checkpoint: its state is in, lrctl's rates stay (torch's
-            # load replaced the group dicts; put this run's rates back in them).
-            self._controller.reinstall()
+            self._from_plain_checkpoint(optimizer)
         self.report = report
+
+    def _from_plain_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
+        """A checkpoint without lrctl's state was loaded (saved before lrctl was used):
+        torch put its rates in the groups. While the groups are still the ones lrctl was
+        attached with, they are taken as the checkpoint's: an adopted scheduler's shadow
+        continues from them, as the scheduler would have; under the "checkpoint" policy
+        the other names take them as bases."""
+        groups = optimizer.param_groups
+        if self._controller.version == 0 and len(groups) == len(self._layout):
+            if self._adopted is not None:
+                self._adopted.load_groups(groups)
+            if self.policy == "checkpoint":
+                adopted_names = self._controller.adopted_positions()
+                position = {id(p): i for i, p in enumerate(self._controller.parameters)}
+                self._controller.rebase({
+                    position[id(p)]: lr_value(group["lr"])
+                    for group in groups for p in group["params"]
+                    if position[id(p)] not in adopted_names
+                })
+        self._controller.reinstall()

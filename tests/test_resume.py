@@ -504,7 +504,7 @@ def test_resume_policy(runs: dict[str, Any], job: Any, job_dir: Path, caplog: py
         # "code" cannot be honoured, and the report says so.
         wins_code = policy == "code" and load == "after"
         if policy == "code" and load == "before":
-            assert any("loaded after attach" in line for line in ctl.resume_report), ctl.resume_report
+            assert any("loaded before attach" in line for line in ctl.resume_report), ctl.resume_report
         assert rows["fc2.weight"].base == (CODE_LR if wins_code else a_base)
         if not wins_code:
             assert rows["fc1.weight"].base == job.SPLIT_BASE
