@@ -43,9 +43,8 @@ that happened. They agree (also with gradient accumulation, where both count upd
 not micro-batches) unless a GradScaler skips steps on inf/NaN gradients (fp16): those are
 not counted by lrctl, so lrctl's step then trails ``global_step``. ``--at-step S`` applies
 right before lrctl's step S, i.e. to the update that makes ``global_step`` S + 1. lrctl's
-step is saved in optimizer.pt, so a resumed run goes on counting where it stopped; a
-checkpoint saved without lrctl has no step for it, so lrctl then counts from 0 (and
-warns that its step and ``global_step`` differ).
+step is saved in optimizer.pt, so a resumed run goes on counting where it stopped; with
+a checkpoint saved without lrctl, lrctl counts on from ``global_step``.
 
 Rates in the logs: the Trainer's own ``learning_rate`` is the scheduler's rate of param
 group 0 (of the Trainer's original grouping) for the update just made; it knows nothing
