@@ -332,7 +332,7 @@ class Controller:
     def learning_rates(self) -> dict[str, float]:
         """Every held parameter's rate for the next step, in model order."""
         with self._lock:
-            rates, step = self._table.rates(self._step), self._step
+            rates = self._table.rates(self._step)
             class_of = array("q", self._table.class_of)
         return {n: rates[c] for n, c in zip(self.index.names, class_of) if c >= 0}
 

@@ -9,9 +9,8 @@ and Adam moments exist. Checkpoints go through torch.save/torch.load, as real on
 
 from __future__ import annotations
 
-import copy
 import io
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
