@@ -16,13 +16,18 @@ all built from one model and measured in the same run:
   adopted         the baseline's optimizer and LambdaLR, attach(scheduler=...); the
                   loop still calls scheduler.step()
 
-Windows of --steps steps are interleaved, base X1 base X2 base X3 base (the lrctl
-order reversed every other round); a window's ratio is its time over the mean of the
-two base windows beside it. Reported: median ratio over rounds and its min-max; the
-extra us of optimizer.step() (where lrctl's hook runs) over base's in the same round;
-and, after the rounds, the hook alone (Controller._before_step called directly, every
-class's rate moving) next to torch's LambdaLR.step() alone, in us per call. Every
-schedule runs for 10^6 steps, so every rate moves on every step. Target: <= 1.02x.
+  base (A/A)      a second copy of base: the noise floor of the method
+
+Each case is paired with a base of its own (built the same way, so every model trains
+the same number of steps), and each round times every pair in windows of --steps
+steps, A B in even rounds and B A in odd ones. Reported per case: the median over
+rounds of the window ratio case / base, and its min-max, by wall clock and by this
+thread's CPU time; the extra us of optimizer.step() (where lrctl's hook runs) over
+base's; and, after the rounds, the schedule's work per step timed alone (base:
+LambdaLR.step(); lrctl: the hook, Controller._before_step, called directly; adopted:
+both), with `est`, the ratio that work alone predicts. Every schedule runs for 10^6
+steps, so every rate moves on every step. Denormals are flushed (see main). Target:
+<= 1.02x.
 
     python bench/bench_schedule.py            # the full run (~2.5 min)
     python bench/bench_schedule.py --quick    # a smoke run (CI), numbers not meaningful
@@ -76,7 +81,7 @@ def warmup_cosine(warmup: int, total: int = TOTAL_STEPS) -> Callable[[int], floa
         if step < warmup:
             return 0.0 + (1.0 - 0.0) * (float(step) / float(max(1, warmup)))
         progress = min(float(step - warmup) / float(max(1, total - warmup)), 1.0)
-        c = max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(0.5) * 2.0 * progress)))
+        c = max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
         return c * (1.0 - 0.0) + 0.0
 
     return lam
@@ -89,8 +94,9 @@ def warmup_schedule(warmup: int) -> Warmup:
 class Case:
     """One configuration: a model copy, its optimizer in K groups, maybe a scheduler and lrctl."""
 
-    def __init__(self, label: str, model: nn.Module, opt_name: str, k: int, x: torch.Tensor) -> None:
-        self.label, self.model, self.k, self.x = label, model, k, x
+    def __init__(self, label: str, model: nn.Module, opt_name: str, k: int,
+                 x: torch.Tensor, y: torch.Tensor) -> None:
+        self.label, self.model, self.k, self.x, self.y = label, model, k, x, y
         self.ctl = None
         self.sched: LambdaLR | None = None
         params = list(model.parameters())
@@ -127,28 +133,31 @@ class Case:
 
     def train_step(self) -> None:
         self.opt.zero_grad()
-        self.model(self.x).square().mean().backward()
+        (self.model(self.x) - self.y).square().mean().backward()
         self.opt.step()
         if self.sched is not None:
             self.sched.step()
 
-    def window(self, steps: int) -> tuple[float, float]:
-        """Seconds per whole step, and per optimizer.step() inside it."""
-        model, x, opt, sched = self.model, self.x, self.opt, self.sched
+    def window(self, steps: int) -> tuple[float, float, float]:
+        """Seconds per whole step (wall, and this thread's CPU time), and per
+        optimizer.step() inside it (wall)."""
+        model, x, y, opt, sched = self.model, self.x, self.y, self.opt, self.sched
         self.train_step()  # one untimed step after the switch from another model
         in_step = 0.0
+        cpu = time.thread_time()
         start = pc()
         for _ in range(steps):
             opt.zero_grad()
-            model(x).square().mean().backward()
+            (model(x) - y).square().mean().backward()
             t0 = pc()
             opt.step()
             in_step += pc() - t0
             if sched is not None:
                 sched.step()
         total = pc() - start
+        cpu = time.thread_time() - cpu
         self.steps += steps + 1
-        return total / steps, in_step / steps
+        return total / steps, cpu / steps, in_step / steps
 
     def check_rates(self) -> None:
         """The rates for the next step are the lambdas' (a misconfigured case fails here)."""
@@ -164,23 +173,18 @@ class Case:
                 assert got == want, (self.label, j, n, got, want)
 
     def time_alone(self, calls: int) -> float:
-        """us per call of what the schedule costs outside the model: the hook (lrctl) or
-        LambdaLR.step() (base); the adopted scheduler steps untimed before each hook call."""
-        times = []
-        if self.ctl is None:
-            step = self.sched.step  # type: ignore[union-attr]
-            for _ in range(calls):
-                t0 = pc()
-                step()
-                times.append(pc() - t0)
-        else:
-            hook, opt, sched = self.ctl.controller._before_step, self.opt, self.sched
-            for _ in range(calls):
-                if sched is not None:
-                    sched.step()
-                t0 = pc()
+        """us per step of the schedule's work outside the model, each call timed alone:
+        LambdaLR.step() (base), the hook (lrctl), or both (adopted), every rate moving."""
+        sched = self.sched.step if self.sched is not None else None
+        hook = self.ctl.controller._before_step if self.ctl is not None else None
+        opt, times = self.opt, []
+        for _ in range(calls):
+            t0 = pc()
+            if sched is not None:
+                sched()
+            if hook is not None:
                 hook(opt, (), {})
-                times.append(pc() - t0)
+            times.append(pc() - t0)
         return statistics.median(times) * 1e6
 
     def close(self) -> None:
@@ -189,53 +193,66 @@ class Case:
 
 
 LRCTL_CASES = ("lrctl bases", "lrctl scheds", "adopted")
+CONTROL = "base (A/A)"  # a second plain-torch copy against its own base: the noise floor
 
 
 def run(layers: int, width: int, batch: int, ks: list[int], rounds: int, steps: int, calls: int):
+    """Each case is timed against a base of its own (same construction), so every model
+    trains the same number of steps; a round times each pair A B, the next B A."""
     cells = []
     for opt_name in OPTIMIZERS:
         for k in ks:
             torch.manual_seed(0)
             model = make_model(layers, width)
-            x = torch.randn(batch, width)
-            cases = {label: Case(label, copy.deepcopy(model), opt_name, k, x)
-                     for label in ("base",) + LRCTL_CASES}
-            cells.append((opt_name, k, cases))
-    ratios = {(o, k, c): [] for o, k, _ in cells for c in LRCTL_CASES}
-    extra = {key: [] for key in ratios}
-    base_ms = {(o, k): [] for o, k, _ in cells}
+            x, y = torch.randn(batch, width), torch.randn(batch, width)
+            pairs = {label: (Case("base", copy.deepcopy(model), opt_name, k, x, y),
+                             Case("base" if label == CONTROL else label, copy.deepcopy(model), opt_name, k, x, y))
+                     for label in (CONTROL,) + LRCTL_CASES}
+            cells.append((opt_name, k, pairs))
+    labels = (CONTROL,) + LRCTL_CASES
+    keys = [(o, k, c) for o, k, _ in cells for c in labels]
+    wall: dict = {key: [] for key in keys}
+    cpu: dict = {key: [] for key in keys}
+    extra: dict = {key: [] for key in keys}
+    base_wall: dict = {(o, k): [] for o, k, _ in cells}
     for r in range(rounds):
-        for opt_name, k, cases in cells:
-            order = LRCTL_CASES if r % 2 == 0 else LRCTL_CASES[::-1]
-            base = cases["base"]
-            prev_total, prev_in = base.window(steps)
-            base_ms[(opt_name, k)].append(prev_total)
-            for label in order:
-                total, in_step = cases[label].window(steps)
-                next_total, next_in = base.window(steps)
-                ratios[(opt_name, k, label)].append(total / ((prev_total + next_total) / 2))
-                extra[(opt_name, k, label)].append(in_step - (prev_in + next_in) / 2)
-                prev_total, prev_in = next_total, next_in
+        for opt_name, k, pairs in cells:
+            for label in (labels if r % 2 == 0 else labels[::-1]):
+                base, case = pairs[label]
+                if r % 2 == 0:
+                    b, mine = base.window(steps), case.window(steps)
+                else:
+                    mine, b = case.window(steps), base.window(steps)
+                key = (opt_name, k, label)
+                wall[key].append(mine[0] / b[0])
+                cpu[key].append(mine[1] / b[1])
+                extra[key].append(mine[2] - b[2])
+                base_wall[(opt_name, k)].append(b[0])
     rows = []
-    for opt_name, k, cases in cells:
-        for case in cases.values():
-            case.check_rates()
-        alone = {label: case.time_alone(calls) for label, case in cases.items()}
-        rows.append((opt_name, k, "base", statistics.median(base_ms[(opt_name, k)]), None, None, alone["base"]))
-        for label in LRCTL_CASES:
-            rs = ratios[(opt_name, k, label)]
-            rows.append((opt_name, k, label, None, (statistics.median(rs), min(rs), max(rs)),
-                         statistics.median(extra[(opt_name, k, label)]), alone[label]))
-        for case in cases.values():
-            case.close()
+    for opt_name, k, pairs in cells:
+        for pair in pairs.values():
+            for case in pair:
+                case.check_rates()
+        alone = {label: pairs[label][1].time_alone(calls) for label in labels}
+        base_s = statistics.median(base_wall[(opt_name, k)])
+        rows.append((opt_name, k, "base", base_s, None, None, None, alone[CONTROL], None))
+        for label in labels:
+            key = (opt_name, k, label)
+            spread = [(statistics.median(v), min(v), max(v)) for v in (wall[key], cpu[key])]
+            estimate = 1 + (alone[label] - alone[CONTROL]) * 1e-6 / base_s
+            rows.append((opt_name, k, label, None, spread[0], spread[1],
+                         statistics.median(extra[key]), alone[label], estimate))
+        for pair in pairs.values():
+            for case in pair:
+                case.close()
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-    parser.add_argument("--rounds", type=int, default=31)
-    parser.add_argument("--steps", type=int, default=50, help="training steps per timed window")
+    parser.add_argument("--rounds", type=int, default=151)
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed window")
     parser.add_argument("--layers", type=int, default=16, help="Linear layers (2 tensors each)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
@@ -244,24 +261,32 @@ def main() -> None:
     if args.quick:
         args.rounds, args.steps, args.calls = 2, 3, 20
     torch.set_num_threads(1)
+    # Optimizer state of dead units decays into subnormal floats within ~1000 steps, and
+    # subnormal arithmetic is slow on x86: without this, a case's step time drifts with
+    # how far it has trained (base trains 4x as many steps), not with lrctl.
+    if not torch.set_flush_denormal(True):
+        print("warning: this CPU cannot flush denormals; long runs may drift")
     ks = [1, 8, 32]
     print(f"whole training steps, MLP {args.layers}x Linear({args.width}) ({2 * args.layers} tensors), "
           f"batch {args.batch}, foreach; torch {torch.__version__}, 1 thread; "
           f"{args.rounds} rounds x {args.steps} steps a window")
-    print("ratio: whole step vs base in the same round, median [min-max]; step() +us: optimizer.step() "
-          "vs base's; alone us: the hook (lrctl) or LambdaLR.step() (base) called alone")
-    print(f"{'optimizer':<14} {'case':<13} {'K':>3} {'base ms':>8} {'ratio':>7} {'[min - max]':>15} "
-          f"{'step() +us':>11} {'alone us':>9}  target")
-    for opt_name, k, label, ms, ratio, ext, alone in run(
+    print("ratios vs base in the same round, median [min-max] over rounds: wall clock, and this thread's "
+          "CPU time; step() +us: optimizer.step() (with lrctl's hook) minus base's; sched us: the "
+          "schedule's work per step timed alone (base: LambdaLR.step, lrctl: the hook, adopted: both); "
+          "est: 1 + (sched us - base's) / base step")
+    print(f"{'optimizer':<14} {'case':<13} {'K':>3} {'wall':>7} {'[min - max]':>15} {'cpu':>7} "
+          f"{'[min - max]':>15} {'step() +us':>10} {'sched us':>8} {'est':>6}  target")
+    for opt_name, k, label, base_s, w, c, ext, alone, est in run(
             args.layers, args.width, args.batch, ks, args.rounds, args.steps, args.calls):
-        if ratio is None:
-            print(f"{opt_name:<14} {label:<13} {k:>3} {ms * 1e3:>8.3f} {'1.000x':>7} {'':>15} "
-                  f"{'':>11} {alone:>9.1f}")
+        if w is None:
+            print(f"{opt_name:<14} {label:<13} {k:>3} {base_s * 1e3:>5.3f}ms {'':>15} {'':>7} {'':>15} "
+                  f"{'':>10} {alone:>8.1f}")
             continue
-        med, lo, hi = ratio
-        verdict = "ok" if med <= TARGET else "MISS"
-        print(f"{opt_name:<14} {label:<13} {k:>3} {'':>8} {med:>6.3f}x [{lo:.3f} - {hi:.3f}] "
-              f"{ext * 1e6:>+11.1f} {alone:>9.1f}  <={TARGET} {verdict}")
+        verdict = "ok" if w[0] <= TARGET and c[0] <= TARGET else "MISS"
+        if label == CONTROL:
+            verdict = "(noise floor)"
+        print(f"{opt_name:<14} {label:<13} {k:>3} {w[0]:>6.3f}x [{w[1]:.3f} - {w[2]:.3f}] {c[0]:>6.3f}x "
+              f"[{c[1]:.3f} - {c[2]:.3f}] {ext * 1e6:>+10.1f} {alone:>8.1f} {est:>5.3f}x  {'' if label == CONTROL else f'<={TARGET} '}{verdict}")
 
 
 if __name__ == "__main__":

@@ -157,8 +157,10 @@ class Schedule:
 
     def _step(self, step: int) -> int:
         # Clamped above so that float(s) and friends cannot overflow on absurd steps;
-        # every schedule has long reached its limit by 2**62.
-        return min(max(0, step - self.start_step), MAX_INT)
+        # every schedule has long reached its limit by 2**62. Comparisons, not
+        # min/max: this runs in the training step's hook.
+        s = step - self.start_step
+        return 0 if s < 0 else (s if s < MAX_INT else MAX_INT)
 
     def factor(self, step: int) -> float:
         """The multiplier of the base rate at optimizer step `step`."""

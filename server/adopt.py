@@ -118,14 +118,18 @@ def _label(scheduler: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _base_lrs(scheduler: object) -> list[Any]:
-    """The scheduler's own base rates; SequentialLR and ChainedScheduler have none, so
-    the first child that has them speaks for the chain (they share one optimizer)."""
+def _base_node(scheduler: object) -> Any:
+    """The scheduler that holds the base rates; SequentialLR and ChainedScheduler have
+    none, so the first child that has them speaks for the chain (they share one optimizer)."""
     for node in _tree(scheduler):
-        base_lrs = getattr(node, "base_lrs", None)
-        if base_lrs is not None:
-            return list(base_lrs)
+        if getattr(node, "base_lrs", None) is not None:
+            return node
     raise ValueError(f"{_label(scheduler)} has no base_lrs; adopt a torch LRScheduler")
+
+
+def _base_lrs(scheduler: object) -> list[Any]:
+    """The scheduler's own base rates (see _base_node)."""
+    return list(_base_node(scheduler).base_lrs)
 
 
 def _last_epoch(scheduler: object) -> Any:
@@ -188,11 +192,14 @@ class GroupSchedule:
     @property
     def base_lr(self) -> float:
         """The scheduler's own base rate for this group (OneCycleLR: max_lr / div_factor)."""
-        return _to_float(_base_lrs(self._owner.scheduler)[self.index])
+        # Read through the node each time: the scheduler's load_state_dict replaces the list.
+        value = self._owner.base_node.base_lrs[self.index]
+        return value if type(value) is float else _to_float(value)
 
     def current_lr(self) -> float:
         """The lr the scheduler has put into this shadow group."""
-        return _to_float(self._group["lr"])
+        value = self._owner._shadow.param_groups[self.index]["lr"]
+        return value if type(value) is float else _to_float(value)
 
     def rate(self, base: float, step: int) -> float:
         """The rate for a name whose base is `base`.
@@ -272,6 +279,7 @@ class AdoptedScheduler:
             )
 
         self.scheduler = scheduler
+        self.base_node = _base_node(scheduler)
         self.optimizer: Optimizer = real
         # torch's step wrapper marks the optimizer the scheduler was built on; carry the
         # mark over so an adoption between optimizer.step() and scheduler.step() is silent.

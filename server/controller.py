@@ -125,6 +125,11 @@ def _device_name(device: torch.device) -> str:
     return name
 
 
+def _points(request: ChangeRequest) -> int:
+    """Schedule points a request carries (piecewise schedules), for the queue's bound."""
+    return sum(len(getattr(u.schedule, "points", ())) for u in request.schedules)
+
+
 def _listing(names: Sequence[str], limit: int = 5) -> str:
     shown = ", ".join(map(repr, names[:limit]))
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -521,11 +526,12 @@ class Controller:
     def _enqueue(self, request: ChangeRequest, ops: dict[int, NameOp]) -> PendingChange:
         """Queue a validated change (lock held)."""
         queued = len(self._pending)
-        entries = sum(len(p.ops) for p in self._pending) + len(ops)
+        # A piecewise schedule's points weigh like per-name entries (~70 bytes each).
+        entries = sum(len(p.ops) + _points(p.request) for p in self._pending) + len(ops) + _points(request)
         if queued >= MAX_PENDING or entries > MAX_PENDING_ENTRIES:
             raise ResourceExhaustedError(
                 f"{queued} changes already wait for their step (at most {MAX_PENDING} changes and "
-                f"{MAX_PENDING_ENTRIES} per-name entries in all); wait for some to apply"
+                f"{MAX_PENDING_ENTRIES} per-name entries and schedule points in all); wait for some to apply"
             )
         pending = PendingChange(self._next_change_id, request, ops, time.time())
         self._next_change_id += 1
@@ -741,12 +747,8 @@ class Controller:
 
     def _tick(self, step: int) -> None:
         """Install this step's rate of every scheduled class whose rate moved."""
-        installed, rate = self._installed, self._table.class_rate
-        moved = {}
-        for c in self._table.scheduled:
-            r = rate(c, step)
-            if installed.get(c) != r:
-                moved[c] = r
+        installed = self._installed
+        moved = {c: r for c, r in self._table.scheduled_rates(step).items() if installed.get(c) != r}
         if moved:
             self._strategy.set_rates(moved)
             installed.update(moved)
@@ -814,7 +816,9 @@ class Controller:
                 applied_at=time.time(),
                 requested_at=pending.requested_at,
                 updates=request.updates,
-                schedules=request.schedules,
+                # The book's own copies: a record adds no schedule points of its own.
+                schedules=tuple(replace(u, schedule=self._book.canonical(u.schedule))
+                                for u in request.schedules),
                 plan=plan,
                 peer=request.peer,
                 user=request.user,

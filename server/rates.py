@@ -18,11 +18,12 @@ from itertools import repeat
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from lrctl.common.errors import ResourceExhaustedError
-from lrctl.common.schedules import Constant
+from lrctl.common.schedules import Constant, Schedule
 
 log = logging.getLogger("lrctl.controller")
 
 CONSTANT = Constant()
+_PLAIN_RATE = Schedule.rate
 # Schedules are never forgotten (the history refers to them by id): bound them.
 MAX_SCHEDULES = 10_000
 MAX_SCHEDULE_POINTS = 200_000
@@ -60,6 +61,11 @@ class ScheduleBook:
         self._ids[schedule] = len(self._schedules)
         self._schedules.append(schedule)
         return len(self._schedules) - 1
+
+    def canonical(self, schedule: Any) -> Any:
+        """The book's own instance of a spec it holds (`schedule` itself otherwise)."""
+        found = self._ids.get(schedule)
+        return schedule if found is None else self._schedules[found]
 
     def scratch(self) -> "ScratchBook":
         """A book for planning that keeps nothing: a request that is refused, or a dry
@@ -146,6 +152,8 @@ class RateTable(RateState):
         self._limits: list[float] = []
         self._free: list[int] = []
         self.scheduled: set[int] = set()  # classes whose rate depends on the step
+        # The scheduled classes by schedule id: a step evaluates each schedule's factor once.
+        self._by_schedule: dict[int, list[int]] = {}
         # Classes whose schedule also drives other hyperparameters (an adopted
         # OneCycleLR cycles momentum): class -> schedule.
         self.driven: dict[int, Any] = {}
@@ -183,6 +191,7 @@ class RateTable(RateState):
             self._ids[key] = c
             if key[0] == SCHEDULED and not self.book[key[2]].is_constant:
                 self.scheduled.add(c)
+                self._by_schedule.setdefault(key[2], []).append(c)
             if getattr(self.book[key[2]], "driven_keys", ()):
                 self.driven[c] = self.book[key[2]]
         self._sizes[c] += 1
@@ -194,9 +203,15 @@ class RateTable(RateState):
         c = self.class_of[i]
         self._sizes[c] -= 1
         if self._sizes[c] == 0:
-            del self._ids[self._keys[c]]  # type: ignore[arg-type]
+            key = self._keys[c]
+            del self._ids[key]  # type: ignore[arg-type]
             self._keys[c] = None
-            self.scheduled.discard(c)
+            if c in self.scheduled:
+                self.scheduled.discard(c)
+                same = self._by_schedule[key[2]]  # type: ignore[index]
+                same.remove(c)
+                if not same:
+                    del self._by_schedule[key[2]]  # type: ignore[index]
             self.driven.pop(c, None)
             self._clamped.discard(c)
             self._free.append(c)
@@ -227,6 +242,29 @@ class RateTable(RateState):
                 "largest its parameters can take; holding %g", self.book.describe(key[2]),
                 key[1], rate, step, limit, limit)
         return limit if not math.isnan(rate) else key[1]
+
+    def scheduled_rates(self, step: int) -> dict[int, float]:
+        """The rate at `step` of every scheduled class: what the step hook installs.
+
+        A schedule whose rate is base x factor (Schedule.rate itself) has its factor
+        computed once for all its classes, with Schedule.rate's exact arithmetic; the
+        others (inverse-time, one-cycle, adopted) and anything past a limit go through
+        class_rate.
+        """
+        out: dict[int, float] = {}
+        keys, limits, book = self._keys, self._limits, self.book
+        for sid, classes in self._by_schedule.items():
+            schedule = book[sid]
+            if type(schedule).rate is not _PLAIN_RATE:
+                for c in classes:
+                    out[c] = self.class_rate(c, step)
+                continue
+            f = schedule.factor(step)
+            for c in classes:
+                base = keys[c][1]  # type: ignore[index]
+                r = 0.0 if base == 0.0 else base * f
+                out[c] = r if r <= limits[c] else self.class_rate(c, step)
+        return out
 
     def rates(self, step: int) -> dict[int, float]:
         """Every class's rate at `step`."""

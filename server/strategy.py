@@ -155,6 +155,7 @@ class CoalescedGroups:
         self._keys: list[tuple[int, int]] = []  # (template, class) per group
         self._by_key: dict[tuple[int, int], list[int]] = {}
         self._by_class: dict[int, list[int]] = {}
+        self._tensor_lr: list[bool] = []  # per group: its lr is a tensor (filled in place)
         self._adopt(position)
 
     # -- ApplyStrategy -------------------------------------------------------------
@@ -230,11 +231,16 @@ class CoalescedGroups:
             raise
 
     def set_rates(self, rates: Mapping[int, float]) -> None:
-        groups, by_class = self._optimizer.param_groups, self._by_class
+        # Runs in the step hook on every scheduled step: plain dict writes, a tensor lr
+        # (fill_) only where the group has one.
+        groups, by_class, tensor_lr = self._optimizer.param_groups, self._by_class, self._tensor_lr
         self._rate.update(rates)
         for c, lr in rates.items():
             for g in by_class.get(c, ()):
-                self._set_lr(groups[g], lr)
+                if tensor_lr[g]:
+                    groups[g]["lr"].fill_(lr)
+                else:
+                    groups[g]["lr"] = lr
 
     def set_hyperparameters(self, values: Mapping[int, Mapping[str, Any]]) -> None:
         groups, by_class = self._optimizer.param_groups, self._by_class
@@ -273,6 +279,7 @@ class CoalescedGroups:
 
     def _remember(self, g: int, key: tuple[int, int]) -> None:
         self._keys[g] = key
+        self._tensor_lr[g] = isinstance(self._optimizer.param_groups[g]["lr"], torch.Tensor)
         self._by_key.setdefault(key, []).append(g)
         self._by_class.setdefault(key[1], []).append(g)
 
@@ -304,6 +311,7 @@ class CoalescedGroups:
                 self._group_of[i] = g
         self._sizes = list(map(len, members))
         self._keys, self._by_key, self._by_class = [], {}, {}
+        self._tensor_lr = [False] * len(keys)
         for g, key in enumerate(keys):
             self._keys.append(key)
             self._remember(g, key)
@@ -335,6 +343,7 @@ class CoalescedGroups:
         self._optimizer.param_groups[:] = groups
         self._sizes = list(map(len, members))
         self._keys, self._by_key, self._by_class = [], {}, {}
+        self._tensor_lr = [False] * len(by_key)
         for g, key in enumerate(by_key):
             self._keys.append(key)
             self._remember(g, key)
