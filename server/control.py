@@ -10,7 +10,7 @@ import torch
 
 from lrctl.server.adopt import AdoptedScheduler, unwrap_optimizer
 from lrctl.server.controller import RESUME_POLICIES, Controller
-from lrctl.server.resume import Resume, take_state
+from lrctl.server.resume import STATE_KEY, Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.service import LearningRateControlService
 from lrctl.server.wrappers import named_parameters
@@ -140,8 +140,10 @@ def attach(
             "on its own it fights lrctl's rates and breaks when lrctl regroups",
             stacklevel=2,
         )
-    adopted = AdoptedScheduler(scheduler, optimizer) if scheduler is not None else None
+    adopted = controller = checkpoints = None
     try:
+        if scheduler is not None:
+            adopted = AdoptedScheduler(scheduler, optimizer)
         controller = Controller(
             named,
             optimizer,
@@ -157,8 +159,15 @@ def attach(
             checkpoints.load_state_dict(loaded)
             checkpoints.loaded_before_attach = False
     except BaseException:
+        # Leave everything as it was: no hooks, the scheduler on the optimizer, the state.
+        if checkpoints is not None:
+            checkpoints.remove()
+        if controller is not None:
+            controller.close()
         if adopted is not None:
             adopted.release()
+        if loaded is not None:
+            optimizer.param_groups[0][STATE_KEY] = loaded
         raise
     if not serve:
         return LRControl(controller, None, checkpoints)

@@ -717,3 +717,23 @@ def test_bad_state_leaves_an_adopted_scheduler_untouched(job: Any) -> None:
         with pytest.raises(InvalidArgumentError, match="format"):
             ctl.load_state_dict(state)
         assert _observable(ctl, optimizer) == before
+
+
+def test_attach_that_cannot_resume_leaves_the_optimizer_as_it_was() -> None:
+    """A state in the groups that does not load fails attach before anything stays:
+    no hooks on the optimizer, the state back where it was, the scheduler untouched."""
+    from lrctl.server.resume import STATE_KEY
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    bad = {"controller": {"format": 99}, "scheduler": None}
+    optimizer.param_groups[0][STATE_KEY] = bad
+    hooks = (dict(optimizer._optimizer_step_pre_hooks), dict(optimizer._optimizer_state_dict_post_hooks),
+             dict(optimizer._optimizer_load_state_dict_pre_hooks))
+    with pytest.raises(InvalidArgumentError, match="format 99"):
+        attach(model, optimizer, scheduler=scheduler, serve=False)
+    assert (dict(optimizer._optimizer_step_pre_hooks), dict(optimizer._optimizer_state_dict_post_hooks),
+            dict(optimizer._optimizer_load_state_dict_pre_hooks)) == hooks
+    assert optimizer.param_groups[0][STATE_KEY] is bad
+    assert scheduler.optimizer is optimizer
