@@ -9,7 +9,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from lrctl.server.adopt import AdoptedScheduler, unwrap_optimizer
-from lrctl.server.controller import RESUME_POLICIES, Controller
+from lrctl.server.controller import Controller
+from lrctl.server.controller_state import RESUME_POLICIES
 from lrctl.server.resume import STATE_KEY, Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.service import LearningRateControlService

@@ -41,7 +41,7 @@ from lrctl.common.errors import (
     LrctlError,
     ResourceExhaustedError,
 )
-from lrctl.server import state
+from lrctl.server.controller_state import ControllerState
 from lrctl.server.history import History, RateChanges, Record
 from lrctl.server.planner import NameOp, PlannedChange, plan_change
 from lrctl.server.rates import CONSTANT, RateState, RateTable, ScheduleBook
@@ -52,7 +52,6 @@ from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 log = logging.getLogger("lrctl.controller")
 
 _NEVER = math.inf
-RESUME_POLICIES = ("checkpoint", "code")
 MAX_REASON_CHARS = 4096
 # Queued changes are bounded in number and in per-name entries (~60 bytes each).
 MAX_PENDING = 1000
@@ -130,11 +129,6 @@ def _points(request: ChangeRequest) -> int:
     return sum(len(getattr(u.schedule, "points", ())) for u in request.schedules)
 
 
-def _listing(names: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(map(repr, names[:limit]))
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _describe_op(part: int, op: Any) -> str:
     if part == 2:
         return f"schedule {op.describe()}"
@@ -159,37 +153,6 @@ class RateRow:
 
 
 @dataclass(frozen=True)
-class ParsedState:
-    """A checked export_state() dict, read against this model (Controller.parse_state)."""
-
-    step: int
-    version: int
-    next_change_id: int
-    lineage: tuple[str, ...]
-    rates: list[tuple[int, float, Any, float]]  # (position, base, schedule spec, pin or NaN)
-    specs: Mapping[int, Any]  # saved schedule id -> spec (None: unresolvable)
-    records: list[Record]
-    dropped: int
-    pending: list[PendingChange]
-    report: list[str]
-
-
-def _with_real_ids(record: Record, book: ScheduleBook) -> Record:
-    """`record` with its plan's schedule ids (provisional, from a scratch book) made real."""
-    plan = record.plan
-    if plan.old_schedule is None or plan.new_schedule is None:
-        return record
-    real = {sid: book.intern(spec) for sid, spec in plan.schedules.items()}
-    real[0] = 0
-    return replace(record, plan=replace(
-        plan,
-        old_schedule=array("q", [real[s] for s in plan.old_schedule]),
-        new_schedule=array("q", [real[s] for s in plan.new_schedule]),
-        schedules={real[s]: spec for s, spec in plan.schedules.items()},
-    ))
-
-
-@dataclass(frozen=True)
 class ScheduleRow:
     """One name's schedule as GetSchedules reports it."""
 
@@ -200,7 +163,7 @@ class ScheduleRow:
     schedule: Any  # the spec (lrctl.common.schedules) or an adopted torch scheduler's group
 
 
-class Controller:
+class Controller(ControllerState):
     """Owns per-name learning rates of one optimizer and applies changes at step boundaries.
 
     Steps are counted from 0 by a step pre-hook on the optimizer: a change applied "at
@@ -565,160 +528,6 @@ class Controller:
                     f"the worker shut down at step {step}; change {p.change_id} was not applied"
                 )
             )
-
-    # -- state (checkpoints) ------------------------------------------------------------
-    def export_state(self) -> dict[str, Any]:
-        """This controller's state as plain data keyed by name (lrctl.server.state):
-        bases, pins and schedules, step, version, lineage, the history tail and the
-        changes still waiting for their step."""
-        names, table, book = self.index.names, self._table, self._book
-        with self._lock:
-            held = [i for i, b in enumerate(table.base) if b is not None]
-            tail: list[Record] = []
-            entries = 0
-            for record in reversed(list(self._history.after(0))):
-                entries += record.num_changes
-                if len(tail) >= state.MAX_SAVED_RECORDS or (tail and entries > state.MAX_SAVED_ENTRIES):
-                    break
-                tail.append(record)
-            tail.reverse()
-            kept_from = tail[0].version if tail else self._version + 1
-            return {
-                "format": state.FORMAT,
-                "run_id": self.run_id,
-                "lineage": [*self.lineage, self.run_id],
-                "step": self._step,
-                "version": self._version,
-                "next_change_id": self._next_change_id,
-                "schedules": [[sid, state.schedule_to_state(book[sid])] for sid in range(1, len(book))],
-                "rates": {
-                    "names": [names[i] for i in held],
-                    "base": [table.base[i] for i in held],
-                    "schedule": [table.schedule[i] for i in held],
-                    "pin": [table.pins.get(i) for i in held],
-                },
-                "history": [state.record_to_state(r, names, int) for r in tail],
-                "history_dropped": kept_from - 1,  # versions count from 1, one per record
-                "pending": [
-                    {
-                        "change_id": p.change_id, "requested_at": p.requested_at,
-                        "updates": state.updates_to_state(p.request.updates),
-                        "schedules": state.schedule_updates_to_state(p.request.schedules),
-                        "at_step": p.request.at_step, "expected_version": p.request.expected_version,
-                        "reason": p.request.reason, "peer": p.request.peer, "user": p.request.user,
-                        "ops": state.ops_to_state(p.ops, names),
-                    }
-                    for p in self._pending
-                ],
-            }
-
-    def import_state(
-        self, saved: Mapping[str, Any], *, policy: str = "checkpoint", adopted: Sequence[Any] = ()
-    ) -> list[str]:
-        """Resume from export_state() of an earlier run; returns what did not match.
-
-        policy "checkpoint": the saved bases, pins and schedules win (as torch's own
-        load_state_dict restores group rates); "code": the rates this run was attached
-        with stay. Either way the step, version, history, lineage and waiting changes
-        are restored. `adopted` are this run's adopted scheduler groups, by index.
-        Names the model lost or gained are reported, never fatal. A state that is not
-        whole is refused (InvalidArgumentError) before anything changes.
-        """
-        return self.apply_state(self.parse_state(saved, adopted=adopted), policy=policy)
-
-    def parse_state(self, saved: Any, *, adopted: Sequence[Any] = ()) -> "ParsedState":
-        """Check and read an export_state() dict against this model; changes nothing."""
-        saved = state.check_format(saved)
-        position = {name: i for i, name in enumerate(self.index.names)}
-        try:
-            return self._parse_state(saved, position, adopted)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise InvalidArgumentError(f"the lrctl state is malformed or incomplete: {exc!r}") from None
-
-    def _parse_state(
-        self, saved: Mapping[str, Any], position: Mapping[str, int], adopted: Sequence[Any]
-    ) -> "ParsedState":
-        report: list[str] = []
-        specs: dict[int, Any] = {0: CONSTANT}
-        for sid, data in saved["schedules"]:
-            specs[int(sid)] = state.schedule_from_state(data, adopted)
-        if any(spec is None for spec in specs.values()):
-            report.append("the checkpoint has adopted torch schedulers this run did not pass to "
-                          "attach(scheduler=...); their names keep this run's schedules")
-        rates = saved["rates"]
-        columns = [rates[k] for k in ("names", "base", "schedule", "pin")]
-        if len({len(c) for c in columns}) != 1:
-            raise ValueError("the rates' columns differ in length")
-        unknown = [n for n in rates["names"] if n not in position]
-        if unknown:
-            report.append(f"{len(unknown)} name(s) of the checkpoint are not in the model: "
-                          + _listing(unknown))
-        known = set(rates["names"])
-        new = [n for i, n in enumerate(self.index.names) if self._table.base[i] is not None and n not in known]
-        if new:
-            report.append(f"{len(new)} name(s) are not in the checkpoint and keep this run's "
-                          "rates: " + _listing(new))
-        picked = [
-            (position[n], float(b), specs[int(sid)], math.nan if p is None else float(p))
-            for n, b, sid, p in zip(*columns)
-            if n in position and self._table.base[position[n]] is not None and specs[int(sid)] is not None
-        ]
-        with self._lock:
-            book = self._book.scratch()
-            ids = {int(sid): book.intern(spec) for sid, spec in specs.items() if spec is not None}
-        schedule_id = lambda sid: ids.get(int(sid), 0)  # noqa: E731 (unresolvable: constant)
-        records = [state.record_from_state(data, position, schedule_id, lambda s: book[s], adopted)
-                   for data in saved["history"]]
-        pending = []
-        for data in saved["pending"]:
-            ops = state.ops_from_state(data["ops"], position, adopted)
-            if not ops:
-                report.append(f"change {data['change_id']} waited for step {data['at_step']} but "
-                              "touches no name of this model; dropped")
-                continue
-            request = ChangeRequest(
-                updates=state.updates_from_state(data["updates"]),
-                schedules=state.schedule_updates_from_state(data["schedules"], adopted),
-                at_step=None if data["at_step"] is None else int(data["at_step"]),
-                expected_version=None if data["expected_version"] is None else int(data["expected_version"]),
-                reason=str(data["reason"]), peer=str(data["peer"]), user=str(data["user"]),
-            )
-            pending.append(PendingChange(int(data["change_id"]), request, ops, float(data["requested_at"])))
-        return ParsedState(
-            step=int(saved["step"]), version=int(saved["version"]),
-            next_change_id=int(saved["next_change_id"]), lineage=tuple(map(str, saved["lineage"])),
-            rates=picked, specs=specs, records=records, dropped=int(saved["history_dropped"]),
-            pending=pending, report=report,
-        )
-
-    def apply_state(self, parsed: "ParsedState", *, policy: str = "checkpoint") -> list[str]:
-        """Install a parse_state() result (see import_state)."""
-        if policy not in RESUME_POLICIES:
-            raise ValueError(f"resume policy {policy!r} is not one of {', '.join(RESUME_POLICIES)}")
-        with self._lock:
-            table, book = self._table, self._book
-            if policy == "checkpoint" and parsed.rates:
-                indices, bases, specs, pins = map(list, zip(*parsed.rates))
-                moved = table.commit(indices, bases, [book.intern(s) for s in specs], pins)
-                self._strategy.move(moved, {c: table.class_rate(c, parsed.step)
-                                            for c in set(moved.values())})
-            self._step, self._version = parsed.step, parsed.version
-            self._next_change_id = parsed.next_change_id
-            self.lineage = parsed.lineage
-            self._installed = table.rates(self._step)
-            self._strategy.set_rates(self._installed)
-            self._history = History(self._history_limit)
-            for record in parsed.records:
-                self._history.append(_with_real_ids(record, book))
-            self._history.dropped = parsed.dropped
-            for pending in parsed.pending:
-                self._pending.append(pending)
-                self._next_due = min(self._next_due, pending.due)
-        for line in parsed.report:
-            log.warning("lrctl: resuming: %s", line)
-        log.info("lrctl: resumed at step %d, version %d (%s's rates win)", self._step, self._version,
-                 "the checkpoint" if policy == "checkpoint" else "the code")
-        return list(parsed.report)
 
     # -- the step boundary (training thread) -----------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:

@@ -28,7 +28,8 @@ import torch
 from lrctl.common.errors import InvalidArgumentError
 from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server.checkpoint import Layout, NameReport, remap_by_name, to_layout
-from lrctl.server.controller import RESUME_POLICIES, Controller
+from lrctl.server.controller import Controller
+from lrctl.server.controller_state import RESUME_POLICIES
 from lrctl.server.state import FORMAT
 from lrctl.server.strategy import lr_value
 
