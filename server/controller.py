@@ -232,7 +232,7 @@ class Controller(ControllerState):
             raise ValueError(f"start_step {start_step} is negative")
         self._installed: dict[int, float] = self._table.rates(start_step)
         self._strategy = strategy(optimizer, self._params, names, self._table.class_of, self._installed)
-        self._table.set_limits(lambda i: self._strategy.max_lr((i,)))
+        self._table.set_limits(self._strategy.limit_of)
         self._history_limit = history_limit
         self._history = History(history_limit)
         self.lineage: tuple[str, ...] = ()  # run ids of the runs this one resumed from

@@ -74,21 +74,33 @@ def plan_change(
     force at `step` (so "halve and hold" works on a scheduled name).
     """
     indices = array("q", ops)
+    n = len(indices)
     bases, schedules, pins = state.base, state.schedule, state.pins
-    touches_pins = any(op[1] is not None for op in _distinct(ops))
-    touches_schedules = any(op[2] is not None for op in _distinct(ops))
+    distinct = _distinct(ops)
+    touches_pins = any(op[1] is not None for op in distinct)
+    touches_schedules = any(op[2] is not None for op in distinct)
     old_base = array("d", [bases[i] for i in indices])  # type: ignore[misc]
     old_sched = array("q", [schedules[i] for i in indices])
-    old_pin = array("d", [pins.get(i, _NO_PIN) for i in indices])
+    # Per-name passes run in the step hook: skip those that cannot change anything
+    # (no pins in the table, or a batch of one base-only update).
+    old_pin = array("d", [pins.get(i, _NO_PIN) for i in indices]) if pins else array("d", [_NO_PIN]) * n
     memo: dict[tuple[int, float], float] = {}
-    old_lr = array("d", _rates(book, step, old_sched, old_base, old_pin, memo))
+    old_lr = _rates(book, step, old_sched, old_base, old_pin, memo)
 
     scale, absolute, unpin = Mode.SCALE, Mode.ABSOLUTE, Mode.UNPIN
-    new_base = array("d", old_base)
     new_sched = array("q", old_sched)
     new_pin = array("d", old_pin)
-    ids = {id(op[2]): book.intern(op[2]) for op in _distinct(ops) if op[2] is not None}
-    for j, op in enumerate(ops.values()):
+    ids = {id(op[2]): book.intern(op[2]) for op in distinct if op[2] is not None}
+    only = distinct[0] if len(distinct) == 1 else None
+    if only is not None and only[0] is not None and only[1] is None and only[2] is None:
+        mode, value = only[0]
+        new_base = (array("d", [value * b for b in old_base]) if mode is scale
+                    else array("d", [value]) * n)
+        per_name: Mapping[int, NameOp] = {}  # done: nothing else changes per name
+    else:
+        new_base = array("d", old_base)
+        per_name = ops
+    for j, op in enumerate(per_name.values()):
         base_op, pin_op, sched = op
         if base_op is not None:
             mode, value = base_op
@@ -103,7 +115,7 @@ def plan_change(
                 new_pin[j] = value
             else:
                 new_pin[j] = value * old_lr[j]
-    new_lr = array("d", _rates(book, step, new_sched, new_base, new_pin, memo))
+    new_lr = _rates(book, step, new_sched, new_base, new_pin, memo)
 
     j = next((j for j, b in enumerate(new_base) if not math.isfinite(b)), None)
     if j is None:
@@ -136,8 +148,10 @@ def _distinct(ops: Mapping[int, NameOp]) -> list[NameOp]:
 def _rates(
     book: ScheduleBook | ScratchBook, step: int, sched: Sequence[int], base: Sequence[float],
     pin: Sequence[float], memo: dict[tuple[int, float], float],
-) -> list[float]:
+) -> array:
     """The rate in force per name; one schedule evaluation per distinct (schedule, base)."""
+    if not any(sched) and all(p != p for p in pin):  # constant, unpinned: rate = base
+        return array("d", base)
     out = []
     append = out.append
     for s, b, p in zip(sched, base, pin):
@@ -148,4 +162,4 @@ def _rates(
         if rate is None:
             rate = memo[(s, b)] = rate_of(book[s], b, None, step)
         append(rate)
-    return out
+    return array("d", out)

@@ -167,7 +167,7 @@ class RateTable(RateState):
         self._limit_of = limit_of
         self._limits = [math.inf] * len(self._limits)
         for i, c in enumerate(self.class_of):
-            if c >= 0:
+            if c in self.scheduled:
                 self._limits[c] = min(self._limits[c], limit_of(i))
 
     # -- classes -----------------------------------------------------------------
@@ -179,6 +179,10 @@ class RateTable(RateState):
         return (SCHEDULED, self.base[i], sid)
 
     def _join(self, i: int, key: ClassKey) -> int:
+        return self._join_all((i,), key)
+
+    def _join_all(self, members: Sequence[int], key: ClassKey) -> int:
+        """Put `members` (not in any class, or just left theirs) in the class of `key`."""
         c = self._ids.get(key)
         if c is None:
             c = self._free.pop() if self._free else len(self._keys)
@@ -194,14 +198,20 @@ class RateTable(RateState):
                 self._by_schedule.setdefault(key[2], []).append(c)
             if getattr(self.book[key[2]], "driven_keys", ()):
                 self.driven[c] = self.book[key[2]]
-        self._sizes[c] += 1
-        self._limits[c] = min(self._limits[c], self._limit_of(i))
-        self.class_of[i] = c
+        self._sizes[c] += len(members)
+        if c in self.scheduled:  # constant and pinned rates were checked when planned
+            self._limits[c] = min(self._limits[c], *map(self._limit_of, members))
+        class_of = self.class_of
+        for i in members:
+            class_of[i] = c
         return c
 
     def _leave(self, i: int) -> None:
-        c = self.class_of[i]
-        self._sizes[c] -= 1
+        self._leave_all(self.class_of[i], 1)
+
+    def _leave_all(self, c: int, count: int) -> None:
+        """`count` members leave class c (their class_of is rewritten by the caller)."""
+        self._sizes[c] -= count
         if self._sizes[c] == 0:
             key = self._keys[c]
             del self._ids[key]  # type: ignore[arg-type]
@@ -290,24 +300,30 @@ class RateTable(RateState):
     ) -> dict[int, int]:
         """Install new per-name values (NaN pin: none); returns position -> new class
         for every name whose class changed."""
-        moved: dict[int, int] = {}
+        # Names move in bulk, per (old class, new key): a change on 100k names is
+        # usually a few such moves, and class bookkeeping is done once for each.
         pairs: Iterable[Any] = zip(
             indices, base,
             repeat(None) if schedule is None else schedule,
             repeat(None) if pins is None else pins,
         )
+        bases, schedules, pin_of, class_of, keys = self.base, self.schedule, self.pins, self.class_of, self._keys
+        moves: dict[tuple[int, ClassKey], list[int]] = {}
         for i, b, s, p in pairs:
-            old_key = self._key(i)
-            self.base[i] = b
+            bases[i] = b
             if s is not None:
-                self.schedule[i] = s
+                schedules[i] = s
             if p is not None:
-                if math.isnan(p):
-                    self.pins.pop(i, None)
+                if p != p:  # NaN: no pin
+                    pin_of.pop(i, None)
                 else:
-                    self.pins[i] = p
+                    pin_of[i] = p
             key = self._key(i)
-            if key != old_key:
-                self._leave(i)
-                moved[i] = self._join(i, key)
+            c = class_of[i]
+            if key != keys[c]:
+                moves.setdefault((c, key), []).append(i)
+        moved: dict[int, int] = {}
+        for (c, key), members in moves.items():
+            self._leave_all(c, len(members))
+            moved.update(dict.fromkeys(members, self._join_all(members, key)))
         return moved

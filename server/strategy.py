@@ -52,6 +52,9 @@ class ApplyStrategy(Protocol):
     def max_lr(self, indices: Sequence[int]) -> float:
         """The largest rate the optimizer can apply to every one of `indices` (held)."""
 
+    def limit_of(self, index: int) -> float:
+        """max_lr((index,)), cheaply: called per name when a scheduled class gains one."""
+
     @property
     def safe_lr(self) -> float:
         """A rate every held parameter can take, whatever its dtype: a check in O(1)."""
@@ -176,6 +179,9 @@ class CoalescedGroups:
     @property
     def safe_lr(self) -> float:
         return self._safe_lr
+
+    def limit_of(self, index: int) -> float:
+        return self._max_lr(self._template_of[index], self._params[index].dtype)
 
     def max_lr(self, indices: Sequence[int]) -> float:
         template_of, params = self._template_of, self._params
