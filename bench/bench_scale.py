@@ -384,9 +384,9 @@ def report(result: dict, timer: StepTimer, submits, idle_step_s: float, memory: 
           f"{m['attach_lrctl_files'] / m['n']:>14.1f}")
     label = f"then {m['history_records']} changes on all names (in history)"
     print(f"{label:<56} {m['changes']:>12,} {m['changes'] / m['n']:>14.1f}")
-    print(f"  (a history record keeps 3 arrays, index/old/new: 24 bytes per name it changed, "
-          f"{24 * m['n'] / 1e6:.1f} MB for all names;")
-    print("   the history keeps at most 10 million such entries, ~240 MB, however many records)")
+    print(f"  (a history record keeps 5 arrays, index, old/new rate, old/new base: 40 bytes per "
+          f"name it changed, {40 * m['n'] / 1e6:.1f} MB for all names, 72 with pins and schedules;")
+    print("   the history keeps at most 10 million such entries, ~400 MB, however many records)")
 
 
 def main() -> None:
