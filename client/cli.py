@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 
-from lrctl.client.client import ADDRESS_ENV, LRClient, default_address
+from lrctl.client.client import ADDRESS_ENV, LRClient, default_address, read_token_file
 from lrctl.client.errors import LrctlError, UnavailableError
 from lrctl.client.types import (
     ChangeRecord,
@@ -76,7 +76,8 @@ exit codes:
   130  interrupted
 
 environment:
-  LRCTL_ADDRESS  worker address when --address is not given (default 127.0.0.1:50051)
+  LRCTL_ADDRESS     worker address when --address is not given (default 127.0.0.1:50051)
+  LRCTL_TOKEN       the worker's bearer token (or LRCTL_TOKEN_FILE: a file holding it)
 """
 
 SCHEDULE_KINDS_HELP = """\
@@ -383,7 +384,8 @@ def cmd_status(client: LRClient, args: argparse.Namespace) -> int:
 
 def _history_row(r: ChangeRecord) -> tuple[Any, ...]:
     updates = ", ".join([*map(_fmt_update, r.updates), *map(_fmt_assignment, r.schedules)])
-    return (r.change_id, r.step, r.version, _fmt_when(r.applied_at), r.user, updates,
+    who = f"{r.user} [{r.token_name}]" if r.token_name else r.user
+    return (r.change_id, r.step, r.version, _fmt_when(r.applied_at), who, updates,
             _one_line(r.reason))
 
 
@@ -487,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
         target.add_argument(
             "--timeout", type=_timeout, default=10.0 if defaults else argparse.SUPPRESS,
             metavar="SECONDS", help="deadline of each call; a waiting set waits this long (default 10)")
+        target.add_argument(
+            "--token-file", default=None if defaults else argparse.SUPPRESS, metavar="PATH",
+            help="file holding the worker's bearer token (default: $LRCTL_TOKEN, else $LRCTL_TOKEN_FILE)")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     p = verbs.add_parser("list", parents=[common], help="list parameters with their rates and groups")
@@ -584,7 +589,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         return done.code if isinstance(done.code, int) else EXIT_OK
 
     try:
-        with LRClient(args.address, timeout=args.timeout) as client:
+        token = read_token_file(args.token_file) if args.token_file else None
+        with LRClient(args.address, timeout=args.timeout, token=token) as client:
             return args.func(client, args)
     except KeyboardInterrupt:
         changing = args.verb in ("set", "scale", "unpin") or getattr(args, "schedule_verb", "") in ("set", "clear")

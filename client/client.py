@@ -38,10 +38,15 @@ from lrctl.common.schedule_messages import schedule_to_pb
 from lrctl.common.schedules import Constant, Schedule
 from lrctl.v1 import lrctl_pb2, lrctl_pb2_grpc
 
-__all__ = ["LRClient", "DEFAULT_ADDRESS", "ADDRESS_ENV", "default_address", "default_user"]
+__all__ = ["LRClient", "DEFAULT_ADDRESS", "ADDRESS_ENV", "TOKEN_ENV", "TOKEN_FILE_ENV",
+           "default_address", "default_token", "default_user"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADDRESS_ENV = "LRCTL_ADDRESS"
+# The bearer token: from the environment or a file, never from the command line
+# (other users can read process arguments).
+TOKEN_ENV = "LRCTL_TOKEN"
+TOKEN_FILE_ENV = "LRCTL_TOKEN_FILE"
 USER_METADATA_KEY = "lrctl-user"
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
@@ -78,6 +83,28 @@ def default_address() -> str:
     return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
 
 
+def read_token_file(path: str) -> str:
+    """The token in a file (surrounding whitespace removed); InvalidArgumentError
+    naming the file if it cannot be read or is empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot read the token file {path!r}: {exc.strerror}") from None
+    if not token:
+        raise InvalidArgumentError(f"the token file {path!r} is empty")
+    return token
+
+
+def default_token() -> Optional[str]:
+    """$LRCTL_TOKEN, else the contents of $LRCTL_TOKEN_FILE, else None."""
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        return token.strip()
+    path = os.environ.get(TOKEN_FILE_ENV)
+    return read_token_file(path) if path else None
+
+
 def default_user() -> str:
     """"user@host" of this process, as sent in the lrctl-user metadata."""
     try:
@@ -109,7 +136,8 @@ class LRClient:
 
     Use it as a context manager, or call close(). Every call has a deadline (`timeout`
     seconds, overridable per call) and raises an lrctl.client.errors.LrctlError subclass
-    on failure, never a raw grpc.RpcError.
+    on failure, never a raw grpc.RpcError. `token` is the worker's bearer token
+    (default: $LRCTL_TOKEN, else the file $LRCTL_TOKEN_FILE names).
     """
 
     def __init__(
@@ -118,11 +146,17 @@ class LRClient:
         *,
         timeout: float = 10.0,
         user: Optional[str] = None,
+        token: Optional[str] = None,
     ) -> None:
         self.address: str = address or default_address()
         self.timeout: float = timeout
         self.user: str = user or default_user()
-        self._metadata = ((USER_METADATA_KEY, _metadata_value(self.user)),)
+        self._metadata: tuple[tuple[str, str], ...] = ((USER_METADATA_KEY, _metadata_value(self.user)),)
+        token = token if token is not None else default_token()
+        if token:
+            if not token.isascii() or not token.isprintable() or " " in token:
+                raise InvalidArgumentError("the token has characters a bearer token cannot carry")
+            self._metadata += (("authorization", f"Bearer {token}"),)
         self._channel = create_channel(self.address)
         self._stub = lrctl_pb2_grpc.LearningRateControlStub(self._channel)
 

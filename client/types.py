@@ -322,6 +322,8 @@ class ChangeRecord:
     at_step: Optional[int]
     num_changes: int
     schedules: list[ScheduleAssignment] = field(default_factory=list)
+    role: str = ""  # authenticated role and token name; "" when the worker has no tokens
+    token_name: str = ""
 
     @classmethod
     def from_proto(cls, msg: lrctl_pb2.ChangeRecord) -> ChangeRecord:
@@ -340,6 +342,8 @@ class ChangeRecord:
             at_step=msg.at_step if msg.HasField("at_step") else None,
             num_changes=msg.num_changes,
             schedules=[_assignment_from_proto(a) for a in msg.schedules],
+            role=msg.role,
+            token_name=msg.token_name,
         )
 
 

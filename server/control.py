@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from lrctl.server.adopt import AdoptedScheduler, unwrap_optimizer
+from lrctl.server.auth import Tokens
 from lrctl.server.controller import Controller
 from lrctl.server.controller_state import RESUME_POLICIES
 from lrctl.server.resume import STATE_KEY, Resume, take_state
@@ -105,6 +106,7 @@ def attach(
     max_workers: int = 8,
     resume: str = "checkpoint",
     start_step: int = 0,
+    tokens: Tokens | None = None,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -127,7 +129,13 @@ def attach(
     rates) or "code" (the rates this run was built with). `start_step` is where lrctl's
     step count starts when no lrctl state is restored (a trainer resuming from a
     checkpoint saved without lrctl passes its own step).
+
+    `tokens` (lrctl.server.auth.Tokens) makes every call but health checks need a
+    bearer token; by default they come from $LRCTL_ADMIN_TOKEN(_FILE) and
+    $LRCTL_READER_TOKEN(_FILE), and with none set the worker is open (on loopback only).
     """
+    if tokens is None and serve:
+        tokens = Tokens.from_env()
     if resume not in RESUME_POLICIES:
         raise ValueError(f"resume {resume!r} is not one of {', '.join(map(repr, RESUME_POLICIES))}")
     named = named_parameters(model)
@@ -173,12 +181,13 @@ def attach(
     if not serve:
         return LRControl(controller, None, checkpoints)
     # Two threads stay free of waiting Sets for reads and health checks.
-    service = LearningRateControlService(controller, max_waiting=max(1, max_workers - 2))
+    service = LearningRateControlService(controller, max_waiting=max(1, max_workers - 2), tokens=tokens)
     try:
         server = build_server(
             [lambda s: lrctl_pb2_grpc.add_LearningRateControlServicer_to_server(service, s)],
             address=address,
             insecure=insecure,
+            tokens=tokens,
             max_workers=max_workers,
         )
     except BaseException:

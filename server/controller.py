@@ -633,6 +633,8 @@ class Controller(ControllerState):
                 user=request.user,
                 reason=request.reason,
                 at_step=request.at_step,
+                role=request.role,
+                token=request.token,
             )
         )
         return Outcome(

@@ -119,6 +119,7 @@ class ControllerState:
                         "schedules": state.schedule_updates_to_state(p.request.schedules),
                         "at_step": p.request.at_step, "expected_version": p.request.expected_version,
                         "reason": p.request.reason, "peer": p.request.peer, "user": p.request.user,
+                        "role": p.request.role, "token": p.request.token,
                         "ops": state.ops_to_state(p.ops, names),
                     }
                     for p in self._pending
@@ -195,6 +196,7 @@ class ControllerState:
                 at_step=None if data["at_step"] is None else int(data["at_step"]),
                 expected_version=None if data["expected_version"] is None else int(data["expected_version"]),
                 reason=str(data["reason"]), peer=str(data["peer"]), user=str(data["user"]),
+                role=str(data.get("role", "")), token=str(data.get("token", "")),
             )
             pending.append(PendingChange(int(data["change_id"]), request, ops, float(data["requested_at"])))
         return ParsedState(

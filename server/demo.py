@@ -10,6 +10,7 @@ with exactly those rates. With --serve, it only runs a worker for you to play wi
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from torch import nn
 from lrctl.client.usage import OneLineParser
 from lrctl.client.client import ADDRESS_ENV, DEFAULT_ADDRESS, default_address
 from lrctl.server.control import attach
+from lrctl.server.auth import ADMIN, Tokens
 from lrctl.server.optim import build_optimizer
 
 SEED_LRS = {"layer1.weight": 0.01, "layer1.bias": 0.1, "layer2.weight": 0.001, "layer2.bias": 1.0}
@@ -106,14 +108,19 @@ def run_demo(steps: int = 10) -> int:
     torch.manual_seed(0)
     model, optimizer, loss_fn = _seed_job()
     seen: list[dict[str, float]] = []
-    with attach(model, optimizer, address="127.0.0.1:0") as ctl:
+    tokens = Tokens.from_env()
+    # The demo's own client gets the admin token, if the environment sets tokens.
+    admin = next((t.secret for t in tokens.tokens if t.role == ADMIN), None) if tokens else None
+    env = {**os.environ, **({"LRCTL_TOKEN": admin} if admin else {})}
+    with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens) as ctl:
         # Registered after attach, so it runs after lrctl's hook: it sees the rates
         # each step really used.
         optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(_lrs_by_name(opt)))
         print(f"worker: training the seed model (SGD, 4 parameters) on {ctl.address}", flush=True)
         driver = subprocess.Popen(
             [sys.executable, "-m", "lrctl.client.demo_driver", "--address", ctl.address,
-             "--steps", str(steps)]
+             "--steps", str(steps)],
+            env=env,
         )
         try:
             # The demo's only synchronization: step 0 waits until the client has

@@ -1,8 +1,8 @@
 """The one server factory: bind, interceptors, health and reflection.
 
 The attach call, the demo and the tests all build their server here, so every server
-listens the same way and maps errors the same way. Authentication and TLS will plug in
-here (credentials and one more interceptor in the chain).
+listens the same way, checks tokens the same way (lrctl.server.auth, first in the
+interceptor chain) and maps errors the same way. TLS will plug in here too.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lrctl.server.auth import ENV, AuthInterceptor, Tokens
 from lrctl.server.status import ErrorStatusInterceptor
 from lrctl.v1 import lrctl_pb2
 
@@ -65,35 +66,50 @@ class BuiltServer:
         self.server.stop(grace).wait()
 
 
+def check_bind(address: str, tokens: Tokens | None, insecure: bool) -> None:
+    """Refuse a non-loopback address without tokens (ValueError saying how to give one);
+    with `insecure`, warn instead, on every start."""
+    host, _ = split_address(address)
+    if is_loopback(host) or tokens is not None:
+        return
+    if not insecure:
+        raise ValueError(
+            f"refusing to listen on {address} without authentication: anyone who reaches "
+            "that address could change the job's learning rates. Give the worker tokens "
+            f"({ENV['admin'][0]} or {ENV['admin'][1]}, and {ENV['reader'][0]} or "
+            f"{ENV['reader'][1]} for read-only clients; or attach(tokens=...)), listen on "
+            "127.0.0.1 and tunnel, or pass insecure=True / --insecure"
+        )
+    print(
+        f"lrctl: WARNING: serving WITHOUT authentication on {address}; anyone who can "
+        "reach it can change this job's learning rates",
+        file=sys.stderr,
+    )
+
+
 def build_server(
     register: Sequence[Callable[[grpc.Server], None]],
     *,
     address: str = DEFAULT_ADDRESS,
     insecure: bool = False,
+    tokens: Tokens | None = None,
     max_workers: int = 8,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> BuiltServer:
     """Build, bind and start a server with the lrctl services that `register` adds.
 
-    Listens on loopback unless `insecure` is true: until authentication exists, another
-    address would hand control of the job to anyone who can reach it.
+    With `tokens`, every call but the health service needs one (lrctl.server.auth).
+    A non-loopback address needs tokens, or `insecure` (see check_bind).
     """
     host, _ = split_address(address)
-    if not is_loopback(host):
-        if not insecure:
-            raise ValueError(
-                f"refusing to listen on {address}: lrctl has no authentication yet, so "
-                "anyone who reaches that address could change the job's learning rates. "
-                "Listen on 127.0.0.1 (and tunnel), or pass insecure=True / --insecure"
-            )
-        print(
-            f"lrctl: WARNING: serving WITHOUT authentication on {address}; anyone who can "
-            "reach it can change this job's learning rates",
-            file=sys.stderr,
-        )
+    check_bind(address, tokens, insecure)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lrctl-grpc"),
-        interceptors=[*interceptors, ErrorStatusInterceptor()],
+        interceptors=[
+            *([AuthInterceptor(tokens)] if tokens is not None else []),
+            *interceptors,
+            ErrorStatusInterceptor(),
+        ],
         maximum_concurrent_rpcs=max_workers * 8,
         options=[("grpc.so_reuseport", 0)],
     )

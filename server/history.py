@@ -92,6 +92,8 @@ class Record:
     user: str
     reason: str
     at_step: int | None
+    role: str = ""
+    token: str = ""
 
     @property
     def num_changes(self) -> int:

@@ -55,6 +55,8 @@ class ChangeRequest:
     reason: str = ""
     peer: str = "local"
     user: str = ""
+    role: str = ""  # authenticated role and token name ("" without tokens)
+    token: str = ""
 
 
 @dataclass(frozen=True)

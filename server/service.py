@@ -21,6 +21,7 @@ from lrctl.common.errors import (
     ResourceExhaustedError,
 )
 from lrctl.common.schedule_messages import schedule_from_pb, schedule_to_pb
+from lrctl.server.auth import Tokens
 from lrctl.server.controller import Controller
 from lrctl.server.history import Record
 from lrctl.server.requests import (
@@ -199,8 +200,9 @@ def _user(context: grpc.ServicerContext) -> str:
 class LearningRateControlService(pb_grpc.LearningRateControlServicer):
     """gRPC handlers for one controller."""
 
-    def __init__(self, controller: Controller, max_waiting: int = 6) -> None:
+    def __init__(self, controller: Controller, max_waiting: int = 6, tokens: Tokens | None = None) -> None:
         self._controller = controller
+        self._tokens = tokens  # checked by the interceptor; here only to record who changed what
         # Each waiting Set holds a server thread until its step: bound them below the
         # pool size, so reads and health checks always find a thread.
         self._max_waiting = max_waiting
@@ -317,6 +319,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             reason=request.reason,
             peer=context.peer(),
             user=_user(context),
+            **self._identity(context),
         )
         if request.dry_run:
             outcome = self._controller.preview(change)
@@ -343,6 +346,13 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             change_id=outcome.change_id,
             num_changes=len(outcome.changes),
         )
+
+    def _identity(self, context: grpc.ServicerContext) -> dict[str, str]:
+        """The role and token name a change is recorded with (empty without tokens)."""
+        if self._tokens is None:
+            return {}
+        token = self._tokens.identify(context.invocation_metadata())
+        return {} if token is None else {"role": token.role, "token": token.name}
 
     def _wait(self, pending: PendingChange, context: grpc.ServicerContext) -> Outcome:
         """Block until the change is applied; withdraw it if the caller gives up first."""
@@ -433,4 +443,6 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             reason=record.reason,
             at_step=record.at_step,
             num_changes=record.num_changes,
+            role=record.role,
+            token_name=record.token,
         )

@@ -133,6 +133,7 @@ def record_to_state(record: Record, names: Sequence[str], schedule_key: Callable
         "schedules": schedule_updates_to_state(record.schedules),
         "plan": plan_to_state(record.plan, names, schedule_key),
         "peer": record.peer, "user": record.user, "reason": record.reason, "at_step": record.at_step,
+        "role": record.role, "token": record.token,
     }
 
 
@@ -148,6 +149,7 @@ def record_from_state(
         plan=plan_from_state(data["plan"], position, schedule_id, book_lookup),
         peer=str(data["peer"]), user=str(data["user"]), reason=str(data["reason"]),
         at_step=None if data["at_step"] is None else int(data["at_step"]),
+        role=str(data.get("role", "")), token=str(data.get("token", "")),
     )
 
 

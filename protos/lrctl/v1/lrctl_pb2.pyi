@@ -459,7 +459,7 @@ class ListChangesRequest(_message.Message):
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., after_version: _Optional[int] = ..., max_changes_per_record: _Optional[int] = ...) -> None: ...
 
 class ChangeRecord(_message.Message):
-    __slots__ = ("change_id", "version", "step", "applied_at", "requested_at", "updates", "changes", "peer", "user", "reason", "at_step", "num_changes", "schedules")
+    __slots__ = ("change_id", "version", "step", "applied_at", "requested_at", "updates", "changes", "peer", "user", "reason", "at_step", "num_changes", "schedules", "role", "token_name")
     CHANGE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -473,6 +473,8 @@ class ChangeRecord(_message.Message):
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_CHANGES_FIELD_NUMBER: _ClassVar[int]
     SCHEDULES_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_NAME_FIELD_NUMBER: _ClassVar[int]
     change_id: int
     version: int
     step: int
@@ -486,7 +488,9 @@ class ChangeRecord(_message.Message):
     at_step: int
     num_changes: int
     schedules: _containers.RepeatedCompositeFieldContainer[ScheduleAssignment]
-    def __init__(self, change_id: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., applied_at: _Optional[float] = ..., requested_at: _Optional[float] = ..., updates: _Optional[_Iterable[_Union[LearningRateUpdate, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[RateChange, _Mapping]]] = ..., peer: _Optional[str] = ..., user: _Optional[str] = ..., reason: _Optional[str] = ..., at_step: _Optional[int] = ..., num_changes: _Optional[int] = ..., schedules: _Optional[_Iterable[_Union[ScheduleAssignment, _Mapping]]] = ...) -> None: ...
+    role: str
+    token_name: str
+    def __init__(self, change_id: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., applied_at: _Optional[float] = ..., requested_at: _Optional[float] = ..., updates: _Optional[_Iterable[_Union[LearningRateUpdate, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[RateChange, _Mapping]]] = ..., peer: _Optional[str] = ..., user: _Optional[str] = ..., reason: _Optional[str] = ..., at_step: _Optional[int] = ..., num_changes: _Optional[int] = ..., schedules: _Optional[_Iterable[_Union[ScheduleAssignment, _Mapping]]] = ..., role: _Optional[str] = ..., token_name: _Optional[str] = ...) -> None: ...
 
 class ListChangesResponse(_message.Message):
     __slots__ = ("changes", "next_page_token", "dropped")
