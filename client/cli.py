@@ -589,7 +589,10 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         return done.code if isinstance(done.code, int) else EXIT_OK
 
     try:
-        token = read_token_file(args.token_file) if args.token_file else None
+        try:
+            token = read_token_file(args.token_file) if args.token_file else None
+        except LrctlError as err:  # a local file, not the worker's answer: a usage error
+            raise UsageError(str(err)) from None
         with LRClient(args.address, timeout=args.timeout, token=token) as client:
             return args.func(client, args)
     except KeyboardInterrupt:

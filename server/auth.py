@@ -93,6 +93,8 @@ class Tokens:
                 raise ValueError(f"set {variable} or {file_variable}, not both")
             if path:
                 value = _read_token_file(path, file_variable)
+                if not value:  # a worker meant to be locked must not run open
+                    raise ValueError(f"{file_variable}={path!r}: the token file is empty")
             if value:
                 found.append(Token(role, role, value))
         return cls(found) if found else None
