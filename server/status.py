@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import grpc
 
-from lrctl.common.errors import LrctlError
+from lrctl.common.errors import InvalidArgumentError, LrctlError
 
 log = logging.getLogger("lrctl.server")
 
@@ -31,9 +31,36 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     context.abort(code, message)
 
 
+class _Undecodable:
+    """What a request that does not decode becomes: the handler answers INVALID_ARGUMENT
+    (grpc itself would answer INTERNAL, which means a bug of ours)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # malformed protobuf, invalid UTF-8 in a string field
+            return _Undecodable(exc)
+
+    return decode
+
+
+def _refuse_undecodable(request: Any, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgumentError(f"the request to {method} could not be decoded: {request.error}")
+
+
 def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable:
     def guarded(request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            _refuse_undecodable(request, method)
             return behavior(request, context)
         except LrctlError as exc:
             _abort(context, _status(exc), str(exc))
@@ -49,6 +76,7 @@ def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) ->
 def _guard_stream(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable:
     def guarded(request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            _refuse_undecodable(request, method)
             yield from behavior(request, context)
         except LrctlError as exc:
             _abort(context, _status(exc), str(exc))
@@ -74,13 +102,13 @@ class ErrorStatusInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _guard(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _guard_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -474,3 +474,22 @@ def test_pathological_regex_selector_does_not_stall_training(served: Served, tra
         )
     training.wait_steps(3)
     assert served.rates() == SEED_LRS
+
+
+@pytest.mark.parametrize(("method", "raw"), [
+    # a selector that is not UTF-8 (updates[0].selector = b"\xff")
+    ("SetLearningRates", b"\x0a\x03\x0a\x01\xff"),
+    ("GetLearningRates", b"\x0a\x02\xc3\x28"),
+    ("GetStatus", b"\xff\xff\xff"),  # not protobuf at all
+    ("ListParameters", b"\x0a\x05ab"),  # a length past the end
+])
+def test_undecodable_requests_are_invalid_arguments(served: Served, method: str, raw: bytes) -> None:
+    """Bytes that do not decode are the client's fault (INVALID_ARGUMENT naming the
+    method), not lrctl's (grpc would answer INTERNAL), and cost nothing else."""
+    call = served.channel.unary_unary(f"/lrctl.v1.LearningRateControl/{method}",
+                                      request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    err = rpc_error(lambda: call(raw, timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert method in err.details() and "could not be decoded" in err.details()
+    served.step(2)
+    assert served.rates() == SEED_LRS
