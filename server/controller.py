@@ -459,14 +459,17 @@ class Controller(ControllerState):
             state, version, step = self._table.copy(), self._version, self._step
         return self._expected_outcome(0, request, ops, state, version, step)
 
-    def submit(self, request: ChangeRequest) -> tuple[PendingChange, Outcome]:
+    def submit(
+        self, request: ChangeRequest, *, deadline: float | None = None
+    ) -> tuple[PendingChange, Outcome]:
         """Validate and queue a change; returns it and its expected outcome.
 
         The per-name work (old -> new, limits) runs on a copy of the table taken under
         the lock, outside it, so the step hook never waits for it (100k names: ~40 ms).
         The change is queued only if no change was applied meanwhile (the config
         version is unchanged), else planned again; a third try holds the lock. A
-        change that fails validation is never queued.
+        change that fails validation is never queued. `deadline` (time.monotonic): past
+        it, the change is dropped at its step, not applied (see PendingChange).
         """
         ops = self._resolve_batch(request)
         for _ in range(2):
@@ -477,16 +480,18 @@ class Controller(ControllerState):
             with self._lock:
                 if self._version == version:
                     self._check_acceptable(request)
-                    pending = self._enqueue(request, ops)
+                    pending = self._enqueue(request, ops, deadline)
                     return pending, replace(outcome, change_id=pending.change_id)
         with self._lock:  # changes keep landing meanwhile: all of it under the lock
             self._check_acceptable(request)
             outcome = self._expected_outcome(
                 self._next_change_id, request, ops, self._table, self._version, self._step
             )
-            return self._enqueue(request, ops), outcome
+            return self._enqueue(request, ops, deadline), outcome
 
-    def _enqueue(self, request: ChangeRequest, ops: dict[int, NameOp]) -> PendingChange:
+    def _enqueue(
+        self, request: ChangeRequest, ops: dict[int, NameOp], deadline: float | None = None
+    ) -> PendingChange:
         """Queue a validated change (lock held)."""
         queued = len(self._pending)
         # A piecewise schedule's points weigh like per-name entries (~70 bytes each).
@@ -496,7 +501,7 @@ class Controller(ControllerState):
                 f"{queued} changes already wait for their step (at most {MAX_PENDING} changes and "
                 f"{MAX_PENDING_ENTRIES} per-name entries and schedule points in all); wait for some to apply"
             )
-        pending = PendingChange(self._next_change_id, request, ops, time.time())
+        pending = PendingChange(self._next_change_id, request, ops, time.time(), deadline=deadline)
         self._next_change_id += 1
         self._pending.append(pending)
         self._next_due = min(self._next_due, pending.due)
@@ -547,7 +552,16 @@ class Controller(ControllerState):
         due = [p for p in self._pending if p.due <= step]
         self._pending = [p for p in self._pending if p.due > step]
         self._next_due = min((p.due for p in self._pending), default=_NEVER)
+        now = self._last_step_at
         for k, pending in enumerate(due):
+            if pending.deadline is not None and now is not None and now > pending.deadline:
+                # Its caller has been (or is being) told DEADLINE_EXCEEDED: never apply it.
+                pending.finish(error=DeadlineExceededError(
+                    f"change {pending.change_id} was dropped, NOT applied: step {step} began after "
+                    "its caller's deadline (the worker was paused or busy)"))
+                log.warning("lrctl: change %d dropped at step %d: its deadline had passed",
+                            pending.change_id, step)
+                continue
             try:
                 self._apply_guarded(pending, step)
             except BaseException:  # KeyboardInterrupt & co. in the training thread

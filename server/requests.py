@@ -94,7 +94,9 @@ class PendingChange:
     """An accepted change waiting for its step boundary.
 
     `ops` maps a parameter position to what happens to it; `finished` is set once the
-    change is applied, rejected at its step, or withdrawn.
+    change is applied, rejected at its step, or withdrawn. `deadline` (time.monotonic)
+    is when its waiting caller will have been told it failed: a step boundary that
+    comes later (a paused or overloaded worker) drops it instead of applying it.
     """
 
     change_id: int
@@ -104,6 +106,7 @@ class PendingChange:
     finished: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     error: LrctlError | None = None
+    deadline: float | None = None
 
     @property
     def due(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
+import time
 import zlib
 from typing import Iterable, Mapping
 
@@ -333,7 +334,9 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             )
         else:
             try:
-                pending, outcome = self._controller.submit(change)
+                remaining = context.time_remaining()
+                deadline = None if remaining is None else time.monotonic() + remaining - _WAIT_MARGIN_S
+                pending, outcome = self._controller.submit(change, deadline=deadline)
                 outcome = self._wait(pending, context)
             finally:
                 self._waiting.release()

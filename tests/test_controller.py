@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import warnings
 from typing import Iterator
 
@@ -957,3 +958,21 @@ def test_the_queue_of_changes_is_bounded(rig: Rig) -> None:
         rig.controller.submit(req(set_("layer1.weight", 0.5)))
     rig.step()  # training goes on
     assert rig.controller.pending_count == MAX_PENDING
+
+
+def test_a_change_whose_deadline_passed_is_dropped_at_its_step_not_applied(rig: Rig) -> None:
+    """A paused or overloaded worker (SIGSTOP, a long evaluation) may reach the step
+    boundary after a waiting caller was told DEADLINE_EXCEEDED: the hook drops such a
+    change instead of applying it; one whose deadline has not passed applies."""
+    late, _ = rig.controller.submit(ChangeRequest((Update("layer1.bias", 0.5),)),
+                                    deadline=time.monotonic() - 0.01)
+    on_time, _ = rig.controller.submit(ChangeRequest((Update("layer2.bias", 0.25),)),
+                                       deadline=time.monotonic() + 60)
+    rig.step()
+    assert late.finished.is_set() and isinstance(late.error, DeadlineExceededError)
+    assert "NOT applied" in str(late.error) and "step 0" in str(late.error)
+    assert on_time.outcome is not None and on_time.outcome.step == 0
+    rates = rig.controller.learning_rates()
+    assert rates["layer1.bias"] == SEED_LRS["layer1.bias"] and rates["layer2.bias"] == 0.25
+    records, _, _ = rig.controller.history(0, 10)
+    assert [r.change_id for r in records] == [on_time.change_id]
