@@ -94,7 +94,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "lrctl.integrations.lightning needs Lightning: pip install 'lrctl[lightning]'"
     ) from exc
 
-from lrctl.server.adopt import unwrap_optimizer
+from lrctl.server.wrappers import unwrap_optimizer
 from lrctl.server.control import LRControl, attach
 from lrctl.server.factory import DEFAULT_ADDRESS
 from lrctl.server.rates import rate_of

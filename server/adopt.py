@@ -23,54 +23,15 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-__all__ = ["AdoptedScheduler", "GroupSchedule", "unwrap_optimizer"]
+from lrctl.server.wrappers import unwrap_optimizer
 
-# Accelerate's AcceleratedOptimizer keeps the real optimizer in `.optimizer`, Lightning's
-# LightningOptimizer in `._optimizer` (it also has an `.optimizer` property).
-_WRAPPER_ATTRS = ("optimizer", "_optimizer")
-_MAX_WRAPPERS = 4
+__all__ = ["AdoptedScheduler", "GroupSchedule", "unwrap_optimizer"]
 
 # Never restored from or written to the shadow: the shadow holds no parameters, and
 # names are the controller's business, not the scheduler's.
 _NOT_STATE = ("params", "param_names")
 
 _STATE_VERSION = 1
-
-
-def _wrapped(obj: object) -> object | None:
-    """The optimizer `obj` wraps, or None when it wraps nothing."""
-    for attr in _WRAPPER_ATTRS:
-        try:
-            inner = getattr(obj, attr, None)
-        except Exception:  # a wrapper's property may raise; then it wraps nothing usable
-            inner = None
-        if inner is None or inner is obj:
-            continue
-        if isinstance(inner, Optimizer) or any(hasattr(inner, a) for a in _WRAPPER_ATTRS):
-            return inner
-    return None
-
-
-def unwrap_optimizer(opt: object) -> Optimizer:
-    """The torch optimizer inside `opt`, following `.optimizer` then `._optimizer`.
-
-    Both wrappers lrctl meets in practice (Accelerate's AcceleratedOptimizer, Lightning's
-    LightningOptimizer) are themselves `torch.optim.Optimizer` instances that forward
-    `param_groups`, so the walk goes on while an attribute leads to another optimizer,
-    not merely while the object is not an Optimizer. At most a few levels.
-    """
-    current = opt
-    for _ in range(_MAX_WRAPPERS + 1):
-        inner = _wrapped(current)
-        if inner is None:
-            if isinstance(current, Optimizer):
-                return current
-            break
-        current = inner
-    raise TypeError(
-        f"{type(opt).__name__} is not a torch.optim.Optimizer and does not wrap one within "
-        f"{_MAX_WRAPPERS} levels of .optimizer/._optimizer; pass the torch optimizer itself"
-    )
 
 
 class _ShadowOptimizer:
@@ -125,11 +86,6 @@ def _base_node(scheduler: object) -> Any:
         if getattr(node, "base_lrs", None) is not None:
             return node
     raise ValueError(f"{_label(scheduler)} has no base_lrs; adopt a torch LRScheduler")
-
-
-def _base_lrs(scheduler: object) -> list[Any]:
-    """The scheduler's own base rates (see _base_node)."""
-    return list(_base_node(scheduler).base_lrs)
 
 
 def _last_epoch(scheduler: object) -> Any:
@@ -271,15 +227,15 @@ class AdoptedScheduler:
                     "scheduler built on this optimizer"
                 )
         n_groups = len(real.param_groups)
-        base_lrs = _base_lrs(scheduler)
-        if len(base_lrs) != n_groups:
+        base_node = _base_node(scheduler)
+        if len(base_node.base_lrs) != n_groups:
             raise ValueError(
-                f"{_label(scheduler)} was built for {len(base_lrs)} param groups but the "
+                f"{_label(scheduler)} was built for {len(base_node.base_lrs)} param groups but the "
                 f"optimizer has {n_groups}; build the scheduler after the last add_param_group"
             )
 
         self.scheduler = scheduler
-        self.base_node = _base_node(scheduler)
+        self.base_node = base_node  # holds base_lrs (SequentialLR: its first child)
         self.optimizer: Optimizer = real
         # torch's step wrapper marks the optimizer the scheduler was built on; carry the
         # mark over so an adoption between optimizer.step() and scheduler.step() is silent.

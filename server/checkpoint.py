@@ -143,18 +143,19 @@ class NameReport:
             parts.append(
                 f"{n} parameter{'s' if n != 1 else ''} not in the checkpoint "
                 f"start{'s' if n == 1 else ''} with fresh optimizer state: "
-                + _listing(self.missing_in_checkpoint)
+                + listing(self.missing_in_checkpoint)
             )
         if self.unknown_in_checkpoint:
             n = len(self.unknown_in_checkpoint)
             parts.append(
                 f"{n} checkpoint parameter{'s' if n != 1 else ''} no longer in the model "
-                f"{'were' if n != 1 else 'was'} dropped: " + _listing(self.unknown_in_checkpoint)
+                f"{'were' if n != 1 else 'was'} dropped: " + listing(self.unknown_in_checkpoint)
             )
         return "; ".join(parts)
 
 
-def _listing(names: Sequence[str]) -> str:
+def listing(names: Sequence[str]) -> str:
+    """Names for a one-line report: the first few, then how many more."""
     shown = ", ".join(names[:_DESCRIBE_LIMIT])
     rest = len(names) - _DESCRIBE_LIMIT
     return f"{shown} and {rest} more" if rest > 0 else shown

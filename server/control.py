@@ -8,14 +8,14 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from lrctl.server.adopt import AdoptedScheduler, unwrap_optimizer
+from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server.auth import Tokens
 from lrctl.server.controller import Controller
 from lrctl.server.controller_state import RESUME_POLICIES
 from lrctl.server.resume import STATE_KEY, Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.service import LearningRateControlService
-from lrctl.server.wrappers import named_parameters
+from lrctl.server.wrappers import named_parameters, unwrap_optimizer
 from lrctl.v1 import lrctl_pb2_grpc
 
 

@@ -267,11 +267,8 @@ class Controller(ControllerState):
         plain torch checkpoint (no lrctl state) was loaded and its rates win. The names
         keep their schedules; pins are left alone."""
         with self._lock:
-            table = self._table
-            indices = [i for i in bases if table.base[i] is not None]
-            moved = table.commit(indices, [bases[i] for i in indices], None, None)
-            self._strategy.move(moved, {c: table.class_rate(c, self._step) for c in set(moved.values())})
-            self._installed.update(table.rates(self._step))
+            indices = [i for i in bases if self._table.base[i] is not None]
+            self._commit(indices, [bases[i] for i in indices], None, None, self._step)
 
     def adopted_positions(self) -> set[int]:
         """Positions of the names whose schedule is an adopted torch scheduler."""
@@ -283,11 +280,19 @@ class Controller(ControllerState):
         """Write every rate (and driven hyperparameter) into the optimizer again, e.g.
         after a plain torch load_state_dict replaced its group dicts."""
         with self._lock:
-            self._installed = self._table.rates(self._step)
-            self._strategy.set_rates(self._installed)
-            if self._table.driven:
-                self._strategy.set_hyperparameters(
-                    {c: schedule.driven() for c, schedule in self._table.driven.items()})
+            self._reinstall()
+
+    def _reinstall(self) -> None:
+        """reinstall() with the lock held."""
+        self._installed = self._table.rates(self._step)
+        self._strategy.set_rates(self._installed)
+        self._install_driven()
+
+    def _install_driven(self) -> None:
+        """The hyperparameters adopted schedulers drive (momentum, betas), into the groups."""
+        if self._table.driven:
+            self._strategy.set_hyperparameters(
+                {c: schedule.driven() for c, schedule in self._table.driven.items()})
 
     @property
     def version(self) -> int:
@@ -575,10 +580,7 @@ class Controller(ControllerState):
         if moved:
             self._strategy.set_rates(moved)
             installed.update(moved)
-        if self._table.driven:
-            self._strategy.set_hyperparameters(
-                {c: schedule.driven() for c, schedule in self._table.driven.items()}
-            )
+        self._install_driven()
 
     def _abandon(self, changes: Sequence[PendingChange], step: int) -> None:
         """Finish changes that an interrupt left half-way, so no caller waits forever."""
@@ -605,12 +607,20 @@ class Controller(ControllerState):
 
     def _install(self, plan: PlannedChange, forward: bool) -> None:
         """Put a plan's new (or, backwards, old) values in the table and the optimizer."""
-        table = self._table
         if forward:
-            moved = table.commit(plan.indices, plan.new_base, plan.new_schedule, plan.new_pin)
+            self._commit(plan.indices, plan.new_base, plan.new_schedule, plan.new_pin, plan.step)
         else:
-            moved = table.commit(plan.indices, plan.old_base, plan.old_schedule, plan.old_pin)
-        rates = {c: table.class_rate(c, plan.step) for c in set(moved.values())}
+            self._commit(plan.indices, plan.old_base, plan.old_schedule, plan.old_pin, plan.step)
+
+    def _commit(
+        self, indices: Sequence[int], bases: Sequence[float], schedules: Sequence[int] | None,
+        pins: Sequence[float] | None, step: int,
+    ) -> None:
+        """Per-name values into the table, the names that changed class into their new
+        groups at their class's rate for `step` (lock held; see RateTable.commit)."""
+        table = self._table
+        moved = table.commit(indices, bases, schedules, pins)
+        rates = {c: table.class_rate(c, step) for c in set(moved.values())}
         self._strategy.move(moved, rates)
         self._installed.update(rates)
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from lrctl.common.errors import InvalidArgumentError
 from lrctl.server import state
+from lrctl.server.checkpoint import listing
 from lrctl.server.history import History, Record
 from lrctl.server.rates import CONSTANT, ScheduleBook
 from lrctl.server.requests import ChangeRequest, PendingChange
@@ -22,11 +23,6 @@ from lrctl.server.requests import ChangeRequest, PendingChange
 log = logging.getLogger("lrctl.controller")
 
 RESUME_POLICIES = ("checkpoint", "code")
-
-
-def _listing(names: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(map(repr, names[:limit]))
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -79,6 +75,9 @@ class ControllerState:
         index: Any
         run_id: str
         lineage: tuple[str, ...]
+
+        def _commit(self, indices: Any, bases: Any, schedules: Any, pins: Any, step: int) -> None: ...
+        def _reinstall(self) -> None: ...
 
     def export_state(self) -> dict[str, Any]:
         """This controller's state as plain data keyed by name (lrctl.server.state):
@@ -166,12 +165,12 @@ class ControllerState:
         unknown = [n for n in rates["names"] if n not in position]
         if unknown:
             report.append(f"{len(unknown)} name(s) of the checkpoint are not in the model: "
-                          + _listing(unknown))
+                          + listing(unknown))
         known = set(rates["names"])
         new = [n for i, n in enumerate(self.index.names) if self._table.base[i] is not None and n not in known]
         if new:
             report.append(f"{len(new)} name(s) are not in the checkpoint and keep this run's "
-                          "rates: " + _listing(new))
+                          "rates: " + listing(new))
         picked = [
             (position[n], float(b), specs[int(sid)], math.nan if p is None else float(p))
             for n, b, sid, p in zip(*columns)
@@ -211,17 +210,14 @@ class ControllerState:
         if policy not in RESUME_POLICIES:
             raise ValueError(f"resume policy {policy!r} is not one of {', '.join(RESUME_POLICIES)}")
         with self._lock:
-            table, book = self._table, self._book
+            book = self._book
             if policy == "checkpoint" and parsed.rates:
                 indices, bases, specs, pins = map(list, zip(*parsed.rates))
-                moved = table.commit(indices, bases, [book.intern(s) for s in specs], pins)
-                self._strategy.move(moved, {c: table.class_rate(c, parsed.step)
-                                            for c in set(moved.values())})
+                self._commit(indices, bases, [book.intern(s) for s in specs], pins, parsed.step)
             self._step, self._version = parsed.step, parsed.version
             self._next_change_id = parsed.next_change_id
             self.lineage = parsed.lineage
-            self._installed = table.rates(self._step)
-            self._strategy.set_rates(self._installed)
+            self._reinstall()
             self._history = History(self._history_limit)
             for record in parsed.records:
                 self._history.append(_with_real_ids(record, book))

@@ -160,7 +160,7 @@ class RateTable(RateState):
         self._clamped: set[int] = set()
         for i, b in enumerate(base):
             if b is not None:
-                self._join(i, self._key(i))
+                self._join_all((i,), self._key(i))
 
     def set_limits(self, limit_of: Callable[[int], float]) -> None:
         """Use `limit_of(i)`, the largest rate parameter i can take, to clamp schedules."""
@@ -177,9 +177,6 @@ class RateTable(RateState):
         if pin is not None:
             return (PINNED, pin, sid if getattr(self.book[sid], "driven_keys", ()) else 0)
         return (SCHEDULED, self.base[i], sid)
-
-    def _join(self, i: int, key: ClassKey) -> int:
-        return self._join_all((i,), key)
 
     def _join_all(self, members: Sequence[int], key: ClassKey) -> int:
         """Put `members` (not in any class, or just left theirs) in the class of `key`."""
@@ -206,9 +203,6 @@ class RateTable(RateState):
             class_of[i] = c
         return c
 
-    def _leave(self, i: int) -> None:
-        self._leave_all(self.class_of[i], 1)
-
     def _leave_all(self, c: int, count: int) -> None:
         """`count` members leave class c (their class_of is rewritten by the caller)."""
         self._sizes[c] -= count
@@ -225,10 +219,6 @@ class RateTable(RateState):
             self.driven.pop(c, None)
             self._clamped.discard(c)
             self._free.append(c)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self._ids)
 
     def class_key(self, c: int) -> ClassKey:
         key = self._keys[c]
@@ -279,16 +269,6 @@ class RateTable(RateState):
     def rates(self, step: int) -> dict[int, float]:
         """Every class's rate at `step`."""
         return {c: self.class_rate(c, step) for c in self._ids.values()}
-
-    def rate(self, i: int, step: int) -> float | None:
-        """Parameter i's rate at `step` (None when the optimizer does not hold it)."""
-        c = self.class_of[i]
-        return None if c < 0 else self.class_rate(c, step)
-
-    def factor(self, i: int, step: int) -> float:
-        """The schedule factor of parameter i at `step` (1.0 for constant)."""
-        s = self.schedule[i]
-        return 1.0 if s == 0 else self.book[s].factor(step)
 
     # -- changes -------------------------------------------------------------------
     def commit(

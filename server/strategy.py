@@ -289,12 +289,6 @@ class CoalescedGroups:
         self._by_key.setdefault(key, []).append(g)
         self._by_class.setdefault(key[1], []).append(g)
 
-    def _set_lr(self, group: dict[str, Any], lr: float) -> None:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
     def _adopt(self, position: Mapping[int, int]) -> None:
         """Keep the optimizer's own groups: each holds one rate class already."""
         members: list[list[int]] = []
