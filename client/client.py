@@ -35,7 +35,7 @@ from lrctl.client.types import (
     Update,
 )
 from lrctl.common.schedule_messages import schedule_to_pb
-from lrctl.common.schedules import Constant, Schedule
+from lrctl.common.schedules import Schedule
 from lrctl.v1 import lrctl_pb2, lrctl_pb2_grpc
 
 __all__ = ["LRClient", "DEFAULT_ADDRESS", "ADDRESS_ENV", "TOKEN_ENV", "TOKEN_FILE_ENV",
@@ -416,10 +416,7 @@ class LRClient:
         else:
             batch = list(schedules)
         assignments = [
-            lrctl_pb2.ScheduleAssignment(
-                selector=a.selector,
-                schedule=schedule_to_pb(a.schedule if a.schedule is not None else Constant()),
-            )
+            lrctl_pb2.ScheduleAssignment(selector=a.selector, schedule=schedule_to_pb(a.schedule))
             for a in batch
         ]
         return self._change(

@@ -78,7 +78,10 @@ def schedule_from_pb(msg: pb.Schedule) -> Schedule:
 
 
 def schedule_to_pb(schedule: Any) -> pb.Schedule:
-    """The message for a built-in schedule, or an AdoptedSchedule for an adopted one."""
+    """The message for a built-in schedule, or an AdoptedSchedule for an adopted one;
+    None (no schedule: cleared) is constant."""
+    if schedule is None:
+        schedule = Constant()
     kind = schedule.kind
     if kind == "adopted":
         return pb.Schedule(adopted=pb.AdoptedSchedule(scheduler=schedule.scheduler_name,

@@ -154,8 +154,7 @@ def _updates_pb(updates: Iterable[Update]) -> list[pb.LearningRateUpdate]:
 
 def _schedules_pb(updates: Iterable[ScheduleUpdate]) -> list[pb.ScheduleAssignment]:
     return [
-        pb.ScheduleAssignment(selector=u.selector, schedule=schedule_to_pb(u.schedule)
-                              if u.schedule is not None else pb.Schedule(constant=pb.ConstantSchedule()))
+        pb.ScheduleAssignment(selector=u.selector, schedule=schedule_to_pb(u.schedule))
         for u in updates
     ]
 
