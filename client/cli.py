@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 
 from lrctl.client.client import ADDRESS_ENV, LRClient, default_address, read_token_file
-from lrctl.client.errors import LrctlError, UnavailableError
+from lrctl.client.errors import LrctlError, TLSError, UnavailableError
 from lrctl.client.types import (
     ChangeRecord,
     LearningRate,
@@ -78,6 +78,8 @@ exit codes:
 environment:
   LRCTL_ADDRESS     worker address when --address is not given (default 127.0.0.1:50051)
   LRCTL_TOKEN       the worker's bearer token (or LRCTL_TOKEN_FILE: a file holding it)
+  LRCTL_TLS_CA, LRCTL_TLS_CERT, LRCTL_TLS_KEY, LRCTL_TLS_SERVER_NAME
+                    defaults of --tls-ca, --tls-cert, --tls-key, --tls-server-name
 """
 
 SCHEDULE_KINDS_HELP = """\
@@ -471,6 +473,15 @@ def _add_change_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+_TLS_FLAGS = (
+    ("--tls-ca", "PEM", "use TLS, trusting the CA that signed the worker's certificate (default: $LRCTL_TLS_CA)"),
+    ("--tls-cert", "PEM", "this client's certificate, for mutual TLS (with --tls-key; default: $LRCTL_TLS_CERT)"),
+    ("--tls-key", "PEM", "this client's private key (with --tls-cert; default: $LRCTL_TLS_KEY)"),
+    ("--tls-server-name", "NAME",
+     "the name to check in the worker's certificate, e.g. when connecting by IP (default: $LRCTL_TLS_SERVER_NAME)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The lrctl argument parser."""
     parser = OneLineParser(
@@ -485,13 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     for target, defaults in ((parser, True), (common, False)):
         target.add_argument(
             "--address", default=default_address() if defaults else argparse.SUPPRESS,
-            help=f"worker host:port (default: ${ADDRESS_ENV} or 127.0.0.1:50051)")
+            help=f"worker host:port or unix:/path (default: ${ADDRESS_ENV} or 127.0.0.1:50051)")
         target.add_argument(
             "--timeout", type=_timeout, default=10.0 if defaults else argparse.SUPPRESS,
             metavar="SECONDS", help="deadline of each call; a waiting set waits this long (default 10)")
         target.add_argument(
             "--token-file", default=None if defaults else argparse.SUPPRESS, metavar="PATH",
             help="file holding the worker's bearer token (default: $LRCTL_TOKEN, else $LRCTL_TOKEN_FILE)")
+        for flag, metavar, text in _TLS_FLAGS:
+            target.add_argument(flag, default=None if defaults else argparse.SUPPRESS, metavar=metavar, help=text)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     p = verbs.add_parser("list", parents=[common], help="list parameters with their rates and groups")
@@ -588,12 +601,19 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     except SystemExit as done:  # --help and friends
         return done.code if isinstance(done.code, int) else EXIT_OK
 
+    if not os.environ.get("LRCTL_DEBUG"):
+        # grpc's C core logs a failed TLS handshake on stderr, next to the CLI's own
+        # line saying what to fix. Read when the first channel starts grpc, i.e. below.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         try:
             token = read_token_file(args.token_file) if args.token_file else None
-        except LrctlError as err:  # a local file, not the worker's answer: a usage error
+            client = LRClient(args.address, timeout=args.timeout, token=token, tls_ca=args.tls_ca,
+                              tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              tls_server_name=args.tls_server_name)
+        except LrctlError as err:  # the address or a local file, not the worker's answer
             raise UsageError(str(err)) from None
-        with LRClient(args.address, timeout=args.timeout, token=token) as client:
+        with client:
             return args.func(client, args)
     except KeyboardInterrupt:
         changing = args.verb in ("set", "scale", "unpin") or getattr(args, "schedule_verb", "") in ("set", "clear")
@@ -605,6 +625,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         return _error("interrupted", EXIT_INTERRUPTED)
     except UsageError as err:
         return _error(str(err), EXIT_USAGE)
+    except TLSError as err:  # its message says what to fix
+        return _error(str(err), EXIT_UNAVAILABLE)
     except UnavailableError as err:
         hint = "is a worker running? set --address or LRCTL_ADDRESS"
         return _error(f"{err}; {hint}", EXIT_UNAVAILABLE)

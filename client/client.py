@@ -20,9 +20,11 @@ from lrctl.client.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     LrctlError,
+    TLSError,
     UnavailableError,
     error_for_status,
 )
+from lrctl.client.tls import ClientTLS, PemSource
 from lrctl.client.types import (
     ChangeRecord,
     LearningRate,
@@ -34,11 +36,12 @@ from lrctl.client.types import (
     Status,
     Update,
 )
+from lrctl.common.addresses import CLIENT_PASSTHROUGH_SCHEMES, UnixPath, parse_address
 from lrctl.common.schedule_messages import schedule_to_pb
 from lrctl.common.schedules import Schedule
 from lrctl.v1 import lrctl_pb2, lrctl_pb2_grpc
 
-__all__ = ["LRClient", "DEFAULT_ADDRESS", "ADDRESS_ENV", "TOKEN_ENV", "TOKEN_FILE_ENV",
+__all__ = ["LRClient", "ClientTLS", "DEFAULT_ADDRESS", "ADDRESS_ENV", "TOKEN_ENV", "TOKEN_FILE_ENV",
            "default_address", "default_token", "default_user"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -120,15 +123,31 @@ def _metadata_value(text: str) -> str:
     return "".join(ch if " " <= ch <= "~" else "?" for ch in ascii_text)
 
 
-def create_channel(address: str) -> grpc.Channel:
-    """The channel to a worker.
+def create_channel(address: str, tls: Optional[ClientTLS] = None) -> grpc.Channel:
+    """The channel to a worker at `address` (HOST:PORT or unix:/path), over TLS when
+    `tls` is given: the one place that decides transport security.
 
-    The one place that decides transport security: TLS and token credentials will be
-    added here (and only here) when the security issue lands.
+    InvalidArgumentError for an address without a port (gRPC would quietly try 443).
     """
+    unix = False
+    if not address.startswith(CLIENT_PASSTHROUGH_SCHEMES):
+        try:
+            unix = isinstance(parse_address(address), UnixPath)
+        except ValueError as exc:
+            raise InvalidArgumentError(str(exc)) from None
     # A GetLearningRates of every name of a 100k-parameter model can pass gRPC's 4 MiB
     # default receive limit when names are long; replies are bounded by the model.
-    return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_REPLY_BYTES)])
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_REPLY_BYTES)]
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, tls.credentials(), options=options + tls.channel_options(unix))
+
+
+def _tls_reason(details: str, marker: str) -> str:
+    """The OpenSSL reason after `marker` in grpc's text ("unable to get local issuer
+    certificate", "certificate has expired"), or ""."""
+    _, found, rest = details.partition(marker + ": ")
+    return rest.split(":", 1)[0].strip() if found else ""
 
 
 class LRClient:
@@ -138,6 +157,16 @@ class LRClient:
     seconds, overridable per call) and raises an lrctl.client.errors.LrctlError subclass
     on failure, never a raw grpc.RpcError. `token` is the worker's bearer token
     (default: $LRCTL_TOKEN, else the file $LRCTL_TOKEN_FILE names).
+
+    `address` is HOST:PORT or unix:/path. TLS: `tls_ca` is the CA that signed the
+    worker's certificate, `tls_cert` and `tls_key` this client's certificate and key
+    for mutual TLS (both or neither), each a path of a PEM file or the PEM bytes; by
+    default $LRCTL_TLS_CA, $LRCTL_TLS_CERT and $LRCTL_TLS_KEY. `tls_server_name`
+    ($LRCTL_TLS_SERVER_NAME) is the name to check in the worker's certificate instead
+    of the address's host (e.g. when connecting by IP to a certificate for a name).
+    Any of these turns TLS on; with none, the channel is plaintext. A bad address or
+    file raises InvalidArgumentError here; a failed handshake raises TLSError (an
+    UnavailableError) at the first call, saying which side to fix.
     """
 
     def __init__(
@@ -147,6 +176,10 @@ class LRClient:
         timeout: float = 10.0,
         user: Optional[str] = None,
         token: Optional[str] = None,
+        tls_ca: Optional[PemSource] = None,
+        tls_cert: Optional[PemSource] = None,
+        tls_key: Optional[PemSource] = None,
+        tls_server_name: Optional[str] = None,
     ) -> None:
         self.address: str = address or default_address()
         self.timeout: float = timeout
@@ -157,7 +190,8 @@ class LRClient:
             if not token.isascii() or not token.isprintable() or " " in token:
                 raise InvalidArgumentError("the token has characters a bearer token cannot carry")
             self._metadata += (("authorization", f"Bearer {token}"),)
-        self._channel = create_channel(self.address)
+        self.tls: Optional[ClientTLS] = ClientTLS.resolve(tls_ca, tls_cert, tls_key, tls_server_name)
+        self._channel = create_channel(self.address, self.tls)
         self._stub = lrctl_pb2_grpc.LearningRateControlStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -208,7 +242,8 @@ class LRClient:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = (exc.details() if hasattr(exc, "details") else None) or str(code)
         if code == grpc.StatusCode.UNAVAILABLE:
-            return UnavailableError(f"cannot reach lrctl worker at {self.address}: {details}")
+            return self._tls_error(details) or UnavailableError(
+                f"cannot reach lrctl worker at {self.address}: {details}")
         if code == grpc.StatusCode.UNIMPLEMENTED:
             # Another gRPC server, or a worker too old for this call.
             return error_for_status(code, (
@@ -220,6 +255,44 @@ class LRClient:
             message = f"no answer from {self.address} within {limit:g}s"
             return DeadlineExceededError(f"{message}; {on_deadline}" if on_deadline else message)
         return error_for_status(code, details)
+
+    def _tls_error(self, details: str) -> Optional[TLSError]:
+        """A one-line TLSError for a connection that failed on transport security, or None.
+
+        grpc tells these apart only in its free text (checked with grpcio 1.85):
+        a server that closes a fresh connection ("Socket closed") is what a plaintext
+        client meets at a TLS worker, and a TLS client without an accepted certificate
+        at a mutual-TLS worker.
+        """
+        where = f"cannot reach lrctl worker at {self.address}"
+        if self.tls is None:
+            if "Socket closed" in details or "Connection reset" in details:
+                return TLSError(
+                    f"{where}: it closed the connection at once; if it uses TLS, pass --tls-ca "
+                    "CA.pem (LRCTL_TLS_CA, LRClient(tls_ca=...)), and --tls-cert and --tls-key "
+                    "if it requires client certificates")
+            return None
+        if "WRONG_VERSION_NUMBER" in details:
+            return TLSError(f"{where}: TLS handshake failed: the worker does not speak TLS on "
+                            "that address (leave out --tls-ca/--tls-cert/--tls-key and LRCTL_TLS_*)")
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            reason = _tls_reason(details, "CERTIFICATE_VERIFY_FAILED") or "certificate verify failed"
+            return TLSError(f"{where}: TLS handshake failed: the worker's certificate is not trusted "
+                            f"({reason}); pass the CA that signed it with --tls-ca (LRCTL_TLS_CA)")
+        if "Hostname Verification" in details:
+            return TLSError(f"{where}: TLS handshake failed: the worker's certificate does not name "
+                            "the host connected to; connect by a name it holds, or pass "
+                            "--tls-server-name NAME (LRCTL_TLS_SERVER_NAME)")
+        if "Socket closed" in details or "Connection reset" in details:
+            refused = ("the worker refused this client's certificate (not signed by the CA it "
+                       "trusts for clients)" if self.tls.mutual else
+                       "the worker requires a client certificate: pass --tls-cert and --tls-key "
+                       "(LRCTL_TLS_CERT, LRCTL_TLS_KEY)")
+            return TLSError(f"{where}: it closed the connection during the TLS handshake; "
+                            f"likely {refused}")
+        if "handshake" in details.lower() or "SSL_ERROR" in details:
+            return TLSError(f"{where}: TLS handshake failed ({details.rsplit(': ', 1)[-1]})")
+        return None
 
     def _pages(
         self, method: Callable[..., _Reply], request_type: Callable[..., Any],

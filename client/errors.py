@@ -30,10 +30,16 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "TLSError",
     "UnauthenticatedError",
     "UnavailableError",
     "error_for_status",
 ]
+
+
+class TLSError(UnavailableError):
+    """The connection failed on transport security (a TLS handshake, or a plaintext
+    client at a TLS worker); the message says which side to fix. Status UNAVAILABLE."""
 
 
 def error_for_status(code: grpc.StatusCode, message: str) -> LrctlError:

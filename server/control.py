@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import atexit
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping, Optional, Union
 
 import torch
 
@@ -15,6 +15,7 @@ from lrctl.server.controller_state import RESUME_POLICIES
 from lrctl.server.resume import STATE_KEY, Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.service import LearningRateControlService
+from lrctl.server.tls import ServerTLS
 from lrctl.server.wrappers import named_parameters, unwrap_optimizer
 from lrctl.v1 import lrctl_pb2_grpc
 
@@ -61,15 +62,20 @@ class LRControl:
         return list(self._resume.report)
 
     @property
+    def tls(self) -> Optional[ServerTLS]:
+        """The TLS the server speaks (None: plaintext, or serve=False)."""
+        return self._server.tls if self._server is not None else None
+
+    @property
     def port(self) -> int:
-        """The bound port (useful with port 0)."""
+        """The bound port (useful with port 0); 0 on a unix socket."""
         if self._server is None:
             raise RuntimeError("this LRControl was attached with serve=False")
         return self._server.port
 
     @property
     def address(self) -> str:
-        """host:port the server listens on, with the bound port."""
+        """host:port the server listens on, with the bound port (or unix:/abs/path)."""
         if self._server is None:
             raise RuntimeError("this LRControl was attached with serve=False")
         return self._server.address
@@ -107,6 +113,7 @@ def attach(
     resume: str = "checkpoint",
     start_step: int = 0,
     tokens: Tokens | None = None,
+    tls: Union[Optional[ServerTLS], Literal[False]] = None,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -133,9 +140,22 @@ def attach(
     `tokens` (lrctl.server.auth.Tokens) makes every call but health checks need a
     bearer token; by default they come from $LRCTL_ADMIN_TOKEN(_FILE) and
     $LRCTL_READER_TOKEN(_FILE), and with none set the worker is open (on loopback only).
+
+    `tls` (lrctl.server.tls.ServerTLS, e.g. ``ServerTLS.from_files("cert.pem", "key.pem",
+    client_ca="ca.pem")``) makes the server speak TLS, and require client certificates
+    signed by `client_ca` when given (mutual TLS). By default it comes from
+    $LRCTL_TLS_CERT, $LRCTL_TLS_KEY and $LRCTL_TLS_CLIENT_CA (paths of PEM files);
+    with none set, or with ``tls=False``, the server speaks plaintext.
+
+    `address` may also be ``unix:/path``: a socket file only this user can connect to
+    (mode 0600), removed on close; the safe way to share the worker with the host or a
+    sidecar. Any address others can reach (not loopback, not a unix socket) needs
+    tokens or mutual TLS, or `insecure` (which warns on every start).
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
+    if tls is None and serve:
+        tls = ServerTLS.from_env()
     if resume not in RESUME_POLICIES:
         raise ValueError(f"resume {resume!r} is not one of {', '.join(map(repr, RESUME_POLICIES))}")
     named = named_parameters(model)
@@ -188,6 +208,7 @@ def attach(
             address=address,
             insecure=insecure,
             tokens=tokens,
+            tls=tls or None,
             max_workers=max_workers,
         )
     except BaseException:

@@ -26,6 +26,7 @@ from lrctl.client.client import ADDRESS_ENV, DEFAULT_ADDRESS, default_address
 from lrctl.server.control import attach
 from lrctl.server.auth import ADMIN, Tokens
 from lrctl.server.optim import build_optimizer
+from lrctl.server.tls import ServerTLS
 
 SEED_LRS = {"layer1.weight": 0.01, "layer1.bias": 0.1, "layer2.weight": 0.001, "layer2.bias": 1.0}
 
@@ -112,7 +113,11 @@ def run_demo(steps: int = 10) -> int:
     # The demo's own client gets the admin token, if the environment sets tokens.
     admin = next((t.secret for t in tokens.tokens if t.role == ADMIN), None) if tokens else None
     env = {**os.environ, **({"LRCTL_TOKEN": admin} if admin else {})}
-    with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens) as ctl:
+    # Loopback and plaintext (tls=False): the worker's TLS variables are not meant for
+    # this private pair, and its client must not take LRCTL_TLS_CERT for its own.
+    for variable in ("LRCTL_TLS_CA", "LRCTL_TLS_CERT", "LRCTL_TLS_KEY", "LRCTL_TLS_SERVER_NAME"):
+        env.pop(variable, None)
+    with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens, tls=False) as ctl:
         # Registered after attach, so it runs after lrctl's hook: it sees the rates
         # each step really used.
         optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(_lrs_by_name(opt)))
@@ -151,19 +156,26 @@ def run_demo(steps: int = 10) -> int:
     return code
 
 
-def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool) -> int:
-    """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl."""
+def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool,
+          tls: ServerTLS | None = None) -> int:
+    """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl
+    (over `tls`, else the TLS that $LRCTL_TLS_CERT/_KEY/_CLIENT_CA configure)."""
     torch.manual_seed(0)
     model, optimizer, loss_fn = JOBS[model_name]()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with attach(model, optimizer, address=address, insecure=insecure) as ctl:
+        with attach(model, optimizer, address=address, insecure=insecure, tls=tls) as ctl:
             n = len(ctl.controller.names)
+            over = ""
+            if ctl.tls is not None:
+                over = " (mutual TLS)" if ctl.tls.mutual else " (TLS)"
+            flags = " --tls-ca CA.pem" if ctl.tls is not None else ""
+            flags += " --tls-cert CERT.pem --tls-key KEY.pem" if ctl.tls is not None and ctl.tls.mutual else ""
             print(
-                f"lrctl worker: training the {model_name} model ({n} parameters) on {ctl.address}\n"
-                f"  try:  lrctl --address {ctl.address} list\n"
-                f"        lrctl --address {ctl.address} set '{ctl.controller.names[0]}=0.05'\n"
+                f"lrctl worker: training the {model_name} model ({n} parameters) on {ctl.address}{over}\n"
+                f"  try:  lrctl --address {ctl.address}{flags} list\n"
+                f"        lrctl --address {ctl.address}{flags} set '{ctl.controller.names[0]}=0.05'\n"
                 "  Ctrl-C stops it.",
                 flush=True,
             )
@@ -207,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-delay", type=float, default=0.05,
                         help="with --serve: seconds between steps (default 0.05)")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --address without authentication")
+    parser.add_argument("--tls-cert", metavar="PEM",
+                        help="with --serve: serve TLS with this certificate chain (default: $LRCTL_TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="PEM",
+                        help="with --serve: the certificate's private key (default: $LRCTL_TLS_KEY)")
+    parser.add_argument("--tls-client-ca", metavar="PEM",
+                        help="with --serve: require client certificates signed by this CA, i.e. "
+                             "mutual TLS (default: $LRCTL_TLS_CLIENT_CA)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 0:
         parser.error(f"--steps must not be negative: {args.steps}")
@@ -214,9 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--step-delay must be a finite number of seconds >= 0: {args.step_delay}")
     if not args.serve and args.model is not None:
         parser.error("--model needs --serve (the demo without it always runs the seed model)")
+    tls_flags = [f for f, v in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                                ("--tls-client-ca", args.tls_client_ca)) if v is not None]
+    if tls_flags and not args.serve:
+        parser.error(f"{tls_flags[0]} needs --serve (the demo without it runs on loopback, in plaintext)")
     try:
         if args.serve:
-            return serve(args.address, args.model or "seed", args.steps or 0, args.step_delay, args.insecure)
+            tls = ServerTLS.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca)
+            return serve(args.address, args.model or "seed", args.steps or 0, args.step_delay,
+                         args.insecure, tls)
         if args.steps == 0:
             parser.error("--steps must be at least 1 without --serve")
         return run_demo(args.steps or 10)

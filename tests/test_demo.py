@@ -111,7 +111,7 @@ def test_serve_stops_after_the_step_count() -> None:
         (["--model", "nope", "--serve"], "invalid choice: 'nope'"),
         (["--ser"], "unrecognized arguments: --ser"),
         (["--serve", "--address", "0.0.0.0:0"], "refusing to listen on 0.0.0.0:0"),
-        (["--serve", "--address", "nonsense"], "bad address"),
+        (["--serve", "--address", "nonsense"], "port missing in address 'nonsense'"),
     ],
 )
 def test_demo_bad_arguments_get_one_line_and_nonzero_exit(args: list[str], message: str) -> None:
