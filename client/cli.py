@@ -29,6 +29,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+if not os.environ.get("LRCTL_DEBUG"):
+    # grpc's C core logs each failed TLS handshake on stderr at INFO level, beside the
+    # CLI's one line saying what to fix. It reads this when grpc is imported, which is
+    # why lrctl.client imports lazily and this comes before the imports below.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from lrctl.client.client import ADDRESS_ENV, LRClient, default_address, read_token_file
 from lrctl.client.errors import LrctlError, TLSError, UnavailableError
@@ -601,10 +606,6 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     except SystemExit as done:  # --help and friends
         return done.code if isinstance(done.code, int) else EXIT_OK
 
-    if not os.environ.get("LRCTL_DEBUG"):
-        # grpc's C core logs a failed TLS handshake on stderr, next to the CLI's own
-        # line saying what to fix. Read when the first channel starts grpc, i.e. below.
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         try:
             token = read_token_file(args.token_file) if args.token_file else None
