@@ -91,7 +91,11 @@ def bind_private(path: str, add_port: Callable[[str], int]) -> BoundSocket:
     """Bind with `add_port` (given a gRPC address) so that `path` is a 0600 socket from
     its first moment (module docstring). Call check_path first."""
     where = f"unix:{path}"
-    private = tempfile.mkdtemp(prefix=".lrctl", dir=os.path.dirname(path))
+    try:
+        private = tempfile.mkdtemp(prefix=".lrctl", dir=os.path.dirname(path))
+    except OSError as exc:
+        raise OSError(f"cannot listen on {where}: cannot create it in {os.path.dirname(path)!r} "
+                      f"({exc.strerror})") from None
     temporary = os.path.join(private, "s")
     try:
         if len(os.fsencode(temporary)) > MAX_PATH_BYTES:
