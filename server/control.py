@@ -144,7 +144,7 @@ def attach(
     `tls` (lrctl.server.tls.ServerTLS, e.g. ``ServerTLS.from_files("cert.pem", "key.pem",
     client_ca="ca.pem")``) makes the server speak TLS, and require client certificates
     signed by `client_ca` when given (mutual TLS). By default it comes from
-    $LRCTL_TLS_CERT, $LRCTL_TLS_KEY and $LRCTL_TLS_CLIENT_CA (paths of PEM files);
+    $LRCTL_WORKER_TLS_CERT, $LRCTL_WORKER_TLS_KEY and $LRCTL_WORKER_TLS_CLIENT_CA (paths of PEM files);
     with none set, or with ``tls=False``, the server speaks plaintext.
 
     `address` may also be ``unix:/path``: a socket file only this user can connect to

@@ -159,7 +159,7 @@ def run_demo(steps: int = 10) -> int:
 def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool,
           tls: ServerTLS | None = None) -> int:
     """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl
-    (over `tls`, else the TLS that $LRCTL_TLS_CERT/_KEY/_CLIENT_CA configure)."""
+    (over `tls`, else the TLS that $LRCTL_WORKER_TLS_CERT/_KEY/_CLIENT_CA configure)."""
     torch.manual_seed(0)
     model, optimizer, loss_fn = JOBS[model_name]()
     stop = threading.Event()
@@ -220,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --serve: seconds between steps (default 0.05)")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --address without authentication")
     parser.add_argument("--tls-cert", metavar="PEM",
-                        help="with --serve: serve TLS with this certificate chain (default: $LRCTL_TLS_CERT)")
+                        help="with --serve: serve TLS with this certificate chain (default: $LRCTL_WORKER_TLS_CERT)")
     parser.add_argument("--tls-key", metavar="PEM",
-                        help="with --serve: the certificate's private key (default: $LRCTL_TLS_KEY)")
+                        help="with --serve: the certificate's private key (default: $LRCTL_WORKER_TLS_KEY)")
     parser.add_argument("--tls-client-ca", metavar="PEM",
                         help="with --serve: require client certificates signed by this CA, i.e. "
-                             "mutual TLS (default: $LRCTL_TLS_CLIENT_CA)")
+                             "mutual TLS (default: $LRCTL_WORKER_TLS_CLIENT_CA)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 0:
         parser.error(f"--steps must not be negative: {args.steps}")

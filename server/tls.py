@@ -4,9 +4,9 @@ A `ServerTLS` holds PEM bytes: the worker's certificate chain, its private key a
 for mutual TLS, the CA whose certificates clients must present. Build it from files
 (`ServerTLS.from_files`) or from the environment (`ServerTLS.from_env`):
 
-    LRCTL_TLS_CERT       the worker's certificate chain (PEM file)
-    LRCTL_TLS_KEY        its unencrypted private key (PEM file)
-    LRCTL_TLS_CLIENT_CA  optional: require client certificates signed by this CA
+    LRCTL_WORKER_TLS_CERT       the worker's certificate chain (PEM file)
+    LRCTL_WORKER_TLS_KEY        its unencrypted private key (PEM file)
+    LRCTL_WORKER_TLS_CLIENT_CA  optional: require client certificates signed by this CA
 
 With a client CA the server requires and verifies a client certificate on every
 connection (the handshake fails without one); without, TLS encrypts but authenticates
@@ -23,7 +23,7 @@ import grpc
 
 from lrctl.common import pem
 
-CERT_ENV, KEY_ENV, CLIENT_CA_ENV = "LRCTL_TLS_CERT", "LRCTL_TLS_KEY", "LRCTL_TLS_CLIENT_CA"
+CERT_ENV, KEY_ENV, CLIENT_CA_ENV = "LRCTL_WORKER_TLS_CERT", "LRCTL_WORKER_TLS_KEY", "LRCTL_WORKER_TLS_CLIENT_CA"
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ from lrctl.server.factory import check_bind, split_address  # noqa: E402
 from lrctl.server.tls import ServerTLS  # noqa: E402
 
 LRCTL = [sys.executable, "-m", "lrctl.client.cli"]
-TLS_VARIABLES = ("LRCTL_TLS_CERT", "LRCTL_TLS_KEY", "LRCTL_TLS_CLIENT_CA", "LRCTL_TLS_CA",
-                 "LRCTL_TLS_SERVER_NAME")
+TLS_VARIABLES = ("LRCTL_WORKER_TLS_CERT", "LRCTL_WORKER_TLS_KEY", "LRCTL_WORKER_TLS_CLIENT_CA",
+                 "LRCTL_TLS_CA", "LRCTL_TLS_CERT", "LRCTL_TLS_KEY", "LRCTL_TLS_SERVER_NAME")
 TOKEN_VARIABLES = ("LRCTL_TOKEN", "LRCTL_TOKEN_FILE", "LRCTL_ADMIN_TOKEN", "LRCTL_ADMIN_TOKEN_FILE",
                    "LRCTL_READER_TOKEN", "LRCTL_READER_TOKEN_FILE")
 ADMIN_SECRET = secrets.token_urlsafe(24)
@@ -229,11 +229,11 @@ def test_check_bind_decisions(pki: Pki, capsys: pytest.CaptureFixture[str]) -> N
         check_bind(address, None, False, server_only)
     message = str(info.value)
     assert address in message and "authenticates nobody" in message
-    assert "LRCTL_ADMIN_TOKEN" in message and "LRCTL_TLS_CLIENT_CA" in message and "--insecure" in message
+    assert "LRCTL_ADMIN_TOKEN" in message and "LRCTL_WORKER_TLS_CLIENT_CA" in message and "--insecure" in message
     # Nothing at all: refused, naming tokens and mutual TLS.
     with pytest.raises(ValueError) as info:
         check_bind(address, None, False, None)
-    assert "LRCTL_ADMIN_TOKEN" in str(info.value) and "LRCTL_TLS_CLIENT_CA" in str(info.value)
+    assert "LRCTL_ADMIN_TOKEN" in str(info.value) and "LRCTL_WORKER_TLS_CLIENT_CA" in str(info.value)
     assert capsys.readouterr() == ("", "")
     # --insecure: starts, with a warning each time.
     assert check_bind(address, None, True, server_only) is None
@@ -261,9 +261,9 @@ def test_a_missing_port_is_named_on_both_sides() -> None:
 
 
 def test_worker_and_client_from_environment(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LRCTL_TLS_CERT", str(pki.server_cert))
-    monkeypatch.setenv("LRCTL_TLS_KEY", str(pki.server_key))
-    monkeypatch.setenv("LRCTL_TLS_CLIENT_CA", str(pki.ca))
+    monkeypatch.setenv("LRCTL_WORKER_TLS_CERT", str(pki.server_cert))
+    monkeypatch.setenv("LRCTL_WORKER_TLS_KEY", str(pki.server_key))
+    monkeypatch.setenv("LRCTL_WORKER_TLS_CLIENT_CA", str(pki.ca))
     model = seed_model()
     with attach(model, per_parameter_optimizer(model), address="127.0.0.1:0") as ctl:
         assert ctl.tls is not None and ctl.tls.mutual
@@ -294,12 +294,12 @@ def test_server_tls_bad_configuration_is_named(pki: Pki, tmp_path: Path) -> None
         (lambda: ServerTLS.from_files(pki.server_cert, pki.client_key), "is not the key of certificate"),
         (lambda: ServerTLS.from_files(pki.server_cert, pki.server_key, client_ca=not_pem),
          "client CA .*not a PEM certificate"),
-        (lambda: ServerTLS.from_env({"LRCTL_TLS_CERT": str(pki.server_cert)}),
-         "LRCTL_TLS_CERT is given without LRCTL_TLS_KEY"),
-        (lambda: ServerTLS.from_env({"LRCTL_TLS_KEY": str(pki.server_key)}),
-         "LRCTL_TLS_KEY is given without LRCTL_TLS_CERT"),
-        (lambda: ServerTLS.from_env({"LRCTL_TLS_CLIENT_CA": str(pki.ca)}),
-         "LRCTL_TLS_CLIENT_CA needs LRCTL_TLS_CERT and LRCTL_TLS_KEY"),
+        (lambda: ServerTLS.from_env({"LRCTL_WORKER_TLS_CERT": str(pki.server_cert)}),
+         "LRCTL_WORKER_TLS_CERT is given without LRCTL_WORKER_TLS_KEY"),
+        (lambda: ServerTLS.from_env({"LRCTL_WORKER_TLS_KEY": str(pki.server_key)}),
+         "LRCTL_WORKER_TLS_KEY is given without LRCTL_WORKER_TLS_CERT"),
+        (lambda: ServerTLS.from_env({"LRCTL_WORKER_TLS_CLIENT_CA": str(pki.ca)}),
+         "LRCTL_WORKER_TLS_CLIENT_CA needs LRCTL_WORKER_TLS_CERT and LRCTL_WORKER_TLS_KEY"),
     ]
     for build, message in cases:
         with pytest.raises(ValueError, match=message):
