@@ -12,6 +12,7 @@ from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server.auth import Tokens
 from lrctl.server.controller import Controller
 from lrctl.server.controller_state import RESUME_POLICIES
+from lrctl.server.queue_limits import QueueLimits
 from lrctl.server.resume import STATE_KEY, Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.service import LearningRateControlService
@@ -107,6 +108,7 @@ def attach(
     resume: str = "checkpoint",
     start_step: int = 0,
     tokens: Tokens | None = None,
+    queue_limits: QueueLimits | None = None,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -133,6 +135,10 @@ def attach(
     `tokens` (lrctl.server.auth.Tokens) makes every call but health checks need a
     bearer token; by default they come from $LRCTL_ADMIN_TOKEN(_FILE) and
     $LRCTL_READER_TOKEN(_FILE), and with none set the worker is open (on loopback only).
+
+    `queue_limits` (lrctl.server.queue_limits.QueueLimits) bounds the queue of accepted
+    changes: how far ahead `at_step` may be (1,000,000 steps), how many changes and
+    bytes it holds, and each connection's and token's share (see the README).
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
@@ -161,6 +167,7 @@ def attach(
             group_bases=None if adopted is None else [g.base_lr for g in adopted.groups],
             on_step=() if adopted is None else (adopted.mark_stepped,),
             start_step=start_step,
+            queue_limits=queue_limits,
         )
         checkpoints = Resume(controller, optimizer, adopted, resume)
         if loaded is not None:
