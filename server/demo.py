@@ -24,6 +24,7 @@ from torch import nn
 from lrctl.client.usage import OneLineParser
 from lrctl.client.client import ADDRESS_ENV, DEFAULT_ADDRESS, default_address
 from lrctl.server.control import attach
+from lrctl.server.queue_limits import QueueLimits
 from lrctl.server.auth import ADMIN, Tokens
 from lrctl.server.optim import build_optimizer
 
@@ -112,7 +113,10 @@ def run_demo(steps: int = 10) -> int:
     # The demo's own client gets the admin token, if the environment sets tokens.
     admin = next((t.secret for t in tokens.tokens if t.role == ADMIN), None) if tokens else None
     env = {**os.environ, **({"LRCTL_TOKEN": admin} if admin else {})}
-    with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens) as ctl:
+    # The driver queues one change per step from one connection, all before step 0.
+    limits = QueueLimits(max_changes=max(steps, 1000), max_changes_per_connection=max(steps, 100),
+                         max_changes_per_token=max(steps, 250))
+    with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens, queue_limits=limits) as ctl:
         # Registered after attach, so it runs after lrctl's hook: it sees the rates
         # each step really used.
         optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(_lrs_by_name(opt)))

@@ -86,8 +86,8 @@ def check_horizon(at_step: int | None, next_step: int, limits: QueueLimits) -> N
 
 
 def mib(size: int) -> str:
-    """A byte count as MiB for messages."""
-    return f"{size / MIB:.1f} MiB"
+    """A byte count for messages: KiB below a MiB, else MiB."""
+    return f"{size / 1024:.1f} KiB" if size < MIB else f"{size / MIB:.1f} MiB"
 
 
 def check_room(queued: Iterable[Any], new: Any, limits: QueueLimits) -> None:
