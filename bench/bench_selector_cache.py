@@ -6,14 +6,15 @@ Resolves N distinct regexes, each near the compile caps (``(?:a{100}){100}`` exp
 reports the traced Python heap (tracemalloc) and resident memory growth, and the caches'
 own byte accounting when they have one.
 
-    python bench/bench_selector_cache.py [N]
+    python bench/bench_selector_cache.py [N]      # default 300
+    python bench/bench_selector_cache.py --quick  # a smoke run (CI): 10 regexes
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import resource
-import sys
 import tracemalloc
 
 
@@ -49,4 +50,8 @@ def main(n: int = 300) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 300)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("n", nargs="?", type=int, default=300, help="distinct regexes (default 300)")
+    parser.add_argument("--quick", action="store_true", help="smoke run (CI): 10 regexes")
+    args = parser.parse_args()
+    main(10 if args.quick else args.n)
