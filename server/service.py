@@ -426,6 +426,12 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         token = self._tokens.identify(context.invocation_metadata())
         return {} if token is None else {"role": token.role, "token": token.name}
 
+    def _who(self, context: grpc.ServicerContext) -> str:
+        """'alice@host (token 'alice', ipv4:127.0.0.1:53412)': who a message says did it."""
+        token = self._identity(context).get("token")
+        where = f"token {token!r}, {context.peer()}" if token else context.peer()
+        return f"{_user(context) or 'an unnamed client'} ({where})"
+
     def _wait(self, pending: PendingChange, context: grpc.ServicerContext) -> Outcome:
         """Block until the change is applied; withdraw it if the caller gives up first."""
         context.add_callback(lambda: self._controller.withdraw(pending))
@@ -504,9 +510,8 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         if len(request.reason) > MAX_REASON_CHARS:
             raise InvalidArgumentError(
                 f"reason of {len(request.reason)} characters is too long (at most {MAX_REASON_CHARS})")
-        token = self._identity(context).get("token")
-        by = (_user(context) or "an unnamed client") + f" ({'token ' + repr(token) + ', ' if token else ''}{context.peer()})"
-        cancelled, not_found = self._controller.cancel(request.change_ids, by=by, reason=request.reason)
+        cancelled, not_found = self._controller.cancel(request.change_ids, by=self._who(context),
+                                                       reason=request.reason)
         return pb.CancelChangesResponse(cancelled=cancelled, not_found=not_found)
 
     def ListChanges(self, request: pb.ListChangesRequest, context: grpc.ServicerContext) -> pb.ListChangesResponse:
