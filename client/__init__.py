@@ -12,20 +12,25 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lrctl.client.client import LRClient
     from lrctl.client.errors import LrctlError
-    from lrctl.client.types import ChangeRecord, ParameterInfo, RateChange, SetResult, Status, Update
+    from lrctl.client.types import (
+        CancelResult, ChangeRecord, ParameterInfo, PendingChange, RateChange, SetResult, Status, Update,
+    )
 
 _WHERE = {
     "LRClient": "lrctl.client.client",
     "LrctlError": "lrctl.client.errors",
     **{name: "lrctl.client.types" for name in
-       ("ChangeRecord", "ParameterInfo", "RateChange", "SetResult", "Status", "Update")},
+       ("CancelResult", "ChangeRecord", "ParameterInfo", "PendingChange", "RateChange", "SetResult",
+        "Status", "Update")},
 }
 
 __all__ = [
+    "CancelResult",
     "ChangeRecord",
     "LRClient",
     "LrctlError",
     "ParameterInfo",
+    "PendingChange",
     "RateChange",
     "SetResult",
     "Status",

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -41,6 +42,7 @@ from lrctl.client.types import (
     ChangeRecord,
     LearningRate,
     ParameterInfo,
+    PendingChange,
     RateChange,
     ScheduleAssignment,
     SetResult,
@@ -396,7 +398,7 @@ def _history_row(r: ChangeRecord) -> tuple[Any, ...]:
             _one_line(r.reason))
 
 
-def _record_json(r: ChangeRecord) -> dict[str, Any]:
+def _record_json(r: ChangeRecord | PendingChange) -> dict[str, Any]:
     # Schedules by to_dict(): asdict() would drop their kind (a class attribute).
     schedules = [{"selector": a.selector, "schedule": None if a.schedule is None else a.schedule.to_dict()}
                  for a in r.schedules]
@@ -412,6 +414,53 @@ def cmd_history(client: LRClient, args: argparse.Namespace) -> int:
     else:
         headers = ("CHANGE", "STEP", "VERSION", "WHEN", "USER", "UPDATES", "REASON")
         print(format_table(headers, map(_history_row, records)))
+    return EXIT_OK
+
+
+def _fmt_age(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
+
+
+def _pending_row(p: PendingChange, now: float) -> tuple[Any, ...]:
+    updates = ", ".join([*map(_fmt_update, p.updates), *map(_fmt_assignment, p.schedules)])
+    who = f"{p.user} [{p.token_name}]" if p.token_name else p.user
+    return (p.change_id, "next" if p.at_step is None else p.at_step, _fmt_age(now - p.requested_at),
+            who, p.peer, "yes" if p.waiting else "no", p.num_names, updates, _one_line(p.reason))
+
+
+def cmd_pending(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl pending: the accepted changes still waiting for their step; --cancel ID...
+    takes them out (they are never applied)."""
+    if args.cancel:
+        return _cancel(client, args)
+    queued = client.list_pending()
+    if args.json:
+        _print_json([_record_json(p) for p in queued])
+    elif not queued:
+        print("no queued changes")
+    else:
+        now = time.time()
+        headers = ("CHANGE", "AT_STEP", "AGE", "USER", "PEER", "WAIT", "NAMES", "UPDATES", "REASON")
+        print(format_table(headers, (_pending_row(p, now) for p in queued)))
+    return EXIT_OK
+
+
+def _cancel(client: LRClient, args: argparse.Namespace) -> int:
+    result = client.cancel_changes(args.cancel, reason=args.reason)
+    if args.json:
+        _print_json(dataclasses.asdict(result))
+    else:
+        for change_id in result.cancelled:
+            print(f"cancelled change {change_id}: it will not be applied")
+    if result.not_found:
+        ids = ", ".join(map(str, result.not_found))
+        return _error(f"no queued change with id {ids} (unknown, already applied, withdrawn or "
+                      "cancelled; `lrctl history` lists applied changes)", EXIT_REJECTED)
     return EXIT_OK
 
 
@@ -575,6 +624,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, metavar="N", help="only the last N changes")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_history)
+
+    p = verbs.add_parser("pending", parents=[common],
+                         help="changes accepted but not applied yet; --cancel to take them out")
+    p.add_argument("--cancel", type=_int64, nargs="+", metavar="ID",
+                   help="cancel these queued changes (by CHANGE id): they are never applied")
+    p.add_argument("--reason", default="", metavar="TEXT",
+                   help="with --cancel: why (told to a caller waiting for the change)")
+    p.add_argument("--json", action="store_true", help="print a JSON array (with --cancel: an object)")
+    p.set_defaults(func=cmd_pending)
 
     # The demo parses its own arguments: this parser must not know any option (so
     # "-h" and "--steps" pass through), which a prefix that never occurs achieves.

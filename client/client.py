@@ -26,11 +26,13 @@ from lrctl.client.errors import (
 )
 from lrctl.client.tls import ClientTLS, PemSource
 from lrctl.client.types import (
+    CancelResult,
     ChangeRecord,
     LearningRate,
     LearningRates,
     NameSchedule,
     ParameterInfo,
+    PendingChange,
     ScheduleAssignment,
     SetResult,
     Status,
@@ -137,7 +139,11 @@ def create_channel(address: str, tls: Optional[ClientTLS] = None) -> grpc.Channe
             raise InvalidArgumentError(str(exc)) from None
     # A GetLearningRates of every name of a 100k-parameter model can pass gRPC's 4 MiB
     # default receive limit when names are long; replies are bounded by the model.
-    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_REPLY_BYTES)]
+    # A local subchannel pool: each LRClient is a connection of its own (grpc would
+    # otherwise share one between channels of a process), so the worker's
+    # per-connection quotas count each client separately.
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+                                      ("grpc.use_local_subchannel_pool", 1)]
     if tls is None:
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, tls.credentials(), options=options + tls.channel_options(unix))
@@ -561,3 +567,24 @@ class LRClient:
             after_version, page_size, max_changes_per_record=max_changes_per_record, timeout=timeout
         )
         return list(changes)
+
+    def iter_pending(self, page_size: int = 0, *, timeout: Optional[float] = None) -> Iterator[PendingChange]:
+        """The accepted changes still waiting for their step, in order of acceptance,
+        page by page (a change applied or cancelled meanwhile is simply absent)."""
+        for reply in self._pages(self._stub.ListPending, lrctl_pb2.ListPendingRequest, timeout,
+                                 page_size=page_size):
+            yield from map(PendingChange.from_proto, reply.changes)
+
+    def list_pending(self, page_size: int = 0, *, timeout: Optional[float] = None) -> list[PendingChange]:
+        """All queued changes, as a list (see iter_pending)."""
+        return list(self.iter_pending(page_size, timeout=timeout))
+
+    def cancel_changes(
+        self, change_ids: Iterable[int], *, reason: str = "", timeout: Optional[float] = None
+    ) -> CancelResult:
+        """Cancel queued changes by id: they are never applied, and a caller waiting for
+        one gets AbortedError at once. Needs an admin token when the worker has tokens.
+        Ids that are not queued come back in `not_found` (no error)."""
+        request = _message(lrctl_pb2.CancelChangesRequest, change_ids=list(change_ids), reason=reason)
+        reply = self._call(self._stub.CancelChanges, request, timeout)
+        return CancelResult(cancelled=list(reply.cancelled), not_found=list(reply.not_found))

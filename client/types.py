@@ -350,3 +350,54 @@ class ChangeRecord:
 def _assignment_from_proto(msg: lrctl_pb2.ScheduleAssignment) -> ScheduleAssignment:
     schedule = schedule_from_pb(msg.schedule)
     return ScheduleAssignment(msg.selector, None if schedule.is_constant and not schedule.start_step else schedule)
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    """An accepted change still waiting for its step (LRClient.list_pending).
+
+    `at_step` None: due at the next step boundary. `updates` and `schedules` are as
+    sent (cut for a change too big for one page; `num_names` counts every name).
+    """
+
+    change_id: int
+    at_step: Optional[int]
+    requested_at: float
+    updates: list[Update]
+    schedules: list[ScheduleAssignment]
+    peer: str
+    user: str
+    role: str
+    token_name: str
+    reason: str
+    waiting: bool
+    num_names: int
+    expected_version: Optional[int]
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.PendingChangeInfo) -> PendingChange:
+        """A PendingChange from its wire form."""
+        return cls(
+            change_id=msg.change_id,
+            at_step=msg.at_step if msg.HasField("at_step") else None,
+            requested_at=msg.requested_at,
+            updates=[Update.from_proto(u) for u in msg.updates],
+            schedules=[_assignment_from_proto(a) for a in msg.schedules],
+            peer=msg.peer,
+            user=msg.user,
+            role=msg.role,
+            token_name=msg.token_name,
+            reason=msg.reason,
+            waiting=msg.waiting,
+            num_names=msg.num_names,
+            expected_version=msg.expected_version if msg.HasField("expected_version") else None,
+        )
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """What LRClient.cancel_changes did: ids cancelled (never to be applied), and ids
+    that were not queued (unknown, already applied, withdrawn or cancelled)."""
+
+    cancelled: list[int]
+    not_found: list[int]

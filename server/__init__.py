@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Controller", "LRControl", "attach", "build_optimizer"]
+__all__ = ["Controller", "LRControl", "QueueLimits", "attach", "build_optimizer"]
 
 _HOMES = {
     "Controller": "lrctl.server.controller",
     "LRControl": "lrctl.server.control",
+    "QueueLimits": "lrctl.server.queue_limits",
     "attach": "lrctl.server.control",
     "build_optimizer": "lrctl.server.optim",
 }

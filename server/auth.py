@@ -30,10 +30,13 @@ MIN_TOKEN_CHARS = 16
 METADATA_KEY = "authorization"
 ENV = {ADMIN: ("LRCTL_ADMIN_TOKEN", "LRCTL_ADMIN_TOKEN_FILE"),
        READER: ("LRCTL_READER_TOKEN", "LRCTL_READER_TOKEN_FILE")}
-# What a reader may call: every read of the lrctl service, and reflection.
+# What a reader may call: every read of the lrctl service, and reflection. Everything
+# else (SetLearningRates, SetSchedules, ClearSchedules, CancelChanges, and any method
+# added later until it is listed here) needs an admin token.
 _LRCTL = "/lrctl.v1.LearningRateControl/"
 READER_METHODS = frozenset(
-    _LRCTL + m for m in ("ListParameters", "GetLearningRates", "GetStatus", "ListChanges", "GetSchedules")
+    _LRCTL + m for m in ("ListParameters", "GetLearningRates", "GetStatus", "ListChanges",
+                         "GetSchedules", "ListPending")
 )
 _READER_PREFIXES = ("/grpc.reflection.",)
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)

@@ -12,6 +12,7 @@ from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server.auth import Tokens
 from lrctl.server.controller import Controller
 from lrctl.server.controller_state import RESUME_POLICIES
+from lrctl.server.queue_limits import QueueLimits
 from lrctl.server.resume import STATE_KEY, Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.service import LearningRateControlService
@@ -114,6 +115,7 @@ def attach(
     start_step: int = 0,
     tokens: Tokens | None = None,
     tls: Union[Optional[ServerTLS], Literal[False]] = None,
+    queue_limits: QueueLimits | None = None,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -151,6 +153,9 @@ def attach(
     (mode 0600), removed on close; the safe way to share the worker with the host or a
     sidecar. Any address others can reach (not loopback, not a unix socket) needs
     tokens or mutual TLS, or `insecure` (which warns on every start).
+    `queue_limits` (lrctl.server.queue_limits.QueueLimits) bounds the queue of accepted
+    changes: how far ahead `at_step` may be (1,000,000 steps), how many changes and
+    bytes it holds, and each connection's and token's share (see the README).
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
@@ -181,6 +186,7 @@ def attach(
             group_bases=None if adopted is None else [g.base_lr for g in adopted.groups],
             on_step=() if adopted is None else (adopted.mark_stepped,),
             start_step=start_step,
+            queue_limits=queue_limits,
         )
         checkpoints = Resume(controller, optimizer, adopted, resume)
         if loaded is not None:

@@ -34,16 +34,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from lrctl.common.errors import (
+    AbortedError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     LrctlError,
-    ResourceExhaustedError,
 )
 from lrctl.server.controller_state import ControllerState
 from lrctl.server.history import History, RateChanges, Record
 from lrctl.server.planner import NameOp, PlannedChange, plan_change
+from lrctl.server.queue_limits import QueueLimits, check_horizon, check_room
 from lrctl.server.rates import CONSTANT, RateState, RateTable, ScheduleBook
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Target
 from lrctl.server.selectors import NameIndex, parse_selector, quote
@@ -53,9 +54,9 @@ log = logging.getLogger("lrctl.controller")
 
 _NEVER = math.inf
 MAX_REASON_CHARS = 4096
-# Queued changes are bounded in number and in per-name entries (~60 bytes each).
-MAX_PENDING = 1000
-MAX_PENDING_ENTRIES = 2_000_000
+# Queued changes are bounded in number and bytes, in all and per connection and token
+# (lrctl.server.queue_limits.QueueLimits; these are the defaults).
+MAX_PENDING = QueueLimits().max_changes
 
 StrategyFactory = Callable[
     [torch.optim.Optimizer, Sequence[torch.Tensor], Sequence[str], Sequence[int], Mapping[int, float]],
@@ -124,11 +125,6 @@ def _device_name(device: torch.device) -> str:
     return name
 
 
-def _points(request: ChangeRequest) -> int:
-    """Schedule points a request carries (piecewise schedules), for the queue's bound."""
-    return sum(len(getattr(u.schedule, "points", ())) for u in request.schedules)
-
-
 def _describe_op(part: int, op: Any) -> str:
     if part == 2:
         return f"schedule {op.describe()}"
@@ -137,6 +133,18 @@ def _describe_op(part: int, op: Any) -> str:
     if mode is Mode.UNPIN:
         return "unpin"
     return f"scale {what} by {value!r}" if mode is Mode.SCALE else f"set {what} to {value!r}"
+
+
+@dataclass(frozen=True)
+class PendingView:
+    """A queued change as ListPending shows it (Controller.pending())."""
+
+    change_id: int
+    request: ChangeRequest  # updates, schedules, at_step, who, reason, as sent
+    requested_at: float
+    waiting: bool  # a caller waits for it
+    num_names: int
+    size: int  # estimated bytes it holds in the queue
 
 
 @dataclass(frozen=True)
@@ -174,7 +182,8 @@ class Controller(ControllerState):
     this is how a user's torch scheduler is adopted (lrctl.server.adopt).
     `on_step` callables run first in every step hook. `start_step` is the index of the
     next step (0; a trainer resuming from a checkpoint without lrctl's state passes
-    its own step count).
+    its own step count). `queue_limits` bounds the queue of accepted changes (how far
+    ahead, how many, how many bytes, each connection's and token's share).
     """
 
     def __init__(
@@ -188,6 +197,7 @@ class Controller(ControllerState):
         group_bases: Sequence[float] | None = None,
         on_step: Sequence[Callable[[], None]] = (),
         start_step: int = 0,
+        queue_limits: QueueLimits | None = None,
     ) -> None:
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(
@@ -237,6 +247,7 @@ class Controller(ControllerState):
         self._history = History(history_limit)
         self.lineage: tuple[str, ...] = ()  # run ids of the runs this one resumed from
         self._pending: list[PendingChange] = []
+        self.queue_limits = QueueLimits() if queue_limits is None else queue_limits
         self._next_due: float = _NEVER
         self._step = start_step
         self._version = 0
@@ -497,16 +508,9 @@ class Controller(ControllerState):
     def _enqueue(
         self, request: ChangeRequest, ops: dict[int, NameOp], deadline: float | None = None
     ) -> PendingChange:
-        """Queue a validated change (lock held)."""
-        queued = len(self._pending)
-        # A piecewise schedule's points weigh like per-name entries (~70 bytes each).
-        entries = sum(len(p.ops) + _points(p.request) for p in self._pending) + len(ops) + _points(request)
-        if queued >= MAX_PENDING or entries > MAX_PENDING_ENTRIES:
-            raise ResourceExhaustedError(
-                f"{queued} changes already wait for their step (at most {MAX_PENDING} changes and "
-                f"{MAX_PENDING_ENTRIES} per-name entries and schedule points in all); wait for some to apply"
-            )
+        """Queue a validated change (lock held), within the queue's bounds and shares."""
         pending = PendingChange(self._next_change_id, request, ops, time.time(), deadline=deadline)
+        check_room(self._pending, pending, self.queue_limits)  # O(queue): at most max_changes
         self._next_change_id += 1
         self._pending.append(pending)
         self._next_due = min(self._next_due, pending.due)
@@ -524,6 +528,41 @@ class Controller(ControllerState):
             or DeadlineExceededError(f"change {pending.change_id} withdrawn before it was applied")
         )
         return True
+
+    def pending(self) -> list[PendingView]:
+        """A snapshot of the queued changes, in order of acceptance."""
+        with self._lock:
+            queued = list(self._pending)
+        views = [
+            PendingView(p.change_id, p.request, p.requested_at,
+                        p.request.wait and not p.finished.is_set(), len(p.ops), p.size)
+            for p in queued
+        ]
+        return sorted(views, key=lambda v: v.change_id)
+
+    def cancel(self, change_ids: Iterable[int], *, by: str, reason: str = "") -> tuple[list[int], list[int]]:
+        """Take queued changes out of the queue; they are never applied. Returns (cancelled,
+        not found) ids; not found: unknown, already applied, withdrawn or cancelled.
+
+        Under the lock, as the step hook applies changes: a change is either applied
+        first (and not found here) or cancelled first (and never applied). A waiting
+        caller gets ABORTED at once, naming `by`.
+        """
+        wanted = dict.fromkeys(change_ids)  # in the order given, without repeats
+        with self._lock:
+            taken = [p for p in self._pending if p.change_id in wanted]
+            if taken:
+                gone = {id(p) for p in taken}
+                self._pending = [p for p in self._pending if id(p) not in gone]
+                self._next_due = min((p.due for p in self._pending), default=_NEVER)
+        why = f": {reason}" if reason else ""
+        for p in taken:
+            log.warning("lrctl: change %d cancelled by %s before it was applied (reason %r)",
+                        p.change_id, by, reason)
+            p.finish(error=AbortedError(
+                f"change {p.change_id} was cancelled by {by} before it was applied{why}"))
+        found = {p.change_id for p in taken}
+        return [i for i in wanted if i in found], [i for i in wanted if i not in found]
 
     def close(self) -> None:
         """Detach from the optimizer; pending changes fail, none is applied later."""
@@ -686,6 +725,7 @@ class Controller(ControllerState):
             raise InvalidArgumentError(
                 f"at_step {request.at_step} is already past: the next step is {self._step}"
             )
+        check_horizon(request.at_step, self._step, self.queue_limits)
         if request.expected_version is not None and request.expected_version != self._version:
             raise FailedPreconditionError(
                 f"expected_version {request.expected_version} does not match the config "

@@ -24,6 +24,7 @@ from torch import nn
 from lrctl.client.usage import OneLineParser
 from lrctl.client.client import ADDRESS_ENV, DEFAULT_ADDRESS, default_address
 from lrctl.server.control import attach
+from lrctl.server.queue_limits import QueueLimits
 from lrctl.server.auth import ADMIN, Tokens
 from lrctl.server.optim import build_optimizer
 from lrctl.server.tls import ServerTLS
@@ -117,7 +118,11 @@ def run_demo(steps: int = 10) -> int:
     # this private pair, and its client must not take LRCTL_TLS_CERT for its own.
     for variable in ("LRCTL_TLS_CA", "LRCTL_TLS_CERT", "LRCTL_TLS_KEY", "LRCTL_TLS_SERVER_NAME"):
         env.pop(variable, None)
-    with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens, tls=False) as ctl:
+    # The driver queues one change per step from one connection, all before step 0.
+    limits = QueueLimits(max_changes=max(steps, 1000), max_changes_per_connection=max(steps, 100),
+                         max_changes_per_token=max(steps, 250))
+    with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens, tls=False,
+                queue_limits=limits) as ctl:
         # Registered after attach, so it runs after lrctl's hook: it sees the rates
         # each step really used.
         optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(_lrs_by_name(opt)))

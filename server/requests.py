@@ -9,6 +9,7 @@ from enum import Enum
 from typing import Any
 
 from lrctl.common.errors import LrctlError
+from lrctl.server.queue_limits import estimate_bytes
 
 
 class Mode(Enum):
@@ -57,6 +58,7 @@ class ChangeRequest:
     user: str = ""
     role: str = ""  # authenticated role and token name ("" without tokens)
     token: str = ""
+    wait: bool = False  # a caller waits for it to apply (ListPending shows it)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class PendingChange:
     change is applied, rejected at its step, or withdrawn. `deadline` (time.monotonic)
     is when its waiting caller will have been told it failed: a step boundary that
     comes later (a paused or overloaded worker) drops it instead of applying it.
+    `size` estimates the bytes it holds (lrctl.server.queue_limits).
     """
 
     change_id: int
@@ -107,6 +110,10 @@ class PendingChange:
     outcome: Outcome | None = None
     error: LrctlError | None = None
     deadline: float | None = None
+    size: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.size = estimate_bytes(self.request, self.ops)
 
     @property
     def due(self) -> int:

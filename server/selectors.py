@@ -15,7 +15,7 @@ bounded before it starts: a selector has at most MAX_SELECTOR_CHARS characters (
 too: fnmatch + `re` compile time grows with the text), and a regex's counted repeats are
 capped (MAX_REPEAT_BOUND each, MAX_REPEAT_PRODUCT together, MAX_REPEAT_EXPANSION for
 the text they repeat). Within those caps the worst selector compiles in tens of ms and a
-few tens of MB, once (parsed selectors are cached, at most 256 of them).
+few tens of MB, once (parsed selectors are cached, bounded in bytes: SELECTOR_CACHE_BYTES).
 
 Scale (bench/bench_scale.py, 100,000 names): a glob or regex that starts with a literal
 prefix (``encoder.layers.3.*``, ``re:^encoder\\.layers\\.3\\.``) is only tried on the
@@ -43,6 +43,12 @@ from typing import Sequence
 import regex
 
 from lrctl.common.errors import InvalidArgumentError, NotFoundError
+from lrctl.server.bounded_cache import BoundedCache
+
+try:  # compiling a pattern without going through `re`'s cache of 512 patterns
+    from re._compiler import compile as _compile_uncached  # Python 3.11+
+except ImportError:  # pragma: no cover (Python 3.10)
+    from sre_compile import compile as _compile_uncached  # type: ignore[no-redef]
 
 REGEX_PREFIX = "re:"
 _GLOB_CHARS = frozenset("*?[")
@@ -70,6 +76,18 @@ _FAST_TIMEOUT_S = 1e-4
 #   the repeats around it, summed. ~200 bytes and ~0.3 us of compiling per unit: at the
 #   cap, ~4 MB and ~6 ms (``(?:a{100}){100}`` is ~10,300).
 MAX_SELECTOR_CHARS = 4096
+# The caches of parsed selectors (module-wide) and of resolved matches (per NameIndex)
+# are bounded by an estimate of their bytes as well as by count: 300 distinct heavy
+# regexes, ~3 MB compiled each, grew a worker by 1 GB under a count bound alone
+# (bench/bench_selector_cache.py). Resident bytes per unit of _expansion() measured
+# 20-300 for `regex` 2026.11.19 (counted repeats are the most), so a compiled regex
+# is estimated at 400 a unit; a glob compiled by `re` at up to ~50 bytes a character.
+SELECTOR_CACHE_BYTES = 32 * 1024 * 1024
+MATCH_CACHE_BYTES = 32 * 1024 * 1024
+_CACHE_ENTRIES = 1024
+_REGEX_UNIT_BYTES = 400
+_GLOB_CHAR_BYTES = 64
+_ENTRY_BYTES = 1024
 MAX_REPEAT_BOUND = 1000
 MAX_REPEAT_PRODUCT = 10_000
 MAX_REPEAT_EXPANSION = 20_000
@@ -100,6 +118,17 @@ class Selector:
     text: str
     glob: re.Pattern[str] | None = None
     user_regex: regex.Pattern | None = None
+    size: int = 0  # estimated bytes it holds, for the cache's bound
+
+    def __post_init__(self) -> None:
+        if not self.size:
+            text = self.text
+            if self.user_regex is not None:
+                source = text[len(REGEX_PREFIX):]
+                compiled = _REGEX_UNIT_BYTES * max(_expansion(source), len(source))
+            else:
+                compiled = _GLOB_CHAR_BYTES * len(text) if self.glob is not None else 0
+            object.__setattr__(self, "size", _ENTRY_BYTES + 4 * len(text) + compiled)
 
     @property
     def is_exact(self) -> bool:
@@ -301,9 +330,22 @@ def _expansion(source: str) -> int:
     return sum(sum(items) for items in levels)
 
 
-@lru_cache(maxsize=256)
+SELECTOR_CACHE: BoundedCache[Selector] = BoundedCache(SELECTOR_CACHE_BYTES, _CACHE_ENTRIES)
+
+
 def parse_selector(text: str) -> Selector:
-    """Parse one selector; raises InvalidArgumentError for an empty or too long one, or a bad regex."""
+    """Parse one selector; raises InvalidArgumentError for an empty or too long one, or a bad regex.
+
+    Parsed globs and regexes are cached (SELECTOR_CACHE, bounded in bytes)."""
+    selector = SELECTOR_CACHE.get(text)
+    if selector is None:
+        selector = _parse_selector(text)
+        if not selector.is_exact:  # an exact name costs nothing to parse again
+            SELECTOR_CACHE.put(text, selector, selector.size)
+    return selector
+
+
+def _parse_selector(text: str) -> Selector:
     if not text:
         raise InvalidArgumentError("empty selector: give a name, a glob or 're:REGEX'")
     if len(text) > MAX_SELECTOR_CHARS:
@@ -322,7 +364,8 @@ def parse_selector(text: str) -> Selector:
             reason = quote(str(exc)).strip("'\"")
             raise InvalidArgumentError(f"malformed regex in selector {quote(text)}: {reason}") from None
     if _GLOB_CHARS.intersection(text):
-        return Selector(text, glob=re.compile(fnmatch.translate(text)))
+        # Compiled without `re`'s own cache: it keeps 512 patterns, ~0.2 MB each at worst.
+        return Selector(text, glob=_compile_uncached(fnmatch.translate(text), 0))
     return Selector(text)
 
 
@@ -339,7 +382,7 @@ class NameIndex:
         self.position: dict[str, int] = {name: i for i, name in enumerate(self.names)}
         if len(self.position) != len(self.names):
             raise ValueError("parameter names must be unique")
-        self._matches = lru_cache(maxsize=256)(self._match_uncached)
+        self._matches: BoundedCache[Sequence[int]] = BoundedCache(MATCH_CACHE_BYTES, _CACHE_ENTRIES)
         self._sorted: tuple[list[str], array] | None = None
         self._reversed: list[str] | None = None
 
@@ -348,7 +391,19 @@ class NameIndex:
 
     def match(self, text: str) -> Sequence[int]:
         """Indices (model order, ascending) of the names a selector matches; may be empty."""
-        return self._matches(text)
+        if (text and len(text) <= MAX_SELECTOR_CHARS and not text.startswith(REGEX_PREFIX)
+                and not _GLOB_CHARS.intersection(text)):
+            # An exact name: a dict lookup, not cached (a batch of 50,000 names would
+            # push every costly pattern out of the cache).
+            i = self.position.get(text)
+            return () if i is None else (i,)
+        hit = self._matches.get(text)
+        if hit is None:
+            hit = self._match_uncached(text)
+            # A range is a few dozen bytes; an array 8 a position.
+            held = 64 if isinstance(hit, (range, tuple)) else 64 + hit.itemsize * len(hit)
+            self._matches.put(text, hit, _ENTRY_BYTES + 4 * len(text) + held)
+        return hit
 
     def _match_uncached(self, text: str) -> Sequence[int]:
         selector = parse_selector(text)

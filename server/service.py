@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import threading
 import time
 import zlib
-from typing import Iterable, Mapping
+from itertools import accumulate
+from typing import Iterable, Mapping, Sequence
 
 import grpc
 
@@ -23,7 +25,7 @@ from lrctl.common.errors import (
 )
 from lrctl.common.schedule_messages import schedule_from_pb, schedule_to_pb
 from lrctl.server.auth import Tokens
-from lrctl.server.controller import Controller
+from lrctl.server.controller import MAX_REASON_CHARS, Controller, PendingView
 from lrctl.server.history import Record
 from lrctl.server.requests import (
     ChangeRequest,
@@ -47,7 +49,17 @@ except Exception:  # running from a source tree that is not installed
 
 DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE = 1000, 5000
 DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE = 100, 1000
+DEFAULT_PENDING_PAGE, MAX_PENDING_PAGE = 100, 1000
 MAX_RATE_PAGE = 50_000  # about 1.5 MB with 20-character names
+# A page of ListParameters, of a paged GetLearningRates and of ListPending also ends
+# once its rows add up to this many bytes (names are as long as the model makes them:
+# 5000 names of 1000 characters would be 5 MB), so it fits a client that keeps gRPC's
+# default 4 MiB receive limit. Always at least one row a page.
+PAGE_BYTES = 3 * 1024 * 1024
+# Wire bytes of a row besides its strings: field tags, lengths, numbers (upper bounds).
+_RATE_ROW_BYTES = 64
+_NAME_ROW_BYTES = 6
+_PARAMETER_ROW_BYTES = 96
 DEFAULT_REPORTED_CHANGES = 1000
 # One ListChanges page carries at most this many per-name entries and echoed updates
 # (~40 bytes each): a page of big records must not cost the worker hundreds of MB.
@@ -69,6 +81,19 @@ _STATES = {
     "training": pb.TRAINING_STATE_TRAINING,
     "closing": pb.TRAINING_STATE_CLOSING,
 }
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _fitting(sizes: Iterable[int], budget: int = PAGE_BYTES) -> int | None:
+    """How many leading rows of these byte sizes fit in `budget` (at least one); None
+    when all of them do."""
+    total = list(accumulate(sizes))
+    if not total or total[-1] <= budget:
+        return None
+    return max(1, bisect.bisect_right(total, budget))
 
 
 def _page_size(requested: int, default: int, maximum: int) -> int:
@@ -128,6 +153,10 @@ class _HyperparameterMessages:
         # Holding the map keeps its id from being reused while it is cached.
         self._cache[id(hyperparameters)] = (hyperparameters, message)
         return message
+
+    def size(self, hyperparameters: Mapping[str, float]) -> int:
+        """Wire bytes the map adds to a Parameter (0 for an empty one)."""
+        return self(hyperparameters).ByteSize() if hyperparameters else 0
 
 
 _PARAMETER_VIEWS = frozenset(
@@ -190,6 +219,26 @@ def _updates_from_pb(updates: Iterable[pb.LearningRateUpdate]) -> tuple[Update, 
     return tuple(out)
 
 
+def _pending_pb(view: PendingView) -> pb.PendingChangeInfo:
+    """A queued change's wire form; one bigger than a page on its own lists only the
+    updates and schedules that fit (num_names still counts every name)."""
+    r = view.request
+    message = pb.PendingChangeInfo(
+        change_id=view.change_id, at_step=r.at_step, requested_at=view.requested_at,
+        peer=r.peer, user=r.user, role=r.role, token_name=r.token, reason=r.reason,
+        waiting=view.waiting, num_names=view.num_names, expected_version=r.expected_version,
+    )
+    room = PAGE_BYTES - message.ByteSize()
+    updates, schedules = _updates_pb(r.updates), _schedules_pb(r.schedules)
+    cut = _fitting((m.ByteSize() + _NAME_ROW_BYTES for m in [*updates, *schedules]), room)
+    if cut is not None:
+        schedules = schedules[:max(cut - len(updates), 0)]
+        updates = updates[:cut]
+    message.updates.extend(updates)
+    message.schedules.extend(schedules)
+    return message
+
+
 def _user(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "lrctl-user":
@@ -219,14 +268,30 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             )
         matched = self._controller.filter(request.filter)
         end = min(start + size, len(matched))
-        response = pb.ListParametersResponse(
-            next_page_token=_encode_token("params", end, request.filter) if end < len(matched) else "",
-            total_size=len(matched),
-        )
+        response = pb.ListParametersResponse(total_size=len(matched))
         if view == pb.PARAMETER_VIEW_NAMES:
-            response.names.extend(self._controller.names_at(matched[start:end]))
-            return response
-        rows = self._controller.parameter_rows(matched[start:end])
+            names = self._controller.names_at(matched[start:end])
+            fit = _fitting(_utf8_len(n) + _NAME_ROW_BYTES for n in names)
+            if fit is not None:
+                names, end = names[:fit], start + fit
+            response.names.extend(names)
+        else:
+            end = self._add_parameters(response, matched[start:end], start)
+        if end < len(matched):
+            response.next_page_token = _encode_token("params", end, request.filter)
+        return response
+
+    def _add_parameters(self, response: pb.ListParametersResponse, positions: Sequence[int], start: int) -> int:
+        """Fill a FULL page with the parameters at `positions` that fit PAGE_BYTES; returns
+        the end of the page (start + rows added)."""
+        rows = self._controller.parameter_rows(positions)
+        fit = _fitting(
+            _utf8_len(name) + len(dtype) + len(device) + 11 * len(shape) + _PARAMETER_ROW_BYTES
+            + self._hyperparameters_pb.size(hypers)
+            for name, shape, _, dtype, device, _, _, _, _, hypers in rows
+        )
+        if fit is not None:
+            rows = rows[:fit]
         # add() builds each message in place (half the cost of a list of messages).
         add, hyperparameters_pb = response.parameters.add, self._hyperparameters_pb
         for name, shape, numel, dtype, device, requires_grad, held, lr, group, hypers in rows:
@@ -244,7 +309,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             )
             if hypers:
                 message.MergeFrom(hyperparameters_pb(hypers))
-        return response
+        return start + len(rows)
 
     def GetLearningRates(self, request: pb.GetLearningRatesRequest, context: grpc.ServicerContext) -> pb.GetLearningRatesResponse:
         selectors = list(request.selectors)
@@ -260,6 +325,10 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                 f"learning rates changed (version {first_version} -> {version}) while reading them "
                 "page by page; read again from the first page"
             )
+        if size is not None:  # a paged reading: each page fits a default client
+            fit = _fitting(_utf8_len(r.name) + _utf8_len(r.schedule) + _RATE_ROW_BYTES for r in rows)
+            if fit is not None:
+                rows = rows[:fit]
         end = start + len(rows)
         response = pb.GetLearningRatesResponse(
             version=version,
@@ -319,6 +388,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             reason=request.reason,
             peer=context.peer(),
             user=_user(context),
+            wait=request.wait and not request.dry_run,
             **self._identity(context),
         )
         if request.dry_run:
@@ -355,6 +425,12 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             return {}
         token = self._tokens.identify(context.invocation_metadata())
         return {} if token is None else {"role": token.role, "token": token.name}
+
+    def _who(self, context: grpc.ServicerContext) -> str:
+        """'alice@host (token 'alice', ipv4:127.0.0.1:53412)': who a message says did it."""
+        token = self._identity(context).get("token")
+        where = f"token {token!r}, {context.peer()}" if token else context.peer()
+        return f"{_user(context) or 'an unnamed client'} ({where})"
 
     def _wait(self, pending: PendingChange, context: grpc.ServicerContext) -> Outcome:
         """Block until the change is applied; withdraw it if the caller gives up first."""
@@ -407,6 +483,36 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             server_version=SERVER_VERSION,
             run_id=s.run_id,
         )
+
+    def ListPending(self, request: pb.ListPendingRequest, context: grpc.ServicerContext) -> pb.ListPendingResponse:
+        size = _page_size(request.page_size, DEFAULT_PENDING_PAGE, MAX_PENDING_PAGE)
+        # The token is the last change id listed: the queue moves between pages.
+        after, _ = _decode_token(request.page_token, "pending", "")
+        queued = self._controller.pending()
+        page = [v for v in queued if v.change_id > after][:size + 1]
+        more = len(page) > size
+        response = pb.ListPendingResponse(total_size=len(queued))
+        used = 0
+        for k, view in enumerate(page[:size]):
+            message = _pending_pb(view)
+            used += message.ByteSize() + _NAME_ROW_BYTES
+            if k and used > PAGE_BYTES:
+                more = True
+                break
+            response.changes.append(message)
+        if more:
+            response.next_page_token = _encode_token("pending", response.changes[-1].change_id, "")
+        return response
+
+    def CancelChanges(self, request: pb.CancelChangesRequest, context: grpc.ServicerContext) -> pb.CancelChangesResponse:
+        if not request.change_ids:
+            raise InvalidArgumentError("no change_ids: give the ids of queued changes (ListPending)")
+        if len(request.reason) > MAX_REASON_CHARS:
+            raise InvalidArgumentError(
+                f"reason of {len(request.reason)} characters is too long (at most {MAX_REASON_CHARS})")
+        cancelled, not_found = self._controller.cancel(request.change_ids, by=self._who(context),
+                                                       reason=request.reason)
+        return pb.CancelChangesResponse(cancelled=cancelled, not_found=not_found)
 
     def ListChanges(self, request: pb.ListChangesRequest, context: grpc.ServicerContext) -> pb.ListChangesResponse:
         size = _page_size(request.page_size, DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE)

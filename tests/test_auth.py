@@ -113,6 +113,7 @@ READS: dict[str, Callable[[pb_grpc.LearningRateControlStub], Any]] = {
     "GetStatus": lambda s: s.GetStatus(pb.GetStatusRequest()),
     "ListChanges": lambda s: s.ListChanges(pb.ListChangesRequest()),
     "GetSchedules": lambda s: s.GetSchedules(pb.GetSchedulesRequest()),
+    "ListPending": lambda s: s.ListPending(pb.ListPendingRequest()),
 }
 # (id, method name, request factory); each would change the worker (but dry_run).
 WRITES = [
@@ -126,6 +127,7 @@ WRITES = [
         schedules=[_schedule("layer2.bias")], wait=True)),
     ("clear-schedules", "ClearSchedules", lambda: pb.ClearSchedulesRequest(
         selectors=["layer2.bias"], wait=True)),
+    ("cancel-changes", "CancelChanges", lambda: pb.CancelChangesRequest(change_ids=[1, 2])),
 ]
 ALL_CALLS = [
     *[(name, lambda s, m, call=call: call_with(s, call, m)) for name, call in READS.items()],

@@ -27,7 +27,7 @@ from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
 T = 10
-FAR = 10**12  # a step no test reaches: changes due then can only be withdrawn
+FAR = 900_000  # a step no test reaches (within max_steps_ahead): changes due then can only be withdrawn
 SET_METHOD = "/lrctl.v1.LearningRateControl/SetLearningRates"
 
 

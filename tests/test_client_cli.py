@@ -397,7 +397,7 @@ def test_bad_requests_fail_cleanly_and_change_nothing(
 
 def test_waiting_set_times_out_and_is_withdrawn(client: LRClient, worker: Worker) -> None:
     before = client.read_learning_rates()
-    far = client.status().step + 10_000_000
+    far = client.status().step + 500_000  # within the worker's max_steps_ahead
     proc = run_cli("set", "layer1.weight=0.5", "--at-step", str(far), address=worker.address,
                    timeout=1)
     assert "withdrawn" in assert_error(proc, 6)
@@ -408,7 +408,7 @@ def test_waiting_set_times_out_and_is_withdrawn(client: LRClient, worker: Worker
 
 def test_interrupted_waiting_set_says_what_became_of_the_change(client: LRClient, worker: Worker) -> None:
     before = client.read_learning_rates()
-    far = client.status().step + 10_000_000
+    far = client.status().step + 500_000  # within the worker's max_steps_ahead
     env = {k: v for k, v in os.environ.items() if k not in ("LRCTL_ADDRESS", "LRCTL_DEBUG")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lrctl.client.cli", "--address", worker.address, "--timeout", "60",
@@ -509,7 +509,7 @@ def test_client_errors_are_lrctl_errors(worker: Worker, client: LRClient) -> Non
     client.set_learning_rates({"layer1.weight": 0.02}, expected_version=version)
     with pytest.raises(FailedPreconditionError, match=str(version)):
         client.set_learning_rates({"layer1.weight": 0.03}, expected_version=version)
-    far = client.status().step + 10_000_000
+    far = client.status().step + 500_000  # within the worker's max_steps_ahead
     with pytest.raises(DeadlineExceededError, match="withdrawn"):
         client.set_learning_rates({"layer1.weight": 0.04}, at_step=far, timeout=0.5)
     assert client.get_learning_rates("layer1.weight") == {"layer1.weight": 0.02}

@@ -952,10 +952,11 @@ def test_history_is_bounded_by_per_name_entries_too() -> None:
 def test_the_queue_of_changes_is_bounded(rig: Rig) -> None:
     from lrctl.server.controller import MAX_PENDING
 
-    for k in range(MAX_PENDING):
-        rig.controller.submit(req(set_("layer1.weight", 0.5), at_step=10**6 + k))
-    with pytest.raises(ResourceExhaustedError, match=f"{MAX_PENDING} changes already wait"):
-        rig.controller.submit(req(set_("layer1.weight", 0.5)))
+    for k in range(MAX_PENDING):  # from many connections: each has its own, smaller, quota
+        request = dataclasses.replace(req(set_("layer1.weight", 0.5), at_step=10**5 + k), peer=f"peer{k % 20}")
+        rig.controller.submit(request)
+    with pytest.raises(ResourceExhaustedError, match=f"{MAX_PENDING} changes already wait.*lrctl pending --cancel"):
+        rig.controller.submit(dataclasses.replace(req(set_("layer1.weight", 0.5)), peer="another"))
     rig.step()  # training goes on
     assert rig.controller.pending_count == MAX_PENDING
 

@@ -501,3 +501,67 @@ class ListChangesResponse(_message.Message):
     next_page_token: str
     dropped: int
     def __init__(self, changes: _Optional[_Iterable[_Union[ChangeRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., dropped: _Optional[int] = ...) -> None: ...
+
+class ListPendingRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListPendingResponse(_message.Message):
+    __slots__ = ("changes", "next_page_token", "total_size")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[PendingChangeInfo]
+    next_page_token: str
+    total_size: int
+    def __init__(self, changes: _Optional[_Iterable[_Union[PendingChangeInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class PendingChangeInfo(_message.Message):
+    __slots__ = ("change_id", "at_step", "requested_at", "updates", "schedules", "peer", "user", "role", "token_name", "reason", "waiting", "num_names", "expected_version")
+    CHANGE_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_NAMES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    change_id: int
+    at_step: int
+    requested_at: float
+    updates: _containers.RepeatedCompositeFieldContainer[LearningRateUpdate]
+    schedules: _containers.RepeatedCompositeFieldContainer[ScheduleAssignment]
+    peer: str
+    user: str
+    role: str
+    token_name: str
+    reason: str
+    waiting: bool
+    num_names: int
+    expected_version: int
+    def __init__(self, change_id: _Optional[int] = ..., at_step: _Optional[int] = ..., requested_at: _Optional[float] = ..., updates: _Optional[_Iterable[_Union[LearningRateUpdate, _Mapping]]] = ..., schedules: _Optional[_Iterable[_Union[ScheduleAssignment, _Mapping]]] = ..., peer: _Optional[str] = ..., user: _Optional[str] = ..., role: _Optional[str] = ..., token_name: _Optional[str] = ..., reason: _Optional[str] = ..., waiting: _Optional[bool] = ..., num_names: _Optional[int] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class CancelChangesRequest(_message.Message):
+    __slots__ = ("change_ids", "reason")
+    CHANGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    change_ids: _containers.RepeatedScalarFieldContainer[int]
+    reason: str
+    def __init__(self, change_ids: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CancelChangesResponse(_message.Message):
+    __slots__ = ("cancelled", "not_found")
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    cancelled: _containers.RepeatedScalarFieldContainer[int]
+    not_found: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, cancelled: _Optional[_Iterable[int]] = ..., not_found: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -74,6 +74,16 @@ class LearningRateControlStub:
                 request_serializer=lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesRequest.SerializeToString,
                 response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesResponse.FromString,
                 _registered_method=True)
+        self.ListPending = channel.unary_unary(
+                '/lrctl.v1.LearningRateControl/ListPending',
+                request_serializer=lrctl_dot_v1_dot_lrctl__pb2.ListPendingRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.ListPendingResponse.FromString,
+                _registered_method=True)
+        self.CancelChanges = channel.unary_unary(
+                '/lrctl.v1.LearningRateControl/CancelChanges',
+                request_serializer=lrctl_dot_v1_dot_lrctl__pb2.CancelChangesRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.CancelChangesResponse.FromString,
+                _registered_method=True)
 
 
 class LearningRateControlServicer:
@@ -136,6 +146,22 @@ class LearningRateControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPending(self, request, context):
+        """Lists the accepted changes still waiting for their step, in order of acceptance,
+        paginated (reader role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelChanges(self, request, context):
+        """Cancels queued changes: they are never applied; a waiting caller of one gets
+        ABORTED at once (admin role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearningRateControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +204,16 @@ def add_LearningRateControlServicer_to_server(servicer, server):
                     servicer.GetSchedules,
                     request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesRequest.FromString,
                     response_serializer=lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesResponse.SerializeToString,
+            ),
+            'ListPending': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPending,
+                    request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.ListPendingRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_lrctl__pb2.ListPendingResponse.SerializeToString,
+            ),
+            'CancelChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelChanges,
+                    request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.CancelChangesRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_lrctl__pb2.CancelChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +432,60 @@ class LearningRateControl:
             '/lrctl.v1.LearningRateControl/GetSchedules',
             lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesRequest.SerializeToString,
             lrctl_dot_v1_dot_lrctl__pb2.GetSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPending(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.LearningRateControl/ListPending',
+            lrctl_dot_v1_dot_lrctl__pb2.ListPendingRequest.SerializeToString,
+            lrctl_dot_v1_dot_lrctl__pb2.ListPendingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lrctl.v1.LearningRateControl/CancelChanges',
+            lrctl_dot_v1_dot_lrctl__pb2.CancelChangesRequest.SerializeToString,
+            lrctl_dot_v1_dot_lrctl__pb2.CancelChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,
