@@ -2,10 +2,11 @@
 
 from lrctl.client.client import LRClient
 from lrctl.client.errors import LrctlError
-from lrctl.client.types import ChangeRecord, ParameterInfo, RateChange, SetResult, Status, Update
+from lrctl.client.types import ChangeRecord, Guardrail, ParameterInfo, RateChange, SetResult, Status, Update
 
 __all__ = [
     "ChangeRecord",
+    "Guardrail",
     "LRClient",
     "LrctlError",
     "ParameterInfo",

@@ -14,6 +14,7 @@ from lrctl.server.controller import Controller
 from lrctl.server.controller_state import RESUME_POLICIES
 from lrctl.server.resume import STATE_KEY, Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
+from lrctl.server.guardrails import Guardrails
 from lrctl.server.service import LearningRateControlService
 from lrctl.server.wrappers import named_parameters, unwrap_optimizer
 from lrctl.v1 import lrctl_pb2_grpc
@@ -107,6 +108,7 @@ def attach(
     resume: str = "checkpoint",
     start_step: int = 0,
     tokens: Tokens | None = None,
+    guardrails: Guardrails | None = None,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -133,11 +135,17 @@ def attach(
     `tokens` (lrctl.server.auth.Tokens) makes every call but health checks need a
     bearer token; by default they come from $LRCTL_ADMIN_TOKEN(_FILE) and
     $LRCTL_READER_TOKEN(_FILE), and with none set the worker is open (on loopback only).
+
+    `guardrails` (lrctl.server.guardrails.Guardrails) bound the rates clients may set;
+    by default they come from $LRCTL_GUARDRAILS and $LRCTL_MAX_FACTOR (none when unset;
+    pass ``Guardrails()`` to ignore the environment).
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
     if resume not in RESUME_POLICIES:
         raise ValueError(f"resume {resume!r} is not one of {', '.join(map(repr, RESUME_POLICIES))}")
+    if guardrails is None:
+        guardrails = Guardrails.from_env()
     named = named_parameters(model)
     optimizer = unwrap_optimizer(optimizer)
     # Loaded before attach: lrctl's state sits in the group dicts; it is no hyperparameter.
@@ -161,6 +169,7 @@ def attach(
             group_bases=None if adopted is None else [g.base_lr for g in adopted.groups],
             on_step=() if adopted is None else (adopted.mark_stepped,),
             start_step=start_step,
+            guardrails=guardrails,
         )
         checkpoints = Resume(controller, optimizer, adopted, resume)
         if loaded is not None:

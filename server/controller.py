@@ -42,6 +42,7 @@ from lrctl.common.errors import (
     ResourceExhaustedError,
 )
 from lrctl.server.controller_state import ControllerState
+from lrctl.server.guardrails import Guardrail, Guardrails, NameSettings
 from lrctl.server.history import History, RateChanges, Record
 from lrctl.server.planner import NameOp, PlannedChange, plan_change
 from lrctl.server.rates import CONSTANT, RateState, RateTable, ScheduleBook
@@ -99,6 +100,8 @@ class StatusView:
     seconds_since_last_step: float | None
     pending_changes: int
     run_id: str
+    guardrails: tuple[Guardrail, ...] = ()
+    max_factor: float | None = None
 
 
 # ListParameters rows: ParameterView's fields, in order, as a plain tuple (cheaper to
@@ -174,7 +177,8 @@ class Controller(ControllerState):
     this is how a user's torch scheduler is adopted (lrctl.server.adopt).
     `on_step` callables run first in every step hook. `start_step` is the index of the
     next step (0; a trainer resuming from a checkpoint without lrctl's state passes
-    its own step count).
+    its own step count). `guardrails` bound the rates changes may set
+    (lrctl.server.guardrails); a rule that matches no name raises ValueError.
     """
 
     def __init__(
@@ -188,6 +192,7 @@ class Controller(ControllerState):
         group_bases: Sequence[float] | None = None,
         on_step: Sequence[Callable[[], None]] = (),
         start_step: int = 0,
+        guardrails: Guardrails | None = None,
     ) -> None:
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(
@@ -198,6 +203,8 @@ class Controller(ControllerState):
         names = [name for name, _ in pairs]
         self._params: list[torch.Tensor] = [p for _, p in pairs]
         self.index = NameIndex(names)
+        self.guardrails = Guardrails() if guardrails is None else guardrails
+        self._guard = self.guardrails.bind(self.index)
         self.run_id = uuid.uuid4().hex  # versions and change ids count from 0 per run
         self.optimizer = optimizer
         position = {id(p): i for i, p in enumerate(self._params)}
@@ -233,6 +240,7 @@ class Controller(ControllerState):
         self._installed: dict[int, float] = self._table.rates(start_step)
         self._strategy = strategy(optimizer, self._params, names, self._table.class_of, self._installed)
         self._table.set_limits(self._strategy.limit_of)
+        self._warn_outside_guardrails()
         self._history_limit = history_limit
         self._history = History(history_limit)
         self.lineage: tuple[str, ...] = ()  # run ids of the runs this one resumed from
@@ -246,6 +254,21 @@ class Controller(ControllerState):
         self._last_step_at: float | None = None
         self._on_step = tuple(on_step)
         self._hook = optimizer.register_step_pre_hook(self._before_step)
+
+    def _warn_outside_guardrails(self) -> None:
+        """The job's own starting rates are not refused, only reported: the guardrails
+        bound what clients change, and a name outside may be moved back in."""
+        if not self._guard.bounded:
+            return
+        installed, class_of = self._installed, self._table.class_of
+        outside = self._guard.outside({i: installed[c] for i, c in enumerate(class_of) if c >= 0})
+        if outside:
+            i = outside[0]
+            log.warning(
+                "lrctl: %d parameter(s) start with a rate outside their guardrails, e.g. %r at %r "
+                "(bounds %r..%r); changes must bring them inside",
+                len(outside), self.index.names[i], installed[class_of[i]], self._guard.low[i],
+                self._guard.high[i])
 
     # -- reads ---------------------------------------------------------------------
     @property
@@ -436,6 +459,8 @@ class Controller(ControllerState):
             seconds_since_last_step=None if last is None else now - last,
             pending_changes=pending,
             run_id=self.run_id,
+            guardrails=self.guardrails.rules,
+            max_factor=self.guardrails.max_factor,
         )
 
     def history(self, after_version: int, limit: int) -> tuple[list[Record], bool, int]:
@@ -633,8 +658,8 @@ class Controller(ControllerState):
             )
         try:
             plan = self._plan(pending.ops, self._table, step, apply=True)
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"{exc}; change {pending.change_id} was not applied") from None
+        except (InvalidArgumentError, FailedPreconditionError) as exc:
+            raise type(exc)(f"{exc}; change {pending.change_id} was not applied") from None
         try:
             self._install(plan, forward=True)
         except BaseException:
@@ -675,8 +700,28 @@ class Controller(ControllerState):
     ) -> PlannedChange:
         """Plan against `state`; only a plan being applied adds schedules to the book."""
         book = self._book if apply else self._book.scratch()
-        return plan_change(ops, state, book, step, self.index.names,
+        plan = plan_change(ops, state, book, step, self.index.names,
                            self._first_unrepresentable, self._limit_text)
+        # After planning, on the same state: preview, submit and the step boundary alike.
+        # A refused plan may have added its schedule to the live book (apply=True):
+        # harmless, the book keeps specs by value and is bounded.
+        self._guard.check(plan.step, lambda: self._settings(plan, state, book))
+        return plan
+
+    @staticmethod
+    def _settings(plan: PlannedChange, state: RateState, book: Any) -> NameSettings:
+        """What the guardrails read of a plan: per touched name, pinned or not and the
+        schedule it follows after the change."""
+        indices = plan.indices
+        if plan.new_pin is not None:
+            pinned = [p == p for p in plan.new_pin]  # NaN: no pin
+        else:
+            pins = state.pins
+            pinned = [i in pins for i in indices] if pins else [False] * len(indices)
+        ids = plan.new_schedule if plan.new_schedule is not None else [state.schedule[i] for i in indices]
+        specs = {sid: book[sid] for sid in set(ids)}
+        return NameSettings(indices, plan.old_lr, plan.new_lr, plan.new_base, pinned,
+                            [specs[sid] for sid in ids])
 
     def _check_acceptable(self, request: ChangeRequest) -> None:
         """Checks against the live state; call with the lock held."""

@@ -25,6 +25,7 @@ from lrctl.client.usage import OneLineParser
 from lrctl.client.client import ADDRESS_ENV, DEFAULT_ADDRESS, default_address
 from lrctl.server.control import attach
 from lrctl.server.auth import ADMIN, Tokens
+from lrctl.server.guardrails import Guardrail, Guardrails
 from lrctl.server.optim import build_optimizer
 
 SEED_LRS = {"layer1.weight": 0.01, "layer1.bias": 0.1, "layer2.weight": 0.001, "layer2.bias": 1.0}
@@ -151,14 +152,17 @@ def run_demo(steps: int = 10) -> int:
     return code
 
 
-def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool) -> int:
-    """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl."""
+def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool,
+          guardrails: Guardrails | None = None) -> int:
+    """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl.
+
+    `guardrails` None: from $LRCTL_GUARDRAILS / $LRCTL_MAX_FACTOR, as attach does."""
     torch.manual_seed(0)
     model, optimizer, loss_fn = JOBS[model_name]()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with attach(model, optimizer, address=address, insecure=insecure) as ctl:
+        with attach(model, optimizer, address=address, insecure=insecure, guardrails=guardrails) as ctl:
             n = len(ctl.controller.names)
             print(
                 f"lrctl worker: training the {model_name} model ({n} parameters) on {ctl.address}\n"
@@ -207,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-delay", type=float, default=0.05,
                         help="with --serve: seconds between steps (default 0.05)")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --address without authentication")
+    parser.add_argument("--guardrail", action="append", default=[], metavar="SELECTOR=MIN..MAX",
+                        help="with --serve: bound the rates of what SELECTOR matches (either side may be "
+                             "empty: 'head.*=..0.1'); repeatable; replaces $LRCTL_GUARDRAILS")
+    parser.add_argument("--max-factor", type=float, default=None, metavar="F",
+                        help="with --serve: refuse a change that moves a rate by more than a factor F "
+                             "(> 1); replaces $LRCTL_MAX_FACTOR")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 0:
         parser.error(f"--steps must not be negative: {args.steps}")
@@ -214,9 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--step-delay must be a finite number of seconds >= 0: {args.step_delay}")
     if not args.serve and args.model is not None:
         parser.error("--model needs --serve (the demo without it always runs the seed model)")
+    guardrails = None
+    if args.guardrail or args.max_factor is not None:
+        if not args.serve:
+            parser.error("--guardrail and --max-factor need --serve")
+        try:
+            guardrails = Guardrails(tuple(map(Guardrail.parse, args.guardrail)), args.max_factor)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         if args.serve:
-            return serve(args.address, args.model or "seed", args.steps or 0, args.step_delay, args.insecure)
+            return serve(args.address, args.model or "seed", args.steps or 0, args.step_delay, args.insecure,
+                         guardrails)
         if args.steps == 0:
             parser.error("--steps must be at least 1 without --serve")
         return run_demo(args.steps or 10)
