@@ -29,8 +29,8 @@ names a change touches, with no selector matching.
 The compact text form (``--guardrail`` and $LRCTL_GUARDRAILS): ``SELECTOR=MIN..MAX``,
 either bound may be left out (``head.*=..0.1``, ``encoder.*=1e-5..``); several rules
 are joined with ';' in $LRCTL_GUARDRAILS. The selector is everything before the last
-'=', so exact names, globs and ``re:`` regexes all work. $LRCTL_MAX_FACTOR gives the
-factor.
+'=', so exact names, globs and ``re:`` regexes all work; spaces around the parts
+are ignored. $LRCTL_MAX_FACTOR gives the factor.
 
 Pure Python: no torch, no grpc.
 """
@@ -99,6 +99,7 @@ class Guardrail:
     def parse(cls, text: str) -> "Guardrail":
         """One rule from ``SELECTOR=MIN..MAX`` (either bound may be empty)."""
         selector, eq, bounds = text.rpartition("=")
+        selector = selector.strip()  # "a=..1; b=..2": spaces around parts are layout
         if not eq or not selector:
             raise ValueError(f"guardrail {quote(text)} is not SELECTOR=MIN..MAX "
                              "(e.g. 'encoder.*=1e-5..1e-2' or 'head.*=..0.1')")
