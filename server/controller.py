@@ -719,9 +719,8 @@ class Controller(ControllerState):
             pins = state.pins
             pinned = [i in pins for i in indices] if pins else [False] * len(indices)
         ids = plan.new_schedule if plan.new_schedule is not None else [state.schedule[i] for i in indices]
-        specs = {sid: book[sid] for sid in set(ids)}
-        return NameSettings(indices, plan.old_lr, plan.new_lr, plan.new_base, pinned,
-                            [specs[sid] for sid in ids])
+        return NameSettings(indices, plan.old_lr, plan.new_lr, plan.new_base, pinned, ids,
+                            {sid: book[sid] for sid in set(ids)})
 
     def _check_acceptable(self, request: ChangeRequest) -> None:
         """Checks against the live state; call with the lock held."""

@@ -41,6 +41,7 @@ import logging
 import math
 import os
 from array import array
+from operator import truediv
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -208,7 +209,8 @@ class NameSettings:
     new_lr: Sequence[float]  # ... and after it
     new_base: Sequence[float]
     pinned: Sequence[bool]  # pinned after the change
-    schedule: Sequence[Any]  # the spec each name follows after the change
+    schedule: Sequence[int]  # the schedule id each name follows after the change
+    specs: Mapping[int, Any]  # id -> spec, for every id in `schedule`
 
 
 @dataclass(frozen=True)
@@ -222,10 +224,16 @@ class BoundGuardrails:
     low_rule: array  # 'q': index of the rule that gives the min, -1 for none
     high_rule: array
     bounded: bool = field(init=False)
+    # The largest min and the smallest max of all names: values between them are
+    # inside every name's bounds (a uniform rule needs no per-name look at all).
+    common_low: float = field(init=False)
+    common_high: float = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bounded", any(k >= 0 for k in self.low_rule)
                            or any(k >= 0 for k in self.high_rule))
+        object.__setattr__(self, "common_low", max(self.low, default=0.0))
+        object.__setattr__(self, "common_high", min(self.high, default=math.inf))
 
     @property
     def active(self) -> bool:
@@ -247,15 +255,24 @@ class BoundGuardrails:
     def _bounds_violation(self, s: NameSettings) -> str | None:
         low, high = self.low, self.high
         peaks: dict[int, float | None] = {}
-
-        def peak(spec: Any) -> float | None:
-            key = id(spec)
-            if key not in peaks:
-                fn = getattr(spec, "peak_factor", None)
-                peaks[key] = None if fn is None else fn()
-            return peaks[key]
-
-        for j, i in enumerate(s.indices):
+        for sid, spec in s.specs.items():
+            fn = getattr(spec, "peak_factor", None)  # an adopted torch scheduler has none
+            peaks[sid] = None if fn is None else fn()
+        # This runs in the step hook for changes that are due: one plain comprehension
+        # finds the few names worth a closer look (100k names: ~15 ms, not ~140).
+        pinned = s.pinned
+        values = (s.new_base if not any(pinned)
+                  else [lr if p else b for lr, b, p in zip(s.new_lr, s.new_base, pinned)])
+        if values and self.common_low <= min(values) and max(values) <= self.common_high:
+            suspects = []
+        else:
+            suspects = [j for j, (i, v) in enumerate(zip(s.indices, values)) if v < low[i] or v > high[i]]
+        rising = {sid for sid, p in peaks.items() if p is None or p > 1.0}
+        if rising:  # a schedule that can lift the rate above the base: those names too
+            suspects += [j for j, sid in enumerate(s.schedule) if sid in rising]
+            suspects = sorted(set(suspects))
+        for j in suspects:
+            i = s.indices[j]
             lo, hi = low[i], high[i]
             if s.pinned[j]:
                 rate = s.new_lr[j]
@@ -271,7 +288,7 @@ class BoundGuardrails:
                 continue
             if base > hi * (1 + _SLACK):
                 return self._above(i, f"base {base!r}", hi)
-            p = peak(s.schedule[j])
+            p = peaks[s.schedule[j]]
             if p is None:  # an adopted torch scheduler: only its current rate is known
                 if s.new_lr[j] > hi * (1 + _SLACK):
                     return self._above(i, f"rate {s.new_lr[j]!r} (base {base!r} under an adopted scheduler)", hi)
@@ -282,10 +299,15 @@ class BoundGuardrails:
     def _factor_violation(self, s: NameSettings, step: int) -> str | None:
         top = self.guardrails.max_factor * (1 + _SLACK)  # type: ignore[operator]
         low, high = self.low, self.high
-        for j, i in enumerate(s.indices):
-            old, new = s.old_lr[j], s.new_lr[j]
-            if old == new or not old or not new:
-                continue
+        old_lr, new_lr = s.old_lr, s.new_lr
+        if old_lr and 0.0 not in old_lr and 0.0 not in new_lr:  # C-level passes first
+            ratios = list(map(truediv, new_lr, old_lr))
+            if max(ratios) <= top and min(ratios) * top >= 1.0:
+                return None
+        suspects = [j for j, (old, new) in enumerate(zip(old_lr, new_lr))
+                    if old != new and old and new and (new > old * top or old > new * top)]
+        for j in suspects:
+            i, old, new = s.indices[j], s.old_lr[j], s.new_lr[j]
             ratio = new / old if new > old else old / new
             if ratio > top and low[i] <= old <= high[i]:
                 return (f"{self.names[i]}: rate {old!r} -> {new!r} at step {step} is a factor of "

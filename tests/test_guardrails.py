@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lrctl.client import LRClient
-from lrctl.client.errors import FailedPreconditionError
+from lrctl.common.errors import FailedPreconditionError  # what LRClient raises too
 from lrctl.client.types import Guardrail as StatusGuardrail
 from lrctl.client.types import Update
 from lrctl.common.schedules import Exponential, OneCycle, PiecewiseLinear, StepDecay, Warmup
@@ -152,11 +152,30 @@ def test_starting_rates_outside_are_logged_not_refused(caplog: pytest.LogCapture
     model = seed_model()
     optimizer = per_parameter_optimizer(model)
     with caplog.at_level(logging.WARNING, logger="lrctl.controller"):
-        ctl = attach(model, optimizer, serve=False, guardrails=Guardrails.parse("*.bias=..0.5"))
+        ctl = attach(model, optimizer, serve=False, guardrails=Guardrails.parse("*.bias=..0.5", 10))
     try:
         assert "1 parameter(s) start with a rate outside their guardrails, e.g. 'layer2.bias' at 1.0" in caplog.text
-        # A name outside may be brought back in, by any factor.
+        # A name outside may be brought back in, by any factor (1.0 -> 0.01 is 100)...
         ctl.controller.submit(_request("layer2.bias", 0.01))
+        # ... but not left outside, nor moved by more than max_factor once inside.
+        with pytest.raises(FailedPreconditionError, match="layer2.bias: base 0.6 is above the guardrail max 0.5"):
+            ctl.controller.preview(_request("layer2.bias", 0.6))
+        with pytest.raises(FailedPreconditionError, match="layer1.bias: rate 0.1 -> 0.001 at step 0 is a factor of 100"):
+            ctl.controller.preview(_request("layer1.bias", 0.001))
+    finally:
+        ctl.close()
+
+
+def test_an_adopted_scheduler_is_bounded_by_its_current_rate() -> None:
+    """An adopted torch scheduler's future is unknown: its rate at the due step is checked."""
+    model = seed_model()
+    optimizer = per_parameter_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    ctl = attach(model, optimizer, scheduler=scheduler, serve=False, guardrails=Guardrails.parse("layer1.*=..0.2"))
+    try:
+        with pytest.raises(FailedPreconditionError, match=r"layer1.bias: base 0.3 is above the guardrail max 0.2"):
+            ctl.controller.preview(_request("layer1.bias", 0.3))
+        assert ctl.controller.preview(_request("layer1.bias", 0.2)).changes[0].new_base == 0.2
     finally:
         ctl.close()
 
