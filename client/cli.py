@@ -388,7 +388,7 @@ def cmd_status(client: LRClient, args: argparse.Namespace) -> int:
         lines = _status_lines(status)
         width = max(len(key) for key, _ in lines) + 1
         for key, value in lines:
-            print(f"{key + ':':<{width}} {value}")
+            print(f"{key + ':':<{width}} {value}".rstrip())
     return EXIT_OK
 
 
