@@ -1,7 +1,8 @@
 """The controller: the per-name rate table of one optimizer, and its changes.
 
 Three parts: the pure planner (lrctl.server.planner: old -> new per name, limits,
-for preview, submit and apply alike), the queue of accepted changes, each due at a
+for preview, submit and apply alike; the worker's guardrails, lrctl.server.guardrails,
+check each plan it makes), the queue of accepted changes, each due at a
 concrete step, and the rate table (lrctl.server.rates: base, schedule and pin per
 name) that the step hook installs through the apply strategy.
 
@@ -718,7 +719,8 @@ class Controller(ControllerState):
         else:
             pins = state.pins
             pinned = [i in pins for i in indices] if pins else [False] * len(indices)
-        ids = plan.new_schedule if plan.new_schedule is not None else [state.schedule[i] for i in indices]
+        ids = (plan.new_schedule if plan.new_schedule is not None
+               else array("q", map(state.schedule.__getitem__, indices)))
         return NameSettings(indices, plan.old_lr, plan.new_lr, plan.new_base, pinned, ids,
                             {sid: book[sid] for sid in set(ids)})
 
