@@ -250,6 +250,9 @@ class BoundGuardrails:
         if message is None and self.guardrails.max_factor is not None:
             message = self._factor_violation(s, step)
         if message is not None:
+            # Not INVALID_ARGUMENT: the request is valid lrctl input that a worker without
+            # guardrails (or, for the factor, another current rate) would take; this
+            # worker's configuration and state refuse it.
             raise FailedPreconditionError(message)
 
     def _bounds_violation(self, s: NameSettings) -> str | None:
