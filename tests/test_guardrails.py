@@ -23,12 +23,11 @@ import torch
 from lrctl.client import LRClient
 from lrctl.common.errors import FailedPreconditionError  # what LRClient raises too
 from lrctl.client.types import Guardrail as StatusGuardrail
-from lrctl.client.types import Update
 from lrctl.common.schedules import Exponential, OneCycle, PiecewiseLinear, StepDecay, Warmup
 from lrctl.server import attach
 from lrctl.server.guardrails import Guardrail, Guardrails
 
-from conftest import PATIENCE_S, SEED_LRS, Served, Trainer, per_parameter_optimizer, seed_model, wait_for
+from conftest import PATIENCE_S, Served, Trainer, per_parameter_optimizer, seed_model, wait_for
 
 LRCTL = [sys.executable, "-m", "lrctl.client.cli"]
 
@@ -414,3 +413,30 @@ def test_demo_bad_guardrail_flags(args: list[str], message: str) -> None:
     assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("lrctl: error: "), done.stderr
     assert message in done.stderr
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        Warmup(warmup_steps=5),
+        Warmup(warmup_steps=5, start_factor=3.0),
+        Warmup(warmup_steps=0, start_factor=3.0),  # no ramp: 3 never occurs
+        Warmup(warmup_steps=5, decay="linear", total_steps=20, final_factor=2.5),
+        Warmup(warmup_steps=5, decay="cosine", total_steps=20, num_cycles=1.5),
+        StepDecay(gamma=0.5, step_size=3),
+        StepDecay(gamma=2.0, milestones=(3, 7)),
+        OneCycle(total_steps=20),
+        OneCycle(total_steps=20, div_factor=0.5),
+        OneCycle(total_steps=20, div_factor=2.0, final_div_factor=0.1, three_phase=True),
+        PiecewiseLinear(points=[(0, 0.5), (5, 1.7), (10, 0.2)], start_step=3),
+    ],
+)
+def test_peak_factor_is_the_largest_factor(spec) -> None:
+    factors = [spec.factor(s) for s in range(40)]
+    assert max(factors) == pytest.approx(spec.peak_factor())
+
+
+def test_growing_schedules_have_no_finite_peak() -> None:
+    assert Exponential(gamma=1.01).peak_factor() == math.inf
+    assert StepDecay(gamma=1.5, step_size=10).peak_factor() == math.inf
+    assert Exponential(gamma=0.9).peak_factor() == 1.0
