@@ -375,7 +375,17 @@ def _status_lines(status: Status) -> list[tuple[str, Any]]:
     since = fields["seconds_since_last_step"]
     fields["uptime_seconds"] = f"{status.uptime_seconds:.1f}"
     fields["seconds_since_last_step"] = "-" if since is None else f"{since:.3f}"
+    # One rule per line below "guardrails:", in the form the worker's --guardrail takes.
+    fields["guardrails"] = (
+        "".join(f"\n  {_one_line(g.selector)}={_bound(g.min_lr)}..{_bound(g.max_lr)}" for g in status.guardrails)
+        or "-"
+    )
+    fields["max_factor"] = "-" if status.max_factor is None else repr(status.max_factor)
     return list(fields.items())
+
+
+def _bound(value: Optional[float]) -> str:
+    return "" if value is None else repr(value)
 
 
 def cmd_status(client: LRClient, args: argparse.Namespace) -> int:
@@ -387,7 +397,7 @@ def cmd_status(client: LRClient, args: argparse.Namespace) -> int:
         lines = _status_lines(status)
         width = max(len(key) for key, _ in lines) + 1
         for key, value in lines:
-            print(f"{key + ':':<{width}} {value}")
+            print(f"{key + ':':<{width}} {value}".rstrip())
     return EXIT_OK
 
 

@@ -259,8 +259,25 @@ def state_name(state: int) -> str:
 
 
 @dataclass(frozen=True)
+class Guardrail:
+    """A bound the worker sets on the rates of the names `selector` matches (None: no bound)."""
+
+    selector: str
+    min_lr: Optional[float] = None
+    max_lr: Optional[float] = None
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.Guardrail) -> Guardrail:
+        return cls(
+            selector=msg.selector,
+            min_lr=msg.min_lr if msg.HasField("min_lr") else None,
+            max_lr=msg.max_lr if msg.HasField("max_lr") else None,
+        )
+
+
+@dataclass(frozen=True)
 class Status:
-    """The worker's step, config version, optimizer, grouping and training state.
+    """The worker's step, config version, optimizer, grouping, training state and guardrails.
 
     `state` is one of "waiting_for_first_step", "training", "closing" (or "unspecified").
     """
@@ -278,6 +295,8 @@ class Status:
     pending_changes: int
     server_version: str
     run_id: str = ""
+    guardrails: tuple[Guardrail, ...] = ()
+    max_factor: Optional[float] = None  # guardrail: largest factor per change; None: no bound
 
     @classmethod
     def from_proto(cls, msg: lrctl_pb2.GetStatusResponse) -> Status:
@@ -298,6 +317,8 @@ class Status:
             pending_changes=msg.pending_changes,
             server_version=msg.server_version,
             run_id=msg.run_id,
+            guardrails=tuple(Guardrail.from_proto(g) for g in msg.guardrails),
+            max_factor=msg.max_factor if msg.HasField("max_factor") else None,
         )
 
 

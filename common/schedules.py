@@ -166,6 +166,15 @@ class Schedule:
         """The multiplier of the base rate at optimizer step `step`."""
         raise NotImplementedError
 
+    def peak_factor(self) -> float:
+        """The largest factor at any step (math.inf when it grows without bound).
+
+        What guardrails bound: a name's base x this is the highest rate the schedule
+        can give it. Exact for every built-in kind (a schedule before its start holds
+        its step-0 factor, which is counted).
+        """
+        raise NotImplementedError
+
     def rate(self, base: float, step: int) -> float:
         """The rate in force at `step` for base rate `base`."""
         if base == 0.0:
@@ -212,6 +221,9 @@ class Constant(Schedule):
 
     def rate(self, base: float, step: int) -> float:
         return base
+
+    def peak_factor(self) -> float:
+        return 1.0
 
     @property
     def is_constant(self) -> bool:
@@ -277,6 +289,12 @@ class Warmup(Schedule):
             return c * (1.0 - self.final_factor) + self.final_factor
         return 1.0
 
+    def peak_factor(self) -> float:
+        # The ramp spans [start_factor, 1) (only with warmup steps); the decays go from 1
+        # to final_factor (cosine with num_cycles > 0.5 stays between them).
+        peak = max(1.0, self.start_factor) if self.warmup_steps > 0 else 1.0
+        return peak if self.decay == "constant" else max(peak, self.final_factor)
+
     def _describe(self) -> str:
         text = f"warmup {self.warmup_steps} steps (from {self.start_factor}) then "
         if self.decay == "constant":
@@ -312,6 +330,11 @@ class StepDecay(Schedule):
         k = s // self.step_size if self.step_size else bisect.bisect_right(self.milestones, s)
         return _power(self.gamma, k)
 
+    def peak_factor(self) -> float:
+        if self.gamma <= 1.0:
+            return 1.0
+        return math.inf if self.step_size else _power(self.gamma, len(self.milestones))
+
     def _describe(self) -> str:
         if self.step_size:
             return f"x{self.gamma} every {self.step_size} steps"
@@ -332,6 +355,9 @@ class Exponential(Schedule):
     def factor(self, step: int) -> float:
         return _power(self.gamma, self._step(step))
 
+    def peak_factor(self) -> float:
+        return 1.0 if self.gamma <= 1.0 else math.inf
+
     def _describe(self) -> str:
         return f"x{self.gamma} per step"
 
@@ -349,6 +375,9 @@ class InverseTime(Schedule):
 
     def factor(self, step: int) -> float:
         return 1.0 / (1.0 + self.gamma * self._step(step))
+
+    def peak_factor(self) -> float:
+        return 1.0  # gamma >= 0: the factor only falls
 
     def rate(self, base: float, step: int) -> float:
         # One division, not base * (1 / ...): the seed table's digits depend on it.
@@ -424,6 +453,11 @@ class OneCycle(Schedule):
     def factor(self, step: int) -> float:
         return self.rate(1.0, step)
 
+    def peak_factor(self) -> float:
+        # The phases move between base/div, base and base/(div x final_div): with a
+        # div_factor (or their product) below 1, the start or the end is the peak.
+        return max(1.0, 1.0 / self.div_factor, 1.0 / (self.div_factor * self.final_div_factor))
+
     def _describe(self) -> str:
         phases = "three-phase " if self.three_phase else ""
         return (f"{phases}one cycle over {self.total_steps} steps ({self.anneal}): base/{self.div_factor} "
@@ -455,6 +489,9 @@ class PiecewiseLinear(Schedule):
             return self.points[-1][1]
         (s0, f0), (s1, f1) = self.points[i - 1], self.points[i]
         return f0 + (f1 - f0) * ((s - s0) / (s1 - s0))
+
+    def peak_factor(self) -> float:
+        return max(f for _, f in self.points)
 
     def _describe(self) -> str:
         shown = [f"{s}:{f}" for s, f in self.points]

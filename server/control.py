@@ -15,6 +15,7 @@ from lrctl.server.controller_state import RESUME_POLICIES
 from lrctl.server.queue_limits import QueueLimits
 from lrctl.server.resume import STATE_KEY, Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
+from lrctl.server.guardrails import Guardrails
 from lrctl.server.service import LearningRateControlService
 from lrctl.server.tls import ServerTLS
 from lrctl.server.wrappers import named_parameters, unwrap_optimizer
@@ -116,6 +117,7 @@ def attach(
     tokens: Tokens | None = None,
     tls: Union[Optional[ServerTLS], Literal[False]] = None,
     queue_limits: QueueLimits | None = None,
+    guardrails: Guardrails | None = None,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -153,9 +155,14 @@ def attach(
     (mode 0600), removed on close; the safe way to share the worker with the host or a
     sidecar. Any address others can reach (not loopback, not a unix socket) needs
     tokens or mutual TLS, or `insecure` (which warns on every start).
+
     `queue_limits` (lrctl.server.queue_limits.QueueLimits) bounds the queue of accepted
     changes: how far ahead `at_step` may be (1,000,000 steps), how many changes and
     bytes it holds, and each connection's and token's share (see the README).
+
+    `guardrails` (lrctl.server.guardrails.Guardrails) bound the rates clients may set;
+    by default they come from $LRCTL_GUARDRAILS and $LRCTL_MAX_FACTOR (none when unset;
+    pass ``Guardrails()`` to ignore the environment).
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
@@ -163,6 +170,8 @@ def attach(
         tls = ServerTLS.from_env()
     if resume not in RESUME_POLICIES:
         raise ValueError(f"resume {resume!r} is not one of {', '.join(map(repr, RESUME_POLICIES))}")
+    if guardrails is None:
+        guardrails = Guardrails.from_env()
     named = named_parameters(model)
     optimizer = unwrap_optimizer(optimizer)
     # Loaded before attach: lrctl's state sits in the group dicts; it is no hyperparameter.
@@ -187,6 +196,7 @@ def attach(
             on_step=() if adopted is None else (adopted.mark_stepped,),
             start_step=start_step,
             queue_limits=queue_limits,
+            guardrails=guardrails,
         )
         checkpoints = Resume(controller, optimizer, adopted, resume)
         if loaded is not None:

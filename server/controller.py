@@ -1,7 +1,8 @@
 """The controller: the per-name rate table of one optimizer, and its changes.
 
 Three parts: the pure planner (lrctl.server.planner: old -> new per name, limits,
-for preview, submit and apply alike), the queue of accepted changes, each due at a
+for preview, submit and apply alike; the worker's guardrails, lrctl.server.guardrails,
+check each plan it makes), the queue of accepted changes, each due at a
 concrete step, and the rate table (lrctl.server.rates: base, schedule and pin per
 name) that the step hook installs through the apply strategy.
 
@@ -42,6 +43,7 @@ from lrctl.common.errors import (
     LrctlError,
 )
 from lrctl.server.controller_state import ControllerState
+from lrctl.server.guardrails import Guardrail, Guardrails, NameSettings
 from lrctl.server.history import History, RateChanges, Record
 from lrctl.server.planner import NameOp, PlannedChange, plan_change
 from lrctl.server.queue_limits import QueueLimits, check_horizon, check_room
@@ -100,6 +102,8 @@ class StatusView:
     seconds_since_last_step: float | None
     pending_changes: int
     run_id: str
+    guardrails: tuple[Guardrail, ...] = ()
+    max_factor: float | None = None
 
 
 # ListParameters rows: ParameterView's fields, in order, as a plain tuple (cheaper to
@@ -184,6 +188,8 @@ class Controller(ControllerState):
     next step (0; a trainer resuming from a checkpoint without lrctl's state passes
     its own step count). `queue_limits` bounds the queue of accepted changes (how far
     ahead, how many, how many bytes, each connection's and token's share).
+    `guardrails` bound the rates changes may set
+    (lrctl.server.guardrails); a rule that matches no name raises ValueError.
     """
 
     def __init__(
@@ -198,6 +204,7 @@ class Controller(ControllerState):
         on_step: Sequence[Callable[[], None]] = (),
         start_step: int = 0,
         queue_limits: QueueLimits | None = None,
+        guardrails: Guardrails | None = None,
     ) -> None:
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(
@@ -208,6 +215,8 @@ class Controller(ControllerState):
         names = [name for name, _ in pairs]
         self._params: list[torch.Tensor] = [p for _, p in pairs]
         self.index = NameIndex(names)
+        self.guardrails = Guardrails() if guardrails is None else guardrails
+        self._guard = self.guardrails.bind(self.index)
         self.run_id = uuid.uuid4().hex  # versions and change ids count from 0 per run
         self.optimizer = optimizer
         position = {id(p): i for i, p in enumerate(self._params)}
@@ -243,6 +252,7 @@ class Controller(ControllerState):
         self._installed: dict[int, float] = self._table.rates(start_step)
         self._strategy = strategy(optimizer, self._params, names, self._table.class_of, self._installed)
         self._table.set_limits(self._strategy.limit_of)
+        self._warn_outside_guardrails()
         self._history_limit = history_limit
         self._history = History(history_limit)
         self.lineage: tuple[str, ...] = ()  # run ids of the runs this one resumed from
@@ -257,6 +267,21 @@ class Controller(ControllerState):
         self._last_step_at: float | None = None
         self._on_step = tuple(on_step)
         self._hook = optimizer.register_step_pre_hook(self._before_step)
+
+    def _warn_outside_guardrails(self) -> None:
+        """The job's own starting rates are not refused, only reported: the guardrails
+        bound what clients change, and a name outside may be moved back in."""
+        if not self._guard.bounded:
+            return
+        installed, class_of = self._installed, self._table.class_of
+        outside = self._guard.outside({i: installed[c] for i, c in enumerate(class_of) if c >= 0})
+        if outside:
+            i = outside[0]
+            log.warning(
+                "lrctl: %d parameter(s) start with a rate outside their guardrails, e.g. %r at %r "
+                "(bounds %r..%r); changes must bring them inside",
+                len(outside), self.index.names[i], installed[class_of[i]], self._guard.low[i],
+                self._guard.high[i])
 
     # -- reads ---------------------------------------------------------------------
     @property
@@ -447,6 +472,8 @@ class Controller(ControllerState):
             seconds_since_last_step=None if last is None else now - last,
             pending_changes=pending,
             run_id=self.run_id,
+            guardrails=self.guardrails.rules,
+            max_factor=self.guardrails.max_factor,
         )
 
     def history(self, after_version: int, limit: int) -> tuple[list[Record], bool, int]:
@@ -672,8 +699,8 @@ class Controller(ControllerState):
             )
         try:
             plan = self._plan(pending.ops, self._table, step, apply=True)
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"{exc}; change {pending.change_id} was not applied") from None
+        except (InvalidArgumentError, FailedPreconditionError) as exc:
+            raise type(exc)(f"{exc}; change {pending.change_id} was not applied") from None
         try:
             self._install(plan, forward=True)
         except BaseException:
@@ -714,8 +741,28 @@ class Controller(ControllerState):
     ) -> PlannedChange:
         """Plan against `state`; only a plan being applied adds schedules to the book."""
         book = self._book if apply else self._book.scratch()
-        return plan_change(ops, state, book, step, self.index.names,
+        plan = plan_change(ops, state, book, step, self.index.names,
                            self._first_unrepresentable, self._limit_text)
+        # After planning, on the same state: preview, submit and the step boundary alike.
+        # A refused plan may have added its schedule to the live book (apply=True):
+        # harmless, the book keeps specs by value and is bounded.
+        self._guard.check(plan.step, lambda: self._settings(plan, state, book))
+        return plan
+
+    @staticmethod
+    def _settings(plan: PlannedChange, state: RateState, book: Any) -> NameSettings:
+        """What the guardrails read of a plan: per touched name, pinned or not and the
+        schedule it follows after the change."""
+        indices = plan.indices
+        if plan.new_pin is not None:
+            pinned = [p == p for p in plan.new_pin]  # NaN: no pin
+        else:
+            pins = state.pins
+            pinned = [i in pins for i in indices] if pins else [False] * len(indices)
+        ids = (plan.new_schedule if plan.new_schedule is not None
+               else array("q", map(state.schedule.__getitem__, indices)))
+        return NameSettings(indices, plan.old_lr, plan.new_lr, plan.new_base, pinned, ids,
+                            {sid: book[sid] for sid in set(ids)})
 
     def _check_acceptable(self, request: ChangeRequest) -> None:
         """Checks against the live state; call with the lock held."""

@@ -26,6 +26,7 @@ from lrctl.client.client import ADDRESS_ENV, DEFAULT_ADDRESS, default_address
 from lrctl.server.control import attach
 from lrctl.server.queue_limits import QueueLimits
 from lrctl.server.auth import ADMIN, Tokens
+from lrctl.server.guardrails import Guardrail, Guardrails
 from lrctl.server.optim import build_optimizer
 from lrctl.server.tls import ServerTLS
 
@@ -162,15 +163,18 @@ def run_demo(steps: int = 10) -> int:
 
 
 def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool,
-          tls: ServerTLS | None = None) -> int:
+          tls: ServerTLS | None = None, guardrails: Guardrails | None = None) -> int:
     """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl
-    (over `tls`, else the TLS that $LRCTL_WORKER_TLS_CERT/_KEY/_CLIENT_CA configure)."""
+    (over `tls`, else the TLS that $LRCTL_WORKER_TLS_CERT/_KEY/_CLIENT_CA configure).
+
+    `guardrails` None: from $LRCTL_GUARDRAILS / $LRCTL_MAX_FACTOR, as attach does."""
     torch.manual_seed(0)
     model, optimizer, loss_fn = JOBS[model_name]()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with attach(model, optimizer, address=address, insecure=insecure, tls=tls) as ctl:
+        with attach(model, optimizer, address=address, insecure=insecure, tls=tls,
+                    guardrails=guardrails) as ctl:
             n = len(ctl.controller.names)
             over = ""
             if ctl.tls is not None:
@@ -231,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-client-ca", metavar="PEM",
                         help="with --serve: require client certificates signed by this CA, i.e. "
                              "mutual TLS (default: $LRCTL_WORKER_TLS_CLIENT_CA)")
+    parser.add_argument("--guardrail", action="append", default=[], metavar="SELECTOR=MIN..MAX",
+                        help="with --serve: bound the rates of what SELECTOR matches (either side may be "
+                             "empty: 'head.*=..0.1'); repeatable; replaces $LRCTL_GUARDRAILS")
+    parser.add_argument("--max-factor", type=float, default=None, metavar="F",
+                        help="with --serve: refuse a change that moves a rate by more than a factor F "
+                             "(> 1); replaces $LRCTL_MAX_FACTOR")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 0:
         parser.error(f"--steps must not be negative: {args.steps}")
@@ -242,11 +252,19 @@ def main(argv: list[str] | None = None) -> int:
                                 ("--tls-client-ca", args.tls_client_ca)) if v is not None]
     if tls_flags and not args.serve:
         parser.error(f"{tls_flags[0]} needs --serve (the demo without it runs on loopback, in plaintext)")
+    guardrails = None
+    if args.guardrail or args.max_factor is not None:
+        if not args.serve:
+            parser.error("--guardrail and --max-factor need --serve")
+        try:
+            guardrails = Guardrails(tuple(map(Guardrail.parse, args.guardrail)), args.max_factor)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         if args.serve:
             tls = ServerTLS.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca)
             return serve(args.address, args.model or "seed", args.steps or 0, args.step_delay,
-                         args.insecure, tls)
+                         args.insecure, tls, guardrails)
         if args.steps == 0:
             parser.error("--steps must be at least 1 without --serve")
         return run_demo(args.steps or 10)

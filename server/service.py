@@ -482,6 +482,9 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             pending_changes=s.pending_changes,
             server_version=SERVER_VERSION,
             run_id=s.run_id,
+            guardrails=[pb.Guardrail(selector=g.selector, min_lr=g.min_lr, max_lr=g.max_lr)
+                        for g in s.guardrails],
+            max_factor=s.max_factor,
         )
 
     def ListPending(self, request: pb.ListPendingRequest, context: grpc.ServicerContext) -> pb.ListPendingResponse:

@@ -1,4 +1,4 @@
-"""The controller, the planner, the rate table, the strategy, the schedules and the
+"""The controller, the planner, the rate table, the strategy, the schedules, the guardrails and the
 checkpoint code import and work with grpc made unimportable: the transport stays at
 the edges (server/service.py, server/status.py, the client), as the client side proves
 the same for torch (test_client_no_torch.py).
@@ -35,10 +35,11 @@ sys.meta_path.insert(0, BlockGrpc())
 
 import torch
 from torch import nn
-from lrctl.common.errors import InvalidArgumentError
+from lrctl.common.errors import FailedPreconditionError, InvalidArgumentError
 from lrctl.common.schedules import Warmup
 from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server.controller import Controller
+from lrctl.server.guardrails import Guardrails
 from lrctl.server.planner import plan_change
 from lrctl.server.requests import ChangeRequest, Mode, ScheduleUpdate, Target, Update
 from lrctl.server.resume import Resume
@@ -62,6 +63,14 @@ try:
     refused = None
 except InvalidArgumentError as exc:
     refused = str(exc)
+guarded = Controller(model.named_parameters(), torch.optim.SGD(model.parameters(), lr=0.1),
+                     guardrails=Guardrails.parse("0.*=..0.5", "10"))
+try:
+    guarded.submit(ChangeRequest((Update("0.weight", 0.6),)))
+    railed = None
+except FailedPreconditionError as exc:
+    railed = str(exc)
+guarded.close()
 saved = opt.state_dict()
 fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 ctl2 = Controller(model.named_parameters(), fresh)
@@ -72,6 +81,7 @@ print(json.dumps({
     "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in ("grpc", "google")),
     "seen": seen,
     "refused": refused,
+    "railed": railed,
     "resumed": [ctl2.step, ctl2.version, ctl2.learning_rates() == ctl.learning_rates()],
 }))
 """
@@ -83,6 +93,7 @@ def test_core_runs_without_grpc() -> None:
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["loaded"] == [], out["loaded"]  # neither grpc nor protobuf got in
     assert out["refused"] and "nan" in out["refused"]
+    assert out["railed"] == "0.weight: base 0.6 is above the guardrail max 0.5 of '0.*'"
     # Warmup factor s/4 on bases 0.1 (and 0.2 for 0.weight); the pin holds 0.05 from step 2.
     assert out["seen"][0] == [0.0, 0.0]
     assert out["seen"][1] == [0.025, 0.05]

@@ -417,7 +417,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("step", "version", "optimizer", "num_parameters", "num_settable", "num_distinct_lrs", "num_param_groups", "state", "uptime_seconds", "seconds_since_last_step", "pending_changes", "server_version", "run_id")
+    __slots__ = ("step", "version", "optimizer", "num_parameters", "num_settable", "num_distinct_lrs", "num_param_groups", "state", "uptime_seconds", "seconds_since_last_step", "pending_changes", "server_version", "run_id", "guardrails", "max_factor")
     STEP_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -431,6 +431,8 @@ class GetStatusResponse(_message.Message):
     PENDING_CHANGES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACTOR_FIELD_NUMBER: _ClassVar[int]
     step: int
     version: int
     optimizer: str
@@ -444,7 +446,19 @@ class GetStatusResponse(_message.Message):
     pending_changes: int
     server_version: str
     run_id: str
-    def __init__(self, step: _Optional[int] = ..., version: _Optional[int] = ..., optimizer: _Optional[str] = ..., num_parameters: _Optional[int] = ..., num_settable: _Optional[int] = ..., num_distinct_lrs: _Optional[int] = ..., num_param_groups: _Optional[int] = ..., state: _Optional[_Union[TrainingState, str]] = ..., uptime_seconds: _Optional[float] = ..., seconds_since_last_step: _Optional[float] = ..., pending_changes: _Optional[int] = ..., server_version: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+    guardrails: _containers.RepeatedCompositeFieldContainer[Guardrail]
+    max_factor: float
+    def __init__(self, step: _Optional[int] = ..., version: _Optional[int] = ..., optimizer: _Optional[str] = ..., num_parameters: _Optional[int] = ..., num_settable: _Optional[int] = ..., num_distinct_lrs: _Optional[int] = ..., num_param_groups: _Optional[int] = ..., state: _Optional[_Union[TrainingState, str]] = ..., uptime_seconds: _Optional[float] = ..., seconds_since_last_step: _Optional[float] = ..., pending_changes: _Optional[int] = ..., server_version: _Optional[str] = ..., run_id: _Optional[str] = ..., guardrails: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., max_factor: _Optional[float] = ...) -> None: ...
+
+class Guardrail(_message.Message):
+    __slots__ = ("selector", "min_lr", "max_lr")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_FIELD_NUMBER: _ClassVar[int]
+    MAX_LR_FIELD_NUMBER: _ClassVar[int]
+    selector: str
+    min_lr: float
+    max_lr: float
+    def __init__(self, selector: _Optional[str] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ...) -> None: ...
 
 class ListChangesRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "after_version", "max_changes_per_record")
