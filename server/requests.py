@@ -107,6 +107,9 @@ class PendingChange:
     outcome: Outcome | None = None
     error: LrctlError | None = None
     deadline: float | None = None
+    # Set once its record is in the history and its finishing is under way (at once,
+    # or through the audit log's writer): nothing else may finish it then.
+    handed_over: bool = False
 
     @property
     def due(self) -> int:
