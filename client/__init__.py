@@ -2,9 +2,10 @@
 
 from lrctl.client.client import LRClient
 from lrctl.client.errors import LrctlError
-from lrctl.client.types import ChangeRecord, ParameterInfo, RateChange, SetResult, Status, Update
+from lrctl.client.types import ChangeList, ChangeRecord, ParameterInfo, RateChange, SetResult, Status, Update
 
 __all__ = [
+    "ChangeList",
     "ChangeRecord",
     "LRClient",
     "LrctlError",

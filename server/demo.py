@@ -103,7 +103,7 @@ def _lrs_by_name(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {n: float(g["lr"]) for g in optimizer.param_groups for n in g["param_names"]}
 
 
-def run_demo(steps: int = 10) -> int:
+def run_demo(steps: int = 10, audit_log: str | None = None) -> int:
     """The seed example over gRPC; returns the exit code (0: the tables match)."""
     torch.manual_seed(0)
     model, optimizer, loss_fn = _seed_job()
@@ -112,7 +112,7 @@ def run_demo(steps: int = 10) -> int:
     # The demo's own client gets the admin token, if the environment sets tokens.
     admin = next((t.secret for t in tokens.tokens if t.role == ADMIN), None) if tokens else None
     env = {**os.environ, **({"LRCTL_TOKEN": admin} if admin else {})}
-    with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens) as ctl:
+    with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens, audit_log=audit_log) as ctl:
         # Registered after attach, so it runs after lrctl's hook: it sees the rates
         # each step really used.
         optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(_lrs_by_name(opt)))
@@ -139,7 +139,7 @@ def run_demo(steps: int = 10) -> int:
         finally:
             if driver.poll() is None:
                 driver.kill()
-        applied = {r.step: r for r in ctl.controller.history(0, steps)[0]}
+        applied = {r.step: r for r in ctl.controller.history(0, steps)[0] if not r.failed}
         names = ctl.controller.names
         for step, rates in enumerate(seen):
             record = applied.get(step)
@@ -151,14 +151,26 @@ def run_demo(steps: int = 10) -> int:
     return code
 
 
-def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool) -> int:
-    """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl."""
+# Seconds in-flight calls get to finish when the worker stops.
+SHUTDOWN_GRACE_S = 5.0
+
+
+def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool,
+          audit_log: str | None = None) -> int:
+    """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl.
+
+    A signal stops training at a step boundary; then close() fails the changes still
+    queued (their waiting callers hear FAILED_PRECONDITION "the worker shut down at
+    step S; change N was not applied", and they are recorded as failed), writes and
+    fsyncs the audit log, and stops the server with a grace period. Exit code 0.
+    """
     torch.manual_seed(0)
     model, optimizer, loss_fn = JOBS[model_name]()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with attach(model, optimizer, address=address, insecure=insecure) as ctl:
+        ctl = attach(model, optimizer, address=address, insecure=insecure, audit_log=audit_log)
+        try:
             n = len(ctl.controller.names)
             print(
                 f"lrctl worker: training the {model_name} model ({n} parameters) on {ctl.address}\n"
@@ -185,6 +197,9 @@ def serve(address: str, model_name: str, steps: int, step_delay: float, insecure
                     stop.wait(step_delay)
             reason = "stopped by signal" if stop.is_set() else f"reached {step} steps"
             print(f"lrctl worker: {reason}; shutting down", flush=True)
+        finally:
+            ctl.close(grace=SHUTDOWN_GRACE_S)
+        print("lrctl worker: stopped", flush=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -207,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-delay", type=float, default=0.05,
                         help="with --serve: seconds between steps (default 0.05)")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --address without authentication")
+    parser.add_argument("--audit-log", metavar="PATH", default=None,
+                        help="append every recorded change to PATH as a JSON line, fsynced before "
+                             "its client is answered (default: $LRCTL_AUDIT_LOG; none if unset)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 0:
         parser.error(f"--steps must not be negative: {args.steps}")
@@ -216,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model needs --serve (the demo without it always runs the seed model)")
     try:
         if args.serve:
-            return serve(args.address, args.model or "seed", args.steps or 0, args.step_delay, args.insecure)
+            return serve(args.address, args.model or "seed", args.steps or 0, args.step_delay, args.insecure,
+                         args.audit_log)
         if args.steps == 0:
             parser.error("--steps must be at least 1 without --serve")
-        return run_demo(args.steps or 10)
+        return run_demo(args.steps or 10, args.audit_log)
     except (ValueError, OSError) as exc:
         print(f"lrctl: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
