@@ -123,13 +123,13 @@ class Record:
 
 # What a record holds in memory, measured with tracemalloc
 # (python bench/history_bytes.py): 40 bytes per name of its plan (an int64 position
-# and four doubles), 16 more each for pins and schedules; an Update or ScheduleUpdate
+# and four doubles; 44 counted), 16 more each for pins and schedules; an Update or ScheduleUpdate
 # object ~112 bytes plus its selector string (49 + its length); a string 49 + its
 # length (up to 4 bytes per character beyond ASCII); a record's fixed part ~1 KiB.
 _RECORD_BYTES = 1024
 _UPDATE_BYTES = 112
 _STR_BYTES = 49
-_ENTRY_BYTES = 40
+_ENTRY_BYTES = 44  # 40, and room for arrays that over-allocate as they grow
 _EXTRA_ENTRY_BYTES = 16
 
 
