@@ -452,3 +452,26 @@ def test_sigkill_mid_stream_loses_no_acknowledged_change(tmp_path: Path) -> None
         record = logged[result.change_id]
         assert (record["version"], record["step"]) == (result.version, result.step)
         assert record["changes"][0]["lr"] == [result.changes[0].old_lr, result.changes[0].new_lr]
+
+
+def test_failed_records_survive_a_checkpoint() -> None:
+    model = seed_model()
+    optimizer = per_parameter_optimizer(model)
+    with attach(model, optimizer, serve=False, history_limit=3) as ctl:
+        late, _ = ctl.controller.submit(ChangeRequest((Update("layer1.bias", 0.3),), expected_version=0, at_step=1))
+        for k in range(3):
+            ctl.controller.submit(ChangeRequest((Update("layer1.weight", 0.5 + k),)))
+            optimizer.step()
+        saved = ctl.state_dict()
+        before = [(r.change_id, r.version, r.status) for r in ctl.controller.history(0, 10)[0]]
+    # Four records (v1, the refused one at v1, v2, v3); the limit keeps the last three.
+    assert [s for _, _, s in before] == ["FAILED_PRECONDITION", "", ""] and late.error is not None
+    model2 = seed_model()
+    optimizer2 = per_parameter_optimizer(model2)
+    with attach(model2, optimizer2, serve=False) as ctl2:
+        ctl2.load_state_dict(saved)
+        page = ctl2.controller.history_page(0, 0, 10)
+        assert [(r.change_id, r.version, r.status) for r in page.records] == before
+        assert page.records[0].error == late.error.args[0]
+        assert page.dropped == 1 and page.gap and page.oldest_version == 2
+        assert not ctl2.controller.history_page(1, 0, 10).gap
