@@ -13,19 +13,20 @@ if TYPE_CHECKING:
     from lrctl.client.client import LRClient
     from lrctl.client.errors import LrctlError
     from lrctl.client.types import (
-        CancelResult, ChangeRecord, Guardrail, ParameterInfo, PendingChange, RateChange, SetResult, Status, Update,
+        CancelResult, ChangeList, ChangeRecord, Guardrail, ParameterInfo, PendingChange, RateChange, SetResult, Status, Update,
     )
 
 _WHERE = {
     "LRClient": "lrctl.client.client",
     "LrctlError": "lrctl.client.errors",
     **{name: "lrctl.client.types" for name in
-       ("CancelResult", "ChangeRecord", "Guardrail", "ParameterInfo", "PendingChange", "RateChange", "SetResult",
+       ("CancelResult", "ChangeList", "ChangeRecord", "Guardrail", "ParameterInfo", "PendingChange", "RateChange", "SetResult",
         "Status", "Update")},
 }
 
 __all__ = [
     "CancelResult",
+    "ChangeList",
     "ChangeRecord",
     "Guardrail",
     "LRClient",

@@ -69,6 +69,7 @@ _EXIT_BY_CODE: dict[str, int] = {  # keyed by status name (LrctlError.code)
     "DEADLINE_EXCEEDED": EXIT_TIMEOUT,
     "INTERNAL": EXIT_INTERNAL,
     "UNKNOWN": EXIT_INTERNAL,
+    "DATA_LOSS": EXIT_INTERNAL,  # applied, but not in the audit log: the message says so
 }
 
 EXIT_CODES_HELP = """\
@@ -401,11 +402,12 @@ def cmd_status(client: LRClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _history_row(r: ChangeRecord) -> tuple[Any, ...]:
+def _history_row(r: ChangeRecord, errors: bool) -> tuple[Any, ...]:
     updates = ", ".join([*map(_fmt_update, r.updates), *map(_fmt_assignment, r.schedules)])
     who = f"{r.user} [{r.token_name}]" if r.token_name else r.user
-    return (r.change_id, r.step, r.version, _fmt_when(r.applied_at), who, updates,
-            _one_line(r.reason))
+    row = (r.change_id, r.step, r.version, _fmt_when(r.applied_at), r.status or "applied", who,
+           updates, _one_line(r.reason))
+    return (*row, _one_line(r.error)) if errors else row
 
 
 def _record_json(r: ChangeRecord | PendingChange) -> dict[str, Any]:
@@ -415,15 +417,45 @@ def _record_json(r: ChangeRecord | PendingChange) -> dict[str, Any]:
     return {**dataclasses.asdict(dataclasses.replace(r, schedules=[])), "schedules": schedules}
 
 
-def cmd_history(client: LRClient, args: argparse.Namespace) -> int:
-    """lrctl history: applied changes, oldest first (the last --limit N)."""
-    # A bounded deque keeps only the newest N while paging through the whole history.
-    records = list(collections.deque(client.iter_changes(), maxlen=args.limit))
+def _print_history(records: Sequence[ChangeRecord], args: argparse.Namespace) -> None:
     if args.json:
         _print_json([_record_json(r) for r in records])
-    else:
-        headers = ("CHANGE", "STEP", "VERSION", "WHEN", "USER", "UPDATES", "REASON")
-        print(format_table(headers, map(_history_row, records)))
+        return
+    errors = any(r.failed for r in records)
+    headers = ("CHANGE", "STEP", "VERSION", "WHEN", "STATUS", "USER", "UPDATES", "REASON")
+    headers += ("ERROR",) if errors else ()
+    print(format_table(headers, (_history_row(r, errors) for r in records)))
+
+
+def _note(text: str) -> None:
+    print(f"lrctl: note: {_one_line(text)}", file=sys.stderr)
+
+
+def cmd_history(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl history: recorded changes (applied, and failed at their step), oldest first
+    (the last --limit N)."""
+    changes = client.iter_changes()
+    # A bounded deque keeps only the newest N while paging through the whole history.
+    shown: collections.deque[ChangeRecord] = collections.deque(maxlen=args.limit)
+    held = 0
+    for record in changes:
+        shown.append(record)
+        held += 1
+    records = list(shown)
+    if changes.gap and records and len(records) == held:
+        # Only when what is shown starts right after records that are gone.
+        _note(f"{changes.dropped} older change(s) were dropped from the worker's history (it "
+              f"keeps the last {held}); the first shown is version {records[0].version}")
+    _print_history(records, args)
+    return EXIT_OK
+
+
+def cmd_history_file(args: argparse.Namespace) -> int:
+    """lrctl history --file PATH: the same table, from an audit log (no worker needed)."""
+    from lrctl.client.audit_file import read_audit_log  # only this verb needs it
+
+    records = list(collections.deque(read_audit_log(args.file, _note), maxlen=args.limit))
+    _print_history(records, args)
     return EXIT_OK
 
 
@@ -630,8 +662,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=cmd_status)
 
-    p = verbs.add_parser("history", parents=[common], help="applied changes, oldest first")
+    p = verbs.add_parser("history", parents=[common],
+                         help="recorded changes (applied, and failed at their step), oldest first")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="only the last N changes")
+    p.add_argument("--file", metavar="PATH",
+                   help="read a worker's audit log (and its rotated PATH.1, PATH.2, ...) instead "
+                        "of asking the worker; works after the worker is gone")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_history)
 
@@ -675,6 +711,11 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         return done.code if isinstance(done.code, int) else EXIT_OK
 
     try:
+        if getattr(args, "file", None):
+            try:
+                return cmd_history_file(args)
+            except LrctlError as err:  # a local file, not a worker's answer
+                raise UsageError(str(err)) from None
         try:
             token = read_token_file(args.token_file) if args.token_file else None
             client = LRClient(args.address, timeout=args.timeout, token=token, tls_ca=args.tls_ca,

@@ -27,6 +27,7 @@ from lrctl.client.errors import (
 from lrctl.client.tls import ClientTLS, PemSource
 from lrctl.client.types import (
     CancelResult,
+    ChangeList,
     ChangeRecord,
     LearningRate,
     LearningRates,
@@ -542,17 +543,20 @@ class LRClient:
         *,
         max_changes_per_record: int = 0,
         timeout: Optional[float] = None,
-    ) -> Iterator[ChangeRecord]:
-        """Applied changes with version > `after_version`, in order of application.
+    ) -> ChangeIterator:
+        """The history after the change that made `after_version`, in order: applied
+        changes and accepted changes that failed at their step (`ChangeRecord.failed`).
 
         Pass the last record's version to follow the history. `max_changes_per_record`
-        caps each record's per-name list (0: the worker's default).
+        caps each record's per-name list (0: the worker's default). The iterator's
+        `gap`, `dropped` and `oldest_version` (see ChangeList) are set once its first
+        page has arrived: `gap` is True when records it should have started with
+        were dropped from the worker's bounded history.
         """
-        for reply in self._pages(
+        return ChangeIterator(self._pages(
             self._stub.ListChanges, lrctl_pb2.ListChangesRequest, timeout, page_size=page_size,
             after_version=after_version, max_changes_per_record=max_changes_per_record,
-        ):
-            yield from map(ChangeRecord.from_proto, reply.changes)
+        ))
 
     def list_changes(
         self,
@@ -561,12 +565,16 @@ class LRClient:
         *,
         max_changes_per_record: int = 0,
         timeout: Optional[float] = None,
-    ) -> list[ChangeRecord]:
-        """All applied changes after `after_version`, as a list (see iter_changes)."""
+    ) -> ChangeList:
+        """The history after `after_version`, as a list (see iter_changes) with the
+        reading's `gap`, `dropped` and `oldest_version` as attributes."""
         changes = self.iter_changes(
             after_version, page_size, max_changes_per_record=max_changes_per_record, timeout=timeout
         )
-        return list(changes)
+        result = ChangeList(changes)
+        result.gap, result.dropped, result.oldest_version = changes.gap, changes.dropped, changes.oldest_version
+        return result
+
 
     def iter_pending(self, page_size: int = 0, *, timeout: Optional[float] = None) -> Iterator[PendingChange]:
         """The accepted changes still waiting for their step, in order of acceptance,
@@ -588,3 +596,32 @@ class LRClient:
         request = _message(lrctl_pb2.CancelChangesRequest, change_ids=list(change_ids), reason=reason)
         reply = self._call(self._stub.CancelChanges, request, timeout)
         return CancelResult(cancelled=list(reply.cancelled), not_found=list(reply.not_found))
+
+
+class ChangeIterator(Iterator[ChangeRecord]):
+    """The records of a history reading, page by page, and what the reading missed:
+    `gap`, `dropped` and `oldest_version` as in ChangeList (from the first page; a
+    record dropped while paging sets `gap` too)."""
+
+    def __init__(self, pages: Iterator[lrctl_pb2.ListChangesResponse]) -> None:
+        self._pages = pages
+        self._records: Iterator[ChangeRecord] = iter(())
+        self.gap = False
+        self.dropped = 0
+        self.oldest_version = 0
+        self._first = True
+
+    def __iter__(self) -> ChangeIterator:
+        return self
+
+    def __next__(self) -> ChangeRecord:
+        while True:
+            record = next(self._records, None)
+            if record is not None:
+                return record
+            reply = next(self._pages)  # StopIteration ends the reading
+            if self._first:
+                self.dropped, self.oldest_version = reply.dropped, reply.oldest_version
+                self._first = False
+            self.gap = self.gap or reply.gap
+            self._records = map(ChangeRecord.from_proto, reply.changes)

@@ -8,6 +8,7 @@ import grpc
 from lrctl.common.errors import (
     ERRORS_BY_CODE,
     AbortedError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -22,6 +23,7 @@ from lrctl.common.errors import (
 
 __all__ = [
     "AbortedError",
+    "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",

@@ -324,10 +324,12 @@ class Status:
 
 @dataclass(frozen=True)
 class ChangeRecord:
-    """One applied change from the worker's history: who, when, at which step, what.
+    """One change from the worker's history: who, when, at which step, what.
 
-    `version` is the history's sequence number; `changes` may list fewer than
-    `num_changes` entries (max_changes_per_record).
+    `status` is "" for an applied change; for an accepted change that failed at its
+    step it names the gRPC status it failed with ("FAILED_PRECONDITION", ...) and
+    `error` says why (it changed nothing, and `version` is the one in force then).
+    `changes` may list fewer than `num_changes` entries (max_changes_per_record).
     """
 
     change_id: int
@@ -345,6 +347,13 @@ class ChangeRecord:
     schedules: list[ScheduleAssignment] = field(default_factory=list)
     role: str = ""  # authenticated role and token name; "" when the worker has no tokens
     token_name: str = ""
+    status: str = ""
+    error: str = ""
+
+    @property
+    def failed(self) -> bool:
+        """True for an accepted change that failed at its step (nothing was applied)."""
+        return bool(self.status)
 
     @classmethod
     def from_proto(cls, msg: lrctl_pb2.ChangeRecord) -> ChangeRecord:
@@ -365,6 +374,8 @@ class ChangeRecord:
             schedules=[_assignment_from_proto(a) for a in msg.schedules],
             role=msg.role,
             token_name=msg.token_name,
+            status=msg.status,
+            error=msg.error,
         )
 
 
@@ -422,3 +433,17 @@ class CancelResult:
 
     cancelled: list[int]
     not_found: list[int]
+
+
+class ChangeList(list):  # type: ignore[type-arg]
+    """A reading of the history (a list of ChangeRecord) and what it could not include.
+
+    `dropped`: records the worker's bounded history dropped from its front, in all;
+    `gap`: True when records right after where the reading began had been dropped
+    (it does not start right after `after_version`); `oldest_version`: version of
+    the oldest applied change the worker still holds (0 if none).
+    """
+
+    dropped: int = 0
+    gap: bool = False
+    oldest_version: int = 0

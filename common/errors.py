@@ -69,6 +69,12 @@ class ResourceExhaustedError(LrctlError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DataLossError(LrctlError):
+    """The change WAS applied, but its record could not be written to the audit log."""
+
+    code = "DATA_LOSS"
+
+
 class InternalError(LrctlError):
     """A bug on the worker side; the request failed, training goes on."""
 
@@ -87,6 +93,7 @@ ERRORS_BY_CODE: dict[str, type[LrctlError]] = {
         UnavailableError,
         AbortedError,
         ResourceExhaustedError,
+        DataLossError,
         InternalError,
     )
 }

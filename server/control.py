@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import atexit
+import os
 import warnings
 from typing import Any, Iterable, Literal, Mapping, Optional, Union
 
 import torch
 
 from lrctl.server.adopt import AdoptedScheduler
+from lrctl.server import audit as audit_log_module
+from lrctl.server.audit import AuditLog
 from lrctl.server.auth import Tokens
 from lrctl.server.controller import Controller
 from lrctl.server.controller_state import RESUME_POLICIES
 from lrctl.server.queue_limits import QueueLimits
+from lrctl.server.history import DEFAULT_HISTORY_LIMIT, DEFAULT_HISTORY_MAX_BYTES
 from lrctl.server.resume import STATE_KEY, Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.guardrails import Guardrails
@@ -29,10 +33,12 @@ class LRControl:
     the step hook (the optimizer keeps its current rates) and stops the server.
     """
 
-    def __init__(self, controller: Controller, server: BuiltServer | None, resume: Resume) -> None:
+    def __init__(self, controller: Controller, server: BuiltServer | None, resume: Resume,
+                 audit: AuditLog | None = None) -> None:
         self.controller = controller
         self._server = server
         self._resume = resume
+        self.audit = audit
         self._closed = False
         atexit.register(self.close)
 
@@ -83,7 +89,10 @@ class LRControl:
         return self._server.address
 
     def close(self, grace: float = 2.0) -> None:
-        """Fail pending changes, stop serving (in-flight calls get `grace` seconds)."""
+        """Shut down: changes still queued fail (recorded as failed: FAILED_PRECONDITION,
+        "the worker shut down at step S; change N was not applied", which is also what
+        their waiting callers are told), the audit log is written, fsynced and closed,
+        then the server stops, giving in-flight calls `grace` seconds to finish."""
         if self._closed:
             return
         self._closed = True
@@ -92,6 +101,8 @@ class LRControl:
         # lrctl's last state); loading no longer involves lrctl.
         self._resume.remove(keep_saving=True)
         self.controller.close()
+        if self.audit is not None:
+            self.audit.close()  # after the controller: its failed records go in too
         if self._server is not None:
             self._server.stop(grace)
 
@@ -110,7 +121,8 @@ def attach(
     address: str = DEFAULT_ADDRESS,
     insecure: bool = False,
     serve: bool = True,
-    history_limit: int = 10_000,
+    history_limit: int = DEFAULT_HISTORY_LIMIT,
+    history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
     max_workers: int = 8,
     resume: str = "checkpoint",
     start_step: int = 0,
@@ -118,6 +130,9 @@ def attach(
     tls: Union[Optional[ServerTLS], Literal[False]] = None,
     queue_limits: QueueLimits | None = None,
     guardrails: Guardrails | None = None,
+    audit_log: str | os.PathLike[str] | None = None,
+    audit_max_bytes: int = audit_log_module.DEFAULT_MAX_BYTES,
+    audit_keep: int = audit_log_module.DEFAULT_KEEP,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -163,11 +178,23 @@ def attach(
     `guardrails` (lrctl.server.guardrails.Guardrails) bound the rates clients may set;
     by default they come from $LRCTL_GUARDRAILS and $LRCTL_MAX_FACTOR (none when unset;
     pass ``Guardrails()`` to ignore the environment).
+
+    History: the worker keeps the newest `history_limit` records and at most
+    `history_max_bytes` of them in memory (64 MiB), oldest dropped first.
+
+    `audit_log` (default: $LRCTL_AUDIT_LOG; none if unset) is a file that every
+    recorded change (applied, or failed at its step) is appended to as one JSON line,
+    written and fsynced before a waiting client is answered; the training step never
+    waits for it (a writer thread does the disk work). Past `audit_max_bytes` (64 MiB)
+    it rotates to PATH.1 .. PATH.`audit_keep`. ``close()`` (or the ``with`` block's
+    end) writes what is queued and closes it; read it with ``lrctl history --file``.
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
     if tls is None and serve:
         tls = ServerTLS.from_env()
+    if audit_log is None:
+        audit_log = os.environ.get(audit_log_module.ENV) or None
     if resume not in RESUME_POLICIES:
         raise ValueError(f"resume {resume!r} is not one of {', '.join(map(repr, RESUME_POLICIES))}")
     if guardrails is None:
@@ -183,7 +210,7 @@ def attach(
             "on its own it fights lrctl's rates and breaks when lrctl regroups",
             stacklevel=2,
         )
-    adopted = controller = checkpoints = None
+    adopted = controller = checkpoints = audit = None
     try:
         if scheduler is not None:
             adopted = AdoptedScheduler(scheduler, optimizer)
@@ -191,6 +218,7 @@ def attach(
             named,
             optimizer,
             history_limit=history_limit,
+            history_max_bytes=history_max_bytes,
             group_schedules=None if adopted is None else adopted.groups,
             group_bases=None if adopted is None else [g.base_lr for g in adopted.groups],
             on_step=() if adopted is None else (adopted.mark_stepped,),
@@ -203,19 +231,25 @@ def attach(
             checkpoints.loaded_before_attach = True
             checkpoints.load_state_dict(loaded)
             checkpoints.loaded_before_attach = False
+        if audit_log:
+            audit = AuditLog(audit_log, run_id=controller.run_id, max_bytes=audit_max_bytes,
+                             keep=audit_keep)
+            controller.audit = audit
     except BaseException:
         # Leave everything as it was: no hooks, the scheduler on the optimizer, the state.
         if checkpoints is not None:
             checkpoints.remove()
         if controller is not None:
             controller.close()
+        if audit is not None:
+            audit.close()
         if adopted is not None:
             adopted.release()
         if loaded is not None:
             optimizer.param_groups[0][STATE_KEY] = loaded
         raise
     if not serve:
-        return LRControl(controller, None, checkpoints)
+        return LRControl(controller, None, checkpoints, audit)
     # Two threads stay free of waiting Sets for reads and health checks.
     service = LearningRateControlService(controller, max_waiting=max(1, max_workers - 2), tokens=tokens)
     try:
@@ -230,5 +264,7 @@ def attach(
     except BaseException:
         checkpoints.remove()
         controller.close()
+        if audit is not None:
+            audit.close()
         raise
-    return LRControl(controller, server, checkpoints)
+    return LRControl(controller, server, checkpoints, audit)

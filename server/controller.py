@@ -44,7 +44,13 @@ from lrctl.common.errors import (
 )
 from lrctl.server.controller_state import ControllerState
 from lrctl.server.guardrails import Guardrail, Guardrails, NameSettings
-from lrctl.server.history import History, RateChanges, Record
+from lrctl.server.history import (
+    DEFAULT_HISTORY_LIMIT,
+    DEFAULT_HISTORY_MAX_BYTES,
+    History,
+    RateChanges,
+    Record,
+)
 from lrctl.server.planner import NameOp, PlannedChange, plan_change
 from lrctl.server.queue_limits import QueueLimits, check_horizon, check_room
 from lrctl.server.rates import CONSTANT, RateState, RateTable, ScheduleBook
@@ -152,6 +158,18 @@ class PendingView:
 
 
 @dataclass(frozen=True)
+class HistoryPage:
+    """A reading of the history (Controller.history_page)."""
+
+    records: list[Record]
+    more: bool
+    dropped: int  # records dropped from the front, in all
+    oldest_version: int  # of the oldest applied record held; 0 if none
+    gap: bool  # records this reading should have started with were dropped
+    held: int  # records held
+
+
+@dataclass(frozen=True)
 class RateRow:
     """One name's rate as GetLearningRates reports it, at one step."""
 
@@ -197,7 +215,8 @@ class Controller(ControllerState):
         named_parameters: Iterable[tuple[str, torch.Tensor]],
         optimizer: torch.optim.Optimizer,
         *,
-        history_limit: int = 10_000,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
         strategy: StrategyFactory = CoalescedGroups,
         group_schedules: Sequence[Any] | None = None,
         group_bases: Sequence[float] | None = None,
@@ -254,7 +273,11 @@ class Controller(ControllerState):
         self._table.set_limits(self._strategy.limit_of)
         self._warn_outside_guardrails()
         self._history_limit = history_limit
-        self._history = History(history_limit)
+        self._history_max_bytes = history_max_bytes
+        self._history = History(history_limit, history_max_bytes)
+        # Where finished changes go before their callers hear of them: the audit log
+        # (lrctl.server.audit) completes them once their record is on disk.
+        self.audit: Any = None
         self.lineage: tuple[str, ...] = ()  # run ids of the runs this one resumed from
         self._pending: list[PendingChange] = []
         self.queue_limits = QueueLimits() if queue_limits is None else queue_limits
@@ -478,14 +501,24 @@ class Controller(ControllerState):
 
     def history(self, after_version: int, limit: int) -> tuple[list[Record], bool, int]:
         """Up to `limit` records after a version; whether more follow; how many were dropped."""
+        page = self.history_page(after_version, 0, limit)
+        return page.records, page.more, page.dropped
+
+    def history_page(self, after_version: int, after_seq: int, limit: int) -> "HistoryPage":
+        """Up to `limit` records after the change that made `after_version` and after
+        record `after_seq` (0: from the start), with what a reader needs to know of drops."""
         with self._lock:
-            it = self._history.after(after_version)
+            history = self._history
+            it = history.after(after_version, after_seq)
             records = [r for _, r in zip(range(limit), it)]
             more = next(it, None) is not None
-            return records, more, self._history.dropped
+            return HistoryPage(records, more, history.dropped, history.oldest_version,
+                               history.gap(after_version, after_seq), len(history))
 
     def rate_changes(self, record: Record, limit: int) -> tuple[RateChange, ...]:
         """The first `limit` per-name changes of a record, with names."""
+        if record.plan is None:
+            return ()
         return self._changes(record.plan)[:limit]
 
     def _changes(self, plan: PlannedChange) -> RateChanges:
@@ -592,18 +625,16 @@ class Controller(ControllerState):
         return [i for i in wanted if i in found], [i for i in wanted if i not in found]
 
     def close(self) -> None:
-        """Detach from the optimizer; pending changes fail, none is applied later."""
+        """Detach from the optimizer; pending changes fail (recorded as failed), none is
+        applied later."""
         self._hook.remove()
         with self._lock:
             self._closed = True
             pending, self._pending, self._next_due = self._pending, [], _NEVER
             step = self._step
-        for p in pending:
-            p.finish(
-                error=FailedPreconditionError(
-                    f"the worker shut down at step {step}; change {p.change_id} was not applied"
-                )
-            )
+            for p in pending:
+                self._fail(p, step, FailedPreconditionError(
+                    f"the worker shut down at step {step}; change {p.change_id} was not applied"))
 
     # -- the step boundary (training thread) -----------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -627,7 +658,7 @@ class Controller(ControllerState):
         for k, pending in enumerate(due):
             if pending.deadline is not None and now is not None and now > pending.deadline:
                 # Its caller has been (or is being) told DEADLINE_EXCEEDED: never apply it.
-                pending.finish(error=DeadlineExceededError(
+                self._fail(pending, step, DeadlineExceededError(
                     f"change {pending.change_id} was dropped, NOT applied: step {step} began after "
                     "its caller's deadline (the worker was paused or busy)"))
                 log.warning("lrctl: change %d dropped at step %d: its deadline had passed",
@@ -651,8 +682,8 @@ class Controller(ControllerState):
     def _abandon(self, changes: Sequence[PendingChange], step: int) -> None:
         """Finish changes that an interrupt left half-way, so no caller waits forever."""
         for pending in changes:
-            if not pending.finished.is_set():
-                pending.finish(error=InternalError(
+            if not pending.finished.is_set() and not pending.handed_over:
+                self._fail(pending, step, InternalError(
                     f"step {step} was interrupted while applying changes; change "
                     f"{pending.change_id} may not have been applied: the history tells"
                 ))
@@ -660,16 +691,46 @@ class Controller(ControllerState):
     def _apply_guarded(self, pending: PendingChange, step: int) -> None:
         """Apply one change; whatever goes wrong costs the change, never the step."""
         try:
-            outcome = self._apply(pending, step)
+            outcome, record = self._apply(pending, step)
         except LrctlError as exc:
             # Said here too: a change accepted without waiting has no one to tell.
             log.warning("lrctl: change %d was not applied: %s", pending.change_id, exc)
-            pending.finish(error=exc)
+            self._fail(pending, step, exc)
         except Exception as exc:  # a bug here must not kill training
             log.exception("lrctl: applying change %d failed", pending.change_id)
-            pending.finish(error=InternalError(f"applying change {pending.change_id} failed: {exc!r}"))
+            self._fail(pending, step, InternalError(f"applying change {pending.change_id} failed: {exc!r}"))
         else:
-            pending.finish(outcome=outcome)
+            self._hand_over(pending, record, outcome=outcome)
+
+    def _hand_over(
+        self, pending: PendingChange, record: Record, *, outcome: Outcome | None = None,
+        error: LrctlError | None = None,
+    ) -> None:
+        """Finish a change whose record is in the history (lock held): through the audit
+        log when there is one (it finishes the change once the record is on disk, on
+        its own thread: the step never waits for the disk), else at once."""
+        pending.handed_over = True
+        if self.audit is None:
+            pending.finish(outcome=outcome, error=error)
+        else:
+            self.audit.submit(record, pending, outcome, error,
+                              None if record.plan is None else self._changes(record.plan))
+
+    def _fail(self, pending: PendingChange, step: int, error: LrctlError) -> None:
+        """Record an accepted change that failed at `step` (it changed nothing) and
+        finish it with `error` (lock held)."""
+        request = pending.request
+        record = self._history.append(Record(
+            change_id=pending.change_id, version=self._version, step=step,
+            applied_at=time.time(), requested_at=pending.requested_at,
+            updates=request.updates,
+            schedules=tuple(replace(u, schedule=self._book.canonical(u.schedule))
+                            for u in request.schedules),
+            plan=None, peer=request.peer, user=request.user, reason=request.reason,
+            at_step=request.at_step, role=request.role, token=request.token,
+            status=error.code, error=str(error),
+        ))
+        self._hand_over(pending, record, error=error)
 
     def _install(self, plan: PlannedChange, forward: bool) -> None:
         """Put a plan's new (or, backwards, old) values in the table and the optimizer."""
@@ -690,7 +751,7 @@ class Controller(ControllerState):
         self._strategy.move(moved, rates)
         self._installed.update(rates)
 
-    def _apply(self, pending: PendingChange, step: int) -> Outcome:
+    def _apply(self, pending: PendingChange, step: int) -> tuple[Outcome, Record]:
         request = pending.request
         if request.expected_version is not None and request.expected_version != self._version:
             raise FailedPreconditionError(
@@ -707,7 +768,7 @@ class Controller(ControllerState):
             self._install(plan, forward=False)
             raise
         self._version += 1
-        self._history.append(
+        record = self._history.append(
             Record(
                 change_id=pending.change_id,
                 version=self._version,
@@ -733,7 +794,7 @@ class Controller(ControllerState):
             version=self._version,
             applied=True,
             changes=self._changes(plan),  # type: ignore[arg-type]
-        )
+        ), record
 
     # -- validation (caller's thread) --------------------------------------------------
     def _plan(

@@ -44,7 +44,7 @@ class ParsedState:
 def _with_real_ids(record: Record, book: ScheduleBook) -> Record:
     """`record` with its plan's schedule ids (provisional, from a scratch book) made real."""
     plan = record.plan
-    if plan.old_schedule is None or plan.new_schedule is None:
+    if plan is None or plan.old_schedule is None or plan.new_schedule is None:
         return record
     real = {sid: book.intern(spec) for sid, spec in plan.schedules.items()}
     real[0] = 0
@@ -65,6 +65,7 @@ class ControllerState:
         _book: ScheduleBook
         _history: History
         _history_limit: int
+        _history_max_bytes: int
         _pending: list[PendingChange]
         _next_due: float
         _step: int
@@ -88,13 +89,14 @@ class ControllerState:
             held = [i for i, b in enumerate(table.base) if b is not None]
             tail: list[Record] = []
             entries = 0
-            for record in reversed(list(self._history.after(0))):
+            kept = list(self._history.after(-1))
+            for record in reversed(kept):
                 entries += record.num_changes
                 if len(tail) >= state.MAX_SAVED_RECORDS or (tail and entries > state.MAX_SAVED_ENTRIES):
                     break
                 tail.append(record)
             tail.reverse()
-            kept_from = tail[0].version if tail else self._version + 1
+            dropped = self._history.dropped + len(kept) - len(tail)
             return {
                 "format": state.FORMAT,
                 "run_id": self.run_id,
@@ -110,7 +112,7 @@ class ControllerState:
                     "pin": [table.pins.get(i) for i in held],
                 },
                 "history": [state.record_to_state(r, names, int) for r in tail],
-                "history_dropped": kept_from - 1,  # versions count from 1, one per record
+                "history_dropped": dropped,
                 "pending": [
                     {
                         "change_id": p.change_id, "requested_at": p.requested_at,
@@ -218,10 +220,18 @@ class ControllerState:
             self._next_change_id = parsed.next_change_id
             self.lineage = parsed.lineage
             self._reinstall()
-            self._history = History(self._history_limit)
+            self._history = History(self._history_limit, self._history_max_bytes)
             for record in parsed.records:
                 self._history.append(_with_real_ids(record, book))
-            self._history.dropped = parsed.dropped
+            self._history.dropped += parsed.dropped
+            if self._history.last_dropped is not None:
+                pass
+            elif parsed.dropped and parsed.records:
+                # Dropped in an earlier run: what came before the first record kept.
+                first = parsed.records[0]
+                self._history.last_dropped = (first.version - (0 if first.failed else 1), False, -1)
+            elif parsed.dropped:
+                self._history.last_dropped = (parsed.version, False, -1)
             for pending in parsed.pending:
                 self._pending.append(pending)
                 self._next_due = min(self._next_due, pending.due)

@@ -106,7 +106,7 @@ def _lrs_by_name(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {n: float(g["lr"]) for g in optimizer.param_groups for n in g["param_names"]}
 
 
-def run_demo(steps: int = 10) -> int:
+def run_demo(steps: int = 10, audit_log: str | None = None) -> int:
     """The seed example over gRPC; returns the exit code (0: the tables match)."""
     torch.manual_seed(0)
     model, optimizer, loss_fn = _seed_job()
@@ -123,7 +123,7 @@ def run_demo(steps: int = 10) -> int:
     limits = QueueLimits(max_changes=max(steps, 1000), max_changes_per_connection=max(steps, 100),
                          max_changes_per_token=max(steps, 250))
     with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens, tls=False,
-                queue_limits=limits) as ctl:
+                queue_limits=limits, audit_log=audit_log) as ctl:
         # Registered after attach, so it runs after lrctl's hook: it sees the rates
         # each step really used.
         optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(_lrs_by_name(opt)))
@@ -150,7 +150,7 @@ def run_demo(steps: int = 10) -> int:
         finally:
             if driver.poll() is None:
                 driver.kill()
-        applied = {r.step: r for r in ctl.controller.history(0, steps)[0]}
+        applied = {r.step: r for r in ctl.controller.history(0, steps)[0] if not r.failed}
         names = ctl.controller.names
         for step, rates in enumerate(seen):
             record = applied.get(step)
@@ -162,19 +162,30 @@ def run_demo(steps: int = 10) -> int:
     return code
 
 
-def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool,
-          tls: ServerTLS | None = None, guardrails: Guardrails | None = None) -> int:
-    """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl
-    (over `tls`, else the TLS that $LRCTL_WORKER_TLS_CERT/_KEY/_CLIENT_CA configure).
+# Seconds in-flight calls get to finish when the worker stops.
+SHUTDOWN_GRACE_S = 5.0
 
-    `guardrails` None: from $LRCTL_GUARDRAILS / $LRCTL_MAX_FACTOR, as attach does."""
+
+def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool,
+          tls: ServerTLS | None = None, guardrails: Guardrails | None = None,
+          audit_log: str | None = None) -> int:
+    """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl
+    (over `tls`, else the TLS that $LRCTL_WORKER_TLS_CERT/_KEY/_CLIENT_CA configure;
+    `guardrails` None: from $LRCTL_GUARDRAILS / $LRCTL_MAX_FACTOR, as attach does).
+
+    A signal stops training at a step boundary; then close() fails the changes still
+    queued (their waiting callers hear FAILED_PRECONDITION "the worker shut down at
+    step S; change N was not applied", and they are recorded as failed), writes and
+    fsyncs the audit log, and stops the server with a grace period. Exit code 0.
+    """
     torch.manual_seed(0)
     model, optimizer, loss_fn = JOBS[model_name]()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with attach(model, optimizer, address=address, insecure=insecure, tls=tls,
-                    guardrails=guardrails) as ctl:
+        ctl = attach(model, optimizer, address=address, insecure=insecure, tls=tls,
+                     guardrails=guardrails, audit_log=audit_log)
+        try:
             n = len(ctl.controller.names)
             over = ""
             if ctl.tls is not None:
@@ -206,6 +217,9 @@ def serve(address: str, model_name: str, steps: int, step_delay: float, insecure
                     stop.wait(step_delay)
             reason = "stopped by signal" if stop.is_set() else f"reached {step} steps"
             print(f"lrctl worker: {reason}; shutting down", flush=True)
+        finally:
+            ctl.close(grace=SHUTDOWN_GRACE_S)
+        print("lrctl worker: stopped", flush=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -241,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-factor", type=float, default=None, metavar="F",
                         help="with --serve: refuse a change that moves a rate by more than a factor F "
                              "(> 1); replaces $LRCTL_MAX_FACTOR")
+    parser.add_argument("--audit-log", metavar="PATH", default=None,
+                        help="append every recorded change to PATH as a JSON line, fsynced before "
+                             "its client is answered (default: $LRCTL_AUDIT_LOG; none if unset)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 0:
         parser.error(f"--steps must not be negative: {args.steps}")
@@ -264,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.serve:
             tls = ServerTLS.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca)
             return serve(args.address, args.model or "seed", args.steps or 0, args.step_delay,
-                         args.insecure, tls, guardrails)
+                         args.insecure, tls, guardrails, args.audit_log)
         if args.steps == 0:
             parser.error("--steps must be at least 1 without --serve")
-        return run_demo(args.steps or 10)
+        return run_demo(args.steps or 10, args.audit_log)
     except (ValueError, OSError) as exc:
         print(f"lrctl: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1

@@ -1,7 +1,8 @@
-"""The in-memory change history: one record per applied change, in order of application.
+"""The in-memory change history: one record per applied change, in order of
+application, and one per accepted change that failed at its step.
 
-Records carry everything an audit log needs (who, when, which step, old and new per
-name), so a durable log can later be fed from the same records.
+Records carry everything the audit log (lrctl.server.audit) writes: who, when, which
+step, old and new per name.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, overload
 
 from lrctl.server.planner import PlannedChange
@@ -34,6 +35,11 @@ class RateChanges(Sequence[RateChange]):
 
     def __len__(self) -> int:
         return len(self._plan.indices)
+
+    @property
+    def columns(self) -> tuple[Sequence[str], PlannedChange, Callable[[int], str]]:
+        """(names, plan, describe schedule id): for writers that read the arrays at once."""
+        return self._names, self._plan, self._describe
 
     @overload
     def __getitem__(self, k: int) -> RateChange: ...
@@ -78,67 +84,155 @@ def _pin(value: float) -> float | None:
 
 @dataclass(frozen=True)
 class Record:
-    """One applied change: its plan (per-name values in compact arrays, model order)."""
+    """One change of the history: applied (its plan: per-name values in compact
+    arrays, model order), or accepted and then failed at its step (`status` names the
+    gRPC status it failed with, `error` says why; no plan, and `version` is the config
+    version in force when it failed)."""
 
     change_id: int
     version: int
     step: int
-    applied_at: float
+    applied_at: float  # for a failed record: when it failed
     requested_at: float
     updates: tuple[Update, ...]
     schedules: tuple[ScheduleUpdate, ...]
-    plan: PlannedChange
+    plan: PlannedChange | None
     peer: str
     user: str
     reason: str
     at_step: int | None
     role: str = ""
     token: str = ""
+    status: str = ""  # "" applied; else e.g. "FAILED_PRECONDITION"
+    error: str = ""
+    seq: int = 0  # the history's own sequence number (History.append sets it)
 
     @property
     def num_changes(self) -> int:
-        return len(self.plan.indices)
+        return 0 if self.plan is None else len(self.plan.indices)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.status)
+
+    def follows(self, version: int) -> bool:
+        """True if this record came after the change that made `version` (a failed
+        record carries the version in force, so it follows that version's change)."""
+        return self.version > version or (self.version == version and self.failed)
 
 
-def _entries(record: Record) -> int:
-    """What a record weighs against the bound: its per-name changes, and the updates
-    of its request, kept as they were sent (a batch may list 100k names one by one)."""
-    return record.num_changes + len(record.updates) + len(record.schedules)
+# What a record holds in memory, measured with tracemalloc
+# (python bench/history_bytes.py): 40 bytes per name of its plan (an int64 position
+# and four doubles; 44 counted), 16 more each for pins and schedules; an Update or ScheduleUpdate
+# object ~112 bytes plus its selector string (49 + its length); a string 49 + its
+# length (up to 4 bytes per character beyond ASCII); a record's fixed part ~1 KiB.
+_RECORD_BYTES = 1024
+_UPDATE_BYTES = 112
+_STR_BYTES = 49
+_ENTRY_BYTES = 44  # 40, and room for arrays that over-allocate as they grow
+_EXTRA_ENTRY_BYTES = 16
+
+
+def _str_bytes(text: str) -> int:
+    return _STR_BYTES + len(text) * (1 if text.isascii() else 4)
+
+
+def record_bytes(record: Record) -> int:
+    """An estimate (from above) of the memory `record` holds, for the history's byte bound."""
+    size = _RECORD_BYTES + sum(map(_str_bytes, (record.reason, record.user, record.peer,
+                                                record.role, record.token, record.error)))
+    size += sum(_UPDATE_BYTES + _str_bytes(u.selector) for u in record.updates)
+    # Schedule specs are the book's own copies (their points are counted there).
+    size += sum(_UPDATE_BYTES + _str_bytes(u.selector) for u in record.schedules)
+    if record.failed:  # its schedules were never interned: their points are its own
+        size += 72 * sum(len(getattr(u.schedule, "points", ())) for u in record.schedules)
+    plan = record.plan
+    if plan is not None:
+        per_name = _ENTRY_BYTES
+        per_name += _EXTRA_ENTRY_BYTES if plan.old_pin is not None else 0
+        per_name += _EXTRA_ENTRY_BYTES if plan.old_schedule is not None else 0
+        size += per_name * len(plan.indices)
+    return size
+
+
+DEFAULT_HISTORY_LIMIT = 10_000
+DEFAULT_HISTORY_MAX_BYTES = 64 * 1024 * 1024
 
 
 class History:
     """A bounded, append-only list of records, oldest dropped first.
 
-    Two bounds: `limit` records, and `max_entries` per-name changes in all (40 bytes
-    each, more with pins or schedules), so that frequent changes on a 100k-parameter model cannot hold gigabytes.
-    The newest record is always kept.
+    Two bounds: `limit` records, and `max_bytes` of memory in all (record_bytes: the
+    per-name values, the updates as sent, selectors, reasons, users, peers), so that
+    neither frequent changes on a 100k-parameter model nor huge selectors or reasons
+    can hold gigabytes. The newest record is always kept. Records are numbered
+    (`seq`) in order of recording; page tokens name a record by it.
     """
 
-    def __init__(self, limit: int = 10_000, max_entries: int = 10_000_000) -> None:
-        if limit < 1 or max_entries < 1:
-            raise ValueError(f"history bounds must be at least 1, got {limit}, {max_entries}")
+    def __init__(self, limit: int = DEFAULT_HISTORY_LIMIT,
+                 max_bytes: int = DEFAULT_HISTORY_MAX_BYTES) -> None:
+        if limit < 1 or max_bytes < 1:
+            raise ValueError(f"history bounds must be at least 1, got {limit}, {max_bytes}")
         self._records: deque[Record] = deque()
-        self._limit, self._max_entries = limit, max_entries
-        self._entries = 0
+        self._sizes: deque[int] = deque()
+        self._limit, self._max_bytes = limit, max_bytes
+        self.bytes = 0
         self.dropped = 0
+        self._next_seq = 1
+        # The newest dropped record's (version, failed, seq): what a reading that
+        # starts before it has missed. seq -1: dropped in an earlier run.
+        self.last_dropped: tuple[int, bool, int] | None = None
 
-    def append(self, record: Record) -> None:
+    def append(self, record: Record) -> Record:
+        """Add `record` (numbered here) and drop the oldest past the bounds; returns it."""
+        record = replace(record, seq=self._next_seq)
+        self._next_seq += 1
+        size = record_bytes(record)
         self._records.append(record)
-        self._entries += _entries(record)
+        self._sizes.append(size)
+        self.bytes += size
         while len(self._records) > 1 and (
-            len(self._records) > self._limit or self._entries > self._max_entries
+            len(self._records) > self._limit or self.bytes > self._max_bytes
         ):
-            self._entries -= _entries(self._records.popleft())
+            old = self._records.popleft()
+            self.bytes -= self._sizes.popleft()
             self.dropped += 1
+            self.last_dropped = (old.version, old.failed, old.seq)
+        return record
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def after(self, version: int) -> Iterator[Record]:
-        """Records with a version greater than `version`, oldest first."""
+    @property
+    def oldest_version(self) -> int:
+        """Version of the oldest applied record held; 0 if none."""
+        return next((r.version for r in self._records if not r.failed), 0)
+
+    def _start(self, version: int, seq: int) -> int:
+        """Index of the first record that follows `version` and has a seq above `seq`."""
         records = self._records
-        if not records or records[-1].version <= version:
-            return iter(())
-        # Versions are consecutive, so the start position is arithmetic.
-        start = max(0, version - records[0].version + 1)
+        lo, hi = 0, len(records)
+        while lo < hi:  # records are ordered by (version, applied before failed), and by seq
+            mid = (lo + hi) // 2
+            if records[mid].follows(version):
+                hi = mid
+            else:
+                lo = mid + 1
+        if records and seq > 0:
+            lo = max(lo, seq - records[0].seq + 1)  # seqs are consecutive
+        return lo
+
+    def after(self, version: int, seq: int = 0) -> Iterator[Record]:
+        """Records after the change that made `version` (and after record `seq`), oldest first."""
+        records = self._records
+        start = self._start(version, seq)
         return (records[j] for j in range(start, len(records)))
+
+    def gap(self, version: int, seq: int = 0) -> bool:
+        """True if a record that a reading after (`version`, `seq`) would start with was dropped."""
+        if self.last_dropped is None:
+            return False
+        d_version, d_failed, d_seq = self.last_dropped
+        if seq > 0 and d_seq >= 0:
+            return d_seq > seq
+        return d_version > version or (d_version == version and d_failed)

@@ -110,6 +110,9 @@ class PendingChange:
     outcome: Outcome | None = None
     error: LrctlError | None = None
     deadline: float | None = None
+    # Set once its record is in the history and its finishing is under way (at once,
+    # or through the audit log's writer): nothing else may finish it then.
+    handed_over: bool = False
     size: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:

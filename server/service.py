@@ -525,8 +525,11 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             )
         per_record = min(request.max_changes_per_record or DEFAULT_REPORTED_CHANGES,
                          MAX_ENTRIES_PER_CHANGE_PAGE)
-        after = max(request.after_version, _decode_token(request.page_token, "changes", "")[0])
-        records, more, dropped = self._controller.history(after, size)
+        # The token names the last record sent by its sequence number (several records
+        # can share a version: failed ones carry the version in force).
+        after_seq = _decode_token(request.page_token, "records", "")[0]
+        page = self._controller.history_page(request.after_version, after_seq, size)
+        records, more = page.records, page.more
         used = 0
         for k, record in enumerate(records):  # a page ends early rather than grow huge
             used += min(record.num_changes, per_record) + len(record.updates)
@@ -535,8 +538,10 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                 break
         return pb.ListChangesResponse(
             changes=[self._record_pb(r, per_record) for r in records],
-            next_page_token=_encode_token("changes", records[-1].version, "") if more else "",
-            dropped=dropped,
+            next_page_token=_encode_token("records", records[-1].seq, "") if more else "",
+            dropped=page.dropped,
+            oldest_version=page.oldest_version,
+            gap=page.gap,
         )
 
     def _record_pb(self, record: Record, per_record: int) -> pb.ChangeRecord:
@@ -556,4 +561,6 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             num_changes=record.num_changes,
             role=record.role,
             token_name=record.token,
+            status=record.status,
+            error=record.error,
         )

@@ -131,9 +131,9 @@ def record_to_state(record: Record, names: Sequence[str], schedule_key: Callable
         "applied_at": record.applied_at, "requested_at": record.requested_at,
         "updates": updates_to_state(record.updates),
         "schedules": schedule_updates_to_state(record.schedules),
-        "plan": plan_to_state(record.plan, names, schedule_key),
+        "plan": None if record.plan is None else plan_to_state(record.plan, names, schedule_key),
         "peer": record.peer, "user": record.user, "reason": record.reason, "at_step": record.at_step,
-        "role": record.role, "token": record.token,
+        "role": record.role, "token": record.token, "status": record.status, "error": record.error,
     }
 
 
@@ -146,10 +146,11 @@ def record_from_state(
         applied_at=float(data["applied_at"]), requested_at=float(data["requested_at"]),
         updates=updates_from_state(data["updates"]),
         schedules=schedule_updates_from_state(data["schedules"], adopted),
-        plan=plan_from_state(data["plan"], position, schedule_id, book_lookup),
+        plan=None if data["plan"] is None else plan_from_state(data["plan"], position, schedule_id, book_lookup),
         peer=str(data["peer"]), user=str(data["user"]), reason=str(data["reason"]),
         at_step=None if data["at_step"] is None else int(data["at_step"]),
         role=str(data.get("role", "")), token=str(data.get("token", "")),
+        status=str(data.get("status", "")), error=str(data.get("error", "")),
     )
 
 

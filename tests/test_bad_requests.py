@@ -411,7 +411,10 @@ def test_crash_while_applying_costs_only_the_change(served: Served, training: Tr
     assert group_layout(served.optimizer) == before
     status = served.stub.GetStatus(pb.GetStatusRequest(), timeout=T)
     assert (status.version, status.num_param_groups) == (0, len(before))
-    assert list(served.stub.ListChanges(pb.ListChangesRequest(), timeout=T).changes) == []
+    # Recorded as failed (INTERNAL), at version 0: it changed nothing.
+    (failed,) = served.stub.ListChanges(pb.ListChangesRequest(), timeout=T).changes
+    assert (failed.version, failed.status, failed.num_changes) == (0, "INTERNAL", 0)
+    assert "simulated failure" in failed.error
     reply = served.stub.SetLearningRates(set_request(absolute("layer1.*", 0.5), wait=True), timeout=30)
     assert reply.applied and reply.version == 1
     assert group_lrs(served.model, served.optimizer) == {**SEED_LRS, "layer1.weight": 0.5, "layer1.bias": 0.5}

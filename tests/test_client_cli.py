@@ -339,9 +339,9 @@ def test_at_step_without_wait_applies_at_exactly_that_step(client: LRClient, wor
 def test_history_shows_who_what_and_why(client: LRClient, worker: Worker) -> None:
     ok(run_cli("set", "layer1.weight=0.005", "--reason", "plateau: halve it", address=worker.address))
     rows = table(ok(run_cli("history", address=worker.address)))
-    assert rows[0] == ["CHANGE", "STEP", "VERSION", "WHEN", "USER", "UPDATES", "REASON"]
+    assert rows[0] == ["CHANGE", "STEP", "VERSION", "WHEN", "STATUS", "USER", "UPDATES", "REASON"]
     last = rows[-1]
-    assert last[4:] == [default_user(), "layer1.weight=0.005", "plateau: halve it"]
+    assert last[4:] == ["applied", default_user(), "layer1.weight=0.005", "plateau: halve it"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", last[3])
 
     ok(run_cli("scale", "layer2.*", "2", address=worker.address))
@@ -356,7 +356,7 @@ def test_history_shows_who_what_and_why(client: LRClient, worker: Worker) -> Non
     assert record["user"] == default_user() and record["peer"]
     assert record["applied_at"] >= record["requested_at"] > 0
     human = table(ok(run_cli("history", "--limit", "1", address=worker.address)))
-    assert len(human) == 2 and human[1][5] == "layer2.* x2.0"
+    assert len(human) == 2 and human[1][4:7] == ["applied", default_user(), "layer2.* x2.0"]
 
 
 # -- errors: one line, the right exit code, nothing changed -----------------------------

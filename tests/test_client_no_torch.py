@@ -38,6 +38,7 @@ import lrctl.client
 import lrctl.client.client
 import lrctl.client.cli
 import lrctl.client.types
+import lrctl.client.audit_file
 from lrctl.client.cli import main
 
 def run(*argv):
@@ -53,6 +54,7 @@ result = {
     "set": run("--address", address, "set", "layer1.weight=0.0625", "--reason", "no torch"),
     "get": run("--address", address, "get", "layer1.*", "--json"),
     "bad": run("--address", address, "set", "layer1.weight=-1"),
+    "file": run("history", "--file", sys.argv[2]),
 }
 result["attempts"] = list(BlockTorch.attempts)
 result["loaded"] = sorted(m for m in sys.modules if m.partition(".")[0] == "torch")
@@ -63,8 +65,9 @@ print(json.dumps(result))
 
 
 @pytest.fixture(scope="module")
-def worker_address() -> Iterator[str]:
-    """A real worker (Linear(10,20) "layer1", Linear(20,1) "layer2", SGD), stepping."""
+def worker_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A real worker (Linear(10,20) "layer1", Linear(20,1) "layer2", SGD), stepping,
+    with an audit log; its address and the log's path."""
     from lrctl.server import attach
 
     model = torch.nn.Module()
@@ -73,18 +76,19 @@ def worker_address() -> Iterator[str]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # steps run the hooks and leave the weights be
-    ctl = attach(model, optimizer, address="127.0.0.1:0")
+    log = str(tmp_path_factory.mktemp("audit") / "audit.jsonl")
+    ctl = attach(model, optimizer, address="127.0.0.1:0", audit_log=log)
     try:
         with stepping(optimizer):
-            yield ctl.address
+            yield ctl.address, log
     finally:
         ctl.close()
 
 
 @pytest.fixture(scope="module")
-def child(worker_address: str) -> dict[str, Any]:
+def child(worker_address: tuple[str, str]) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, worker_address],
+        [sys.executable, "-c", CHILD, *worker_address],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
@@ -111,6 +115,11 @@ def test_list_get_set_work_without_torch(child: dict[str, Any]) -> None:
     assert {r["name"]: r["lr"] for r in json.loads(child["get"]["out"])} == {
         "layer1.weight": 0.0625, "layer1.bias": 0.1,
     }
+
+
+def test_history_file_works_without_torch(child: dict[str, Any]) -> None:
+    assert child["file"]["code"] == 0, child["file"]["err"]
+    assert "layer1.weight=0.0625" in child["file"]["out"] and "no torch" in child["file"]["out"]
 
 
 def test_errors_are_one_line_without_torch(child: dict[str, Any]) -> None:

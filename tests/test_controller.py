@@ -910,10 +910,10 @@ def test_seed_schedule_reproduces_the_expected_table() -> None:
         rig.controller.close()
 
 
-def test_history_is_bounded_by_per_name_entries_too() -> None:
+def test_history_is_bounded_in_bytes_too() -> None:
     from array import array
 
-    from lrctl.server.history import History, Record
+    from lrctl.server.history import History, Record, record_bytes
     from lrctl.server.planner import plan_change
     from lrctl.server.rates import RateState, ScheduleBook
 
@@ -932,13 +932,14 @@ def test_history_is_bounded_by_per_name_entries_too() -> None:
         assert r.num_changes == n
         return r
 
-    history = History(limit=100, max_entries=10)
+    four = record_bytes(record(1, 4))
+    history = History(limit=100, max_bytes=2 * four + 10)
     for v in range(1, 5):
         history.append(record(v, 4))
-    # 16 entries > 10: the oldest go until at most 10 remain.
+    # Four records of `four` bytes over a bound of two: the oldest go.
     assert [r.version for r in history.after(0)] == [3, 4]
-    assert history.dropped == 2
-    history.append(record(5, 50))  # larger than the bound alone: still kept, alone
+    assert history.dropped == 2 and history.bytes <= 2 * four + 10
+    history.append(record(5, 500))  # larger than the bound alone: still kept, alone
     assert [r.version for r in history.after(0)] == [5]
     assert history.dropped == 4
     assert [r.version for r in history.after(4)] == [5]
@@ -976,4 +977,7 @@ def test_a_change_whose_deadline_passed_is_dropped_at_its_step_not_applied(rig: 
     rates = rig.controller.learning_rates()
     assert rates["layer1.bias"] == SEED_LRS["layer1.bias"] and rates["layer2.bias"] == 0.25
     records, _, _ = rig.controller.history(0, 10)
-    assert [r.change_id for r in records] == [on_time.change_id]
+    # The dropped one is recorded as failed (it changed nothing, version 0 in force).
+    assert [(r.change_id, r.version, r.status) for r in records] == [
+        (late.change_id, 0, "DEADLINE_EXCEEDED"), (on_time.change_id, 1, "")]
+    assert records[0].plan is None and "NOT applied" in records[0].error

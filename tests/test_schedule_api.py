@@ -759,13 +759,13 @@ def test_cli_pins_unpin_and_history(served: Served, training: Trainer) -> None:
     assert out[0] == "layer2.weight: 0.02 -> 0.001 (unpinned)"
     rows = {r.name: r for r in get_schedules(served).schedules}
     assert not rows["layer2.weight"].HasField("pin") and rows["layer2.bias"].pin == 0.5
-    updates = [row[5] for row in table(ok(run_cli(address, "history")))[1:]]
+    updates = [row[6] for row in table(ok(run_cli(address, "history")))[1:]]
     assert updates == [f"schedule layer1.*: {WARMUP_COSINE_TEXT}", "pin layer2.weight=0.02",
                        "pin layer2.bias x0.5", "unpin layer2.weight"]
     out = ok(run_cli(address, "schedule", "clear", "layer1.*")).splitlines()
     assert out[0].startswith("layer1.weight: ") and out[0].endswith(
         f"-> 0.01 (schedule {WARMUP_COSINE_TEXT} -> constant)")
-    assert table(ok(run_cli(address, "history", "--limit", "1")))[1][5] == "schedule layer1.*: constant"
+    assert table(ok(run_cli(address, "history", "--limit", "1")))[1][6] == "schedule layer1.*: constant"
 
 
 def test_cli_get_shows_base_factor_and_note(served: Served) -> None:

@@ -531,7 +531,9 @@ def test_expected_version_mismatch_at_apply_fails_the_waiting_call(served: Serve
     err = rpc_error(second.result)
     assert_status(err, grpc.StatusCode.FAILED_PRECONDITION, "expected_version 0")
     assert served.rates()["layer1.weight"] == 0.2
-    assert [r.change_id for r in history(served)] == [first.change_id]
+    # The refused one is in the history as failed, at the version in force (1).
+    assert [(r.change_id, r.version, r.status) for r in history(served)] == [
+        (first.change_id, 1, ""), (first.change_id + 1, 1, "FAILED_PRECONDITION")]
 
 
 BAD_SETS = [

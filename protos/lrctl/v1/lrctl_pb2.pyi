@@ -473,7 +473,7 @@ class ListChangesRequest(_message.Message):
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., after_version: _Optional[int] = ..., max_changes_per_record: _Optional[int] = ...) -> None: ...
 
 class ChangeRecord(_message.Message):
-    __slots__ = ("change_id", "version", "step", "applied_at", "requested_at", "updates", "changes", "peer", "user", "reason", "at_step", "num_changes", "schedules", "role", "token_name")
+    __slots__ = ("change_id", "version", "step", "applied_at", "requested_at", "updates", "changes", "peer", "user", "reason", "at_step", "num_changes", "schedules", "role", "token_name", "status", "error")
     CHANGE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -489,6 +489,8 @@ class ChangeRecord(_message.Message):
     SCHEDULES_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     change_id: int
     version: int
     step: int
@@ -504,17 +506,23 @@ class ChangeRecord(_message.Message):
     schedules: _containers.RepeatedCompositeFieldContainer[ScheduleAssignment]
     role: str
     token_name: str
-    def __init__(self, change_id: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., applied_at: _Optional[float] = ..., requested_at: _Optional[float] = ..., updates: _Optional[_Iterable[_Union[LearningRateUpdate, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[RateChange, _Mapping]]] = ..., peer: _Optional[str] = ..., user: _Optional[str] = ..., reason: _Optional[str] = ..., at_step: _Optional[int] = ..., num_changes: _Optional[int] = ..., schedules: _Optional[_Iterable[_Union[ScheduleAssignment, _Mapping]]] = ..., role: _Optional[str] = ..., token_name: _Optional[str] = ...) -> None: ...
+    status: str
+    error: str
+    def __init__(self, change_id: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., applied_at: _Optional[float] = ..., requested_at: _Optional[float] = ..., updates: _Optional[_Iterable[_Union[LearningRateUpdate, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[RateChange, _Mapping]]] = ..., peer: _Optional[str] = ..., user: _Optional[str] = ..., reason: _Optional[str] = ..., at_step: _Optional[int] = ..., num_changes: _Optional[int] = ..., schedules: _Optional[_Iterable[_Union[ScheduleAssignment, _Mapping]]] = ..., role: _Optional[str] = ..., token_name: _Optional[str] = ..., status: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListChangesResponse(_message.Message):
-    __slots__ = ("changes", "next_page_token", "dropped")
+    __slots__ = ("changes", "next_page_token", "dropped", "oldest_version", "gap")
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
     changes: _containers.RepeatedCompositeFieldContainer[ChangeRecord]
     next_page_token: str
     dropped: int
-    def __init__(self, changes: _Optional[_Iterable[_Union[ChangeRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., dropped: _Optional[int] = ...) -> None: ...
+    oldest_version: int
+    gap: bool
+    def __init__(self, changes: _Optional[_Iterable[_Union[ChangeRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., dropped: _Optional[int] = ..., oldest_version: _Optional[int] = ..., gap: _Optional[bool] = ...) -> None: ...
 
 class ListPendingRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
