@@ -30,9 +30,11 @@ import io
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -275,25 +277,31 @@ def job(job_dir: Path) -> Any:
 
 
 def _run_all(job_dir: Path, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Run each config in its own Python process, all at once; their results by key."""
-    procs = {}
-    for key, cfg in configs.items():
+    """Run each config in its own Python process, a few at a time; their results by key.
+
+    At most as many at once as there are cores: each job's time limit then measures
+    the job, not how many others share the CPU with it.
+    """
+
+    def run(key: str, cfg: dict[str, Any]) -> subprocess.CompletedProcess[str] | str:
         cfg = {**cfg, "out": str(job_dir / f"{key}.pt")}
-        procs[key] = subprocess.Popen(
-            [sys.executable, str(job_dir / "job.py"), json.dumps(cfg)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=job_dir,
-        )
-    results, failures = {}, []
-    for key, proc in procs.items():
         try:
-            stdout, stderr = proc.communicate(timeout=PROCESS_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-        if proc.returncode != 0:
-            failures.append(f"--- job {key} exited {proc.returncode}\n{stderr[-4000:]}")
-            continue
-        results[key] = torch.load(job_dir / f"{key}.pt", weights_only=False)
+            return subprocess.run([sys.executable, str(job_dir / "job.py"), json.dumps(cfg)],
+                                  capture_output=True, text=True, cwd=job_dir, timeout=PROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            return f"--- job {key} ran past {PROCESS_TIMEOUT_S}s\n{(exc.stderr or b'')[-4000:]!r}"
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        done = dict(zip(configs, pool.map(lambda item: run(*item), configs.items())))
+    results: dict[str, Any] = {}
+    failures = []
+    for key, proc in done.items():
+        if isinstance(proc, str):
+            failures.append(proc)
+        elif proc.returncode != 0:
+            failures.append(f"--- job {key} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+        else:
+            results[key] = torch.load(job_dir / f"{key}.pt", weights_only=False)
     results["_failures"] = failures
     return results
 
