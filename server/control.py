@@ -8,6 +8,13 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from lrctl.server.admission import (
+    DEFAULT_EXPENSIVE_QUEUED,
+    DEFAULT_EXPENSIVE_WORKERS,
+    DEFAULT_MAX_WAITING,
+    DEFAULT_MAX_WAITING_PER_CONNECTION,
+    DEFAULT_MAX_WAITING_PER_TOKEN,
+)
 from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server.auth import Tokens
 from lrctl.server.controller import Controller
@@ -26,9 +33,13 @@ class LRControl:
     the step hook (the optimizer keeps its current rates) and stops the server.
     """
 
-    def __init__(self, controller: Controller, server: BuiltServer | None, resume: Resume) -> None:
+    def __init__(
+        self, controller: Controller, server: BuiltServer | None, resume: Resume,
+        service: LearningRateControlService | None = None,
+    ) -> None:
         self.controller = controller
         self._server = server
+        self._service = service
         self._resume = resume
         self._closed = False
         atexit.register(self.close)
@@ -86,6 +97,8 @@ class LRControl:
         self.controller.close()
         if self._server is not None:
             self._server.stop(grace)
+        if self._service is not None:
+            self._service.close()
 
     def __enter__(self) -> "LRControl":
         return self
@@ -107,6 +120,11 @@ def attach(
     resume: str = "checkpoint",
     start_step: int = 0,
     tokens: Tokens | None = None,
+    max_waiting: int = DEFAULT_MAX_WAITING,
+    max_waiting_per_connection: int = DEFAULT_MAX_WAITING_PER_CONNECTION,
+    max_waiting_per_token: int = DEFAULT_MAX_WAITING_PER_TOKEN,
+    expensive_workers: int = DEFAULT_EXPENSIVE_WORKERS,
+    expensive_queued: int = DEFAULT_EXPENSIVE_QUEUED,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -133,6 +151,13 @@ def attach(
     `tokens` (lrctl.server.auth.Tokens) makes every call but health checks need a
     bearer token; by default they come from $LRCTL_ADMIN_TOKEN(_FILE) and
     $LRCTL_READER_TOKEN(_FILE), and with none set the worker is open (on loopback only).
+
+    Serving limits (see the README's "Serving"): `max_waiting` calls may wait for their
+    change to apply (`max_waiting_per_connection` from one connection,
+    `max_waiting_per_token` with one token); expensive calls (writes, dry runs, pattern
+    reads, big pages) run on `expensive_workers` threads with up to `expensive_queued`
+    more waiting for one; `max_workers` threads run synchronous handlers (none of
+    lrctl's own; extra services a caller registers).
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
@@ -180,9 +205,15 @@ def attach(
         raise
     if not serve:
         return LRControl(controller, None, checkpoints)
-    # Two threads stay free of waiting Sets for reads and health checks.
-    service = LearningRateControlService(controller, max_waiting=max(1, max_workers - 2), tokens=tokens)
+    service = None
     try:
+        service = LearningRateControlService(
+            controller, max_waiting, tokens,
+            max_waiting_per_connection=max_waiting_per_connection,
+            max_waiting_per_token=max_waiting_per_token,
+            expensive_workers=expensive_workers,
+            expensive_queued=expensive_queued,
+        )
         server = build_server(
             [lambda s: lrctl_pb2_grpc.add_LearningRateControlServicer_to_server(service, s)],
             address=address,
@@ -191,7 +222,9 @@ def attach(
             max_workers=max_workers,
         )
     except BaseException:
+        if service is not None:
+            service.close()
         checkpoints.remove()
         controller.close()
         raise
-    return LRControl(controller, server, checkpoints)
+    return LRControl(controller, server, checkpoints, service)

@@ -3,13 +3,18 @@
 The attach call, the demo and the tests all build their server here, so every server
 listens the same way, checks tokens the same way (lrctl.server.auth, first in the
 interceptor chain) and maps errors the same way. TLS will plug in here too.
+
+The server is grpc.aio on an event loop thread of its own (started and stopped here),
+so a call that waits (a waiting Set) holds no thread; see lrctl.server.service.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import sys
+import threading
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -25,6 +30,9 @@ from lrctl.v1 import lrctl_pb2
 log = logging.getLogger("lrctl.server")
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# Calls in progress at once (grpc refuses more with RESOURCE_EXHAUSTED): above the
+# waiting calls (1,000 by default) and the budget's queue (256), with room for reads.
+DEFAULT_MAX_CONCURRENT_RPCS = 2048
 SERVICE_NAME = lrctl_pb2.DESCRIPTOR.services_by_name["LearningRateControl"].full_name
 
 
@@ -48,12 +56,19 @@ def is_loopback(host: str) -> bool:
 
 @dataclass
 class BuiltServer:
-    """A started server and the address it is bound to."""
+    """A started server (grpc.aio, on an event loop thread of its own) and its address.
 
-    server: grpc.Server
-    health: health.HealthServicer
+    Every method may be called from any thread but the loop's own.
+    """
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
     host: str
     port: int
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    thread_pool: futures.ThreadPoolExecutor  # grpc.aio runs synchronous handlers here
+    _stopped: bool = False
 
     @property
     def address(self) -> str:
@@ -61,9 +76,57 @@ class BuiltServer:
         return f"{host}:{self.port}"
 
     def stop(self, grace: float = 2.0) -> None:
-        """Report NOT_SERVING, then stop, letting in-flight calls finish for `grace` s."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        """Report NOT_SERVING, then stop, letting in-flight calls finish for `grace` s;
+        returns once the server and its loop thread have stopped."""
+        if self._stopped:
+            return
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("BuiltServer.stop() called from its own event loop thread")
+        self._stopped = True
+
+        async def stop() -> None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace)
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result()
+        finally:
+            _stop_loop(self.loop, self.thread)
+            self.thread_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+    """A new event loop running on a thread of its own."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(started.set)
+        loop.run_forever()
+
+    # A daemon: Python joins other threads before it runs atexit, where LRControl's
+    # close() stops it (a job that forgets close() would otherwise never exit).
+    thread = threading.Thread(target=run, name="lrctl-serve", daemon=True)
+    thread.start()
+    started.wait()
+    return loop, thread
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    async def cancel_rest() -> None:  # tasks grpc left behind (their calls are over)
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(cancel_rest(), loop).result(timeout=5)
+    except Exception:  # a stuck task must not keep the job from closing
+        log.warning("lrctl: some server tasks did not finish at stop", exc_info=True)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
 
 
 def check_bind(address: str, tokens: Tokens | None, insecure: bool) -> None:
@@ -88,45 +151,61 @@ def check_bind(address: str, tokens: Tokens | None, insecure: bool) -> None:
 
 
 def build_server(
-    register: Sequence[Callable[[grpc.Server], None]],
+    register: Sequence[Callable[[grpc.aio.Server], None]],
     *,
     address: str = DEFAULT_ADDRESS,
     insecure: bool = False,
     tokens: Tokens | None = None,
     max_workers: int = 8,
-    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
 ) -> BuiltServer:
     """Build, bind and start a server with the lrctl services that `register` adds.
 
-    With `tokens`, every call but the health service needs one (lrctl.server.auth).
-    A non-loopback address needs tokens, or `insecure` (see check_bind).
+    The server is grpc.aio on an event loop thread of its own: coroutine handlers run
+    there, synchronous ones on a pool of `max_workers` threads. With `tokens`, every
+    call but the health service needs one (lrctl.server.auth). A non-loopback address
+    needs tokens, or `insecure` (see check_bind). Past `max_concurrent_rpcs` calls in
+    progress, grpc answers RESOURCE_EXHAUSTED.
     """
     host, _ = split_address(address)
     check_bind(address, tokens, insecure)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lrctl-grpc"),
-        interceptors=[
-            *([AuthInterceptor(tokens)] if tokens is not None else []),
-            *interceptors,
-            ErrorStatusInterceptor(),
-        ],
-        maximum_concurrent_rpcs=max_workers * 8,
-        options=[("grpc.so_reuseport", 0)],
-    )
-    for add in register:
-        add(server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lrctl-grpc")
+    loop, thread = _start_loop()
+
+    async def start() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+        server = grpc.aio.server(
+            migration_thread_pool=pool,
+            interceptors=[
+                *([AuthInterceptor(tokens)] if tokens is not None else []),
+                *interceptors,
+                ErrorStatusInterceptor(),
+            ],
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
+            options=[("grpc.so_reuseport", 0)],
+        )
+        for add in register:
+            add(server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc} (is the port already in use?)") from None
+        if port == 0:
+            raise OSError(f"cannot listen on {address} (is the port already in use?)")
+        await server.start()
+        return server, health_servicer, port
+
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {address}: {exc} (is the port already in use?)") from None
-    if port == 0:
-        raise OSError(f"cannot listen on {address} (is the port already in use?)")
-    server.start()
-    return BuiltServer(server, health_servicer, host, port)
+        server, health_servicer, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    except BaseException:
+        _stop_loop(loop, thread)
+        pool.shutdown(wait=False)
+        raise
+    return BuiltServer(server, health_servicer, host, port, loop, thread, pool)
