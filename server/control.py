@@ -72,6 +72,13 @@ class LRControl:
         return list(self._resume.report)
 
     @property
+    def service(self) -> LearningRateControlService:
+        """The gRPC service: its `waiting` quota and admission `budget` counters."""
+        if self._service is None:
+            raise RuntimeError("this LRControl was attached with serve=False")
+        return self._service
+
+    @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
         if self._server is None:
