@@ -76,8 +76,12 @@ MAX_ENTRIES_PER_CHANGE_PAGE = 200_000
 # A waiting Set gives up this long before the client's deadline, so that the client
 # reads our "withdrawn, not applied" answer rather than its own deadline error.
 _WAIT_MARGIN_S = 0.1
-# Reads of at most this many exact names are cheap: answered on the event loop.
+# Reads are cheap (answered on the event loop, no thread hop) when they name at most
+# _CHEAP_SELECTORS exact names, or, without selectors, list at most _CHEAP_ROWS rows
+# (~40 us a row in the full view: ~10 ms of the loop at most). Patterns never are: a
+# regex may take up to its 1 s budget (lrctl.server.selectors).
 _CHEAP_SELECTORS = 64
+_CHEAP_ROWS = 256
 # A waiting Set's reply with more per-name entries than this is built off the loop.
 _BIG_REPLY = 2000
 
@@ -220,10 +224,12 @@ def _is_exact(selector: str) -> bool:
     return not selector.startswith(REGEX_PREFIX) and not any(c in selector for c in "*?[")
 
 
-def _cheap_selectors(selectors: Iterable[str]) -> bool:
-    """A few exact names (an empty list means every name: not cheap)."""
+def _cheap_selectors(selectors: Iterable[str], num_names: int) -> bool:
+    """A few exact names, or every name of a small model."""
     selectors = list(selectors)
-    return 0 < len(selectors) <= _CHEAP_SELECTORS and all(map(_is_exact, selectors))
+    if not selectors:
+        return num_names <= _CHEAP_ROWS
+    return len(selectors) <= _CHEAP_SELECTORS and all(map(_is_exact, selectors))
 
 
 def _wake(done: asyncio.Future[None]) -> None:
@@ -275,18 +281,22 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
 
     # -- reads -----------------------------------------------------------------------
     async def ListParameters(self, request: pb.ListParametersRequest, context: grpc.aio.ServicerContext) -> pb.ListParametersResponse:
-        cheap = _is_exact(request.filter) if request.filter else request.view == pb.PARAMETER_VIEW_NAMES
+        if request.filter:
+            cheap = _is_exact(request.filter)
+        else:
+            rows = min(request.page_size or DEFAULT_PARAMETER_PAGE, len(self._controller.index))
+            cheap = request.view == pb.PARAMETER_VIEW_NAMES or rows <= _CHEAP_ROWS
         if cheap:
             return self.list_parameters(request)
         return await self._expensive(request, context, lambda check: self.list_parameters(request, check))
 
     async def GetLearningRates(self, request: pb.GetLearningRatesRequest, context: grpc.aio.ServicerContext) -> pb.GetLearningRatesResponse:
-        if _cheap_selectors(request.selectors):
+        if _cheap_selectors(request.selectors, len(self._controller.index)):
             return self.get_learning_rates(request)
         return await self._expensive(request, context, lambda check: self.get_learning_rates(request, check))
 
     async def GetSchedules(self, request: pb.GetSchedulesRequest, context: grpc.aio.ServicerContext) -> pb.GetSchedulesResponse:
-        if _cheap_selectors(request.selectors):
+        if _cheap_selectors(request.selectors, len(self._controller.index)):
             return self.get_schedules(request)
         return await self._expensive(request, context, lambda check: self.get_schedules(request, check))
 
