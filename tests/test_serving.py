@@ -251,3 +251,41 @@ def test_saturated_budget_refuses_more_and_health_and_cheap_reads_answer(large: 
                 f.cancel()
         wait_for(lambda: (budget.running, budget.queued) == (0, 0), "the budget free after the cancels")
         assert budget.completed == 0
+
+
+def test_error_mapping_wraps_sync_and_async_handlers_and_keeps_each_as_it_was() -> None:
+    """The factory's interceptors wrap a synchronous handler (run on the thread pool)
+    and a coroutine handler (run on the event loop) alike: each still runs where it
+    would, and an lrctl error from either becomes its status code."""
+    from lrctl.common.errors import FailedPreconditionError
+    from lrctl.server.factory import build_server
+
+    ran_on: dict[str, str] = {}
+
+    def sync_handler(request: bytes, context: object) -> bytes:
+        ran_on["sync"] = threading.current_thread().name
+        if request == b"fail":
+            raise FailedPreconditionError("sync handler refused 'fail'")
+        return b"sync:" + request
+
+    async def async_handler(request: bytes, context: object) -> bytes:
+        ran_on["async"] = threading.current_thread().name
+        if request == b"fail":
+            raise FailedPreconditionError("async handler refused 'fail'")
+        return b"async:" + request
+
+    handlers = grpc.method_handlers_generic_handler("test.Echo", {
+        "Sync": grpc.unary_unary_rpc_method_handler(sync_handler),
+        "Async": grpc.unary_unary_rpc_method_handler(async_handler),
+    })
+    built = build_server([lambda server: server.add_generic_rpc_handlers((handlers,))], address="127.0.0.1:0")
+    try:
+        with grpc.insecure_channel(built.address) as chan:
+            for kind in ("Sync", "Async"):
+                call = chan.unary_unary(f"/test.Echo/{kind}")
+                assert call(b"x", timeout=T) == f"{kind.lower()}:x".encode()
+                code, details = status_of(rpc_error(lambda: call(b"fail", timeout=T)))
+                assert code == grpc.StatusCode.FAILED_PRECONDITION and f"{kind.lower()} handler refused" in details
+        assert ran_on["sync"].startswith("lrctl-grpc") and ran_on["async"] == built.thread.name
+    finally:
+        built.stop(0.5)
