@@ -4,8 +4,8 @@ Handlers validate message-level input, translate messages to controller calls an
 back, and never touch the optimizer themselves.
 
 They are coroutines on the server's event loop (lrctl.server.factory). Cheap calls
-(GetStatus, reads of a few exact names, a names page without filter) are answered on
-the loop itself: no thread hop. Everything else (writes, dry runs, pattern selectors,
+(GetStatus, reads of a few exact names or of a small model, a names page) are answered
+on the loop itself: no thread hop. Everything else (writes, dry runs, pattern selectors,
 big pages, history) runs on the admission budget's threads (lrctl.server.admission),
 which bound it and keep it from delaying health checks and cheap reads. A waiting Set
 holds no thread: it awaits its change's done-callback. Work whose caller has gone
@@ -76,10 +76,13 @@ MAX_ENTRIES_PER_CHANGE_PAGE = 200_000
 # A waiting Set gives up this long before the client's deadline, so that the client
 # reads our "withdrawn, not applied" answer rather than its own deadline error.
 _WAIT_MARGIN_S = 0.1
-# Reads are cheap (answered on the event loop, no thread hop) when they name at most
-# _CHEAP_SELECTORS exact names, or, without selectors, list at most _CHEAP_ROWS rows
-# (~40 us a row in the full view: ~10 ms of the loop at most). Patterns never are: a
-# regex may take up to its 1 s budget (lrctl.server.selectors).
+# A call is cheap (answered on the event loop: no thread hop, ~100-300 us less Python
+# per call, measured in bench/README.md section 3b) when it has at most
+# _CHEAP_SELECTORS selectors, none a regex (one may take up to its 1 s budget,
+# lrctl.server.selectors), and each exact or the model small (at most _CHEAP_ROWS
+# names: a glob over them, a change to all of them or a full-view page of them takes
+# ~1-10 ms); without selectors (every name), when the model is small. Writes with
+# schedules (piecewise points to check) and history pages never are.
 _CHEAP_SELECTORS = 64
 _CHEAP_ROWS = 256
 # A waiting Set's reply with more per-name entries than this is built off the loop.
@@ -225,11 +228,13 @@ def _is_exact(selector: str) -> bool:
 
 
 def _cheap_selectors(selectors: Iterable[str], num_names: int) -> bool:
-    """A few exact names, or every name of a small model."""
+    """A few exact names or globs of a small model, or every name of a small model."""
     selectors = list(selectors)
     if not selectors:
         return num_names <= _CHEAP_ROWS
-    return len(selectors) <= _CHEAP_SELECTORS and all(map(_is_exact, selectors))
+    if len(selectors) > _CHEAP_SELECTORS or any(s.startswith(REGEX_PREFIX) for s in selectors):
+        return False
+    return num_names <= _CHEAP_ROWS or all(map(_is_exact, selectors))
 
 
 def _wake(done: asyncio.Future[None]) -> None:
@@ -282,7 +287,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
     # -- reads -----------------------------------------------------------------------
     async def ListParameters(self, request: pb.ListParametersRequest, context: grpc.aio.ServicerContext) -> pb.ListParametersResponse:
         if request.filter:
-            cheap = _is_exact(request.filter)
+            cheap = _cheap_selectors([request.filter], len(self._controller.index))
         else:
             rows = min(request.page_size or DEFAULT_PARAMETER_PAGE, len(self._controller.index))
             cheap = request.view == pb.PARAMETER_VIEW_NAMES or rows <= _CHEAP_ROWS
@@ -452,7 +457,10 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                     self._controller.withdraw(result[0], CallerGoneError(
                         f"change {result[0].change_id} withdrawn: its caller cancelled the call"))
 
-            pending, reply = await self.budget.run(work, call, size=request.ByteSize(), on_abandoned=abandoned)
+            if self._cheap_change(request):
+                pending, reply = work()
+            else:
+                pending, reply = await self.budget.run(work, call, size=request.ByteSize(), on_abandoned=abandoned)
             if reply is not None:
                 return reply
             assert pending is not None
@@ -463,6 +471,13 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         finally:
             if waiting:
                 self.waiting.release(peer, token)
+
+    def _cheap_change(
+        self, request: pb.SetLearningRatesRequest | pb.SetSchedulesRequest | pb.ClearSchedulesRequest
+    ) -> bool:
+        if not isinstance(request, pb.SetLearningRatesRequest) or request.schedules:
+            return False
+        return _cheap_selectors([u.selector for u in request.updates], len(self._controller.index))
 
     @staticmethod
     def _reply(
