@@ -139,6 +139,11 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
     async-generator handlers (run on the event loop) alike, keeping each what it was.
     """
 
+    def __init__(self) -> None:
+        # Handlers are the same objects call after call: each is wrapped once (every
+        # call's Python runs in the training process, under its GIL).
+        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, str, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
@@ -146,6 +151,16 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming:
             return handler
         method = handler_call_details.method
+        hit = self._wrapped.get(id(handler))
+        if hit is not None and hit[0] is handler and hit[1] == method:
+            return hit[2]
+        wrapped = self._wrap(handler, method)
+        if len(self._wrapped) >= 1024:  # handlers made per call (a generic handler may)
+            self._wrapped.clear()
+        self._wrapped[id(handler)] = (handler, method, wrapped)  # holding it keeps its id unique
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
             return grpc.unary_unary_rpc_method_handler(
