@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval for the whole run (default: Python's, 0.005 s)")
-    parser.add_argument("--kinds", default="sync,aio", help=f"comma-separated, of {sorted(KINDS)}")
+    parser.add_argument("--kinds", default="attach", help=f"comma-separated, of {sorted(KINDS)}")
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = set(kinds) - set(KINDS)

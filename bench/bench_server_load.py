@@ -6,11 +6,12 @@ timed in these configurations, interleaved round by round in a shuffled order:
   K idle        lrctl attached with server K, serving, no client
   K 10rps       ... and a client process sending 10 requests per second
   K 100rps      ... and 100 requests per second
-for the server kinds K: sync (grpc.server with a pool of 8 threads, what attach()
-builds), sync-w2 (a pool of 2), aio (a prototype: grpc.aio on an event loop thread,
-the same handlers; see AioServed) and forward (a prototype: a child process owns the
-gRPC server and forwards each request's bytes over a socket to one thread here that
-runs the same handlers; see bench/forwarding_proto.py). Two more configurations bound
+for the server kinds K: attach (what attach() builds: grpc.aio on an event loop thread
+of its own, expensive calls on the admission budget's threads; until issue 15 it was a
+synchronous grpc.server with a pool of 8, the "sync" kind of earlier tables) and forward
+(a prototype: a child process owns the gRPC server and forwards each request's bytes
+over a socket to one thread here that hands them to the same handlers; see
+bench/forwarding_proto.py). Two more configurations bound
 what the load costs:
   K echo100        the client sends bare health Checks (grpc.health.v1) at 100/s: what
                    the gRPC server costs before any lrctl handler runs (for forward, the
@@ -69,94 +70,10 @@ LOAD_CLIENT = Path(__file__).resolve().with_name("load_client.py")
 
 
 
-class AioServed:
-    """The grpc.aio prototype: lrctl attached (serve=False) and served by grpc.aio on an
-    event loop of its own thread, with the synchronous service's handlers called from
-    thin coroutines and errors mapped to status codes as lrctl.server.status does.
-
-    Measured against the synchronous server (the factory's) and lost (see bench/README.md),
-    so it lives here, not in lrctl.server. What it leaves out does not run in this
-    benchmark: a waiting Set (the full prototype awaited the change with asyncio.sleep
-    polling, and passed the whole test suite as the default server) and reflection.
-    """
-
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        import asyncio
-
-        import grpc
-        from grpc_health.v1 import health, health_pb2_grpc
-
-        from lrctl.client.errors import LrctlError
-        from lrctl.server.service import LearningRateControlService
-        from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
-
-        self._ctl = attach(model, opt, serve=False)
-        sync = LearningRateControlService(self._ctl.controller)
-
-        def thin(name: str) -> Any:
-            method = getattr(sync, name)
-
-            async def handler(request: Any, context: Any) -> Any:
-                if name == "SetLearningRates" and request.wait:
-                    raise NotImplementedError("the benchmark's prototype does not wait")
-                return method(request, context)
-
-            return handler
-
-        servicer = type("AioService", (pb_grpc.LearningRateControlServicer,), {
-            n: staticmethod(thin(n)) for n in ("ListParameters", "GetLearningRates", "SetLearningRates",
-                                 "GetStatus", "ListChanges")})()
-
-        class ErrorStatus(grpc.aio.ServerInterceptor):
-            async def intercept_service(self, continuation: Any, details: Any) -> Any:
-                handler = await continuation(details)
-                if handler is None or handler.unary_unary is None:
-                    return handler
-                behavior = handler.unary_unary
-
-                async def guarded(request: Any, context: Any) -> Any:
-                    try:
-                        return await behavior(request, context)
-                    except LrctlError as exc:
-                        await context.abort(exc.code, str(exc)[:2000])
-                    except (grpc.aio.AbortError, asyncio.CancelledError):
-                        raise
-                    except Exception as exc:
-                        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
-
-                return grpc.unary_unary_rpc_method_handler(
-                    guarded, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
-
-        async def start() -> tuple[Any, int]:
-            server = grpc.aio.server(interceptors=[ErrorStatus()], options=[("grpc.so_reuseport", 0)])
-            pb_grpc.add_LearningRateControlServicer_to_server(servicer, server)
-            health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            return server, port
-
-        self._asyncio = asyncio
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="lrctl-aio", daemon=True)
-        self._thread.start()
-        self._server, port = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
-        self.address = f"127.0.0.1:{port}"
-
-    def close(self, grace: float = 2.0) -> None:
-        self._ctl.close()
-        self._asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-
 # Server kinds: name -> how to attach a model and optimizer and serve them on a free
 # loopback port; the result has .address and .close(grace).
 KINDS: dict[str, Callable[[nn.Module, torch.optim.Optimizer], Any]] = {
-    "sync": lambda model, opt: attach(model, opt, address="127.0.0.1:0", max_workers=8),
-    "sync-w2": lambda model, opt: attach(model, opt, address="127.0.0.1:0", max_workers=2),
-    "aio": AioServed,
+    "attach": lambda model, opt: attach(model, opt, address="127.0.0.1:0"),
     "forward": ForwardingServed,
 }
 TARGETS = {0: 1.01, 100: 1.03}  # rate -> the issue's bound on the ratio to base
@@ -459,7 +376,7 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
 
 
 def serve_sidecar(args: argparse.Namespace) -> None:
-    """The other-process configuration's server: the same model, lrctl (sync) attached,
+    """The other-process configuration's server: the same model, lrctl attached,
     stepping (without gradients) every 20 ms so that changes apply; until stdin closes."""
     torch.set_num_threads(1)
     model = make_mlp(args.width, args.depth)
@@ -481,7 +398,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--kinds", default="sync,sync-w2,aio,forward", help=f"comma-separated, of {sorted(KINDS)}")
+    parser.add_argument("--kinds", default="attach,forward", help=f"comma-separated, of {sorted(KINDS)}")
     parser.add_argument("--rates", default="10,100", help="requests per second (comma-separated)")
     parser.add_argument("--echo-rate", type=float, default=100.0,
                         help="also run each kind with a stream of bare health Checks at this rate "

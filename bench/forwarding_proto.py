@@ -9,9 +9,10 @@ lrctl's handler logic, fed over a local socket:
     client --gRPC--> sidecar (this file run as a script; grpc + health, no torch, no lrctl)
                        | request bytes, method, deadline, peer, lrctl-user   (one frame)
                        v
-    training process: one dispatcher thread -> the same LearningRateControlService
-                      handlers, wrapped by the same ErrorStatusInterceptor as the real
-                      server -> (status code, details, response bytes)   (one frame back)
+    training process: one dispatcher thread -> an event loop thread running the same
+                      LearningRateControlService handlers (coroutines), wrapped by the
+                      same ErrorStatusInterceptor as the real server -> (status code,
+                      details, response bytes)   (one frame back)
 
 Results: bench/README.md, section 3 (the "forward" rows of bench_server_load.py).
 
@@ -28,6 +29,7 @@ Frames on the socket: a 4-byte big-endian length, then
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -100,7 +102,7 @@ class _Context:
         self._callbacks.append(callback)
         return True
 
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self._code, self._details = code, details
         raise _Abort(details)
 
@@ -126,7 +128,7 @@ class ForwardingServed:
     """lrctl attached with serve=False, served by a sidecar process on a free loopback
     port; this process runs only the handlers (the bench's "forward" server kind)."""
 
-    def __init__(self, model: Any, opt: Any, max_waiting: int = 8) -> None:
+    def __init__(self, model: Any, opt: Any) -> None:
         from lrctl.server import attach  # imports torch: the training side only
         from lrctl.server.service import LearningRateControlService
         from lrctl.server.status import ErrorStatusInterceptor
@@ -151,13 +153,23 @@ class ForwardingServed:
         capture = Capture()
         pb_grpc.add_LearningRateControlServicer_to_server(service, capture)
         status = ErrorStatusInterceptor()
-        self._handlers = {m: status.intercept_service(lambda _d, h=h: h, Details(m))
-                          for m, h in capture.handlers.items()}
+        self._service = service
 
-        # Waiting Sets block until a step applies them: they get threads of their own so
-        # the dispatcher never blocks. Everything else runs on the dispatcher, inline.
-        self._pool = futures.ThreadPoolExecutor(max_waiting, thread_name_prefix="lrctl-fwd-wait")
-        self._waiting: dict[int, _Context] = {}
+        # The handlers are coroutines (as in the real server): they run on an event loop
+        # thread; the dispatcher hands each request over and goes back to reading.
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="lrctl-fwd-loop", daemon=True)
+        self._loop_thread.start()
+
+        async def intercepted() -> dict[str, Any]:
+            async def found(handler: Any) -> Any:
+                return handler
+
+            return {m: await status.intercept_service(lambda _d, h=h: found(h), Details(m))
+                    for m, h in capture.handlers.items()}
+
+        self._handlers = asyncio.run_coroutine_threadsafe(intercepted(), self._loop).result()
+        self._calls: dict[int, futures.Future[None]] = {}  # in flight, to cancel
         self._sock, child = socket.socketpair()
         self._wlock = threading.Lock()
         try:
@@ -183,10 +195,10 @@ class ForwardingServed:
         rfile = self._rfile
         while (frame := _recv(rfile)) is not None:
             kind, rid, remaining, lm, lu, lp = _REQ.unpack_from(frame)
-            if kind == b"C":  # only a waiting Set can still be running when its cancel comes
-                ctx = self._waiting.get(rid)
-                if ctx is not None:
-                    ctx.terminate(cancelled=True)
+            if kind == b"C":  # the client left: cancel its call (a waiting Set withdraws)
+                call = self._calls.get(rid)
+                if call is not None:
+                    call.cancel()
                 continue
             o = _REQ.size
             method = frame[o:o + lm].decode()
@@ -203,23 +215,21 @@ class ForwardingServed:
             except Exception as exc:
                 self._reply(rid, grpc.StatusCode.INTERNAL, f"cannot parse the request: {exc!r}")
                 continue
-            if getattr(request, "wait", False):
-                self._waiting[rid] = ctx
-                self._pool.submit(self._call, rid, handler, request, ctx)
-            else:
-                self._call(rid, handler, request, ctx)
+            self._calls[rid] = asyncio.run_coroutine_threadsafe(self._call(rid, handler, request, ctx), self._loop)
 
-    def _call(self, rid: int, handler: Any, request: Any, ctx: _Context) -> None:
+    async def _call(self, rid: int, handler: Any, request: Any, ctx: _Context) -> None:
         try:
-            response = handler.response_serializer(handler.unary_unary(request, ctx))
+            response = handler.response_serializer(await handler.unary_unary(request, ctx))
             self._reply(rid, grpc.StatusCode.OK, "", response)
+        except asyncio.CancelledError:
+            self._reply(rid, grpc.StatusCode.CANCELLED, "cancelled")
         except Exception as exc:  # _Abort, or a bug past status.py's guard (grpc: UNKNOWN)
             if ctx.code() is not None:
                 self._reply(rid, ctx.code(), ctx.details())
             else:
                 self._reply(rid, grpc.StatusCode.UNKNOWN, f"Exception calling application: {exc!r}")
         finally:
-            self._waiting.pop(rid, None)
+            self._calls.pop(rid, None)
             ctx.terminate()
 
     def _reply(self, rid: int, code: grpc.StatusCode, details: str, body: bytes = b"") -> None:
@@ -253,7 +263,9 @@ class ForwardingServed:
             pass
         finally:
             self._thread.join(5)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(5)
+            self._service.close()
             self._rfile.close()
             self._sock.close()
 

@@ -136,10 +136,11 @@ def required_role(method: str) -> Optional[str]:
 
 
 def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that only answers `code`."""
+    """A handler of the same shape as `handler` that only answers `code` (a coroutine:
+    grpc.aio runs it on the event loop, whatever kind the handler it replaces was)."""
 
-    def abort(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
 
     kinds: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -152,18 +153,18 @@ def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str)
                 response_serializer=handler.response_serializer)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks every call's bearer token and role before its handler runs."""
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks every call's bearer token and role before its handler runs (grpc.aio)."""
 
     def __init__(self, tokens: Tokens) -> None:
         self._tokens = tokens
 
-    def intercept_service(
+    async def intercept_service(
         self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
     ) -> Optional[grpc.RpcMethodHandler]:
         method = handler_call_details.method
         role = required_role(method)
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if role is None or handler is None:
             return handler
         token = self._tokens.identify(handler_call_details.invocation_metadata)

@@ -9,6 +9,13 @@ from typing import Any, Iterable, Literal, Mapping, Optional, Union
 
 import torch
 
+from lrctl.server.admission import (
+    DEFAULT_EXPENSIVE_QUEUED,
+    DEFAULT_EXPENSIVE_WORKERS,
+    DEFAULT_MAX_WAITING,
+    DEFAULT_MAX_WAITING_PER_CONNECTION,
+    DEFAULT_MAX_WAITING_PER_TOKEN,
+)
 from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server import audit as audit_log_module
 from lrctl.server.audit import AuditLog
@@ -33,10 +40,13 @@ class LRControl:
     the step hook (the optimizer keeps its current rates) and stops the server.
     """
 
-    def __init__(self, controller: Controller, server: BuiltServer | None, resume: Resume,
-                 audit: AuditLog | None = None) -> None:
+    def __init__(
+        self, controller: Controller, server: BuiltServer | None, resume: Resume,
+        audit: AuditLog | None = None, service: LearningRateControlService | None = None,
+    ) -> None:
         self.controller = controller
         self._server = server
+        self._service = service
         self._resume = resume
         self.audit = audit
         self._closed = False
@@ -75,6 +85,13 @@ class LRControl:
         return self._server.tls if self._server is not None else None
 
     @property
+    def service(self) -> LearningRateControlService:
+        """The gRPC service: its `waiting` quota and admission `budget` counters."""
+        if self._service is None:
+            raise RuntimeError("this LRControl was attached with serve=False")
+        return self._service
+
+    @property
     def port(self) -> int:
         """The bound port (useful with port 0); 0 on a unix socket."""
         if self._server is None:
@@ -105,6 +122,8 @@ class LRControl:
             self.audit.close()  # after the controller: its failed records go in too
         if self._server is not None:
             self._server.stop(grace)
+        if self._service is not None:
+            self._service.close()
 
     def __enter__(self) -> "LRControl":
         return self
@@ -133,6 +152,11 @@ def attach(
     audit_log: str | os.PathLike[str] | None = None,
     audit_max_bytes: int = audit_log_module.DEFAULT_MAX_BYTES,
     audit_keep: int = audit_log_module.DEFAULT_KEEP,
+    max_waiting: int = DEFAULT_MAX_WAITING,
+    max_waiting_per_connection: int = DEFAULT_MAX_WAITING_PER_CONNECTION,
+    max_waiting_per_token: int = DEFAULT_MAX_WAITING_PER_TOKEN,
+    expensive_workers: int = DEFAULT_EXPENSIVE_WORKERS,
+    expensive_queued: int = DEFAULT_EXPENSIVE_QUEUED,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -188,6 +212,13 @@ def attach(
     waits for it (a writer thread does the disk work). Past `audit_max_bytes` (64 MiB)
     it rotates to PATH.1 .. PATH.`audit_keep`. ``close()`` (or the ``with`` block's
     end) writes what is queued and closes it; read it with ``lrctl history --file``.
+
+    Serving limits (see the README's "Serving"): `max_waiting` calls may wait for their
+    change to apply (`max_waiting_per_connection` from one connection,
+    `max_waiting_per_token` with one token); expensive calls (writes, dry runs, pattern
+    reads, big pages) run on `expensive_workers` threads with up to `expensive_queued`
+    more waiting for one; `max_workers` threads run synchronous handlers (none of
+    lrctl's own; extra services a caller registers).
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
@@ -250,9 +281,15 @@ def attach(
         raise
     if not serve:
         return LRControl(controller, None, checkpoints, audit)
-    # Two threads stay free of waiting Sets for reads and health checks.
-    service = LearningRateControlService(controller, max_waiting=max(1, max_workers - 2), tokens=tokens)
+    service = None
     try:
+        service = LearningRateControlService(
+            controller, max_waiting, tokens,
+            max_waiting_per_connection=max_waiting_per_connection,
+            max_waiting_per_token=max_waiting_per_token,
+            expensive_workers=expensive_workers,
+            expensive_queued=expensive_queued,
+        )
         server = build_server(
             [lambda s: lrctl_pb2_grpc.add_LearningRateControlServicer_to_server(service, s)],
             address=address,
@@ -262,9 +299,11 @@ def attach(
             max_workers=max_workers,
         )
     except BaseException:
+        if service is not None:
+            service.close()
         checkpoints.remove()
         controller.close()
         if audit is not None:
             audit.close()
         raise
-    return LRControl(controller, server, checkpoints, audit)
+    return LRControl(controller, server, checkpoints, audit, service)

@@ -66,6 +66,9 @@ MAX_REASON_CHARS = 4096
 # (lrctl.server.queue_limits.QueueLimits; these are the defaults).
 MAX_PENDING = QueueLimits().max_changes
 
+# Raises to stop the work of a call whose caller has gone (lrctl.server.cancel.CallCheck.check).
+Check = Callable[[], None]
+
 StrategyFactory = Callable[
     [torch.optim.Optimizer, Sequence[torch.Tensor], Sequence[str], Sequence[int], Mapping[int, float]],
     ApplyStrategy,
@@ -368,11 +371,11 @@ class Controller(ControllerState):
             class_of = array("q", self._table.class_of)
         return {n: rates[c] for n, c in zip(self.index.names, class_of) if c >= 0}
 
-    def filter(self, selector: str) -> Sequence[int]:
+    def filter(self, selector: str, *, check: Check | None = None) -> Sequence[int]:
         """Positions of the parameters a ListParameters filter matches (may be none)."""
         if not selector:
             return range(len(self.index))
-        return self.index.match(selector)
+        return self.index.match(selector, check=check)
 
     def names_at(self, positions: Sequence[int]) -> Sequence[str]:
         """The names at the given positions (ListParameters' names view)."""
@@ -423,22 +426,24 @@ class Controller(ControllerState):
         rows, version, step, _ = self.read_page(selectors, step=step)
         return rows, version, step
 
-    def _chosen(self, selectors: Sequence[str]) -> Sequence[int]:
+    def _chosen(self, selectors: Sequence[str], check: Check | None = None) -> Sequence[int]:
         if len(selectors) == 1:
-            return self._resolve(selectors[0], for_set=False)  # ascending, unique
+            return self._resolve(selectors[0], for_set=False, check=check)  # ascending, unique
         if selectors:
-            return sorted({i for s in selectors for i in self._resolve(s, for_set=False)})
+            return sorted({i for s in selectors for i in self._resolve(s, for_set=False, check=check)})
         return self._held(range(len(self._params)))
 
     def read_page(
         self, selectors: Sequence[str], start: int = 0, limit: int | None = None,
-        *, step: int | None = None,
+        *, step: int | None = None, check: Check | None = None,
     ) -> tuple[list[RateRow], int, int, int]:
         """read() of matches [start, start + limit), and the number of matches in all.
 
         Rates are those of `step` (default: the next step), unless a change is applied first.
+        `check` (here and in the other calls that resolve selectors) is called between
+        selectors and every ~1024 names, and raises to stop work whose caller has gone.
         """
-        chosen = self._chosen(selectors)
+        chosen = self._chosen(selectors, check)
         total = len(chosen)
         chosen = chosen[start:] if limit is None else chosen[start:start + limit]
         names, table, book = self.index.names, self._table, self._book
@@ -456,9 +461,11 @@ class Controller(ControllerState):
         ]
         return rows, version, step, total
 
-    def schedules(self, selectors: Sequence[str]) -> tuple[list[ScheduleRow], int, int]:
+    def schedules(
+        self, selectors: Sequence[str], *, check: Check | None = None
+    ) -> tuple[list[ScheduleRow], int, int]:
         """Each matched name's base, pin and schedule; version; step."""
-        chosen = self._chosen(selectors)
+        chosen = self._chosen(selectors, check)
         names, table, book = self.index.names, self._table, self._book
         with self._lock:
             rows = [
@@ -527,16 +534,16 @@ class Controller(ControllerState):
                            lambda sid: "" if sid == 0 else schedules[sid].describe())
 
     # -- writes --------------------------------------------------------------------
-    def preview(self, request: ChangeRequest) -> Outcome:
+    def preview(self, request: ChangeRequest, *, check: Check | None = None) -> Outcome:
         """What `request` would do now (a dry run); raises what submit would raise."""
-        ops = self._resolve_batch(request)
+        ops = self._resolve_batch(request, check)
         with self._lock:
             self._check_acceptable(request)
             state, version, step = self._table.copy(), self._version, self._step
         return self._expected_outcome(0, request, ops, state, version, step)
 
     def submit(
-        self, request: ChangeRequest, *, deadline: float | None = None
+        self, request: ChangeRequest, *, deadline: float | None = None, check: Check | None = None
     ) -> tuple[PendingChange, Outcome]:
         """Validate and queue a change; returns it and its expected outcome.
 
@@ -545,9 +552,12 @@ class Controller(ControllerState):
         The change is queued only if no change was applied meanwhile (the config
         version is unchanged), else planned again; a third try holds the lock. A
         change that fails validation is never queued. `deadline` (time.monotonic): past
-        it, the change is dropped at its step, not applied (see PendingChange).
+        it, the change is dropped at its step, not applied (see PendingChange). `check`:
+        see read_page; a change whose caller has gone is never queued.
         """
-        ops = self._resolve_batch(request)
+        ops = self._resolve_batch(request, check)
+        if check is not None:
+            check()
         for _ in range(2):
             with self._lock:
                 self._check_acceptable(request)
@@ -861,7 +871,7 @@ class Controller(ControllerState):
             changes=self._changes(plan),  # type: ignore[arg-type]
         )
 
-    def _resolve_batch(self, request: ChangeRequest) -> dict[int, NameOp]:
+    def _resolve_batch(self, request: ChangeRequest, check: Check | None = None) -> dict[int, NameOp]:
         """Per parameter position (model order), what happens to it; all-or-nothing checks."""
         if not request.updates and not request.schedules:
             raise InvalidArgumentError("empty batch: give at least one update")
@@ -884,7 +894,9 @@ class Controller(ControllerState):
         ops: dict[int, NameOp] = {}
         resolved: list[tuple[int, ...]] = []
         for selector, op in entries:
-            indices = self._resolve(selector, for_set=True)
+            if check is not None:
+                check()
+            indices = self._resolve(selector, for_set=True, check=check)
             resolved.append(indices)
             if ops.keys().isdisjoint(indices):  # the usual case: one dict update in C
                 ops.update(dict.fromkeys(indices, op))
@@ -932,9 +944,9 @@ class Controller(ControllerState):
         if mode is Mode.ABSOLUTE and math.copysign(1.0, value) < 0:
             raise InvalidArgumentError(f"learning rate {value!r} for {quote(selector)} is negative")
 
-    def _resolve(self, selector: str, *, for_set: bool) -> tuple[int, ...]:
+    def _resolve(self, selector: str, *, for_set: bool, check: Check | None = None) -> tuple[int, ...]:
         """Positions the selector matches among parameters that can be read (or set)."""
-        matched = self.index.match(selector)
+        matched = self.index.match(selector, check=check)
         if not matched:
             raise self.index.not_found(parse_selector(selector))
         usable = self._held(matched)

@@ -5,13 +5,18 @@ listens the same way, checks tokens the same way (lrctl.server.auth, first in th
 interceptor chain) and maps errors the same way. Transport security is decided here
 too: TLS or mutual TLS (lrctl.server.tls), and unix sockets bound owner-only
 (lrctl.server.unix_socket).
+
+The server is grpc.aio on an event loop thread of its own (started and stopped here),
+so a call that waits (a waiting Set) holds no thread; see lrctl.server.service.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import sys
+import threading
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -30,6 +35,9 @@ from lrctl.v1 import lrctl_pb2
 log = logging.getLogger("lrctl.server")
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# Calls in progress at once (grpc refuses more with RESOURCE_EXHAUSTED): above the
+# waiting calls (1,000 by default) and the budget's queue (256), with room for reads.
+DEFAULT_MAX_CONCURRENT_RPCS = 2048
 SERVICE_NAME = lrctl_pb2.DESCRIPTOR.services_by_name["LearningRateControl"].full_name
 
 
@@ -54,14 +62,21 @@ def is_loopback(host: str) -> bool:
 
 @dataclass
 class BuiltServer:
-    """A started server and the address it is bound to."""
+    """A started server (grpc.aio, on an event loop thread of its own) and its address.
 
-    server: grpc.Server
-    health: health.HealthServicer
+    Every method may be called from any thread but the loop's own.
+    """
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
     host: str
     port: int  # 0 for a unix socket
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    thread_pool: futures.ThreadPoolExecutor  # grpc.aio runs synchronous handlers here
     unix: Optional[unix_socket.BoundSocket] = None
     tls: Optional[ServerTLS] = None
+    _stopped: bool = False
 
     @property
     def address(self) -> str:
@@ -72,13 +87,58 @@ class BuiltServer:
 
     def stop(self, grace: float = 2.0) -> None:
         """Report NOT_SERVING, then stop, letting in-flight calls finish for `grace` s;
-        a unix socket's file is removed."""
-        self.health.enter_graceful_shutdown()
+        returns once the server and its loop thread have stopped."""
+        if self._stopped:
+            return
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("BuiltServer.stop() called from its own event loop thread")
+        self._stopped = True
+
+        async def stop() -> None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace)
+
         try:
-            self.server.stop(grace).wait()
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result()
         finally:
+            _stop_loop(self.loop, self.thread)
+            self.thread_pool.shutdown(wait=False, cancel_futures=True)
             if self.unix is not None:
                 self.unix.remove()
+
+
+def _start_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+    """A new event loop running on a thread of its own."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(started.set)
+        loop.run_forever()
+
+    # A daemon: Python joins other threads before it runs atexit, where LRControl's
+    # close() stops it (a job that forgets close() would otherwise never exit).
+    thread = threading.Thread(target=run, name="lrctl-serve", daemon=True)
+    thread.start()
+    started.wait()
+    return loop, thread
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    async def cancel_rest() -> None:  # tasks grpc left behind (their calls are over)
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(cancel_rest(), loop).result(timeout=5)
+    except Exception:  # a stuck task must not keep the job from closing
+        log.warning("lrctl: some server tasks did not finish at stop", exc_info=True)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
 
 
 _TOKENS_HOW = (
@@ -134,14 +194,15 @@ def check_bind(address: str, tokens: Tokens | None, insecure: bool, tls: ServerT
 
 
 def build_server(
-    register: Sequence[Callable[[grpc.Server], None]],
+    register: Sequence[Callable[[grpc.aio.Server], None]],
     *,
     address: str = DEFAULT_ADDRESS,
     insecure: bool = False,
     tokens: Tokens | None = None,
     tls: ServerTLS | None = None,
     max_workers: int = 8,
-    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
 ) -> BuiltServer:
     """Build, bind and start a server with the lrctl services that `register` adds.
 
@@ -150,41 +211,48 @@ def build_server(
     health service needs one (lrctl.server.auth); with `tls`, connections use TLS, and
     mutual TLS when it has a client CA (lrctl.server.tls). A non-loopback address needs
     tokens or mutual TLS, or `insecure` (see check_bind).
+
+    The server is grpc.aio on an event loop thread of its own: coroutine handlers run
+    there, synchronous ones on a pool of `max_workers` threads. Past
+    `max_concurrent_rpcs` calls in progress, grpc answers RESOURCE_EXHAUSTED.
     """
     endpoint = parse_address(address)
     check_bind(address, tokens, insecure, tls)
     if isinstance(endpoint, UnixPath):
         unix_socket.check_path(endpoint.path)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lrctl-grpc"),
-        interceptors=[
-            *([AuthInterceptor(tokens)] if tokens is not None else []),
-            *interceptors,
-            ErrorStatusInterceptor(),
-        ],
-        maximum_concurrent_rpcs=max_workers * 8,
-        options=[("grpc.so_reuseport", 0)],
-    )
-    for add in register:
-        add(server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
     credentials = tls.credentials() if tls is not None else None
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lrctl-grpc")
+    loop, thread = _start_loop()
+    bound: list[unix_socket.BoundSocket] = []
 
-    def add_port(target: str) -> int:
-        if credentials is not None:
-            return server.add_secure_port(target, credentials)
-        return server.add_insecure_port(target)
+    async def start() -> tuple[grpc.aio.Server, health.aio.HealthServicer, str, int]:
+        server = grpc.aio.server(
+            migration_thread_pool=pool,
+            interceptors=[
+                *([AuthInterceptor(tokens)] if tokens is not None else []),
+                *interceptors,
+                ErrorStatusInterceptor(),
+            ],
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
+            options=[("grpc.so_reuseport", 0)],
+        )
+        for add in register:
+            add(server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
 
-    bound = None
-    try:
+        def add_port(target: str) -> int:
+            if credentials is not None:
+                return server.add_secure_port(target, credentials)
+            return server.add_insecure_port(target)
+
         if isinstance(endpoint, UnixPath):
-            bound = unix_socket.bind_private(endpoint.path, add_port)
+            bound.append(unix_socket.bind_private(endpoint.path, add_port))
             host, port = "", 0
         else:
             host = endpoint.host
@@ -194,10 +262,20 @@ def build_server(
                 raise OSError(f"cannot listen on {address}: {exc} (is the port already in use?)") from None
             if port == 0:
                 raise OSError(f"cannot listen on {address} (is the port already in use?)")
-        server.start()
+        try:
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            raise
+        return server, health_servicer, host, port
+
+    try:
+        server, health_servicer, host, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
     except BaseException:
-        server.stop(None)
-        if bound is not None:
-            bound.remove()
+        _stop_loop(loop, thread)
+        pool.shutdown(wait=False)
+        for socket_file in bound:
+            socket_file.remove()
         raise
-    return BuiltServer(server, health_servicer, host, port, bound, tls)
+    return BuiltServer(server, health_servicer, host, port, loop, thread, pool,
+                       bound[0] if bound else None, tls)

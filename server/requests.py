@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from lrctl.common.errors import LrctlError
 from lrctl.server.queue_limits import estimate_bytes
+
+log = logging.getLogger("lrctl.server")
 
 
 class Mode(Enum):
@@ -113,6 +116,8 @@ class PendingChange:
     # Set once its record is in the history and its finishing is under way (at once,
     # or through the audit log's writer): nothing else may finish it then.
     handed_over: bool = False
+    _callbacks: list[Callable[["PendingChange"], None]] = field(default_factory=list, repr=False)
+    _callbacks_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     size: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -123,6 +128,26 @@ class PendingChange:
         """The step before which it applies; 0 for 'as soon as possible'."""
         return 0 if self.request.at_step is None else self.request.at_step
 
+    def add_done_callback(self, fn: Callable[["PendingChange"], None]) -> None:
+        """Call fn(self) once the change is finished (at once if it already is).
+
+        fn runs on the thread that finishes the change, often the training thread inside
+        the step hook with the controller's lock held: it must be quick and must not
+        take that lock (an event loop's call_soon_threadsafe is the intended use).
+        """
+        with self._callbacks_lock:
+            if not self.finished.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
     def finish(self, outcome: Outcome | None = None, error: LrctlError | None = None) -> None:
         self.outcome, self.error = outcome, error
-        self.finished.set()
+        with self._callbacks_lock:
+            self.finished.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a waiter's mistake must not cost the step
+                log.exception("lrctl: a done-callback of change %d failed", self.change_id)

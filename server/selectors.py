@@ -35,10 +35,11 @@ import operator
 import re
 import time
 from array import array
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from itertools import compress, repeat
-from typing import Sequence
+from typing import Callable, Sequence
 
 import regex
 
@@ -98,6 +99,10 @@ _COUNTED_REPEAT = re.compile(r"\{(\d*)(,?)(\d*)\}")
 _SUGGEST_ALL = 2000
 _SUGGEST_WINDOW = 50
 _REGEX_META = frozenset(".^$*+?{}[]\\|()")
+# A call whose caller has gone stops matching: its check runs every _CHECK_EVERY names.
+# It travels in a context variable so that the selector cache stays keyed by text alone.
+_CHECK_EVERY = 1024
+_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("lrctl_selector_check", default=None)
 _QUANTIFIERS = frozenset("*+?{")
 
 
@@ -146,14 +151,15 @@ class Selector:
 
     def select(self, names: Sequence[str]) -> list[int]:
         """Indices of the names this (non-exact) selector matches."""
+        check = _CHECK.get()
         if self.glob is not None:
-            return list(compress(range(len(names)), map(self.glob.match, names)))
+            return _scan(names, self.glob.match, check)
         assert self.user_regex is not None
         source = self.text[len(REGEX_PREFIX):]
         literal, anchored, whole = _regex_literal(source)
         if whole:  # the regex is plain text (after an optional '^'): string tests in C
             test = str.startswith if anchored else operator.contains
-            return list(compress(range(len(names)), map(test, names, repeat(literal))))
+            return _scan(names, test, check, repeat(literal))
         search = self.user_regex.search
         if _matches_everything(self.user_regex, source):
             return list(range(len(names)))
@@ -162,6 +168,8 @@ class Selector:
         out: list[int] = []
         try:
             for start in range(0, len(names), _CHUNK):
+                if check is not None and start % _CHECK_EVERY == 0:
+                    check()
                 part = names[start : start + _CHUNK]
                 try:
                     hits = list(map(fast, part))
@@ -178,6 +186,21 @@ class Selector:
                 f"{len(names)} names (over {REGEX_BUDGET_S:g} s); simplify it"
             ) from None
         return out
+
+
+def _scan(
+    names: Sequence[str], test: Callable[..., object], check: Callable[[], None] | None, *more: object
+) -> list[int]:
+    """Indices of the names that pass test(name, *next(more)) (C-level map), calling
+    `check` between chunks of names. `more` are endless iterators (itertools.repeat)."""
+    if check is None:
+        return list(compress(range(len(names)), map(test, names, *more)))  # type: ignore[call-overload]
+    out: list[int] = []
+    for start in range(0, len(names), _CHECK_EVERY):
+        check()
+        part = names[start : start + _CHECK_EVERY]
+        out.extend(compress(range(start, start + len(part)), map(test, part, *more)))  # type: ignore[call-overload]
+    return out
 
 
 @lru_cache(maxsize=256)
@@ -389,8 +412,21 @@ class NameIndex:
     def __len__(self) -> int:
         return len(self.names)
 
-    def match(self, text: str) -> Sequence[int]:
-        """Indices (model order, ascending) of the names a selector matches; may be empty."""
+    def match(self, text: str, *, check: Callable[[], None] | None = None) -> Sequence[int]:
+        """Indices (model order, ascending) of the names a selector matches; may be empty.
+
+        `check` is called every ~1024 names while a pattern is matched, and raises to
+        stop the work of a call whose caller has gone (nothing is cached then).
+        """
+        if check is None:
+            return self._match(text)
+        token = _CHECK.set(check)
+        try:
+            return self._match(text)
+        finally:
+            _CHECK.reset(token)
+
+    def _match(self, text: str) -> Sequence[int]:
         if (text and len(text) <= MAX_SELECTOR_CHARS and not text.startswith(REGEX_PREFIX)
                 and not _GLOB_CHARS.intersection(text)):
             # An exact name: a dict lookup, not cached (a batch of 50,000 names would

@@ -2,18 +2,28 @@
 
 Handlers validate message-level input, translate messages to controller calls and
 back, and never touch the optimizer themselves.
+
+They are coroutines on the server's event loop (lrctl.server.factory). Cheap calls
+(GetStatus, reads of a few exact names or of a small model, a names page) are answered
+on the loop itself: no thread hop. Everything else (writes, dry runs, pattern selectors,
+big pages, history) runs on the admission budget's threads (lrctl.server.admission),
+which bound it and keep it from delaying health checks and cheap reads. A waiting Set
+holds no thread: it awaits its change's done-callback. Work whose caller has gone
+(cancelled, or past its deadline) stops at the next check (lrctl.server.cancel).
+The synchronous methods (list_parameters, get_learning_rates, ...) are the handlers'
+bodies, callable without a server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import bisect
-import threading
 import time
 import zlib
 from itertools import accumulate
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import grpc
 
@@ -21,12 +31,23 @@ from lrctl.common.errors import (
     AbortedError,
     DeadlineExceededError,
     InvalidArgumentError,
-    ResourceExhaustedError,
+    LrctlError,
 )
 from lrctl.common.schedule_messages import schedule_from_pb, schedule_to_pb
+from lrctl.server.admission import (
+    DEFAULT_EXPENSIVE_QUEUED,
+    DEFAULT_EXPENSIVE_WORKERS,
+    DEFAULT_MAX_WAITING,
+    DEFAULT_MAX_WAITING_PER_CONNECTION,
+    DEFAULT_MAX_WAITING_PER_TOKEN,
+    Budget,
+    WaitingQuota,
+)
 from lrctl.server.auth import Tokens
-from lrctl.server.controller import MAX_REASON_CHARS, Controller, PendingView
+from lrctl.server.cancel import CallCheck, CallerGoneError
+from lrctl.server.controller import MAX_REASON_CHARS, Check, Controller, PendingView
 from lrctl.server.history import Record
+from lrctl.server.selectors import REGEX_PREFIX
 from lrctl.server.requests import (
     ChangeRequest,
     Mode,
@@ -67,7 +88,19 @@ MAX_ENTRIES_PER_CHANGE_PAGE = 200_000
 # A waiting Set gives up this long before the client's deadline, so that the client
 # reads our "withdrawn, not applied" answer rather than its own deadline error.
 _WAIT_MARGIN_S = 0.1
-_WAIT_POLL_S = 0.5
+# A call is cheap (answered on the event loop: no thread hop, ~100-300 us less Python
+# per call, measured in bench/README.md section 3b) when it has at most
+# _CHEAP_SELECTORS selectors, none a regex (one may take up to its 1 s budget,
+# lrctl.server.selectors), and each exact or the model small (at most _CHEAP_ROWS
+# names: a glob over them, a change to all of them or a full-view page of them takes
+# ~1-10 ms); without selectors (every name), when the model is small. Writes with
+# schedules (piecewise points to check) and history pages never are.
+_CHEAP_SELECTORS = 64
+_CHEAP_ROWS = 256
+# A waiting Set's reply with more per-name entries than this is built off the loop.
+_BIG_REPLY = 2000
+
+T = TypeVar("T")
 
 _MODES = {pb.UPDATE_MODE_ABSOLUTE: Mode.ABSOLUTE, pb.UPDATE_MODE_SCALE: Mode.SCALE,
           pb.UPDATE_MODE_UNPIN: Mode.UNPIN}
@@ -219,6 +252,25 @@ def _updates_from_pb(updates: Iterable[pb.LearningRateUpdate]) -> tuple[Update, 
     return tuple(out)
 
 
+def _is_exact(selector: str) -> bool:
+    return not selector.startswith(REGEX_PREFIX) and not any(c in selector for c in "*?[")
+
+
+def _cheap_selectors(selectors: Iterable[str], num_names: int) -> bool:
+    """A few exact names or globs of a small model, or every name of a small model."""
+    selectors = list(selectors)
+    if not selectors:
+        return num_names <= _CHEAP_ROWS
+    if len(selectors) > _CHEAP_SELECTORS or any(s.startswith(REGEX_PREFIX) for s in selectors):
+        return False
+    return num_names <= _CHEAP_ROWS or all(map(_is_exact, selectors))
+
+
+def _wake(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
 def _pending_pb(view: PendingView) -> pb.PendingChangeInfo:
     """A queued change's wire form; one bigger than a page on its own lists only the
     updates and schedules that fit (num_names still counts every name)."""
@@ -249,16 +301,74 @@ def _user(context: grpc.ServicerContext) -> str:
 class LearningRateControlService(pb_grpc.LearningRateControlServicer):
     """gRPC handlers for one controller."""
 
-    def __init__(self, controller: Controller, max_waiting: int = 6, tokens: Tokens | None = None) -> None:
+    def __init__(
+        self,
+        controller: Controller,
+        max_waiting: int = DEFAULT_MAX_WAITING,
+        tokens: Tokens | None = None,
+        *,
+        max_waiting_per_connection: int = DEFAULT_MAX_WAITING_PER_CONNECTION,
+        max_waiting_per_token: int = DEFAULT_MAX_WAITING_PER_TOKEN,
+        expensive_workers: int = DEFAULT_EXPENSIVE_WORKERS,
+        expensive_queued: int = DEFAULT_EXPENSIVE_QUEUED,
+    ) -> None:
+        """`max_waiting*`: how many calls may wait for their change to apply, in all, per
+        connection and per token; `expensive_*`: the admission budget (threads for
+        expensive calls, and how many more may wait for one). See lrctl.server.admission."""
         self._controller = controller
         self._tokens = tokens  # checked by the interceptor; here only to record who changed what
-        # Each waiting Set holds a server thread until its step: bound them below the
-        # pool size, so reads and health checks always find a thread.
-        self._max_waiting = max_waiting
-        self._waiting = threading.BoundedSemaphore(max_waiting)
+        self.waiting = WaitingQuota(max_waiting, max_waiting_per_connection, max_waiting_per_token)
+        self.budget = Budget(expensive_workers, expensive_queued)
         self._hyperparameters_pb = _HyperparameterMessages()
 
-    def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext) -> pb.ListParametersResponse:
+    def close(self) -> None:
+        """Free the budget's threads (once their current work ends)."""
+        self.budget.shutdown()
+
+    async def _expensive(
+        self, request: Any, context: grpc.aio.ServicerContext, work: Callable[[Check], T]
+    ) -> T:
+        """work(check) on the budget's threads, stopped when the caller goes."""
+        remaining = context.time_remaining()
+        call = CallCheck(None if remaining is None else time.monotonic() + remaining)
+        return await self.budget.run(lambda: work(call.check), call, size=request.ByteSize())
+
+    # -- reads -----------------------------------------------------------------------
+    async def ListParameters(self, request: pb.ListParametersRequest, context: grpc.aio.ServicerContext) -> pb.ListParametersResponse:
+        if request.filter:
+            cheap = _cheap_selectors([request.filter], len(self._controller.index))
+        else:
+            rows = min(request.page_size or DEFAULT_PARAMETER_PAGE, len(self._controller.index))
+            cheap = request.view == pb.PARAMETER_VIEW_NAMES or rows <= _CHEAP_ROWS
+        if cheap:
+            return self.list_parameters(request)
+        return await self._expensive(request, context, lambda check: self.list_parameters(request, check))
+
+    async def GetLearningRates(self, request: pb.GetLearningRatesRequest, context: grpc.aio.ServicerContext) -> pb.GetLearningRatesResponse:
+        if _cheap_selectors(request.selectors, len(self._controller.index)):
+            return self.get_learning_rates(request)
+        return await self._expensive(request, context, lambda check: self.get_learning_rates(request, check))
+
+    async def GetSchedules(self, request: pb.GetSchedulesRequest, context: grpc.aio.ServicerContext) -> pb.GetSchedulesResponse:
+        if _cheap_selectors(request.selectors, len(self._controller.index)):
+            return self.get_schedules(request)
+        return await self._expensive(request, context, lambda check: self.get_schedules(request, check))
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
+        return self.get_status(request)
+
+    async def ListChanges(self, request: pb.ListChangesRequest, context: grpc.aio.ServicerContext) -> pb.ListChangesResponse:
+        return await self._expensive(request, context, lambda check: self.list_changes(request))
+
+    async def ListPending(self, request: pb.ListPendingRequest, context: grpc.aio.ServicerContext) -> pb.ListPendingResponse:
+        return await self._expensive(request, context, lambda check: self.list_pending(request))
+
+    async def CancelChanges(self, request: pb.CancelChangesRequest, context: grpc.aio.ServicerContext) -> pb.CancelChangesResponse:
+        # On the loop, not the budget: a flood of expensive calls must not keep an
+        # admin from taking changes out (it is a few dict operations under the lock).
+        return self.cancel_changes(request, self._who(context))
+
+    def list_parameters(self, request: pb.ListParametersRequest, check: Check | None = None) -> pb.ListParametersResponse:
         size = _page_size(request.page_size, DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE)
         start, _ = _decode_token(request.page_token, "params", request.filter)
         view = request.view
@@ -266,7 +376,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             raise InvalidArgumentError(
                 f"view {view} is not a ParameterView; use PARAMETER_VIEW_FULL or PARAMETER_VIEW_NAMES"
             )
-        matched = self._controller.filter(request.filter)
+        matched = self._controller.filter(request.filter, check=check)
         end = min(start + size, len(matched))
         response = pb.ListParametersResponse(total_size=len(matched))
         if view == pb.PARAMETER_VIEW_NAMES:
@@ -311,7 +421,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                 message.MergeFrom(hyperparameters_pb(hypers))
         return start + len(rows)
 
-    def GetLearningRates(self, request: pb.GetLearningRatesRequest, context: grpc.ServicerContext) -> pb.GetLearningRatesResponse:
+    def get_learning_rates(self, request: pb.GetLearningRatesRequest, check: Check | None = None) -> pb.GetLearningRatesResponse:
         selectors = list(request.selectors)
         size = _page_size(request.page_size, MAX_RATE_PAGE, MAX_RATE_PAGE) if request.page_size else None
         # Every page of one reading must be at one version: the token carries it.
@@ -319,7 +429,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         start, first_version = _decode_token(request.page_token, "rates", bound_to)
         if request.page_token and first_version is None:
             raise InvalidArgumentError(f"page_token {request.page_token!r} is not a token of this listing")
-        rows, version, step, total = self._controller.read_page(selectors, start, size)
+        rows, version, step, total = self._controller.read_page(selectors, start, size, check=check)
         if first_version is not None and version != first_version:
             raise AbortedError(
                 f"learning rates changed (version {first_version} -> {version}) while reading them "
@@ -342,23 +452,8 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                 pinned=row.pinned, schedule=row.schedule)
         return response
 
-    def SetLearningRates(self, request: pb.SetLearningRatesRequest, context: grpc.ServicerContext) -> pb.SetLearningRatesResponse:
-        return self._change(request, context, _updates_from_pb(request.updates),
-                            _schedules_from_pb(request.schedules))
-
-    def SetSchedules(self, request: pb.SetSchedulesRequest, context: grpc.ServicerContext) -> pb.SetLearningRatesResponse:
-        if not request.schedules:
-            raise InvalidArgumentError("empty batch: give at least one schedule assignment")
-        return self._change(request, context, (), _schedules_from_pb(request.schedules))
-
-    def ClearSchedules(self, request: pb.ClearSchedulesRequest, context: grpc.ServicerContext) -> pb.SetLearningRatesResponse:
-        if not request.selectors:
-            raise InvalidArgumentError("empty batch: give at least one selector")
-        return self._change(request, context, (),
-                            tuple(ScheduleUpdate(s, None) for s in request.selectors))
-
-    def GetSchedules(self, request: pb.GetSchedulesRequest, context: grpc.ServicerContext) -> pb.GetSchedulesResponse:
-        rows, version, step = self._controller.schedules(list(request.selectors))
+    def get_schedules(self, request: pb.GetSchedulesRequest, check: Check | None = None) -> pb.GetSchedulesResponse:
+        rows, version, step = self._controller.schedules(list(request.selectors), check=check)
         response = pb.GetSchedulesResponse(version=version, step=step)
         messages: dict[int, tuple[pb.Schedule, str]] = {}  # one message per distinct schedule
         add = response.schedules.add
@@ -370,45 +465,103 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             add(name=row.name, base=row.base, pin=row.pin, schedule=cached[0], description=cached[1])
         return response
 
-    def _change(
+    # -- writes ----------------------------------------------------------------------
+    async def SetLearningRates(self, request: pb.SetLearningRatesRequest, context: grpc.aio.ServicerContext) -> pb.SetLearningRatesResponse:
+        return await self._change(request, context, lambda: (
+            _updates_from_pb(request.updates), _schedules_from_pb(request.schedules)))
+
+    async def SetSchedules(self, request: pb.SetSchedulesRequest, context: grpc.aio.ServicerContext) -> pb.SetLearningRatesResponse:
+        if not request.schedules:
+            raise InvalidArgumentError("empty batch: give at least one schedule assignment")
+        return await self._change(request, context, lambda: ((), _schedules_from_pb(request.schedules)))
+
+    async def ClearSchedules(self, request: pb.ClearSchedulesRequest, context: grpc.aio.ServicerContext) -> pb.SetLearningRatesResponse:
+        if not request.selectors:
+            raise InvalidArgumentError("empty batch: give at least one selector")
+        return await self._change(request, context, lambda: (
+            (), tuple(ScheduleUpdate(s, None) for s in request.selectors)))
+
+    async def _change(
         self,
         request: pb.SetLearningRatesRequest | pb.SetSchedulesRequest | pb.ClearSchedulesRequest,
-        context: grpc.ServicerContext,
-        updates: tuple[Update, ...],
-        schedules: tuple[ScheduleUpdate, ...],
+        context: grpc.aio.ServicerContext,
+        parts: Callable[[], tuple[tuple[Update, ...], tuple[ScheduleUpdate, ...]]],
     ) -> pb.SetLearningRatesResponse:
-        """Submit one batch of rate and schedule changes with the request's options."""
+        """Submit one batch of rate and schedule changes with the request's options.
+
+        Validation and submit (up to ~40 ms for 100k names) run on the budget's threads;
+        a waiting call then awaits its change without a thread. A change whose caller
+        has gone is withdrawn (under the controller's lock) and never applied after
+        its caller was told it failed; one already applied is answered as it is.
+        """
         if request.max_reported_changes < 0:
             raise InvalidArgumentError(f"max_reported_changes {request.max_reported_changes} is negative")
-        change = ChangeRequest(
-            updates=updates,
-            schedules=schedules,
-            at_step=request.at_step if request.HasField("at_step") else None,
-            expected_version=request.expected_version if request.HasField("expected_version") else None,
-            reason=request.reason,
-            peer=context.peer(),
-            user=_user(context),
-            wait=request.wait and not request.dry_run,
-            **self._identity(context),
-        )
-        if request.dry_run:
-            outcome = self._controller.preview(change)
-        elif not request.wait:
-            outcome = self._controller.submit(change)[1]
-        elif not self._waiting.acquire(blocking=False):
-            raise ResourceExhaustedError(
-                f"{self._max_waiting} calls already wait for their changes to apply, the most "
-                "this worker allows; send this one with wait=false (and follow the history), "
-                "or retry when one is done"
-            )
-        else:
-            try:
-                remaining = context.time_remaining()
-                deadline = None if remaining is None else time.monotonic() + remaining - _WAIT_MARGIN_S
-                pending, outcome = self._controller.submit(change, deadline=deadline)
-                outcome = self._wait(pending, context)
-            finally:
-                self._waiting.release()
+        identity, peer, user = self._identity(context), context.peer(), _user(context)
+        waiting = request.wait and not request.dry_run
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining - _WAIT_MARGIN_S
+        call = CallCheck(deadline)
+        token = identity.get("token", "")
+        if waiting:
+            self.waiting.acquire(peer, token)
+        try:
+            def work() -> tuple[PendingChange | None, pb.SetLearningRatesResponse | None]:
+                updates, schedules = parts()
+                change = ChangeRequest(
+                    updates=updates,
+                    schedules=schedules,
+                    at_step=request.at_step if request.HasField("at_step") else None,
+                    expected_version=request.expected_version if request.HasField("expected_version") else None,
+                    reason=request.reason,
+                    peer=peer,
+                    user=user,
+                    wait=waiting,
+                    **identity,
+                )
+                if request.dry_run:
+                    return None, self._reply(request, self._controller.preview(change, check=call.check))
+                pending, outcome = self._controller.submit(
+                    change, deadline=deadline if waiting else None, check=call.check
+                )
+                try:
+                    call.check()  # its caller left while it was being queued
+                except LrctlError as gone:
+                    if self._controller.withdraw(pending, gone):
+                        raise
+                return pending, None if waiting else self._reply(request, outcome)
+
+            def abandoned(result: tuple[PendingChange | None, Any]) -> None:
+                if result[0] is not None:
+                    self._controller.withdraw(result[0], CallerGoneError(
+                        f"change {result[0].change_id} withdrawn: its caller cancelled the call"))
+
+            if self._cheap_change(request):
+                pending, reply = work()
+            else:
+                pending, reply = await self.budget.run(work, call, size=request.ByteSize(), on_abandoned=abandoned)
+            if reply is not None:
+                return reply
+            assert pending is not None
+            outcome = await self._wait(pending, context)
+            if min(len(outcome.changes), request.max_reported_changes or DEFAULT_REPORTED_CHANGES) > _BIG_REPLY:
+                return await asyncio.get_running_loop().run_in_executor(None, self._reply, request, outcome)
+            return self._reply(request, outcome)
+        finally:
+            if waiting:
+                self.waiting.release(peer, token)
+
+    def _cheap_change(
+        self, request: pb.SetLearningRatesRequest | pb.SetSchedulesRequest | pb.ClearSchedulesRequest
+    ) -> bool:
+        if not isinstance(request, pb.SetLearningRatesRequest) or request.schedules:
+            return False
+        return _cheap_selectors([u.selector for u in request.updates], len(self._controller.index))
+
+    @staticmethod
+    def _reply(
+        request: pb.SetLearningRatesRequest | pb.SetSchedulesRequest | pb.ClearSchedulesRequest,
+        outcome: Outcome,
+    ) -> pb.SetLearningRatesResponse:
         limit = request.max_reported_changes or DEFAULT_REPORTED_CHANGES
         return pb.SetLearningRatesResponse(
             applied=outcome.applied,
@@ -432,23 +585,27 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         where = f"token {token!r}, {context.peer()}" if token else context.peer()
         return f"{_user(context) or 'an unnamed client'} ({where})"
 
-    def _wait(self, pending: PendingChange, context: grpc.ServicerContext) -> Outcome:
-        """Block until the change is applied; withdraw it if the caller gives up first."""
-        context.add_callback(lambda: self._controller.withdraw(pending))
-        while True:
-            remaining = context.time_remaining()
-            slice_s = _WAIT_POLL_S if remaining is None else min(_WAIT_POLL_S, remaining - _WAIT_MARGIN_S)
-            if slice_s > 0 and pending.finished.wait(slice_s):
-                break
-            if pending.finished.is_set():
-                break
-            out_of_time = remaining is not None and remaining - _WAIT_MARGIN_S <= 0
-            if out_of_time or not context.is_active():
-                error = self._not_applied_in_time(pending)
-                if self._controller.withdraw(pending, error):
-                    raise error
-                # Too late to withdraw: it is being applied; its answer comes at once.
-                pending.finished.wait(_WAIT_POLL_S)
+    async def _wait(self, pending: PendingChange, context: grpc.aio.ServicerContext) -> Outcome:
+        """Await the change's step boundary; withdraw it if the caller gives up first."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        pending.add_done_callback(lambda _: loop.call_soon_threadsafe(_wake, done))
+        remaining = context.time_remaining()
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(done), None if remaining is None else max(remaining - _WAIT_MARGIN_S, 0.0)
+            )
+        except asyncio.TimeoutError:
+            error = self._not_applied_in_time(pending)
+            if self._controller.withdraw(pending, error):
+                raise error from None
+            # Too late to withdraw: it was applied (or dropped) under the lock; its
+            # callback is on its way.
+            await done
+        except asyncio.CancelledError:  # the client cancelled, or the server is stopping
+            self._controller.withdraw(pending, CallerGoneError(
+                f"change {pending.change_id} withdrawn: its caller cancelled the call"))
+            raise
         if pending.error is not None:
             raise pending.error
         assert pending.outcome is not None
@@ -466,7 +623,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             + "). Use a longer timeout, or do not wait"
         )
 
-    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
+    def get_status(self, request: pb.GetStatusRequest | None = None) -> pb.GetStatusResponse:
         s = self._controller.status()
         return pb.GetStatusResponse(
             step=s.step,
@@ -487,37 +644,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             max_factor=s.max_factor,
         )
 
-    def ListPending(self, request: pb.ListPendingRequest, context: grpc.ServicerContext) -> pb.ListPendingResponse:
-        size = _page_size(request.page_size, DEFAULT_PENDING_PAGE, MAX_PENDING_PAGE)
-        # The token is the last change id listed: the queue moves between pages.
-        after, _ = _decode_token(request.page_token, "pending", "")
-        queued = self._controller.pending()
-        page = [v for v in queued if v.change_id > after][:size + 1]
-        more = len(page) > size
-        response = pb.ListPendingResponse(total_size=len(queued))
-        used = 0
-        for k, view in enumerate(page[:size]):
-            message = _pending_pb(view)
-            used += message.ByteSize() + _NAME_ROW_BYTES
-            if k and used > PAGE_BYTES:
-                more = True
-                break
-            response.changes.append(message)
-        if more:
-            response.next_page_token = _encode_token("pending", response.changes[-1].change_id, "")
-        return response
-
-    def CancelChanges(self, request: pb.CancelChangesRequest, context: grpc.ServicerContext) -> pb.CancelChangesResponse:
-        if not request.change_ids:
-            raise InvalidArgumentError("no change_ids: give the ids of queued changes (ListPending)")
-        if len(request.reason) > MAX_REASON_CHARS:
-            raise InvalidArgumentError(
-                f"reason of {len(request.reason)} characters is too long (at most {MAX_REASON_CHARS})")
-        cancelled, not_found = self._controller.cancel(request.change_ids, by=self._who(context),
-                                                       reason=request.reason)
-        return pb.CancelChangesResponse(cancelled=cancelled, not_found=not_found)
-
-    def ListChanges(self, request: pb.ListChangesRequest, context: grpc.ServicerContext) -> pb.ListChangesResponse:
+    def list_changes(self, request: pb.ListChangesRequest) -> pb.ListChangesResponse:
         size = _page_size(request.page_size, DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE)
         if request.max_changes_per_record < 0:
             raise InvalidArgumentError(
@@ -543,6 +670,35 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             oldest_version=page.oldest_version,
             gap=page.gap,
         )
+
+    def list_pending(self, request: pb.ListPendingRequest) -> pb.ListPendingResponse:
+        size = _page_size(request.page_size, DEFAULT_PENDING_PAGE, MAX_PENDING_PAGE)
+        # The token is the last change id listed: the queue moves between pages.
+        after, _ = _decode_token(request.page_token, "pending", "")
+        queued = self._controller.pending()
+        page = [v for v in queued if v.change_id > after][:size + 1]
+        more = len(page) > size
+        response = pb.ListPendingResponse(total_size=len(queued))
+        used = 0
+        for k, view in enumerate(page[:size]):
+            message = _pending_pb(view)
+            used += message.ByteSize() + _NAME_ROW_BYTES
+            if k and used > PAGE_BYTES:
+                more = True
+                break
+            response.changes.append(message)
+        if more:
+            response.next_page_token = _encode_token("pending", response.changes[-1].change_id, "")
+        return response
+
+    def cancel_changes(self, request: pb.CancelChangesRequest, who: str) -> pb.CancelChangesResponse:
+        if not request.change_ids:
+            raise InvalidArgumentError("no change_ids: give the ids of queued changes (ListPending)")
+        if len(request.reason) > MAX_REASON_CHARS:
+            raise InvalidArgumentError(
+                f"reason of {len(request.reason)} characters is too long (at most {MAX_REASON_CHARS})")
+        cancelled, not_found = self._controller.cancel(request.change_ids, by=who, reason=request.reason)
+        return pb.CancelChangesResponse(cancelled=cancelled, not_found=not_found)
 
     def _record_pb(self, record: Record, per_record: int) -> pb.ChangeRecord:
         return pb.ChangeRecord(

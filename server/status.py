@@ -1,12 +1,14 @@
 """The one place where errors become gRPC status codes.
 
-Handlers raise `lrctl.common.errors.LrctlError` subclasses; this interceptor aborts the
-RPC with the error's code and message. Anything else is a bug: it is logged with its
+Handlers raise `lrctl.common.errors.LrctlError` subclasses; this interceptor (a
+grpc.aio one, for coroutine and synchronous handlers alike) aborts the RPC with the
+error's code and message. Anything else is a bug: it is logged with its
 traceback on the worker and answered as INTERNAL, and training goes on.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable
 
@@ -23,12 +25,6 @@ _MAX_MESSAGE = 2000
 
 def _status(exc: LrctlError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN)
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    if len(message) > _MAX_MESSAGE:
-        message = message[: _MAX_MESSAGE - 20] + " ... (message cut)"
-    context.abort(code, message)
 
 
 class _Undecodable:
@@ -57,57 +53,131 @@ def _refuse_undecodable(request: Any, method: str) -> None:
         raise InvalidArgumentError(f"the request to {method} could not be decoded: {request.error}")
 
 
-def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable:
-    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+def _map_error(exc: Exception, method: str) -> tuple[grpc.StatusCode, str] | None:
+    """The status an exception from a handler becomes; None to let it through (an abort
+    that already chose its status, a cancellation)."""
+    if isinstance(exc, LrctlError):
+        message = str(exc)
+        if len(message) > _MAX_MESSAGE:
+            message = message[: _MAX_MESSAGE - 20] + " ... (message cut)"
+        return _status(exc), message
+    if isinstance(exc, grpc.aio.AbortError):
+        return None
+    log.error("lrctl: handler %s failed", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}"
+
+
+def _guard(behavior: Callable[[Any, Any], Any], method: str) -> Callable:
+    """A synchronous handler (run on the server's thread pool)."""
+
+    def guarded(request: Any, context: Any) -> Any:
         try:
             _refuse_undecodable(request, method)
             return behavior(request, context)
-        except LrctlError as exc:
-            _abort(context, _status(exc), str(exc))
         except Exception as exc:
-            if context.code() is not None:  # context.abort() already chose the status
+            if (mapped := _map_error(exc, method)) is None:
                 raise
-            log.exception("lrctl: handler %s failed", method)
-            _abort(context, grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
+            context.abort(*mapped)
 
     return guarded
 
 
-def _guard_stream(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable:
-    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+def _guard_stream(behavior: Callable[[Any, Any], Any], method: str) -> Callable:
+    """A synchronous generator handler."""
+
+    def guarded(request: Any, context: Any) -> Any:
         try:
             _refuse_undecodable(request, method)
             yield from behavior(request, context)
-        except LrctlError as exc:
-            _abort(context, _status(exc), str(exc))
         except Exception as exc:
-            if context.code() is not None:
+            if (mapped := _map_error(exc, method)) is None:
                 raise
-            log.exception("lrctl: handler %s failed", method)
-            _abort(context, grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
+            context.abort(*mapped)
 
     return guarded
 
 
-class ErrorStatusInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions raised by unary-unary and unary-stream handlers to status codes."""
+def _guard_async(behavior: Callable[[Any, Any], Any], method: str) -> Callable:
+    """A coroutine handler (run on the event loop)."""
 
-    def intercept_service(
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            _refuse_undecodable(request, method)
+            return await behavior(request, context)
+        except Exception as exc:  # asyncio.CancelledError is a BaseException: it passes
+            if (mapped := _map_error(exc, method)) is None:
+                raise
+            await context.abort(*mapped)
+
+    return guarded
+
+
+def _guard_async_stream(behavior: Callable[[Any, Any], Any], method: str) -> Callable:
+    """An async generator handler."""
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            _refuse_undecodable(request, method)
+            async for response in behavior(request, context):
+                yield response
+        except Exception as exc:
+            if (mapped := _map_error(exc, method)) is None:
+                raise
+            await context.abort(*mapped)
+
+    return guarded
+
+
+def _is_async(behavior: Any) -> bool:
+    return inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+
+
+class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by unary-unary and unary-stream handlers to status codes.
+
+    Wraps synchronous handlers (which grpc.aio runs on its thread pool) and coroutine or
+    async-generator handlers (run on the event loop) alike, keeping each what it was.
+    """
+
+    def __init__(self) -> None:
+        # Handlers are the same objects call after call: each is wrapped once (every
+        # call's Python runs in the training process, under its GIL).
+        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, str, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
         self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
         method = handler_call_details.method
+        hit = self._wrapped.get(id(handler))
+        if hit is not None and hit[0] is handler and hit[1] == method:
+            return hit[2]
+        wrapped = self._wrap(handler, method)
+        if len(self._wrapped) >= 1024:  # handlers made per call (a generic handler may)
+            self._wrapped.clear()
+        self._wrapped[id(handler)] = (handler, method, wrapped)  # holding it keeps its id unique
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
+            behavior = handler.unary_unary
             return grpc.unary_unary_rpc_method_handler(
-                _guard(handler.unary_unary, method),
+                (_guard_async if _is_async(behavior) else _guard)(behavior, method),
                 request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+            if inspect.isasyncgenfunction(behavior):
+                guard = _guard_async_stream
+            elif inspect.iscoroutinefunction(behavior):  # writes with context.write()
+                guard = _guard_async
+            else:
+                guard = _guard_stream
             return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream, method),
+                guard(behavior, method),
                 request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )

@@ -212,10 +212,10 @@ def test_a_history_page_of_big_records_ends_early() -> None:
             opt.step()
         # The handler itself: a full page is ~8 MB, over a default channel's 4 MiB limit.
         service = LearningRateControlService(ctl.controller)
-        first = service.ListChanges(pb.ListChangesRequest(page_size=1000, max_changes_per_record=1000), None)
+        first = service.list_changes(pb.ListChangesRequest(page_size=1000, max_changes_per_record=1000))
         assert [r.version for r in first.changes] == list(range(1, 101)) and first.next_page_token
         assert all(len(r.changes) == 1000 and len(r.updates) == 1000 for r in first.changes)
-        rest = service.ListChanges(pb.ListChangesRequest(page_token=first.next_page_token), None)
+        rest = service.list_changes(pb.ListChangesRequest(page_token=first.next_page_token))
         assert [r.version for r in rest.changes] == [101] and not rest.next_page_token
     finally:
         ctl.close()
@@ -391,31 +391,38 @@ def test_wait_true_returns_applied_with_step_version_and_old_new(served: Served,
     assert (record.change_id, record.version, record.step) == (reply.change_id, 1, reply.step)
 
 
-def test_waiting_sets_never_take_the_last_server_threads(served: Served) -> None:
-    """Each waiting Set holds a server thread: past 6 of the 8, another is refused, and
+def test_waiting_sets_past_the_limit_are_refused_and_reads_still_answer() -> None:
+    """Past max_waiting (6 here) waiting calls, another is refused naming the limit, and
     reads and health checks still answer (an orchestrator's probe must not fail)."""
+    model = seed_model()
+    ctl = attach(model, per_parameter_optimizer(model), address="127.0.0.1:0", max_waiting=6)
+    served = Served(model, ctl.controller.optimizer, ctl)
     far = 10_000
     waiting_call = lambda k: served.stub.SetLearningRates(  # noqa: E731
         set_request(absolute("layer1.weight", 0.1 + k), at_step=far, wait=True), timeout=4
     )
-    with ThreadPoolExecutor(6) as pool:
-        waits = [pool.submit(rpc_error, lambda k=k: waiting_call(k)) for k in range(6)]
-        wait_for(lambda: served.stub.GetStatus(pb.GetStatusRequest(), timeout=T).pending_changes == 6,
-                 what="six waiting changes")
-        err = rpc_error(lambda: waiting_call(7))
-        assert_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "6 calls already wait", "wait=false")
-        health = health_pb2_grpc.HealthStub(served.channel).Check(health_pb2.HealthCheckRequest(), timeout=T)
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
-        assert served.stub.SetLearningRates(  # not waiting: accepted
-            set_request(absolute("layer2.bias", 0.5), at_step=far), timeout=T
-        ).change_id > 0
-        for w in waits:  # each times out and is withdrawn
-            assert w.result().code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert served.stub.GetStatus(pb.GetStatusRequest(), timeout=T).pending_changes == 1
-    # The slots are free again.
-    err = rpc_error(lambda: served.stub.SetLearningRates(
-        set_request(absolute("layer1.weight", 0.3), at_step=far, wait=True), timeout=1))
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            waits = [pool.submit(rpc_error, lambda k=k: waiting_call(k)) for k in range(6)]
+            wait_for(lambda: served.stub.GetStatus(pb.GetStatusRequest(), timeout=T).pending_changes == 6,
+                     what="six waiting changes")
+            err = rpc_error(lambda: waiting_call(7))
+            assert_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "6 calls already wait", "max_waiting 6",
+                          "wait=false")
+            health = health_pb2_grpc.HealthStub(served.channel).Check(health_pb2.HealthCheckRequest(), timeout=T)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert served.stub.SetLearningRates(  # not waiting: accepted
+                set_request(absolute("layer2.bias", 0.5), at_step=far), timeout=T
+            ).change_id > 0
+            for w in waits:  # each times out and is withdrawn
+                assert w.result().code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert served.stub.GetStatus(pb.GetStatusRequest(), timeout=T).pending_changes == 1
+        # The slots are free again.
+        err = rpc_error(lambda: served.stub.SetLearningRates(
+            set_request(absolute("layer1.weight", 0.3), at_step=far, wait=True), timeout=1))
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        served.close()
 
 
 def test_wait_false_accepts_then_applies(served: Served) -> None:
