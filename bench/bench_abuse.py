@@ -189,7 +189,7 @@ def run(seconds: float, extra_tensors: int, max_rss_mb: float, step_delay: float
                 stub.ListParameters(pb.ListParametersRequest(page_size=5000), timeout=10)
             time.sleep(1.0)
             before = worker.rss_mb()
-            print(f"worker pid {worker.pid} on {worker.address}: {len(worker.names)}+ parameters "
+            print(f"worker pid {worker.pid} on {worker.address}: {worker.info['num_names']} parameters "
                   f"({extra_tensors} extra tiny tensors), RSS before {before:.0f} MB; abuse for {seconds:g} s")
             health_watch = Watch(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2))
             reader_watch = Watch(lambda: (status(), stub.GetLearningRates(
@@ -249,8 +249,9 @@ def run(seconds: float, extra_tensors: int, max_rss_mb: float, step_delay: float
 
     peak = max([before, after, *(r for _, r in curve)])
     added = peak - before
-    print(f"\nRSS (MB), one sample a second; every {max(1, len(curve) // 12)}th shown:")
-    shown = curve[:: max(1, len(curve) // 12)]
+    every = max(1, len(curve) // 12)
+    print(f"\nRSS (MB) at t seconds, sampled every second (every {every} s shown):")
+    shown = curve[::every]
     print("  " + "  ".join(f"{t:.0f}s:{r:.0f}" for t, r in shown))
     print(f"start {before:.0f}, max {peak:.0f}, end {after:.0f} (after {abuse_s:.0f} s of abuse + 3 s); "
           f"added {added:.0f} MB vs the documented bound {DOCUMENTED_BOUND_MB:.0f} MB")

@@ -418,6 +418,12 @@ def run(processes: int = 10, requests: int = 1000, seed: int = 0, race_every: in
         codes = Counter(e["code"] for e in entries)
         out(f"{kind:<14}{entries[0].get('method', '-'):<18}{len(entries):>6}{_pct(ms, 0.5):>9.1f}"
             f"{_pct(ms, 0.99):>9.1f}  " + ", ".join(f"{c} {k}" for c, k in codes.most_common()))
+    firsts: dict[tuple[str, str], str] = {}
+    for e in log:
+        if e["code"] != "OK" and e["kind"] not in ("rejected", "client-error"):
+            firsts.setdefault((e["kind"], e["code"]), e.get("details", ""))
+    for (kind, code), text in sorted(firsts.items()):
+        out(f"  e.g. {kind} {code}: {text[:110]}")
     restarts = sum(e.get("restarts", 0) for e in log)
     out(f"(get_paged: {restarts} restart(s) after ABORTED, a change between pages)")
     totals = Counter(e["code"] for e in log)

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = 0
     with attach(model, optimizer, address="127.0.0.1:0", history_limit=args.history_limit) as ctl:
         names = [n for n, _ in model.named_parameters()]
-        print(json.dumps({"address": ctl.address, "pid": os.getpid(),
+        print(json.dumps({"address": ctl.address, "pid": os.getpid(), "num_names": len(names),
                           "names": names if len(names) <= 1000 else names[:1000]}), flush=True)
         while not stop.is_set():
             step()
