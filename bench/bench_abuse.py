@@ -118,8 +118,9 @@ def _abuser(idx: int, kinds: tuple[str, ...], address: str, seconds: float, stop
                 code = exc.code().name
             except Exception as exc:  # a client-side refusal (a message too big, ...)
                 code = type(exc).__name__
-            with lock:
-                counts[f"{kind} {code}"] += 1
+            if code != "HELD":  # deadline-less waiting calls are counted when they end
+                with lock:
+                    counts[f"{kind} {code}"] += 1
             k += 1
             if code not in ("OK", "HELD"):
                 stop.wait(0.05)  # refused: do not spin
@@ -129,8 +130,9 @@ def _abuser(idx: int, kinds: tuple[str, ...], address: str, seconds: float, stop
         t.start()
     for t in threads:
         t.join(seconds + 120)
-    for future in held:
-        future.cancel()
+    for future in held:  # still held at the end (cancelled now), or refused at once
+        code = "HELD" if future.cancel() else (future.code().name if future.exception() else "OK")
+        counts[f"waiting_nodeadline {code}"] += 1
     channel.close()
     Path(out_path).write_text(json.dumps(dict(counts)))
 
@@ -260,7 +262,7 @@ def run(seconds: float, extra_tensors: int, max_rss_mb: float, step_delay: float
     print("\nstatus counts per kind:")
     kinds = sorted({k.split()[0] for k in counts})
     for kind in kinds:
-        print(f"  {kind:<15}" + ", ".join(f"{k.split()[1]} {n}" for k, n in sorted(counts.items(), key=lambda x: -x[1])
+        print(f"  {kind:<20}" + ", ".join(f"{k.split()[1]} {n}" for k, n in sorted(counts.items(), key=lambda x: -x[1])
                                          if k.split()[0] == kind))
     print(f"\nhealth checks:  {health_watch.summary()}")
     print(f"reader:         {reader_watch.summary()}")
