@@ -49,6 +49,7 @@ from torch import nn
 
 from lrctl.server import attach
 from lrctl.v1 import lrctl_pb2 as pb
+from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
 torch.set_num_threads(1)
 
@@ -174,6 +175,7 @@ class Worker:
         self.ctl = attach(self.model, self.optimizer, address="127.0.0.1:0")
         self.channel = grpc.insecure_channel(self.ctl.address)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.stub = pb_grpc.LearningRateControlStub(self.channel)  # for the checks' own reads
         self.steps = 0
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
@@ -302,10 +304,7 @@ def _string_values(message: Any) -> Iterator[str]:
 def _rates(w: Worker) -> tuple[int, dict[str, tuple]]:
     """(version, name -> what a failed call must not change). The rate in force moves
     with the step under a schedule, so it is compared only when constant or pinned."""
-    stub = w.channel.unary_unary("/lrctl.v1.LearningRateControl/GetLearningRates",
-                                 request_serializer=pb.GetLearningRatesRequest.SerializeToString,
-                                 response_deserializer=pb.GetLearningRatesResponse.FromString)
-    reply = stub(pb.GetLearningRatesRequest(), timeout=CALL_TIMEOUT_S)
+    reply = w.stub.GetLearningRates(pb.GetLearningRatesRequest(), timeout=CALL_TIMEOUT_S)
     LIVE.version = reply.version
     return reply.version, {
         r.name: (r.base, r.pinned, r.schedule, r.lr if (r.pinned or not r.schedule) else None)
@@ -314,13 +313,10 @@ def _rates(w: Worker) -> tuple[int, dict[str, tuple]]:
 
 
 def _history(w: Worker, after: int = 0) -> list[pb.ChangeRecord]:
-    stub = w.channel.unary_unary("/lrctl.v1.LearningRateControl/ListChanges",
-                                 request_serializer=pb.ListChangesRequest.SerializeToString,
-                                 response_deserializer=pb.ListChangesResponse.FromString)
     records: list[pb.ChangeRecord] = []
     token = ""
     while True:
-        page = stub(pb.ListChangesRequest(after_version=after, page_token=token, page_size=1000,
+        page = w.stub.ListChanges(pb.ListChangesRequest(after_version=after, page_token=token, page_size=1000,
                                           max_changes_per_record=1), timeout=CALL_TIMEOUT_S)
         records.extend(page.changes)
         token = page.next_page_token
