@@ -263,20 +263,27 @@ class Monitor(threading.Thread):
         self.failures = 0
         self._halt = threading.Event()
 
-    def run(self) -> None:
+    def _sample(self) -> None:
         from lrctl.v1 import lrctl_pb2 as pb
 
+        try:
+            self.samples.append((time.monotonic(), self.stub.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT_S).step))
+        except Exception:
+            self.failures += 1
+
+    def run(self) -> None:
         while not self._halt.is_set():
-            try:
-                self.samples.append((time.monotonic(), self.stub.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT_S).step))
-            except Exception:
-                self.failures += 1
+            self._sample()
             self._halt.wait(self.period)
 
     def stop(self) -> None:
+        """Stop sampling; a last sample closes the run (a short run may have had one)."""
+        if self._halt.is_set():
+            return
         self._halt.set()
         if self.is_alive():
             self.join(30)
+            self._sample()
 
 
 def _pct(values: list[float], q: float) -> float:
