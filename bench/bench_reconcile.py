@@ -19,8 +19,11 @@ Checks, after the clients end and the queue drains:
   acked values          a waited write's record has the version, step and old -> new
                         (rate and base, per name) its reply gave; a no-wait one the
                         names (and, for absolute sets, the new bases) its reply gave
-  no phantom            no record without an acknowledged request (none of a rejected
-                        or timed-out one)
+  no phantom            no applied record without an acknowledged request (none of a
+                        rejected or timed-out one)
+  failed records        each record of a change that failed at its step (status set)
+                        is of a waiting write refused with that status, or of a no-wait
+                        write accepted before it failed; it changed nothing
   replay                each record's old values are the previous record's new ones,
                         and replaying all from the initial rates gives GetLearningRates
   training advanced     the worker's step grew over the run (and in every --window
@@ -297,8 +300,21 @@ def reconcile(log: list[dict[str, Any]], records: list[Any], dropped: int, initi
     checks: dict[str, tuple[bool, str]] = {}
     version0, rates0 = initial
     acked = {e["id"]: e for e in log if e["kind"] in WRITE_KINDS and e["code"] == "OK"}
-    refused = {e["id"] for e in log if e["kind"] in WRITE_KINDS and e["code"] != "OK"}
+    refused = {e["id"]: e for e in log if e["kind"] in WRITE_KINDS and e["code"] != "OK"}
     checks["history complete"] = (dropped == 0, f"{len(records)} records, dropped {dropped}")
+    # Changes accepted but failed at their step are recorded too, with their status and
+    # the version in force: they are checked apart from the applied ones.
+    failed = [r for r in records if r.status]
+    records = [r for r in records if not r.status]
+    unexplained = []
+    for r in failed:
+        e = refused.get(r.reason) or acked.get(r.reason)
+        if e is None or r.changes or (e["code"] != "OK" and (not e.get("wait", True) or e["code"] != r.status)) \
+                or (e["code"] == "OK" and e.get("wait", True)):
+            unexplained.append((r.reason, r.status))
+    checks["failed records"] = (not unexplained, f"{len(failed)} records of changes that failed at their step"
+                                + (f"; unexplained: {unexplained[:3]}" if unexplained else ""))
+    accepted_then_failed = {r.reason for r in failed if r.reason in acked}
 
     versions = [r.version for r in records]
     want = list(range(version0 + 1, final_version + 1))
@@ -308,14 +324,14 @@ def reconcile(log: list[dict[str, Any]], records: list[Any], dropped: int, initi
     by_reason: dict[str, list[Any]] = defaultdict(list)
     for r in records:
         by_reason[r.reason].append(r)
-    missing = [rid for rid in acked if len(by_reason.get(rid, ())) != 1]
+    missing = [rid for rid in acked if len(by_reason.get(rid, ())) + (rid in accepted_then_failed) != 1]
     checks["acked exactly once"] = (not missing, f"{len(acked)} acknowledged writes"
                                     + (f"; {len(missing)} not exactly once, e.g. {missing[:3]}" if missing else ""))
 
     wrong = []
     for rid, e in acked.items():
         recs = by_reason.get(rid)
-        if not recs or len(recs) != 1:
+        if rid in accepted_then_failed or not recs or len(recs) != 1:
             continue
         rec, reply = recs[0], e["reply"]
         got = [[c.name, c.old_lr, c.new_lr, c.old_base, c.new_base] for c in rec.changes]
