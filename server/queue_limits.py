@@ -45,11 +45,11 @@ class QueueLimits:
 
     max_steps_ahead: int = 1_000_000
     max_changes: int = 1000
-    max_bytes: int = 64 * MIB
+    max_bytes: int = 32 * MIB
     max_changes_per_connection: int = 100
-    max_bytes_per_connection: int = 16 * MIB
+    max_bytes_per_connection: int = 8 * MIB
     max_changes_per_token: int = 250
-    max_bytes_per_token: int = 32 * MIB
+    max_bytes_per_token: int = 16 * MIB
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

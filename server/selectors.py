@@ -83,8 +83,8 @@ MAX_SELECTOR_CHARS = 4096
 # (bench/bench_selector_cache.py). Resident bytes per unit of _expansion() measured
 # 20-300 for `regex` 2026.11.19 (counted repeats are the most), so a compiled regex
 # is estimated at 400 a unit; a glob compiled by `re` at up to ~50 bytes a character.
-SELECTOR_CACHE_BYTES = 32 * 1024 * 1024
-MATCH_CACHE_BYTES = 32 * 1024 * 1024
+SELECTOR_CACHE_BYTES = 16 * 1024 * 1024
+MATCH_CACHE_BYTES = 16 * 1024 * 1024
 _CACHE_ENTRIES = 1024
 _REGEX_UNIT_BYTES = 400
 _GLOB_CHAR_BYTES = 64

@@ -291,6 +291,24 @@ def _pending_pb(view: PendingView) -> pb.PendingChangeInfo:
     return message
 
 
+def _embedded_size(n: int) -> int:
+    """Wire bytes of an embedded message of n bytes in a repeated field (tag + length)."""
+    return n + 1 + max(1, (n.bit_length() + 6) // 7)
+
+
+def _fit_record(message: pb.ChangeRecord) -> None:
+    """Cut a record bigger than a page alone to PAGE_BYTES: first its per-name changes,
+    then the updates and schedules it echoes (num_changes still counts every name)."""
+    size = message.ByteSize()
+    for field in (message.changes, message.updates, message.schedules):
+        if size <= PAGE_BYTES:
+            return
+        rows = [_embedded_size(m.ByteSize()) for m in field]
+        room = PAGE_BYTES - (size - sum(rows))
+        del field[bisect.bisect_right(list(accumulate(rows)), max(room, 0)):]
+        size = message.ByteSize()
+
+
 def _user(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "lrctl-user":
@@ -663,8 +681,19 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             if k and used > MAX_ENTRIES_PER_CHANGE_PAGE:
                 records, more = records[:k], True
                 break
+        messages: list[pb.ChangeRecord] = []
+        used = 0
+        for record in records:  # ... and fits a client with gRPC's default 4 MiB limit
+            message = self._record_pb(record, per_record)
+            _fit_record(message)
+            size = message.ByteSize()
+            if messages and used + size > PAGE_BYTES:
+                records, more = records[:len(messages)], True
+                break
+            messages.append(message)
+            used += size
         return pb.ListChangesResponse(
-            changes=[self._record_pb(r, per_record) for r in records],
+            changes=messages,
             next_page_token=_encode_token("records", records[-1].seq, "") if more else "",
             dropped=page.dropped,
             oldest_version=page.oldest_version,

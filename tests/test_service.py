@@ -35,7 +35,7 @@ from lrctl.client.client import LRClient
 from lrctl.client.errors import AbortedError
 from lrctl.server import attach
 from lrctl.server.requests import ChangeRequest, Update
-from lrctl.server.service import LearningRateControlService
+from lrctl.server.service import PAGE_BYTES, LearningRateControlService, _fit_record
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
@@ -199,8 +199,9 @@ class ManyLinears(nn.Module):
 
 
 def test_a_history_page_of_big_records_ends_early() -> None:
-    """101 records of 1000 names, each listed as its own update (2000 entries a record):
-    a page stops at 200,000 entries, and the next page has the rest."""
+    """101 records of 1000 names, each listed as its own update (2000 entries a record,
+    ~80 KB): all of them at once would be ~8 MB, so pages end at PAGE_BYTES (a client
+    with gRPC's default 4 MiB limit reads them all) and the next page has the rest."""
     model = ManyLinears(500)  # 1000 parameters
     names = [n for n, _ in model.named_parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -210,15 +211,33 @@ def test_a_history_page_of_big_records_ends_early() -> None:
             batch = tuple(Update(name, 0.01 * (1 + k % 2)) for name in names)
             ctl.controller.submit(ChangeRequest(updates=batch))
             opt.step()
-        # The handler itself: a full page is ~8 MB, over a default channel's 4 MiB limit.
         service = LearningRateControlService(ctl.controller)
-        first = service.list_changes(pb.ListChangesRequest(page_size=1000, max_changes_per_record=1000))
-        assert [r.version for r in first.changes] == list(range(1, 101)) and first.next_page_token
-        assert all(len(r.changes) == 1000 and len(r.updates) == 1000 for r in first.changes)
-        rest = service.list_changes(pb.ListChangesRequest(page_token=first.next_page_token))
-        assert [r.version for r in rest.changes] == [101] and not rest.next_page_token
+        versions, token, pages = [], "", 0
+        while True:
+            reply = service.list_changes(pb.ListChangesRequest(page_size=1000, max_changes_per_record=1000,
+                                                               page_token=token))
+            pages += 1
+            assert reply.ByteSize() <= 4 * 1024 * 1024
+            assert all(len(r.changes) == 1000 and len(r.updates) == 1000 for r in reply.changes)
+            versions += [r.version for r in reply.changes]
+            token = reply.next_page_token
+            if not token:
+                break
+        assert versions == list(range(1, 102)) and pages >= 3
     finally:
         ctl.close()
+
+
+def test_a_record_bigger_than_a_page_is_cut_to_fit() -> None:
+    """One record of 100,000 long names: its per-name list is cut so the page fits;
+    num_changes still counts every name."""
+    record = pb.ChangeRecord(version=1, num_changes=100_000, changes=[
+        pb.RateChange(name=f"encoder.layers.{i}.attention.output.dense.weight", old_lr=0.1, new_lr=0.2,
+                      old_base=0.1, new_base=0.2) for i in range(100_000)])
+    assert record.ByteSize() > PAGE_BYTES
+    _fit_record(record)
+    assert 0 < len(record.changes) < 100_000 and record.num_changes == 100_000
+    assert record.ByteSize() <= PAGE_BYTES
 
 
 def test_large_model_paginates_with_default_and_max_page_sizes() -> None:
