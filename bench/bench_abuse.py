@@ -8,7 +8,8 @@ threads, for --seconds:
                   server/selectors.py) and 4096-character reasons (history, queue)
   many_names      Sets that touch every extra tensor, no wait (history entries)
   regexes         reads with thousands of distinct heavy regexes (selector cache)
-  far_future      no-wait Sets at at_step 2**62, small and huge (the queue)
+  far_future      no-wait Sets 900,000 steps ahead (and some at 2**62, past the
+                  horizon), small and huge (the queue)
   waiting         waiting Sets at a far step, with a 3 s deadline and without any
                   (waiting calls; the deadline-less ones are cancelled at the end)
   history         a stream of small no-wait Sets (record count)
@@ -47,7 +48,11 @@ DOCUMENTED_BOUND_MB = 256.0
 SELECTOR_CHARS = 4000   # server/selectors.py: MAX_SELECTOR_CHARS = 4096
 SELECTORS_PER_SET = 1000  # ~4 MB: just under grpc's default 4 MiB request limit
 REASON_CHARS = 4096     # the most a reason may have
-FAR = 2**62
+# Far ahead, but within the worker's at_step horizon (1,000,000 steps past the next):
+# these do queue. BEYOND is refused (INVALID_ARGUMENT), as 2**62 used to fill the queue.
+FAR = 900_000
+BEYOND = 2**62
+HELD_WAITING = 150  # deadline-less waiting Sets from one connection: past its quota of 100
 KINDS_BY_PROCESS = [
     ("huge_selectors", "far_future", "big_pages"),
     ("many_names", "regexes", "history"),
@@ -90,10 +95,12 @@ def _abuser(idx: int, kinds: tuple[str, ...], address: str, seconds: float, stop
             stub.GetLearningRates(pb.GetLearningRatesRequest(selectors=[selector]), timeout=30)
         elif kind == "far_future":
             updates = [update(s, value) for s in huge_selectors(k)] if k % 2 else [update("head.*", value)]
-            stub.SetLearningRates(pb.SetLearningRatesRequest(updates=updates, at_step=FAR, reason=reason), timeout=30)
+            at_step = BEYOND if k % 4 == 3 else FAR
+            stub.SetLearningRates(pb.SetLearningRatesRequest(updates=updates, at_step=at_step, reason=reason),
+                                  timeout=30)
         elif kind == "waiting":
             request = pb.SetLearningRatesRequest(updates=[update("head.weight", value)], at_step=FAR, wait=True)
-            if k % 2 and len(held) < 20:
+            if k % 2 and len(held) < HELD_WAITING:
                 held.append(stub.SetLearningRates.future(request))  # no deadline: holds on
                 return "HELD"
             stub.SetLearningRates(request, timeout=3)

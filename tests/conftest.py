@@ -11,6 +11,9 @@ thread itself (`train_step`) when the exact step matters.
 from __future__ import annotations
 
 import contextlib
+import re
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -259,3 +262,26 @@ def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
     except grpc.RpcError as exc:
         return exc
     pytest.fail(f"expected an error status, got OK: {reply!r}")
+
+
+LRCTL = [sys.executable, "-m", "lrctl.client.cli"]
+
+
+def start_demo_worker(*extra: str) -> tuple[subprocess.Popen, str]:
+    """`lrctl demo --serve` on a free loopback port: the process and its address."""
+    proc = subprocess.Popen(
+        [*LRCTL, "demo", "--serve", "--address", "127.0.0.1:0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    match = re.search(r"on (127\.0\.0\.1:\d+)", first)
+    if not match:
+        proc.kill()
+        pytest.fail(f"no address in {first!r}; stderr: {proc.stderr.read() if proc.stderr else ''}")
+    return proc, match.group(1)
+
+
+def run_cli(address: str, *args: str) -> subprocess.CompletedProcess:
+    """The CLI as a subprocess against `address`."""
+    return subprocess.run([*LRCTL, "--address", address, *args], capture_output=True, text=True, timeout=60)

@@ -7,12 +7,12 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-LRCTL = [sys.executable, "-m", "lrctl.client.cli"]
+from conftest import LRCTL, run_cli, start_demo_worker  # noqa: E402
+
 SEED_DOC = Path(__file__).resolve().parents[2] / "shared" / "seed-example.md"
 
 # The seed example's table (shared/seed-example.md), digit for digit.
@@ -50,37 +50,19 @@ def test_expected_table_is_the_seed_documents() -> None:
     assert _table_rows(SEED_DOC.read_text()) == _table_rows(EXPECTED)
 
 
-def _start_serve(*extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [*LRCTL, "demo", "--serve", "--address", "127.0.0.1:0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    assert proc.stdout is not None
-    first = proc.stdout.readline()
-    match = re.search(r"on (127\.0\.0\.1:\d+)", first)
-    if not match:
-        proc.kill()
-        pytest.fail(f"no address in {first!r}; stderr: {proc.stderr.read() if proc.stderr else ''}")
-    return proc, match.group(1)
-
-
-def _cli(address: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*LRCTL, "--address", address, *args], capture_output=True, text=True, timeout=60)
-
-
 @pytest.mark.parametrize("model", ["seed", "mlp"])
 def test_serve_runs_until_sigterm_and_shuts_down_cleanly(model: str) -> None:
-    proc, address = _start_serve("--model", model, "--step-delay", "0.01")
+    proc, address = start_demo_worker("--model", model, "--step-delay", "0.01")
     try:
-        listed = _cli(address, "list", "--json")
+        listed = run_cli(address, "list", "--json")
         assert listed.returncode == 0, listed.stderr
         assert '"name"' in listed.stdout
         if model == "mlp":
             assert "encoder.layers.3.weight" in listed.stdout
-            done = _cli(address, "set", "encoder.layers.3.*=0.0005", "--reason", "test")
+            done = run_cli(address, "set", "encoder.layers.3.*=0.0005", "--reason", "test")
             assert done.returncode == 0, done.stderr
             assert "applied at step" in done.stdout
-            frozen = _cli(address, "set", "encoder.norm.weight=0.1")
+            frozen = run_cli(address, "set", "encoder.norm.weight=0.1")
             assert frozen.returncode == 4 and "does not require grad" in frozen.stderr
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
@@ -91,12 +73,12 @@ def test_serve_runs_until_sigterm_and_shuts_down_cleanly(model: str) -> None:
     assert "stopped by signal; shutting down" in out
     assert "Traceback" not in err
     # The port is released: nothing answers there any more.
-    gone = _cli(address, "--timeout", "2", "status")
+    gone = run_cli(address, "--timeout", "2", "status")
     assert gone.returncode == 3
 
 
 def test_serve_stops_after_the_step_count() -> None:
-    proc, _ = _start_serve("--steps", "30", "--step-delay", "0")
+    proc, _ = start_demo_worker("--steps", "30", "--step-delay", "0")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "reached 30 steps; shutting down" in out

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import re
-import struct
 import threading
 from collections import Counter
 from dataclasses import dataclass, field

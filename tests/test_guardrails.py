@@ -13,7 +13,6 @@ import logging
 import math
 import re
 import subprocess
-import sys
 import threading
 from typing import Iterator
 
@@ -27,9 +26,9 @@ from lrctl.common.schedules import Exponential, OneCycle, PiecewiseLinear, StepD
 from lrctl.server import attach
 from lrctl.server.guardrails import Guardrail, Guardrails
 
-from conftest import PATIENCE_S, Served, Trainer, per_parameter_optimizer, seed_model, wait_for
+from conftest import (LRCTL, PATIENCE_S, Served, Trainer, per_parameter_optimizer, run_cli, seed_model, start_demo_worker,
+                      wait_for)
 
-LRCTL = [sys.executable, "-m", "lrctl.client.cli"]
 
 # Seed rates: layer1.weight 0.01, layer1.bias 0.1, layer2.weight 0.001, layer2.bias 1.0.
 RAILS = Guardrails(
@@ -347,49 +346,35 @@ def test_core_checks_without_a_server() -> None:
 
 # -- the demo worker's flags and the CLI ------------------------------------------------
 def _start_demo(*extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [*LRCTL, "demo", "--serve", "--address", "127.0.0.1:0", "--step-delay", "0.01", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    assert proc.stdout is not None
-    first = proc.stdout.readline()
-    match = re.search(r"on (127\.0\.0\.1:\d+)", first)
-    if not match:
-        proc.kill()
-        pytest.fail(f"no address in {first!r}; stderr: {proc.stderr.read() if proc.stderr else ''}")
-    return proc, match.group(1)
-
-
-def _cli(address: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*LRCTL, "--address", address, *args], capture_output=True, text=True, timeout=60)
+    return start_demo_worker("--step-delay", "0.01", *extra)
 
 
 def test_demo_worker_flags_status_and_cli_rejection() -> None:
     proc, address = _start_demo("--guardrail", "layer1.*=1e-4..0.05", "--guardrail", "*.bias=..2",
                                 "--max-factor", "10")
     try:
-        status = _cli(address, "status")
+        status = run_cli(address, "status")
         assert status.returncode == 0, status.stderr
         assert "guardrails:" in status.stdout
         assert "\n  layer1.*=0.0001..0.05\n  *.bias=..2.0\n" in status.stdout
         assert re.search(r"^max_factor: +10\.0$", status.stdout, re.M), status.stdout
-        as_json = json.loads(_cli(address, "status", "--json").stdout)
+        as_json = json.loads(run_cli(address, "status", "--json").stdout)
         assert as_json["guardrails"] == [
             {"selector": "layer1.*", "min_lr": 1e-4, "max_lr": 0.05},
             {"selector": "*.bias", "min_lr": None, "max_lr": 2.0},
         ]
         assert as_json["max_factor"] == 10.0
 
-        done = _cli(address, "set", "layer1.bias=0.5", "layer2.weight=0.002")
+        done = run_cli(address, "set", "layer1.bias=0.5", "layer2.weight=0.002")
         assert done.returncode == 4
         assert done.stdout == ""
         assert done.stderr == ("lrctl: error: layer1.bias: base 0.5 is above the guardrail max 0.05 of "
                                "'layer1.*'\n")
-        done = _cli(address, "scale", "layer2.weight", "20")
+        done = run_cli(address, "scale", "layer2.weight", "20")
         assert done.returncode == 4 and len(done.stderr.splitlines()) == 1, done.stderr
         assert "is a factor of 20, above the guardrail max_factor 10.0" in done.stderr
-        assert json.loads(_cli(address, "status", "--json").stdout)["version"] == 0
-        assert _cli(address, "set", "layer1.bias=0.05").returncode == 0
+        assert json.loads(run_cli(address, "status", "--json").stdout)["version"] == 0
+        assert run_cli(address, "set", "layer1.bias=0.05").returncode == 0
         assert proc.poll() is None  # the worker trains on
     finally:
         proc.terminate()
