@@ -263,8 +263,7 @@ def test_twenty_clients_killed_at_once_leave_nothing_behind(worker: Worker) -> N
         for p in range(4)
     ]
     try:
-        for c in clients:
-            wait_for(lambda: len(c.sent()) == 5, "every thread to send its waiting Set")
+        wait_for(lambda: all(len(c.sent()) == 5 for c in clients), "every thread to send its waiting Set")
         wait_for(lambda: len(worker.pending_reasons("crash-victim-many")) == 20,
                  "the 20 victims' changes to be queued")
         wait_for(lambda: worker.ctl.service.waiting.waiting == 20, "the 20 calls to wait")
