@@ -525,11 +525,26 @@ class LRClient:
             expected_version=expected_version,
         )
 
-    def get_schedules(self, *selectors: str, timeout: Optional[float] = None) -> list[NameSchedule]:
-        """Base, pin and schedule of each name the selectors match (all held when none)."""
-        request = _message(lrctl_pb2.GetSchedulesRequest, selectors=list(selectors))
-        reply = self._call(self._stub.GetSchedules, request, timeout)
-        return [NameSchedule.from_proto(m) for m in reply.schedules]
+    def get_schedules(
+        self, *selectors: str, page_size: int = 0, timeout: Optional[float] = None
+    ) -> list[NameSchedule]:
+        """Base, pin and schedule of each name the selectors match (all held when none).
+
+        With `page_size`, reads page by page (for clients with a small receive limit),
+        at one version: a change between pages restarts the reading, up to a few
+        times, then raises AbortedError.
+        """
+        def read() -> list[NameSchedule]:
+            pages = self._pages(self._stub.GetSchedules, lrctl_pb2.GetSchedulesRequest, timeout,
+                                selectors=list(selectors), page_size=page_size)
+            return [NameSchedule.from_proto(m) for reply in pages for m in reply.schedules]
+
+        for _ in range(_PAGED_READ_ATTEMPTS - 1):
+            try:
+                return read()
+            except AbortedError:
+                pass  # a change landed between two pages: read again at the new version
+        return read()
 
     def status(self, *, timeout: Optional[float] = None) -> Status:
         """The worker's step, config version, optimizer, grouping and state."""

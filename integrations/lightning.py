@@ -251,7 +251,7 @@ class LRControlCallback(pl.Callback):
         step = control.step - 1  # lrctl's hook has counted the step being taken
         try:
             # Not controller.read(): it reports the rates of the *next* step (control.step).
-            rows, _, _ = control.controller.schedules(self._report_names)
+            rows, _, _, _ = control.controller.schedules(self._report_names)
             by_name = {row.name: row for row in rows}
             # The table's own rule (pin, else schedule.rate(base, step)); an adopted torch
             # scheduler reports what it installed, since it steps only after this step.

@@ -462,10 +462,14 @@ class Controller(ControllerState):
         return rows, version, step, total
 
     def schedules(
-        self, selectors: Sequence[str], *, check: Check | None = None
-    ) -> tuple[list[ScheduleRow], int, int]:
-        """Each matched name's base, pin and schedule; version; step."""
+        self, selectors: Sequence[str], start: int = 0, limit: int | None = None,
+        *, check: Check | None = None,
+    ) -> tuple[list[ScheduleRow], int, int, int]:
+        """Each matched name's base, pin and schedule, for matches [start, start + limit);
+        version; step; the number of matches in all."""
         chosen = self._chosen(selectors, check)
+        total = len(chosen)
+        chosen = chosen[start:] if limit is None else chosen[start:start + limit]
         names, table, book = self.index.names, self._table, self._book
         with self._lock:
             rows = [
@@ -473,7 +477,7 @@ class Controller(ControllerState):
                             book[table.schedule[i]])
                 for i in chosen
             ]
-            return rows, self._version, self._step
+            return rows, self._version, self._step, total
 
     def status(self) -> StatusView:
         with self._lock:

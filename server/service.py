@@ -471,16 +471,37 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         return response
 
     def get_schedules(self, request: pb.GetSchedulesRequest, check: Check | None = None) -> pb.GetSchedulesResponse:
-        rows, version, step = self._controller.schedules(list(request.selectors), check=check)
-        response = pb.GetSchedulesResponse(version=version, step=step)
-        messages: dict[int, tuple[pb.Schedule, str]] = {}  # one message per distinct schedule
+        selectors = list(request.selectors)
+        size = _page_size(request.page_size, MAX_RATE_PAGE, MAX_RATE_PAGE) if request.page_size else None
+        # Every page of one reading must be at one version: the token carries it.
+        bound_to = "\0".join(selectors)
+        start, first_version = _decode_token(request.page_token, "schedules", bound_to)
+        if request.page_token and first_version is None:
+            raise InvalidArgumentError(f"page_token {request.page_token!r} is not a token of this listing")
+        rows, version, step, total = self._controller.schedules(selectors, start, size, check=check)
+        if first_version is not None and version != first_version:
+            raise AbortedError(
+                f"schedules changed (version {first_version} -> {version}) while reading them "
+                "page by page; read again from the first page"
+            )
+        response = pb.GetSchedulesResponse(version=version, step=step, total_size=total)
+        messages: dict[int, tuple[pb.Schedule, str, int]] = {}  # one message per distinct schedule
         add = response.schedules.add
-        for row in rows:
+        used = 0
+        for k, row in enumerate(rows):
             cached = messages.get(row.schedule_id)
             if cached is None:
                 text = "" if row.schedule_id == 0 else row.schedule.describe()
-                cached = messages[row.schedule_id] = (schedule_to_pb(row.schedule), text)
+                message = schedule_to_pb(row.schedule)
+                cached = messages[row.schedule_id] = (message, text, message.ByteSize() + _utf8_len(text))
+            used += _utf8_len(row.name) + cached[2] + _RATE_ROW_BYTES
+            if size is not None and k and used > PAGE_BYTES:  # a paged reading fits a default client
+                rows = rows[:k]
+                break
             add(name=row.name, base=row.base, pin=row.pin, schedule=cached[0], description=cached[1])
+        end = start + len(rows)
+        if end < total:
+            response.next_page_token = _encode_token("schedules", end, bound_to, version)
         return response
 
     # -- writes ----------------------------------------------------------------------

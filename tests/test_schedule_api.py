@@ -49,7 +49,10 @@ from lrctl.common.schedules import (
     Warmup,
     schedule_from_dict,
 )
+from lrctl.server import attach
+from lrctl.server.requests import ChangeRequest, Update
 from lrctl.v1 import lrctl_pb2 as pb
+from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
 T = 10  # per-call deadline (s) for calls that should answer at once
 WAIT_T = 30  # deadline of calls that wait for the background loop's next step
@@ -819,3 +822,37 @@ def test_cli_history_does_not_print_terminal_escapes(served: Served, where: str)
     out = ok(run_cli(served.ctl.address, "history"))
     assert "\x1b" not in out and "\x07" not in out, repr(out)
     assert "pwned" in out  # shown, escaped, not dropped
+
+
+def test_get_schedules_pages_fit_a_default_client_and_stay_at_one_version() -> None:
+    """5,000 names of ~1,000 characters (5 MB in one reply): pages of a paged reading
+    end at 3 MiB, so a channel with gRPC's default 4 MiB limit reads them all; a change
+    between two pages answers ABORTED; LRClient pages and restarts by itself."""
+    params = [(f"block{i:05d}." + "w" * 990, torch.nn.Parameter(torch.zeros(1))) for i in range(5000)]
+    optimizer = torch.optim.SGD([p for _, p in params], lr=0.1)
+    ctl = attach(params, optimizer, address="127.0.0.1:0")
+    try:
+        with grpc.insecure_channel(ctl.address) as channel:  # gRPC's default receive limit
+            stub = pb_grpc.LearningRateControlStub(channel)
+            names, token, pages = [], "", 0
+            while True:
+                reply = stub.GetSchedules(pb.GetSchedulesRequest(page_size=5000, page_token=token), timeout=60)
+                assert reply.total_size == 5000 and reply.ByteSize() <= 4 * 1024 * 1024
+                names += [s.name for s in reply.schedules]
+                pages += 1
+                token = reply.next_page_token
+                if not token:
+                    break
+            assert names == [n for n, _ in params] and pages >= 2
+            first = stub.GetSchedules(pb.GetSchedulesRequest(page_size=10), timeout=T)
+            ctl.controller.submit(ChangeRequest(updates=(Update(params[0][0], 0.5),)))
+            optimizer.step()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetSchedules(pb.GetSchedulesRequest(page_size=10, page_token=first.next_page_token), timeout=T)
+            assert info.value.code() == grpc.StatusCode.ABORTED
+            assert "read again from the first page" in info.value.details()
+        with LRClient(ctl.address, timeout=60) as client:
+            paged = client.get_schedules(page_size=700)
+            assert [s.name for s in paged] == [n for n, _ in params] and paged[0].base == 0.5
+    finally:
+        ctl.close()

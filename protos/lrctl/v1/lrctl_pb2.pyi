@@ -345,10 +345,14 @@ class ClearSchedulesRequest(_message.Message):
     def __init__(self, selectors: _Optional[_Iterable[str]] = ..., dry_run: _Optional[bool] = ..., at_step: _Optional[int] = ..., wait: _Optional[bool] = ..., reason: _Optional[str] = ..., expected_version: _Optional[int] = ..., max_reported_changes: _Optional[int] = ...) -> None: ...
 
 class GetSchedulesRequest(_message.Message):
-    __slots__ = ("selectors",)
+    __slots__ = ("selectors", "page_size", "page_token")
     SELECTORS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     selectors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, selectors: _Optional[_Iterable[str]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, selectors: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class NameSchedule(_message.Message):
     __slots__ = ("name", "base", "pin", "schedule", "description")
@@ -365,14 +369,18 @@ class NameSchedule(_message.Message):
     def __init__(self, name: _Optional[str] = ..., base: _Optional[float] = ..., pin: _Optional[float] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class GetSchedulesResponse(_message.Message):
-    __slots__ = ("schedules", "version", "step")
+    __slots__ = ("schedules", "version", "step", "next_page_token", "total_size")
     SCHEDULES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     schedules: _containers.RepeatedCompositeFieldContainer[NameSchedule]
     version: int
     step: int
-    def __init__(self, schedules: _Optional[_Iterable[_Union[NameSchedule, _Mapping]]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    next_page_token: str
+    total_size: int
+    def __init__(self, schedules: _Optional[_Iterable[_Union[NameSchedule, _Mapping]]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class RateChange(_message.Message):
     __slots__ = ("name", "old_lr", "new_lr", "old_base", "new_base", "old_pin", "new_pin", "old_schedule", "new_schedule")
