@@ -620,21 +620,23 @@ class Controller(ControllerState):
 
         Under the lock, as the step hook applies changes: a change is either applied
         first (and not found here) or cancelled first (and never applied). A waiting
-        caller gets ABORTED at once, naming `by`.
+        caller gets ABORTED at once, naming `by`; the history (and the audit log)
+        records the cancelled change as failed with that status and message.
         """
         wanted = dict.fromkeys(change_ids)  # in the order given, without repeats
+        why = f": {reason}" if reason else ""
         with self._lock:
             taken = [p for p in self._pending if p.change_id in wanted]
             if taken:
                 gone = {id(p) for p in taken}
                 self._pending = [p for p in self._pending if id(p) not in gone]
                 self._next_due = min((p.due for p in self._pending), default=_NEVER)
-        why = f": {reason}" if reason else ""
+            for p in taken:  # recorded (history, audit log): who took it out, and why
+                self._fail(p, self._step, AbortedError(
+                    f"change {p.change_id} was cancelled by {by} before it was applied{why}"))
         for p in taken:
             log.warning("lrctl: change %d cancelled by %s before it was applied (reason %r)",
                         p.change_id, by, reason)
-            p.finish(error=AbortedError(
-                f"change {p.change_id} was cancelled by {by} before it was applied{why}"))
         found = {p.change_id for p in taken}
         return [i for i in wanted if i in found], [i for i in wanted if i not in found]
 

@@ -113,7 +113,10 @@ def test_a_cancelled_no_wait_change_is_never_applied(served: Served) -> None:
         served.step(4)  # past at_step 2: only the kept change applies
         rates = client.get_learning_rates()
         assert rates["layer1.weight"] == SEED_LRS["layer1.weight"] and rates["layer2.bias"] == 0.125
-        assert [r.change_id for r in client.list_changes()] == [kept]
+        # The cancelled change is recorded as failed (ABORTED, who and why), the kept applied.
+        history = client.list_changes()
+        assert [(r.change_id, r.status) for r in history] == [(doomed, "ABORTED"), (kept, "")]
+        assert "was cancelled by" in history[0].error and "changed my mind" in history[0].error
         assert client.list_pending() == []
         # Applied, cancelled or never queued: all "not found", none an error.
         again = client.cancel_changes([doomed, kept, 424242])
@@ -148,7 +151,8 @@ def test_a_waiting_caller_of_a_cancelled_change_gets_aborted_at_once(served: Ser
     assert "before it was applied" in message and "not now" in message
     served.step(2)
     assert served.rates()["layer1.bias"] == SEED_LRS["layer1.bias"]
-    assert served.controller.history(0, 10)[0] == []
+    (record,) = served.controller.history(0, 10)[0]
+    assert (record.change_id, record.status, record.version) == (change.change_id, "ABORTED", 0)
 
 
 def test_cancel_needs_ids(served: Served) -> None:
