@@ -398,7 +398,8 @@ def cmd_status(client: LRClient, args: argparse.Namespace) -> int:
         lines = _status_lines(status)
         width = max(len(key) for key, _ in lines) + 1
         for key, value in lines:
-            print(f"{key + ':':<{width}} {value}".rstrip())
+            text = f"{key + ':':<{width}} {value}"
+            print("\n".join(line.rstrip() for line in text.splitlines()))
     return EXIT_OK
 
 
