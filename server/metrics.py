@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Sequence
 
 from lrctl.common.addresses import HostPort, UnixPath, parse_address
+from lrctl.server.controller import STEP_WINDOW
 from lrctl.server.strategy import lr_value
 
 log = logging.getLogger("lrctl.server")
@@ -128,7 +129,7 @@ class MetricsSource:
         _Family(out, "lrctl_step", "gauge", "Index of the next optimizer step (steps lrctl has counted).") \
             .sample(snap.step)
         _Family(out, "lrctl_steps_per_second", "gauge",
-                f"Optimizer steps per second over the latest {len(snap.step_times)} steps.") \
+                f"Optimizer steps per second over the latest (up to {STEP_WINDOW}) steps.") \
             .sample(steps_per_second(snap.step_times, snap.now))
         _Family(out, "lrctl_config_version", "gauge",
                 "Config version: the number of changes applied in this run's lineage.").sample(snap.version)
