@@ -27,6 +27,8 @@ from lrctl.server.history import DEFAULT_HISTORY_LIMIT, DEFAULT_HISTORY_MAX_BYTE
 from lrctl.server.resume import STATE_KEY, Resume, take_state
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.guardrails import Guardrails
+from lrctl.server import metrics as metrics_module
+from lrctl.server.metrics import MetricsServer, MetricsSource
 from lrctl.server.service import LearningRateControlService
 from lrctl.server.tls import ServerTLS
 from lrctl.server.wrappers import named_parameters, unwrap_optimizer
@@ -43,9 +45,11 @@ class LRControl:
     def __init__(
         self, controller: Controller, server: BuiltServer | None, resume: Resume,
         audit: AuditLog | None = None, service: LearningRateControlService | None = None,
+        metrics: MetricsServer | None = None,
     ) -> None:
         self.controller = controller
         self._server = server
+        self._metrics = metrics
         self._service = service
         self._resume = resume
         self.audit = audit
@@ -105,6 +109,11 @@ class LRControl:
             raise RuntimeError("this LRControl was attached with serve=False")
         return self._server.address
 
+    @property
+    def metrics_address(self) -> Optional[str]:
+        """host:port of the Prometheus endpoint (/metrics), with the bound port; None when off."""
+        return None if self._metrics is None else self._metrics.address
+
     def close(self, grace: float = 2.0) -> None:
         """Shut down: changes still queued fail (recorded as failed: FAILED_PRECONDITION,
         "the worker shut down at step S; change N was not applied", which is also what
@@ -114,6 +123,8 @@ class LRControl:
             return
         self._closed = True
         atexit.unregister(self.close)
+        if self._metrics is not None:
+            self._metrics.stop()
         # Saving keeps working after close (checkpoints in the user's grouping, with
         # lrctl's last state); loading no longer involves lrctl.
         self._resume.remove(keep_saving=True)
@@ -157,6 +168,9 @@ def attach(
     max_waiting_per_token: int = DEFAULT_MAX_WAITING_PER_TOKEN,
     expensive_workers: int = DEFAULT_EXPENSIVE_WORKERS,
     expensive_queued: int = DEFAULT_EXPENSIVE_QUEUED,
+    metrics_address: str | None = None,
+    metrics_insecure: bool = False,
+    metrics_selectors: Iterable[str] = (),
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -219,6 +233,13 @@ def attach(
     reads, big pages) run on `expensive_workers` threads with up to `expensive_queued`
     more waiting for one; `max_workers` threads run synchronous handlers (none of
     lrctl's own; extra services a caller registers).
+
+    `metrics_address` (default: $LRCTL_METRICS_ADDRESS; off when unset or "") serves
+    Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, read it back
+    from ``.metrics_address``): step, steps per second, config version, queued changes,
+    the rate of each physical param group, changes and calls by status, and the rate
+    (mean, min, max) of each selector in `metrics_selectors`. It has no authentication
+    and names parameters: an address other than loopback needs `metrics_insecure`.
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
@@ -230,6 +251,10 @@ def attach(
         raise ValueError(f"resume {resume!r} is not one of {', '.join(map(repr, RESUME_POLICIES))}")
     if guardrails is None:
         guardrails = Guardrails.from_env()
+    metrics_address = metrics_module.from_env(metrics_address)
+    metrics_selectors = tuple(metrics_selectors)
+    if metrics_address is not None:  # refused before lrctl touches anything
+        metrics_module.check_metrics_bind(metrics_address, metrics_insecure, warn=False)
     named = named_parameters(model)
     optimizer = unwrap_optimizer(optimizer)
     # Loaded before attach: lrctl's state sits in the group dicts; it is no hyperparameter.
@@ -279,9 +304,20 @@ def attach(
         if loaded is not None:
             optimizer.param_groups[0][STATE_KEY] = loaded
         raise
+    metrics = None
     if not serve:
-        return LRControl(controller, None, checkpoints, audit)
-    service = None
+        try:
+            if metrics_address is not None:
+                metrics = MetricsServer(metrics_address, MetricsSource(controller, metrics_selectors),
+                                        insecure=metrics_insecure)
+        except BaseException:
+            checkpoints.remove()
+            controller.close()
+            if audit is not None:
+                audit.close()
+            raise
+        return LRControl(controller, None, checkpoints, audit, metrics=metrics)
+    service = server = None
     try:
         service = LearningRateControlService(
             controller, max_waiting, tokens,
@@ -298,7 +334,12 @@ def attach(
             tls=tls or None,
             max_workers=max_workers,
         )
+        if metrics_address is not None:
+            source = MetricsSource(controller, metrics_selectors, server.requests.snapshot)
+            metrics = MetricsServer(metrics_address, source, insecure=metrics_insecure)
     except BaseException:
+        if server is not None:
+            server.stop(0)
         if service is not None:
             service.close()
         checkpoints.remove()
@@ -306,4 +347,4 @@ def attach(
         if audit is not None:
             audit.close()
         raise
-    return LRControl(controller, server, checkpoints, audit, service)
+    return LRControl(controller, server, checkpoints, audit, service, metrics)

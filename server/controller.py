@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from array import array
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -65,6 +66,8 @@ MAX_REASON_CHARS = 4096
 # Queued changes are bounded in number and bytes, in all and per connection and token
 # (lrctl.server.queue_limits.QueueLimits; these are the defaults).
 MAX_PENDING = QueueLimits().max_changes
+# Steps whose start times the hook keeps for lrctl_steps_per_second (lrctl.server.metrics).
+STEP_WINDOW = 64
 
 # Raises to stop the work of a call whose caller has gone (lrctl.server.cancel.CallCheck.check).
 Check = Callable[[], None]
@@ -146,6 +149,22 @@ def _describe_op(part: int, op: Any) -> str:
     if mode is Mode.UNPIN:
         return "unpin"
     return f"scale {what} by {value!r}" if mode is Mode.SCALE else f"set {what} to {value!r}"
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """Numbers copied under the lock for the metrics endpoint (lrctl.server.metrics),
+    which formats them outside it."""
+
+    step: int
+    version: int
+    pending_changes: int
+    step_times: tuple[float, ...]  # time.monotonic() of the latest steps' starts, oldest first
+    now: float  # time.monotonic() when copied
+    group_lrs: tuple[Any, ...]  # each physical param group's lr as the optimizer holds it
+    rates: dict[int, float]  # rate class -> rate for the next step
+    class_of: array  # name position -> rate class (-1: not held)
+    changes: dict[str, int]  # recorded changes of this process by status ("OK": applied)
 
 
 @dataclass(frozen=True)
@@ -291,6 +310,8 @@ class Controller(ControllerState):
         self._closed = False
         self._started = time.monotonic()
         self._last_step_at: float | None = None
+        # A bounded deque: the hook's only extra cost is one append (no allocation).
+        self._step_times: deque[float] = deque(maxlen=STEP_WINDOW)
         self._on_step = tuple(on_step)
         self._hook = optimizer.register_step_pre_hook(self._before_step)
 
@@ -510,6 +531,28 @@ class Controller(ControllerState):
             max_factor=self.guardrails.max_factor,
         )
 
+    def readable_positions(self, selector: str) -> tuple[int, ...]:
+        """Positions of the held parameters `selector` matches (model order); raises
+        NotFoundError / FailedPreconditionError as a read of it would."""
+        return self._resolve(selector, for_set=False)
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """What the metrics endpoint shows, copied under the lock: O(groups + rate
+        classes) Python work plus one memcpy of the class array; no formatting."""
+        with self._lock:
+            step = self._step
+            return MetricsSnapshot(
+                step=step,
+                version=self._version,
+                pending_changes=len(self._pending),
+                step_times=tuple(self._step_times),
+                now=time.monotonic(),
+                group_lrs=tuple([g["lr"] for g in self.optimizer.param_groups]),
+                rates=self._table.rates(step),
+                class_of=self._table.class_of[:],
+                changes=dict(self._history.counts),
+            )
+
     def history(self, after_version: int, limit: int) -> tuple[list[Record], bool, int]:
         """Up to `limit` records after a version; whether more follow; how many were dropped."""
         page = self.history_page(after_version, 0, limit)
@@ -659,7 +702,8 @@ class Controller(ControllerState):
         with self._lock:
             step = self._step
             self._step = step + 1
-            self._last_step_at = time.monotonic()
+            self._last_step_at = now = time.monotonic()
+            self._step_times.append(now)
             if self._next_due <= step:
                 self._apply_due(step)
             if self._table.scheduled or self._table.driven:

@@ -220,9 +220,10 @@ class ControllerState:
             self._next_change_id = parsed.next_change_id
             self.lineage = parsed.lineage
             self._reinstall()
-            self._history = History(self._history_limit, self._history_max_bytes)
+            self._history = History(self._history_limit, self._history_max_bytes,
+                                    self._history.counts)
             for record in parsed.records:
-                self._history.append(_with_real_ids(record, book))
+                self._history.append(_with_real_ids(record, book), count=False)
             self._history.dropped += parsed.dropped
             if self._history.last_dropped is not None:
                 pass

@@ -168,10 +168,12 @@ SHUTDOWN_GRACE_S = 5.0
 
 def serve(address: str, model_name: str, steps: int, step_delay: float, insecure: bool,
           tls: ServerTLS | None = None, guardrails: Guardrails | None = None,
-          audit_log: str | None = None) -> int:
+          audit_log: str | None = None, metrics_address: str | None = None,
+          metrics_insecure: bool = False, metrics_selectors: tuple[str, ...] = ()) -> int:
     """Train a demo model until `steps` (0: forever) or SIGINT/SIGTERM, serving lrctl
     (over `tls`, else the TLS that $LRCTL_WORKER_TLS_CERT/_KEY/_CLIENT_CA configure;
-    `guardrails` None: from $LRCTL_GUARDRAILS / $LRCTL_MAX_FACTOR, as attach does).
+    `guardrails` None: from $LRCTL_GUARDRAILS / $LRCTL_MAX_FACTOR, as attach does;
+    `metrics_address` None: from $LRCTL_METRICS_ADDRESS, off when unset).
 
     A signal stops training at a step boundary; then close() fails the changes still
     queued (their waiting callers hear FAILED_PRECONDITION "the worker shut down at
@@ -184,7 +186,8 @@ def serve(address: str, model_name: str, steps: int, step_delay: float, insecure
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ctl = attach(model, optimizer, address=address, insecure=insecure, tls=tls,
-                     guardrails=guardrails, audit_log=audit_log)
+                     guardrails=guardrails, audit_log=audit_log, metrics_address=metrics_address,
+                     metrics_insecure=metrics_insecure, metrics_selectors=metrics_selectors)
         try:
             n = len(ctl.controller.names)
             over = ""
@@ -196,6 +199,7 @@ def serve(address: str, model_name: str, steps: int, step_delay: float, insecure
                 f"lrctl worker: training the {model_name} model ({n} parameters) on {ctl.address}{over}\n"
                 f"  try:  lrctl --address {ctl.address}{flags} list\n"
                 f"        lrctl --address {ctl.address}{flags} set '{ctl.controller.names[0]}=0.05'\n"
+                + (f"        curl -s {ctl.metrics_address}/metrics | head\n" if ctl.metrics_address else "") +
                 "  Ctrl-C stops it.",
                 flush=True,
             )
@@ -258,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audit-log", metavar="PATH", default=None,
                         help="append every recorded change to PATH as a JSON line, fsynced before "
                              "its client is answered (default: $LRCTL_AUDIT_LOG; none if unset)")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", default=None,
+                        help="with --serve: serve Prometheus metrics at http://HOST:PORT/metrics "
+                             "(default: $LRCTL_METRICS_ADDRESS; off if unset)")
+    parser.add_argument("--metrics-insecure", action="store_true",
+                        help="allow a non-loopback --metrics-address (it has no authentication "
+                             "and shows parameter names and rates)")
+    parser.add_argument("--metrics-selector", action="append", default=[], metavar="SELECTOR",
+                        help="with --serve: also export the rate of what SELECTOR matches "
+                             "(lrctl_learning_rate_selector); repeatable")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 0:
         parser.error(f"--steps must not be negative: {args.steps}")
@@ -269,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                                 ("--tls-client-ca", args.tls_client_ca)) if v is not None]
     if tls_flags and not args.serve:
         parser.error(f"{tls_flags[0]} needs --serve (the demo without it runs on loopback, in plaintext)")
+    metric_flags = [f for f, v in (("--metrics-address", args.metrics_address),
+                                   ("--metrics-selector", args.metrics_selector)) if v]
+    if metric_flags and not args.serve:
+        parser.error(f"{metric_flags[0]} needs --serve")
     guardrails = None
     if args.guardrail or args.max_factor is not None:
         if not args.serve:
@@ -281,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.serve:
             tls = ServerTLS.from_paths(args.tls_cert, args.tls_key, args.tls_client_ca)
             return serve(args.address, args.model or "seed", args.steps or 0, args.step_delay,
-                         args.insecure, tls, guardrails, args.audit_log)
+                         args.insecure, tls, guardrails, args.audit_log, args.metrics_address,
+                         args.metrics_insecure, tuple(args.metrics_selector))
         if args.steps == 0:
             parser.error("--steps must be at least 1 without --serve")
         return run_demo(args.steps or 10, args.audit_log)

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from lrctl.common.addresses import HostPort, UnixPath, parse_address
 from lrctl.server import unix_socket
 from lrctl.server.auth import ENV, AuthInterceptor, Tokens
-from lrctl.server.status import ErrorStatusInterceptor
+from lrctl.server.status import ErrorStatusInterceptor, RequestCounts
 from lrctl.server.tls import CERT_ENV, CLIENT_CA_ENV, KEY_ENV, ServerTLS
 from lrctl.v1 import lrctl_pb2
 
@@ -76,6 +76,7 @@ class BuiltServer:
     thread_pool: futures.ThreadPoolExecutor  # grpc.aio runs synchronous handlers here
     unix: Optional[unix_socket.BoundSocket] = None
     tls: Optional[ServerTLS] = None
+    requests: Optional[RequestCounts] = None  # calls by method and status (metrics)
     _stopped: bool = False
 
     @property
@@ -224,6 +225,7 @@ def build_server(
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lrctl-grpc")
     loop, thread = _start_loop()
     bound: list[unix_socket.BoundSocket] = []
+    requests = RequestCounts()
 
     async def start() -> tuple[grpc.aio.Server, health.aio.HealthServicer, str, int]:
         server = grpc.aio.server(
@@ -231,7 +233,7 @@ def build_server(
             interceptors=[
                 *([AuthInterceptor(tokens)] if tokens is not None else []),
                 *interceptors,
-                ErrorStatusInterceptor(),
+                ErrorStatusInterceptor(requests),
             ],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[("grpc.so_reuseport", 0)],
@@ -278,4 +280,4 @@ def build_server(
             socket_file.remove()
         raise
     return BuiltServer(server, health_servicer, host, port, loop, thread, pool,
-                       bound[0] if bound else None, tls)
+                       bound[0] if bound else None, tls, requests)

@@ -170,7 +170,8 @@ class History:
     """
 
     def __init__(self, limit: int = DEFAULT_HISTORY_LIMIT,
-                 max_bytes: int = DEFAULT_HISTORY_MAX_BYTES) -> None:
+                 max_bytes: int = DEFAULT_HISTORY_MAX_BYTES,
+                 counts: dict[str, int] | None = None) -> None:
         if limit < 1 or max_bytes < 1:
             raise ValueError(f"history bounds must be at least 1, got {limit}, {max_bytes}")
         self._records: deque[Record] = deque()
@@ -182,10 +183,19 @@ class History:
         # The newest dropped record's (version, failed, seq): what a reading that
         # starts before it has missed. seq -1: dropped in an earlier run.
         self.last_dropped: tuple[int, bool, int] | None = None
+        # Records appended by this process, by status ("OK": applied), never dropped:
+        # the counters of lrctl_changes_total (lrctl.server.metrics). A history
+        # rebuilt on resume passes the old one's dict on.
+        self.counts: dict[str, int] = {} if counts is None else counts
 
-    def append(self, record: Record) -> Record:
-        """Add `record` (numbered here) and drop the oldest past the bounds; returns it."""
+    def append(self, record: Record, *, count: bool = True) -> Record:
+        """Add `record` (numbered here) and drop the oldest past the bounds; returns it.
+
+        `count` False: a record restored from a checkpoint, not one this process made."""
         record = replace(record, seq=self._next_seq)
+        if count:
+            status = record.status or "OK"
+            self.counts[status] = self.counts.get(status, 0) + 1
         self._next_seq += 1
         size = record_bytes(record)
         self._records.append(record)

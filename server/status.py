@@ -4,12 +4,16 @@ Handlers raise `lrctl.common.errors.LrctlError` subclasses; this interceptor (a
 grpc.aio one, for coroutine and synchronous handlers alike) aborts the RPC with the
 error's code and message. Anything else is a bug: it is logged with its
 traceback on the worker and answered as INTERNAL, and training goes on.
+
+Being the one place that knows each call's status, it also counts the calls by method
+and status code (RequestCounts: lrctl_requests_total of the metrics endpoint).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from typing import Any, Callable
 
 import grpc
@@ -21,6 +25,26 @@ log = logging.getLogger("lrctl.server")
 # Status messages travel in HTTP/2 trailers, which gRPC caps (16 KiB by default); an
 # echoed oversized value must not turn a clear error into a transport failure.
 _MAX_MESSAGE = 2000
+
+
+class RequestCounts:
+    """Calls answered by the handlers the interceptor wraps, by (method, status code
+    name); "OK" for a call that returned. Method names come from registered handlers
+    and codes from grpc.StatusCode, so the set of keys stays small."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # handlers finish on the event loop and pool threads
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def add(self, method: str, code: str) -> None:
+        key = (method.lstrip("/"), code)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        """A copy: (method, code) -> calls."""
+        with self._lock:
+            return dict(self._counts)
 
 
 def _status(exc: LrctlError) -> grpc.StatusCode:
@@ -67,22 +91,25 @@ def _map_error(exc: Exception, method: str) -> tuple[grpc.StatusCode, str] | Non
     return grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}"
 
 
-def _guard(behavior: Callable[[Any, Any], Any], method: str) -> Callable:
+def _guard(behavior: Callable[[Any, Any], Any], method: str, counts: RequestCounts) -> Callable:
     """A synchronous handler (run on the server's thread pool)."""
 
     def guarded(request: Any, context: Any) -> Any:
         try:
             _refuse_undecodable(request, method)
-            return behavior(request, context)
+            response = behavior(request, context)
         except Exception as exc:
             if (mapped := _map_error(exc, method)) is None:
                 raise
+            counts.add(method, mapped[0].name)
             context.abort(*mapped)
+        counts.add(method, "OK")
+        return response
 
     return guarded
 
 
-def _guard_stream(behavior: Callable[[Any, Any], Any], method: str) -> Callable:
+def _guard_stream(behavior: Callable[[Any, Any], Any], method: str, counts: RequestCounts) -> Callable:
     """A synchronous generator handler."""
 
     def guarded(request: Any, context: Any) -> Any:
@@ -92,27 +119,32 @@ def _guard_stream(behavior: Callable[[Any, Any], Any], method: str) -> Callable:
         except Exception as exc:
             if (mapped := _map_error(exc, method)) is None:
                 raise
+            counts.add(method, mapped[0].name)
             context.abort(*mapped)
+        counts.add(method, "OK")
 
     return guarded
 
 
-def _guard_async(behavior: Callable[[Any, Any], Any], method: str) -> Callable:
+def _guard_async(behavior: Callable[[Any, Any], Any], method: str, counts: RequestCounts) -> Callable:
     """A coroutine handler (run on the event loop)."""
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             _refuse_undecodable(request, method)
-            return await behavior(request, context)
+            response = await behavior(request, context)
         except Exception as exc:  # asyncio.CancelledError is a BaseException: it passes
             if (mapped := _map_error(exc, method)) is None:
                 raise
+            counts.add(method, mapped[0].name)
             await context.abort(*mapped)
+        counts.add(method, "OK")
+        return response
 
     return guarded
 
 
-def _guard_async_stream(behavior: Callable[[Any, Any], Any], method: str) -> Callable:
+def _guard_async_stream(behavior: Callable[[Any, Any], Any], method: str, counts: RequestCounts) -> Callable:
     """An async generator handler."""
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -123,7 +155,9 @@ def _guard_async_stream(behavior: Callable[[Any, Any], Any], method: str) -> Cal
         except Exception as exc:
             if (mapped := _map_error(exc, method)) is None:
                 raise
+            counts.add(method, mapped[0].name)
             await context.abort(*mapped)
+        counts.add(method, "OK")
 
     return guarded
 
@@ -139,7 +173,8 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
     async-generator handlers (run on the event loop) alike, keeping each what it was.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, counts: RequestCounts | None = None) -> None:
+        self.counts = RequestCounts() if counts is None else counts
         # Handlers are the same objects call after call: each is wrapped once (every
         # call's Python runs in the training process, under its GIL).
         self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, str, grpc.RpcMethodHandler]] = {}
@@ -164,7 +199,7 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
             return grpc.unary_unary_rpc_method_handler(
-                (_guard_async if _is_async(behavior) else _guard)(behavior, method),
+                (_guard_async if _is_async(behavior) else _guard)(behavior, method, self.counts),
                 request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -177,7 +212,7 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
             else:
                 guard = _guard_stream
             return grpc.unary_stream_rpc_method_handler(
-                guard(behavior, method),
+                guard(behavior, method, self.counts),
                 request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
