@@ -10,6 +10,7 @@ Exit codes (also shown by `lrctl --help`):
          other gRPC status not listed here)
     5    not authorized (UNAUTHENTICATED, PERMISSION_DENIED)
     6    timed out (DEADLINE_EXCEEDED; a waiting set was withdrawn, not applied)
+    lrctl health: 0 SERVING, 1 NOT_SERVING (or another non-serving status), 3 unreachable
     130  interrupted (Ctrl-C)
     141  output pipe closed (e.g. `lrctl list | head`)
 
@@ -37,7 +38,7 @@ if not os.environ.get("LRCTL_DEBUG"):
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from lrctl.client.client import ADDRESS_ENV, LRClient, default_address, read_token_file
-from lrctl.client.errors import LrctlError, TLSError, UnavailableError
+from lrctl.client.errors import LrctlError, NotFoundError, TLSError, UnavailableError
 from lrctl.client.types import (
     ChangeRecord,
     LearningRate,
@@ -82,6 +83,7 @@ exit codes:
   5    not authorized (UNAUTHENTICATED, PERMISSION_DENIED)
   6    timed out (DEADLINE_EXCEEDED: a waiting set was withdrawn, not applied)
   130  interrupted
+  lrctl health: 0 SERVING, 1 NOT_SERVING, 3 unreachable
 
 environment:
   LRCTL_ADDRESS     worker address when --address is not given (default 127.0.0.1:50051)
@@ -507,6 +509,29 @@ def _cancel(client: LRClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EXIT_NOT_SERVING = 1  # lrctl health: the worker answers but is not serving
+HEALTH_RETRY_S = 0.5
+
+
+def cmd_health(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl health: the standard gRPC health check, one line ("SERVING", "NOT_SERVING",
+    "unreachable: ..."); exit 0, 1 or 3. --wait retries until SERVING or the time is up.
+    A container's HEALTHCHECK and any probe can run it: it needs no token."""
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            status = client.health(args.service)
+            line, code = status, EXIT_OK if status == "SERVING" else EXIT_NOT_SERVING
+        except UnavailableError as err:  # TLSError too: its message says what to fix
+            line, code = f"unreachable: {_one_line(str(err))}", EXIT_UNAVAILABLE
+        except NotFoundError:  # the health protocol's answer for a service it does not know
+            return _error(f"health: the worker has no service named {args.service!r}", EXIT_REJECTED)
+        if code == EXIT_OK or time.monotonic() >= deadline:
+            print(line)
+            return code
+        time.sleep(min(HEALTH_RETRY_S, max(deadline - time.monotonic(), 0.0)))
+
+
 def run_demo(demo_args: list[str]) -> int:
     """lrctl demo: hand over to the worker's demo (needs the worker extra, i.e. torch)."""
     try:
@@ -538,6 +563,16 @@ def _timeout(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}: {text!r}"
         )
+    return value
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0 to {MAX_TIMEOUT_S:g}: {text!r}")
     return value
 
 
@@ -680,6 +715,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --cancel: why (told to a caller waiting for the change)")
     p.add_argument("--json", action="store_true", help="print a JSON array (with --cancel: an object)")
     p.set_defaults(func=cmd_pending)
+
+    p = verbs.add_parser("health", parents=[common],
+                         help="standard gRPC health check: SERVING (exit 0), NOT_SERVING (1), unreachable (3)")
+    p.add_argument("--service", default="", metavar="NAME",
+                   help="check one service, e.g. lrctl.v1.LearningRateControl (default: the server)")
+    p.add_argument("--wait", type=_wait_seconds, default=0.0, metavar="SECONDS",
+                   help="retry until SERVING or SECONDS have passed (default 0: ask once)")
+    p.set_defaults(func=cmd_health)
 
     # The demo parses its own arguments: this parser must not know any option (so
     # "-h" and "--steps" pass through), which a prefix that never occurs achieves.

@@ -18,6 +18,7 @@ import grpc
 from lrctl.client.errors import (
     AbortedError,
     DeadlineExceededError,
+    InternalError,
     InvalidArgumentError,
     LrctlError,
     TLSError,
@@ -227,6 +228,20 @@ class LRClient:
             ) from None
 
     # -- the calls -------------------------------------------------------------------
+
+    def health(self, service: str = "", *, timeout: Optional[float] = None) -> str:
+        """The worker's standard gRPC health status for `service` ("" = the server):
+        "SERVING", "NOT_SERVING", ... (grpc.health.v1). It needs no token and no health
+        stubs. UnavailableError when nothing answers; NotFoundError for an unknown service."""
+        from lrctl.client import health  # small, but only this call needs it
+
+        check = self._channel.unary_unary(
+            health.CHECK_METHOD, request_serializer=None, response_deserializer=None)
+        reply = self._call(check, health.encode_request(service), timeout)
+        try:
+            return health.decode_status(reply)
+        except ValueError as exc:
+            raise InternalError(f"the server at {self.address} sent a bad health reply: {exc}") from None
 
     def _call(
         self,

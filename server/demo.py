@@ -23,6 +23,7 @@ from torch import nn
 
 from lrctl.client.usage import OneLineParser
 from lrctl.client.client import ADDRESS_ENV, DEFAULT_ADDRESS, default_address
+from lrctl.common.addresses import HostPort, parse_address
 from lrctl.server.control import attach
 from lrctl.server.queue_limits import QueueLimits
 from lrctl.server.auth import ADMIN, Tokens
@@ -162,6 +163,22 @@ def run_demo(steps: int = 10, audit_log: str | None = None) -> int:
     return code
 
 
+# A client cannot connect to "all interfaces"; it connects to this machine's loopback.
+_WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+def client_address(bound: str) -> str:
+    """The address a client on this machine passes to reach a worker bound at `bound`:
+    a wildcard host (0.0.0.0, [::]) becomes loopback; anything else is as bound."""
+    try:
+        endpoint = parse_address(bound)
+    except ValueError:
+        return bound
+    if isinstance(endpoint, HostPort) and endpoint.host in _WILDCARD_HOSTS:
+        return str(HostPort(_WILDCARD_HOSTS[endpoint.host], endpoint.port))
+    return bound
+
+
 # Seconds in-flight calls get to finish when the worker stops.
 SHUTDOWN_GRACE_S = 5.0
 
@@ -195,10 +212,11 @@ def serve(address: str, model_name: str, steps: int, step_delay: float, insecure
                 over = " (mutual TLS)" if ctl.tls.mutual else " (TLS)"
             flags = " --tls-ca CA.pem" if ctl.tls is not None else ""
             flags += " --tls-cert CERT.pem --tls-key KEY.pem" if ctl.tls is not None and ctl.tls.mutual else ""
+            target = client_address(ctl.address)
             print(
                 f"lrctl worker: training the {model_name} model ({n} parameters) on {ctl.address}{over}\n"
-                f"  try:  lrctl --address {ctl.address}{flags} list\n"
-                f"        lrctl --address {ctl.address}{flags} set '{ctl.controller.names[0]}=0.05'\n"
+                f"  try:  lrctl --address {target}{flags} list\n"
+                f"        lrctl --address {target}{flags} set '{ctl.controller.names[0]}=0.05'\n"
                 + (f"        curl -s {ctl.metrics_address}/metrics | head\n" if ctl.metrics_address else "") +
                 "  Ctrl-C stops it.",
                 flush=True,

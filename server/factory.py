@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import sys
 import threading
 from concurrent import futures
@@ -152,6 +153,20 @@ _CLIENT_CA_HOW = (
 )
 
 
+# Files Docker and Podman put in every container.
+_CONTAINER_MARKERS = ("/.dockerenv", "/run/.containerenv")
+_CONTAINER_HOW = (
+    " In a container, pass the token in the environment or a mounted file: "
+    "docker run -e LRCTL_ADMIN_TOKEN=\"$(cat admin.token)\" ..., or "
+    "-v $PWD/admin.token:/run/secrets/admin.token:ro -e LRCTL_ADMIN_TOKEN_FILE=/run/secrets/admin.token; "
+    "publish the port to the host's loopback only (-p 127.0.0.1:50051:50051)"
+)
+
+
+def _container_hint() -> str:
+    return _CONTAINER_HOW if any(os.path.exists(m) for m in _CONTAINER_MARKERS) else ""
+
+
 def check_bind(address: str, tokens: Tokens | None, insecure: bool, tls: ServerTLS | None = None) -> None:
     """Refuse an address others can reach unless callers must authenticate.
 
@@ -185,7 +200,7 @@ def check_bind(address: str, tokens: Tokens | None, insecure: bool, tls: ServerT
             f"that address could change the job's learning rates. Either {_TOKENS_HOW}, or use "
             f"mutual TLS ({CERT_ENV}=cert.pem {KEY_ENV}=key.pem {CLIENT_CA_ENV}=ca.pem; or "
             "attach(tls=...)), listen on 127.0.0.1 or a unix:/path socket and tunnel, or pass "
-            "insecure=True / --insecure"
+            "insecure=True / --insecure." + _container_hint()
         )
     print(
         f"lrctl: WARNING: serving WITHOUT authentication on {address}; anyone who can "

@@ -27,8 +27,10 @@ class BlockTorch:
     attempts = []
 
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "torch":
+        top = name.partition(".")[0]
+        if top == "torch":
             self.attempts.append(name)
+        if top in ("torch", "grpc_health"):  # the health stubs come with the worker extra too
             raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
         return None
 
@@ -55,6 +57,7 @@ result = {
     "get": run("--address", address, "get", "layer1.*", "--json"),
     "bad": run("--address", address, "set", "layer1.weight=-1"),
     "file": run("history", "--file", sys.argv[2]),
+    "health": run("--address", address, "health"),
 }
 result["attempts"] = list(BlockTorch.attempts)
 result["loaded"] = sorted(m for m in sys.modules if m.partition(".")[0] == "torch")
@@ -120,6 +123,10 @@ def test_list_get_set_work_without_torch(child: dict[str, Any]) -> None:
 def test_history_file_works_without_torch(child: dict[str, Any]) -> None:
     assert child["file"]["code"] == 0, child["file"]["err"]
     assert "layer1.weight=0.0625" in child["file"]["out"] and "no torch" in child["file"]["out"]
+
+
+def test_health_works_without_torch_or_health_stubs(child: dict[str, Any]) -> None:
+    assert (child["health"]["code"], child["health"]["out"]) == (0, "SERVING\n"), child["health"]["err"]
 
 
 def test_errors_are_one_line_without_torch(child: dict[str, Any]) -> None:

@@ -119,3 +119,28 @@ def test_serve_listens_where_the_cli_looks() -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("bound, expected", [
+    ("0.0.0.0:50051", "127.0.0.1:50051"),
+    ("[::]:6000", "[::1]:6000"),
+    ("127.0.0.1:41234", "127.0.0.1:41234"),
+    ("gpu-host:50051", "gpu-host:50051"),
+    ("10.1.2.3:50051", "10.1.2.3:50051"),
+    ("unix:/run/lrctl/worker.sock", "unix:/run/lrctl/worker.sock"),
+])
+def test_the_try_line_names_an_address_a_client_can_connect_to(bound: str, expected: str) -> None:
+    # Binding a wildcard address is not done in tests: the formatting is checked directly.
+    from lrctl.server.demo import client_address
+
+    assert client_address(bound) == expected
+
+
+def test_the_try_line_of_a_loopback_worker() -> None:
+    proc, address = start_demo_worker()
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == f"try:  lrctl --address {address} list"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
