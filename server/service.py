@@ -309,6 +309,28 @@ def _fit_record(message: pb.ChangeRecord) -> None:
         size = message.ByteSize()
 
 
+class _VersionedReading:
+    """A GetLearningRates or GetSchedules page: its selectors, where it starts, its size
+    (None: unpaged) and the version its reading began at. Every page of one reading must
+    be at one version, so the page token carries it."""
+
+    def __init__(self, request: pb.GetLearningRatesRequest | pb.GetSchedulesRequest, kind: str) -> None:
+        self.selectors = list(request.selectors)
+        self.size = _page_size(request.page_size, MAX_RATE_PAGE, MAX_RATE_PAGE) if request.page_size else None
+        self.bound_to = "\0".join(self.selectors)
+        self.start, self.first_version = _decode_token(request.page_token, kind, self.bound_to)
+        if request.page_token and self.first_version is None:
+            raise InvalidArgumentError(f"page_token {request.page_token!r} is not a token of this listing")
+
+    def check_version(self, version: int, what: str) -> None:
+        """ABORTED when a change landed since the reading's first page."""
+        if self.first_version is not None and version != self.first_version:
+            raise AbortedError(
+                f"{what} changed (version {self.first_version} -> {version}) while reading them "
+                "page by page; read again from the first page"
+            )
+
+
 def _user(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "lrctl-user":
@@ -440,19 +462,10 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         return start + len(rows)
 
     def get_learning_rates(self, request: pb.GetLearningRatesRequest, check: Check | None = None) -> pb.GetLearningRatesResponse:
-        selectors = list(request.selectors)
-        size = _page_size(request.page_size, MAX_RATE_PAGE, MAX_RATE_PAGE) if request.page_size else None
-        # Every page of one reading must be at one version: the token carries it.
-        bound_to = "\0".join(selectors)
-        start, first_version = _decode_token(request.page_token, "rates", bound_to)
-        if request.page_token and first_version is None:
-            raise InvalidArgumentError(f"page_token {request.page_token!r} is not a token of this listing")
+        reading = _VersionedReading(request, "rates")
+        selectors, start, size, bound_to = reading.selectors, reading.start, reading.size, reading.bound_to
         rows, version, step, total = self._controller.read_page(selectors, start, size, check=check)
-        if first_version is not None and version != first_version:
-            raise AbortedError(
-                f"learning rates changed (version {first_version} -> {version}) while reading them "
-                "page by page; read again from the first page"
-            )
+        reading.check_version(version, "learning rates")
         if size is not None:  # a paged reading: each page fits a default client
             fit = _fitting(_utf8_len(r.name) + _utf8_len(r.schedule) + _RATE_ROW_BYTES for r in rows)
             if fit is not None:
@@ -471,19 +484,10 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         return response
 
     def get_schedules(self, request: pb.GetSchedulesRequest, check: Check | None = None) -> pb.GetSchedulesResponse:
-        selectors = list(request.selectors)
-        size = _page_size(request.page_size, MAX_RATE_PAGE, MAX_RATE_PAGE) if request.page_size else None
-        # Every page of one reading must be at one version: the token carries it.
-        bound_to = "\0".join(selectors)
-        start, first_version = _decode_token(request.page_token, "schedules", bound_to)
-        if request.page_token and first_version is None:
-            raise InvalidArgumentError(f"page_token {request.page_token!r} is not a token of this listing")
+        reading = _VersionedReading(request, "schedules")
+        selectors, start, size, bound_to = reading.selectors, reading.start, reading.size, reading.bound_to
         rows, version, step, total = self._controller.schedules(selectors, start, size, check=check)
-        if first_version is not None and version != first_version:
-            raise AbortedError(
-                f"schedules changed (version {first_version} -> {version}) while reading them "
-                "page by page; read again from the first page"
-            )
+        reading.check_version(version, "schedules")
         response = pb.GetSchedulesResponse(version=version, step=step, total_size=total)
         messages: dict[int, tuple[pb.Schedule, str, int]] = {}  # one message per distinct schedule
         add = response.schedules.add
