@@ -72,8 +72,8 @@ DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE = 1000, 5000
 DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE = 100, 1000
 DEFAULT_PENDING_PAGE, MAX_PENDING_PAGE = 100, 1000
 MAX_RATE_PAGE = 50_000  # about 1.5 MB with 20-character names
-# A page of ListParameters, of a paged GetLearningRates and of ListPending also ends
-# once its rows add up to this many bytes (names are as long as the model makes them:
+# A page of ListParameters, ListChanges, ListPending and of a paged GetLearningRates or
+# GetSchedules also ends once its rows add up to this many bytes (names are as long as the model makes them:
 # 5000 names of 1000 characters would be 5 MB), so it fits a client that keeps gRPC's
 # default 4 MiB receive limit. Always at least one row a page.
 PAGE_BYTES = 3 * 1024 * 1024
