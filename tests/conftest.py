@@ -285,3 +285,27 @@ def start_demo_worker(*extra: str) -> tuple[subprocess.Popen, str]:
 def run_cli(address: str, *args: str) -> subprocess.CompletedProcess:
     """The CLI as a subprocess against `address`."""
     return subprocess.run([*LRCTL, "--address", address, *args], capture_output=True, text=True, timeout=60)
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    """stdout of a CLI run that must have succeeded quietly."""
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr}"
+    assert proc.stderr == ""
+    return proc.stdout
+
+
+def assert_error(proc: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
+    """The run failed with `code` and exactly one "lrctl: error:" line naming `fragments`."""
+    assert proc.returncode == code, f"exit {proc.returncode}, wanted {code}: {proc.stderr}"
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lrctl: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def table(text: str) -> list[list[str]]:
+    """Rows of a human table split on runs of two or more spaces (cells may hold one)."""
+    return [re.split(r"\s{2,}", line.strip()) for line in text.strip().splitlines()]

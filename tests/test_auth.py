@@ -27,7 +27,7 @@ torch = pytest.importorskip("torch")
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: E402
 
-from conftest import per_parameter_optimizer, rpc_error, seed_model, stepping  # noqa: E402
+from conftest import ok, per_parameter_optimizer, rpc_error, seed_model, stepping  # noqa: E402
 from lrctl.client.client import LRClient  # noqa: E402
 from lrctl.client.errors import PermissionDeniedError, UnauthenticatedError  # noqa: E402
 from lrctl.server import attach  # noqa: E402
@@ -336,12 +336,6 @@ def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("lrctl: error: "), proc.stderr
     return lines[0]
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr}"
-    assert proc.stderr == ""
-    return proc.stdout
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 torch = pytest.importorskip("torch")
 
-from conftest import stepping  # noqa: E402
+from conftest import assert_error, ok, stepping, table  # noqa: E402
 from lrctl.client.client import LRClient, default_user  # noqa: E402
 from lrctl.client.errors import (  # noqa: E402
     DeadlineExceededError,
@@ -111,32 +111,8 @@ def run_cli(*args: str, address: str | None = None, timeout: float | None = None
     return subprocess.run(argv + list(args), capture_output=True, text=True, env=env, timeout=60)
 
 
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    """stdout of a run that must have succeeded quietly."""
-    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr}"
-    assert proc.stderr == ""
-    return proc.stdout
-
-
 def ok_json(proc: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(ok(proc))
-
-
-def assert_error(proc: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
-    """The run failed with `code` and exactly one "lrctl: error:" line naming `fragments`."""
-    assert proc.returncode == code, f"exit {proc.returncode}, wanted {code}: {proc.stderr}"
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("lrctl: error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def table(text: str) -> list[list[str]]:
-    """Rows of a human table split on runs of two or more spaces (cells may hold one)."""
-    return [re.split(r"\s{2,}", line.strip()) for line in text.strip().splitlines()]
 
 
 def free_port() -> int:

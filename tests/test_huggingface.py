@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.optimization import _get_linear_schedule_with_warmup_lr_lambda  # noqa: E402
 
+from conftest import wait_for  # noqa: E402
 from lrctl.integrations.huggingface import LRControlCallback  # noqa: E402
 from lrctl.server.adopt import unwrap_optimizer  # noqa: E402
 
@@ -129,17 +129,6 @@ def python_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     env.pop("LRCTL_ADDRESS", None)
     return env
-
-
-def wait_for(predicate: Any, what: str) -> Any:
-    deadline = time.monotonic() + PATIENCE_S
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class Recorder(TrainerCallback):
@@ -248,7 +237,7 @@ def test_remote_client_drives_trainer(tmp_path: Path, weight_decay: float) -> No
         controller = cb.control.controller
         # Training waits here until every change is queued: each lands at its own step.
         wait_for(lambda: controller.pending_count == len(CHANGES) or proc["client"].poll() is not None,
-                 "the client's changes")
+                 "the client's changes", timeout=PATIENCE_S)
         assert controller.pending_count == len(CHANGES), proc["client"].communicate()
 
     rec = Recorder(cb, start_client)

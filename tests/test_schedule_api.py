@@ -32,8 +32,11 @@ from conftest import (
     SEED_NAMES,
     Served,
     Trainer,
+    assert_error,
     group_lrs,
+    ok,
     rpc_error,
+    table,
     train_step,
 )
 from lrctl.client.client import LRClient
@@ -627,27 +630,6 @@ def run_cli(address: str, *args: str) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "lrctl.client.cli", "--address", address, *args]
     env = {k: v for k, v in os.environ.items() if k not in ("LRCTL_ADDRESS", "LRCTL_DEBUG")}
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr}"
-    assert proc.stderr == ""
-    return proc.stdout
-
-
-def assert_error(proc: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
-    assert proc.returncode == code, f"exit {proc.returncode}, wanted {code}: {proc.stderr}"
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("lrctl: error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def table(text: str) -> list[list[str]]:
-    return [re.split(r"\s{2,}", line.strip()) for line in text.strip().splitlines()]
 
 
 APPLIED = re.compile(r"applied at step (\d+) \(version (\d+)\)")
