@@ -77,18 +77,21 @@ def _refuse_undecodable(request: Any, method: str) -> None:
         raise InvalidArgumentError(f"the request to {method} could not be decoded: {request.error}")
 
 
-def _map_error(exc: Exception, method: str) -> tuple[grpc.StatusCode, str] | None:
-    """The status an exception from a handler becomes; None to let it through (an abort
-    that already chose its status, a cancellation)."""
+def _failure(exc: Exception, method: str, counts: RequestCounts) -> tuple[grpc.StatusCode, str]:
+    """The status an exception from a handler becomes, counted under its code. Raises
+    `exc` again when it is not ours to map (an abort that already chose its status)."""
     if isinstance(exc, LrctlError):
         message = str(exc)
         if len(message) > _MAX_MESSAGE:
             message = message[: _MAX_MESSAGE - 20] + " ... (message cut)"
-        return _status(exc), message
-    if isinstance(exc, grpc.aio.AbortError):
-        return None
-    log.error("lrctl: handler %s failed", method, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}"
+        code = _status(exc)
+    elif isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    else:
+        log.error("lrctl: handler %s failed", method, exc_info=exc)
+        code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}"
+    counts.add(method, code.name)
+    return code, message
 
 
 def _guard(behavior: Callable[[Any, Any], Any], method: str, counts: RequestCounts) -> Callable:
@@ -99,10 +102,7 @@ def _guard(behavior: Callable[[Any, Any], Any], method: str, counts: RequestCoun
             _refuse_undecodable(request, method)
             response = behavior(request, context)
         except Exception as exc:
-            if (mapped := _map_error(exc, method)) is None:
-                raise
-            counts.add(method, mapped[0].name)
-            context.abort(*mapped)
+            context.abort(*_failure(exc, method, counts))
         counts.add(method, "OK")
         return response
 
@@ -117,10 +117,7 @@ def _guard_stream(behavior: Callable[[Any, Any], Any], method: str, counts: Requ
             _refuse_undecodable(request, method)
             yield from behavior(request, context)
         except Exception as exc:
-            if (mapped := _map_error(exc, method)) is None:
-                raise
-            counts.add(method, mapped[0].name)
-            context.abort(*mapped)
+            context.abort(*_failure(exc, method, counts))
         counts.add(method, "OK")
 
     return guarded
@@ -134,10 +131,7 @@ def _guard_async(behavior: Callable[[Any, Any], Any], method: str, counts: Reque
             _refuse_undecodable(request, method)
             response = await behavior(request, context)
         except Exception as exc:  # asyncio.CancelledError is a BaseException: it passes
-            if (mapped := _map_error(exc, method)) is None:
-                raise
-            counts.add(method, mapped[0].name)
-            await context.abort(*mapped)
+            await context.abort(*_failure(exc, method, counts))
         counts.add(method, "OK")
         return response
 
@@ -153,10 +147,7 @@ def _guard_async_stream(behavior: Callable[[Any, Any], Any], method: str, counts
             async for response in behavior(request, context):
                 yield response
         except Exception as exc:
-            if (mapped := _map_error(exc, method)) is None:
-                raise
-            counts.add(method, mapped[0].name)
-            await context.abort(*mapped)
+            await context.abort(*_failure(exc, method, counts))
         counts.add(method, "OK")
 
     return guarded
