@@ -309,8 +309,8 @@ class Controller(ControllerState):
         self._next_change_id = 1
         self._closed = False
         self._started = time.monotonic()
-        self._last_step_at: float | None = None
-        # A bounded deque: the hook's only extra cost is one append (no allocation).
+        # Start times of the latest steps, the last one the latest step's (status, the
+        # metrics' steps per second); bounded, so the hook's cost is one append.
         self._step_times: deque[float] = deque(maxlen=STEP_WINDOW)
         self._on_step = tuple(on_step)
         self._hook = optimizer.register_step_pre_hook(self._before_step)
@@ -504,7 +504,7 @@ class Controller(ControllerState):
         with self._lock:
             step, version, pending = self._step, self._version, len(self._pending)
             rates = set(self._table.rates(step).values())
-            last = self._last_step_at
+            last = self._step_times[-1] if self._step_times else None
             groups = self._strategy.num_groups
         now = time.monotonic()
         if self._closed:
@@ -702,8 +702,7 @@ class Controller(ControllerState):
         with self._lock:
             step = self._step
             self._step = step + 1
-            self._last_step_at = now = time.monotonic()
-            self._step_times.append(now)
+            self._step_times.append(time.monotonic())
             if self._next_due <= step:
                 self._apply_due(step)
             if self._table.scheduled or self._table.driven:
@@ -714,9 +713,9 @@ class Controller(ControllerState):
         due = [p for p in self._pending if p.due <= step]
         self._pending = [p for p in self._pending if p.due > step]
         self._next_due = min((p.due for p in self._pending), default=_NEVER)
-        now = self._last_step_at
+        now = self._step_times[-1]
         for k, pending in enumerate(due):
-            if pending.deadline is not None and now is not None and now > pending.deadline:
+            if pending.deadline is not None and now > pending.deadline:
                 # Its caller has been (or is being) told DEADLINE_EXCEEDED: never apply it.
                 self._fail(pending, step, DeadlineExceededError(
                     f"change {pending.change_id} was dropped, NOT applied: step {step} began after "
