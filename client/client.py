@@ -11,7 +11,7 @@ import getpass
 import os
 import socket
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
 
 import grpc
 
@@ -26,6 +26,8 @@ from lrctl.client.errors import (
     error_for_status,
 )
 from lrctl.client.tls import ClientTLS, PemSource
+if TYPE_CHECKING:
+    from lrctl.client.lockstep import LockstepSession
 from lrctl.client.types import (
     CancelResult,
     ChangeList,
@@ -626,6 +628,31 @@ class LRClient:
         request = _message(lrctl_pb2.CancelChangesRequest, change_ids=list(change_ids), reason=reason)
         reply = self._call(self._stub.CancelChanges, request, timeout)
         return CancelResult(cancelled=list(reply.cancelled), not_found=list(reply.not_found))
+
+    def lockstep(self, every: int = 1, timeout: float = 1.0, *,
+                 open_timeout: Optional[float] = None) -> LockstepSession:
+        """Become the worker's lockstep controller: at every step S with S % every == 0
+        the worker holds, before applying the changes due at S, until the turn for S is
+        decided or `timeout` seconds (0.001..60) pass; then training goes on by itself.
+
+        Returns a LockstepSession (lrctl.client.lockstep): iterate it for turns; act on a
+        turn with at_step=turn.step and wait=False (they land at that step, whole), then
+        call turn.decide(). Use it as a context manager: leaving it ends lockstep at once.
+        Raises InvalidArgumentError for bad parameters and FailedPreconditionError when
+        another controller holds lockstep (the message names it). Needs an admin token
+        when the worker has tokens. `open_timeout` bounds the wait for the worker's
+        answer to the open (default: the client's timeout).
+        """
+        from lrctl.client.lockstep import LockstepSession  # only lockstep controllers need it
+
+        for name, value in (("every", every), ("timeout", timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    name == "every" and not isinstance(value, int)):
+                raise InvalidArgumentError(f"{name} {value!r} is not a {'whole number' if name == 'every' else 'number'}")
+        if not -(2**63) <= every < 2**63:
+            raise InvalidArgumentError(f"every {every} is out of range")
+        return LockstepSession(self, self._stub, every, float(timeout), self._metadata,
+                               self.timeout if open_timeout is None else open_timeout)
 
 
 class ChangeIterator(Iterator[ChangeRecord]):

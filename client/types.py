@@ -7,7 +7,7 @@ protobuf messages, so code that uses the client does not depend on the generated
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 from lrctl.common.schedule_messages import schedule_from_pb
 from lrctl.common.schedules import Schedule
@@ -276,6 +276,69 @@ class Guardrail:
 
 
 @dataclass(frozen=True)
+class LockstepInfo:
+    """The lockstep controller attached to a worker (Status.lockstep)."""
+
+    peer: str
+    token_name: str
+    every: int
+    timeout: float
+    held_step: Optional[int]  # the step held now; None when training is not held
+    turns: int
+    timeouts: int  # turns of this controller whose hold ended by the timeout
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.LockstepStatus) -> LockstepInfo:
+        return cls(msg.peer, msg.token_name, msg.every, msg.timeout_seconds,
+                   msg.held_step if msg.HasField("held_step") else None, msg.turns, msg.timeouts)
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    """What happened at a held step: whether its hold ended by the timeout, whether a
+    decision for it came after that (and was ignored), and the ids of the changes
+    recorded at that step (applied, and accepted but failed there)."""
+
+    step: int
+    timed_out: bool
+    decided_late: bool
+    applied_change_ids: tuple[int, ...]
+    failed_change_ids: tuple[int, ...]
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.LockstepOutcome) -> TurnOutcome:
+        return cls(msg.step, msg.timed_out, msg.decided_late, tuple(msg.applied_change_ids),
+                   tuple(msg.failed_change_ids))
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A step the worker holds at, before applying the changes due at it, until
+    `decide()` or its timeout. Act first (set_learning_rates(..., at_step=turn.step,
+    wait=False, expected_version=turn.version)), then decide()."""
+
+    step: int
+    version: int  # config version at the hold
+    wall_time: float  # when the hold began, seconds since the Unix epoch
+    timeout: float  # seconds the worker holds at most
+    previous: Optional[TurnOutcome]  # the previous held step of this session
+    ignored_decisions: int  # decisions since the previous turn for holds already ended
+    dropped_turns: int  # turns not read in time, dropped by the worker before this one
+    _decide: Callable[[int], None] = field(default=lambda step: None, repr=False, compare=False)
+
+    def decide(self) -> None:
+        """Tell the worker this step is decided: training goes on at once. Never blocks;
+        a decision that comes after the timeout is ignored and reported in the next turn."""
+        self._decide(self.step)
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.LockstepTurn, decide: Callable[[int], None]) -> Turn:
+        return cls(msg.step, msg.version, msg.wall_time, msg.timeout_seconds,
+                   TurnOutcome.from_proto(msg.previous) if msg.HasField("previous") else None,
+                   msg.ignored_decisions, msg.dropped_turns, decide)
+
+
+@dataclass(frozen=True)
 class Status:
     """The worker's step, config version, optimizer, grouping, training state and guardrails.
 
@@ -297,6 +360,8 @@ class Status:
     run_id: str = ""
     guardrails: tuple[Guardrail, ...] = ()
     max_factor: Optional[float] = None  # guardrail: largest factor per change; None: no bound
+    lockstep: Optional[LockstepInfo] = None  # the lockstep controller attached; None: none
+    lockstep_timeouts: int = 0  # holds ended by the timeout in this run, all controllers
 
     @classmethod
     def from_proto(cls, msg: lrctl_pb2.GetStatusResponse) -> Status:
@@ -319,6 +384,8 @@ class Status:
             run_id=msg.run_id,
             guardrails=tuple(Guardrail.from_proto(g) for g in msg.guardrails),
             max_factor=msg.max_factor if msg.HasField("max_factor") else None,
+            lockstep=LockstepInfo.from_proto(msg.lockstep) if msg.HasField("lockstep") else None,
+            lockstep_timeouts=msg.lockstep_timeouts,
         )
 
 

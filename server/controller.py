@@ -45,6 +45,7 @@ from lrctl.common.errors import (
 )
 from lrctl.server.controller_state import ControllerState
 from lrctl.server.guardrails import Guardrail, Guardrails, NameSettings
+from lrctl.server.lockstep import GateStatus, LockstepGate
 from lrctl.server.history import (
     DEFAULT_HISTORY_LIMIT,
     DEFAULT_HISTORY_MAX_BYTES,
@@ -313,6 +314,10 @@ class Controller(ControllerState):
         # metrics' steps per second); bounded, so the hook's cost is one append.
         self._step_times: deque[float] = deque(maxlen=STEP_WINDOW)
         self._on_step = tuple(on_step)
+        # The lockstep controller's gate (lrctl.server.lockstep), if one is attached;
+        # without one, the hook's whole cost for lockstep is the test of this attribute.
+        self._gate: LockstepGate | None = None
+        self.lockstep_timeouts = 0  # holds ended by the timeout, this run, all gates
         self._hook = optimizer.register_step_pre_hook(self._before_step)
 
     def _warn_outside_guardrails(self) -> None:
@@ -687,6 +692,9 @@ class Controller(ControllerState):
         """Detach from the optimizer; pending changes fail (recorded as failed), none is
         applied later."""
         self._hook.remove()
+        gate = self._gate
+        if gate is not None:
+            self.detach_lockstep(gate)
         with self._lock:
             self._closed = True
             pending, self._pending, self._next_due = self._pending, [], _NEVER
@@ -695,10 +703,60 @@ class Controller(ControllerState):
                 self._fail(p, step, FailedPreconditionError(
                     f"the worker shut down at step {step}; change {p.change_id} was not applied"))
 
+    # -- lockstep ----------------------------------------------------------------------
+    def attach_lockstep(self, gate: LockstepGate) -> None:
+        """Make `gate` the one lockstep controller; FailedPreconditionError naming the
+        holder's peer when another is attached, or when the worker is shutting down."""
+        with self._lock:
+            if self._closed:
+                raise FailedPreconditionError("the worker is shutting down; lockstep cannot start")
+            holder = self._gate
+            if holder is not None and not holder.closed:
+                raise FailedPreconditionError(
+                    f"lockstep is held by another controller ({holder.peer}"
+                    + (f", token {holder.token!r}" if holder.token else "")
+                    + "); one lockstep controller at a time: end that one first")
+            self._gate = gate
+
+    def detach_lockstep(self, gate: LockstepGate) -> None:
+        """End `gate`: a hold in progress is released at once; lockstep is off."""
+        gate.close()
+        with self._lock:
+            if self._gate is gate:
+                self._gate = None
+
+    def lockstep_status(self) -> GateStatus | None:
+        """The attached gate's status, or None."""
+        gate = self._gate
+        return None if gate is None or gate.closed else gate.status()
+
+    def _records_at(self, step: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Ids of the changes recorded at `step`, (applied, failed): the history's tail,
+        read back to the first record of an earlier step."""
+        with self._lock:
+            records = self._history.at_step(step)
+        return (tuple(r.change_id for r in records if not r.failed),
+                tuple(r.change_id for r in records if r.failed))
+
+    def _hold(self, gate: LockstepGate) -> None:
+        """Lockstep's hold at this boundary (training thread, no lock held: the
+        controller's calls that decide go through the lock meanwhile). The step counter
+        is only written on this thread, so it is read here without the lock."""
+        try:
+            if gate.hold(self._step, self._version, self._records_at):
+                with self._lock:
+                    self.lockstep_timeouts += 1
+        except Exception:  # a bug here must not cost the step
+            log.exception("lrctl: lockstep hold failed; lockstep is off")
+            self.detach_lockstep(gate)
+
     # -- the step boundary (training thread) -----------------------------------------
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         for on_step in self._on_step:
             on_step()
+        gate = self._gate
+        if gate is not None:
+            self._hold(gate)
         with self._lock:
             step = self._step
             self._step = step + 1

@@ -238,6 +238,18 @@ class History:
         start = self._start(version, seq)
         return (records[j] for j in range(start, len(records)))
 
+    def at_step(self, step: int) -> list[Record]:
+        """The records of `step` (applied or failed there), oldest first. Steps never
+        decrease along the history, so this reads the tail back to an earlier step."""
+        found = []
+        for record in reversed(self._records):
+            if record.step < step:
+                break
+            if record.step == step:
+                found.append(record)
+        found.reverse()
+        return found
+
     def gap(self, version: int, seq: int = 0) -> bool:
         """True if a record that a reading after (`version`, `seq`) would start with was dropped."""
         if self.last_dropped is None:

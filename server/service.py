@@ -22,6 +22,7 @@ import binascii
 import bisect
 import time
 import zlib
+from collections import deque
 from itertools import accumulate
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
@@ -47,6 +48,7 @@ from lrctl.server.auth import Tokens
 from lrctl.server.cancel import CallCheck, CallerGoneError
 from lrctl.server.controller import MAX_REASON_CHARS, Check, Controller, PendingView
 from lrctl.server.history import Record
+from lrctl.server.lockstep import LockstepGate, Turn
 from lrctl.server.selectors import REGEX_PREFIX
 from lrctl.server.requests import (
     ChangeRequest,
@@ -329,6 +331,67 @@ class _VersionedReading:
                 f"{what} changed (version {self.first_version} -> {version}) while reading them "
                 "page by page; read again from the first page"
             )
+
+
+# Sent as response headers once the worker has accepted a Lockstep open.
+LOCKSTEP_METADATA = ("lrctl-lockstep", "open")
+# Unsent turns a Lockstep stream keeps; past it the oldest is dropped (and counted):
+# a controller that does not read must not make the worker hold more.
+_LOCKSTEP_OUTBOX = 16
+
+
+class _TurnBox:
+    """Turns from the training thread to a Lockstep stream's handler (event loop),
+    bounded: the oldest unsent turn goes first."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._turns: deque[Turn] = deque()
+        self._ready = asyncio.Event()
+        self._dropped = 0
+
+    def put_threadsafe(self, turn: Turn) -> None:
+        """Called on the training thread: never blocks (raises if the loop is closed)."""
+        self._loop.call_soon_threadsafe(self._put, turn)
+
+    def _put(self, turn: Turn) -> None:
+        if len(self._turns) >= _LOCKSTEP_OUTBOX:
+            self._turns.popleft()
+            self._dropped += 1
+        self._turns.append(turn)
+        self._ready.set()
+
+    async def get(self) -> pb.LockstepTurn:
+        while not self._turns:
+            self._ready.clear()
+            await self._ready.wait()
+        turn = self._turns.popleft()
+        dropped, self._dropped = self._dropped, 0
+        return _turn_pb(turn, dropped)
+
+
+def _turn_pb(turn: Turn, dropped: int) -> pb.LockstepTurn:
+    message = pb.LockstepTurn(step=turn.step, version=turn.version, wall_time=turn.wall_time,
+                              timeout_seconds=turn.timeout, ignored_decisions=turn.ignored_decisions,
+                              dropped_turns=dropped)
+    p = turn.previous
+    if p is not None:
+        message.previous.CopyFrom(pb.LockstepOutcome(
+            step=p.step, timed_out=p.timed_out, decided_late=p.decided_late,
+            applied_change_ids=p.applied, failed_change_ids=p.failed))
+    return message
+
+
+async def _decisions(requests: Any, gate: LockstepGate) -> None:
+    """Hand a Lockstep stream's decisions to its gate until the client ends its side."""
+    async for message in requests:
+        kind = message.WhichOneof("kind")
+        if kind == "decided":
+            gate.decide(message.decided)
+        elif kind == "open":
+            raise InvalidArgumentError("lockstep is already open on this stream; send only decisions now")
+        else:
+            raise InvalidArgumentError("a LockstepDecision must set decided (or open, first)")
 
 
 def _user(context: grpc.ServicerContext) -> str:
@@ -666,8 +729,43 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             + "). Use a longer timeout, or do not wait"
         )
 
+    # -- lockstep --------------------------------------------------------------------
+    async def Lockstep(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        """One controller's lockstep (lrctl.server.lockstep): open, then turns out and
+        decisions in until either side ends; the gate is closed (a hold released, lockstep
+        off) however the stream ends: the client's end, an error, a cancelled call."""
+        opening = await anext(aiter(requests), None)
+        if opening is None:
+            return  # the client ended its side without opening
+        if opening.WhichOneof("kind") != "open":
+            raise InvalidArgumentError("the first LockstepDecision must open lockstep (set open: every, timeout_seconds)")
+        outbox = _TurnBox(asyncio.get_running_loop())
+        gate = LockstepGate(opening.open.every, opening.open.timeout_seconds, outbox.put_threadsafe,
+                            peer=context.peer(), token=self._identity(context).get("token", ""))
+        self._controller.attach_lockstep(gate)
+        reader: asyncio.Future[None] | None = None
+        try:
+            await context.send_initial_metadata((LOCKSTEP_METADATA,))
+            reader = asyncio.ensure_future(_decisions(requests, gate))
+            while True:
+                turn = asyncio.ensure_future(outbox.get())
+                await asyncio.wait((reader, turn), return_when=asyncio.FIRST_COMPLETED)
+                if reader.done():
+                    turn.cancel()
+                    reader.result()  # a bad decision raises here
+                    return
+                yield turn.result()
+        finally:
+            self._controller.detach_lockstep(gate)
+            if reader is not None:
+                reader.cancel()
+
     def get_status(self, request: pb.GetStatusRequest | None = None) -> pb.GetStatusResponse:
         s = self._controller.status()
+        gate = self._controller.lockstep_status()
+        lockstep = None if gate is None else pb.LockstepStatus(
+            peer=gate.peer, token_name=gate.token, every=gate.every, timeout_seconds=gate.timeout,
+            held_step=gate.held_step, turns=gate.turns, timeouts=gate.timeouts)
         return pb.GetStatusResponse(
             step=s.step,
             version=s.version,
@@ -685,6 +783,8 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             guardrails=[pb.Guardrail(selector=g.selector, min_lr=g.min_lr, max_lr=g.max_lr)
                         for g in s.guardrails],
             max_factor=s.max_factor,
+            lockstep=lockstep,
+            lockstep_timeouts=self._controller.lockstep_timeouts,
         )
 
     def list_changes(self, request: pb.ListChangesRequest) -> pb.ListChangesResponse:

@@ -153,12 +153,31 @@ def _guard_async_stream(behavior: Callable[[Any, Any], Any], method: str, counts
     return guarded
 
 
+async def _decoded(requests: Any, method: str) -> Any:
+    """A request stream whose undecodable message raises INVALID_ARGUMENT."""
+    async for request in requests:
+        _refuse_undecodable(request, method)
+        yield request
+
+
+def _guard_async_bidi(behavior: Callable[[Any, Any], Any], method: str, counts: RequestCounts) -> Callable:
+    """An async generator handler of a request stream (Lockstep)."""
+    stream = _guard_async_stream(behavior, method, counts)
+
+    async def guarded(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for response in stream(_decoded(requests, method), context):
+            yield response
+
+    return guarded
+
+
 def _is_async(behavior: Any) -> bool:
     return inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
 
 
 class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by unary-unary and unary-stream handlers to status codes.
+    """Maps exceptions raised by unary-unary, unary-stream and async-generator
+    stream-stream handlers to status codes.
 
     Wraps synchronous handlers (which grpc.aio runs on its thread pool) and coroutine or
     async-generator handlers (run on the event loop) alike, keeping each what it was.
@@ -174,7 +193,11 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
+            return handler
+        if handler.request_streaming and not (
+            handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream)
+        ):
             return handler
         method = handler_call_details.method
         hit = self._wrapped.get(id(handler))
@@ -187,6 +210,12 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _guard_async_bidi(handler.stream_stream, method, self.counts),
+                request_deserializer=_lenient(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
             return grpc.unary_unary_rpc_method_handler(

@@ -425,7 +425,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("step", "version", "optimizer", "num_parameters", "num_settable", "num_distinct_lrs", "num_param_groups", "state", "uptime_seconds", "seconds_since_last_step", "pending_changes", "server_version", "run_id", "guardrails", "max_factor")
+    __slots__ = ("step", "version", "optimizer", "num_parameters", "num_settable", "num_distinct_lrs", "num_param_groups", "state", "uptime_seconds", "seconds_since_last_step", "pending_changes", "server_version", "run_id", "guardrails", "max_factor", "lockstep", "lockstep_timeouts")
     STEP_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -441,6 +441,8 @@ class GetStatusResponse(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
     MAX_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    LOCKSTEP_FIELD_NUMBER: _ClassVar[int]
+    LOCKSTEP_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
     step: int
     version: int
     optimizer: str
@@ -456,7 +458,75 @@ class GetStatusResponse(_message.Message):
     run_id: str
     guardrails: _containers.RepeatedCompositeFieldContainer[Guardrail]
     max_factor: float
-    def __init__(self, step: _Optional[int] = ..., version: _Optional[int] = ..., optimizer: _Optional[str] = ..., num_parameters: _Optional[int] = ..., num_settable: _Optional[int] = ..., num_distinct_lrs: _Optional[int] = ..., num_param_groups: _Optional[int] = ..., state: _Optional[_Union[TrainingState, str]] = ..., uptime_seconds: _Optional[float] = ..., seconds_since_last_step: _Optional[float] = ..., pending_changes: _Optional[int] = ..., server_version: _Optional[str] = ..., run_id: _Optional[str] = ..., guardrails: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., max_factor: _Optional[float] = ...) -> None: ...
+    lockstep: LockstepStatus
+    lockstep_timeouts: int
+    def __init__(self, step: _Optional[int] = ..., version: _Optional[int] = ..., optimizer: _Optional[str] = ..., num_parameters: _Optional[int] = ..., num_settable: _Optional[int] = ..., num_distinct_lrs: _Optional[int] = ..., num_param_groups: _Optional[int] = ..., state: _Optional[_Union[TrainingState, str]] = ..., uptime_seconds: _Optional[float] = ..., seconds_since_last_step: _Optional[float] = ..., pending_changes: _Optional[int] = ..., server_version: _Optional[str] = ..., run_id: _Optional[str] = ..., guardrails: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., max_factor: _Optional[float] = ..., lockstep: _Optional[_Union[LockstepStatus, _Mapping]] = ..., lockstep_timeouts: _Optional[int] = ...) -> None: ...
+
+class LockstepOpen(_message.Message):
+    __slots__ = ("every", "timeout_seconds")
+    EVERY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    every: int
+    timeout_seconds: float
+    def __init__(self, every: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class LockstepDecision(_message.Message):
+    __slots__ = ("open", "decided")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_FIELD_NUMBER: _ClassVar[int]
+    open: LockstepOpen
+    decided: int
+    def __init__(self, open: _Optional[_Union[LockstepOpen, _Mapping]] = ..., decided: _Optional[int] = ...) -> None: ...
+
+class LockstepOutcome(_message.Message):
+    __slots__ = ("step", "timed_out", "decided_late", "applied_change_ids", "failed_change_ids")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_LATE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_CHANGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_CHANGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    timed_out: bool
+    decided_late: bool
+    applied_change_ids: _containers.RepeatedScalarFieldContainer[int]
+    failed_change_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., timed_out: _Optional[bool] = ..., decided_late: _Optional[bool] = ..., applied_change_ids: _Optional[_Iterable[int]] = ..., failed_change_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LockstepTurn(_message.Message):
+    __slots__ = ("step", "version", "wall_time", "timeout_seconds", "previous", "ignored_decisions", "dropped_turns")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_TURNS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    version: int
+    wall_time: float
+    timeout_seconds: float
+    previous: LockstepOutcome
+    ignored_decisions: int
+    dropped_turns: int
+    def __init__(self, step: _Optional[int] = ..., version: _Optional[int] = ..., wall_time: _Optional[float] = ..., timeout_seconds: _Optional[float] = ..., previous: _Optional[_Union[LockstepOutcome, _Mapping]] = ..., ignored_decisions: _Optional[int] = ..., dropped_turns: _Optional[int] = ...) -> None: ...
+
+class LockstepStatus(_message.Message):
+    __slots__ = ("peer", "token_name", "every", "timeout_seconds", "held_step", "turns", "timeouts")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_NAME_FIELD_NUMBER: _ClassVar[int]
+    EVERY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HELD_STEP_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    token_name: str
+    every: int
+    timeout_seconds: float
+    held_step: int
+    turns: int
+    timeouts: int
+    def __init__(self, peer: _Optional[str] = ..., token_name: _Optional[str] = ..., every: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., held_step: _Optional[int] = ..., turns: _Optional[int] = ..., timeouts: _Optional[int] = ...) -> None: ...
 
 class Guardrail(_message.Message):
     __slots__ = ("selector", "min_lr", "max_lr")

@@ -84,6 +84,11 @@ class LearningRateControlStub:
                 request_serializer=lrctl_dot_v1_dot_lrctl__pb2.CancelChangesRequest.SerializeToString,
                 response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.CancelChangesResponse.FromString,
                 _registered_method=True)
+        self.Lockstep = channel.stream_stream(
+                '/lrctl.v1.LearningRateControl/Lockstep',
+                request_serializer=lrctl_dot_v1_dot_lrctl__pb2.LockstepDecision.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.LockstepTurn.FromString,
+                _registered_method=True)
 
 
 class LearningRateControlServicer:
@@ -162,6 +167,28 @@ class LearningRateControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Lockstep(self, request_iterator, context):
+        """Lockstep with one controller (admin role). The client's first message opens it
+        (LockstepDecision.open); once accepted, the worker sends its response headers at
+        once (initial metadata "lrctl-lockstep: open"). Then, at every step S with
+        S % every == 0, the worker sends a LockstepTurn and holds training right before
+        applying the changes due at S, until the client answers LockstepDecision.decided
+        = S or the timeout passes; training then goes on by itself. The controller acts
+        through the ordinary calls (SetLearningRates / SetSchedules with at_step = S and
+        wait = false, expected_version against other writers) before it answers: those
+        changes are applied at S, whole. A change sent after the timeout, with at_step = S
+        already past, is refused (INVALID_ARGUMENT) as always; nothing is applied after
+        its caller was told it failed. When the stream ends (cancelled, connection lost)
+        a hold is released at once and lockstep is off.
+        Errors: INVALID_ARGUMENT for a bad open (every < 1, timeout outside 0.001..60 s,
+        no open first, a second open) or a decision for a step that was never held;
+        FAILED_PRECONDITION when another controller holds lockstep (the message names its
+        peer) or the worker is shutting down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearningRateControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +241,11 @@ def add_LearningRateControlServicer_to_server(servicer, server):
                     servicer.CancelChanges,
                     request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.CancelChangesRequest.FromString,
                     response_serializer=lrctl_dot_v1_dot_lrctl__pb2.CancelChangesResponse.SerializeToString,
+            ),
+            'Lockstep': grpc.stream_stream_rpc_method_handler(
+                    servicer.Lockstep,
+                    request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.LockstepDecision.FromString,
+                    response_serializer=lrctl_dot_v1_dot_lrctl__pb2.LockstepTurn.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +518,33 @@ class LearningRateControl:
             '/lrctl.v1.LearningRateControl/CancelChanges',
             lrctl_dot_v1_dot_lrctl__pb2.CancelChangesRequest.SerializeToString,
             lrctl_dot_v1_dot_lrctl__pb2.CancelChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lockstep(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lrctl.v1.LearningRateControl/Lockstep',
+            lrctl_dot_v1_dot_lrctl__pb2.LockstepDecision.SerializeToString,
+            lrctl_dot_v1_dot_lrctl__pb2.LockstepTurn.FromString,
             options,
             channel_credentials,
             insecure,
