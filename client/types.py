@@ -286,11 +286,13 @@ class LockstepInfo:
     held_step: Optional[int]  # the step held now; None when training is not held
     turns: int
     timeouts: int  # turns of this controller whose hold ended by the timeout
+    ignored_decisions: int  # its decisions that came after their hold had ended
 
     @classmethod
     def from_proto(cls, msg: lrctl_pb2.LockstepStatus) -> LockstepInfo:
         return cls(msg.peer, msg.token_name, msg.every, msg.timeout_seconds,
-                   msg.held_step if msg.HasField("held_step") else None, msg.turns, msg.timeouts)
+                   msg.held_step if msg.HasField("held_step") else None, msg.turns, msg.timeouts,
+                   msg.ignored_decisions)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class GateStatus:
     held_step: int | None
     turns: int
     timeouts: int
+    ignored_decisions: int
 
 
 # change ids recorded at a step: (applied, failed); the controller reads its history.
@@ -107,6 +108,7 @@ class LockstepGate:
         self._ignored = 0
         self.turns = 0
         self.timeouts = 0
+        self.ignored_decisions = 0
 
     def hold(self, step: int, version: int, records_at: RecordsAt) -> bool:
         """At the boundary of `step` (training thread): when it is a held step, send
@@ -162,6 +164,7 @@ class LockstepGate:
                     f"decided {step} names a step that was never held ({held}; holds come every "
                     f"{self.every} step(s))")
             self._ignored += 1
+            self.ignored_decisions += 1
             if step == last:
                 self._last_late = self._last_late or self._last_timed_out
             return False
@@ -179,4 +182,4 @@ class LockstepGate:
     def status(self) -> GateStatus:
         with self._cond:
             return GateStatus(self.peer, self.token, self.every, self.timeout, self._held,
-                              self.turns, self.timeouts)
+                              self.turns, self.timeouts, self.ignored_decisions)

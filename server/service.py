@@ -765,7 +765,8 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         gate = self._controller.lockstep_status()
         lockstep = None if gate is None else pb.LockstepStatus(
             peer=gate.peer, token_name=gate.token, every=gate.every, timeout_seconds=gate.timeout,
-            held_step=gate.held_step, turns=gate.turns, timeouts=gate.timeouts)
+            held_step=gate.held_step, turns=gate.turns, timeouts=gate.timeouts,
+            ignored_decisions=gate.ignored_decisions)
         return pb.GetStatusResponse(
             step=s.step,
             version=s.version,

@@ -511,7 +511,7 @@ class LockstepTurn(_message.Message):
     def __init__(self, step: _Optional[int] = ..., version: _Optional[int] = ..., wall_time: _Optional[float] = ..., timeout_seconds: _Optional[float] = ..., previous: _Optional[_Union[LockstepOutcome, _Mapping]] = ..., ignored_decisions: _Optional[int] = ..., dropped_turns: _Optional[int] = ...) -> None: ...
 
 class LockstepStatus(_message.Message):
-    __slots__ = ("peer", "token_name", "every", "timeout_seconds", "held_step", "turns", "timeouts")
+    __slots__ = ("peer", "token_name", "every", "timeout_seconds", "held_step", "turns", "timeouts", "ignored_decisions")
     PEER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_NAME_FIELD_NUMBER: _ClassVar[int]
     EVERY_FIELD_NUMBER: _ClassVar[int]
@@ -519,6 +519,7 @@ class LockstepStatus(_message.Message):
     HELD_STEP_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_DECISIONS_FIELD_NUMBER: _ClassVar[int]
     peer: str
     token_name: str
     every: int
@@ -526,7 +527,8 @@ class LockstepStatus(_message.Message):
     held_step: int
     turns: int
     timeouts: int
-    def __init__(self, peer: _Optional[str] = ..., token_name: _Optional[str] = ..., every: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., held_step: _Optional[int] = ..., turns: _Optional[int] = ..., timeouts: _Optional[int] = ...) -> None: ...
+    ignored_decisions: int
+    def __init__(self, peer: _Optional[str] = ..., token_name: _Optional[str] = ..., every: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., held_step: _Optional[int] = ..., turns: _Optional[int] = ..., timeouts: _Optional[int] = ..., ignored_decisions: _Optional[int] = ...) -> None: ...
 
 class Guardrail(_message.Message):
     __slots__ = ("selector", "min_lr", "max_lr")
