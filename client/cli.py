@@ -384,6 +384,12 @@ def _status_lines(status: Status) -> list[tuple[str, Any]]:
         or "-"
     )
     fields["max_factor"] = "-" if status.max_factor is None else repr(status.max_factor)
+    ls = status.lockstep
+    fields["lockstep"] = "-" if ls is None else (
+        f"every {ls.every} step(s), timeout {ls.timeout:g}s, "
+        + ("not holding" if ls.held_step is None else f"holding at step {ls.held_step}")
+        + f", {ls.turns} turn(s), {ls.timeouts} timed out, controller {ls.peer}"
+        + (f" (token {ls.token_name!r})" if ls.token_name else ""))
     return list(fields.items())
 
 

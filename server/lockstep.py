@@ -90,13 +90,17 @@ class LockstepGate:
 
     `send(turn)` hands a turn to the stream; it is called on the training thread and
     must not block (the handler's outbox is bounded and drops the oldest unsent turn).
+    `on_close()` tells the stream that the gate was closed (by the worker's close, or
+    the stream itself); it must not block either.
     """
 
     def __init__(self, every: int, timeout: float, send: Callable[[Turn], None], *,
-                 peer: str = "local", token: str = "") -> None:
+                 peer: str = "local", token: str = "",
+                 on_close: Callable[[], None] | None = None) -> None:
         check_open(every, timeout)
         self.every, self.timeout, self.peer, self.token = every, timeout, peer, token
         self._send = send
+        self._on_close = on_close
         self._cond = threading.Condition(threading.Lock())
         self._held: int | None = None  # the step held now
         self._decided = False
@@ -114,15 +118,17 @@ class LockstepGate:
         """At the boundary of `step` (training thread): when it is a held step, send
         its turn and wait for the decision, the timeout or close(). True when the hold
         ended by the timeout."""
-        if step % self.every:
+        if step % self.every or self._closed:
             return False
+        # Read before taking the condition's lock (decide() takes it on the event loop):
+        # only this thread writes _last.
+        records = None if self._last is None else records_at(self._last)
         with self._cond:
             if self._closed:
                 return False
             previous = None
-            if self._last is not None:
-                applied, failed = records_at(self._last)
-                previous = TurnOutcome(self._last, self._last_timed_out, self._last_late, applied, failed)
+            if records is not None and self._last is not None:
+                previous = TurnOutcome(self._last, self._last_timed_out, self._last_late, *records)
             turn = Turn(step, version, time.time(), self.timeout, previous, self._ignored)
             self._ignored, self._last_late = 0, False
             self._held, self._decided = step, False
@@ -170,10 +176,18 @@ class LockstepGate:
             return False
 
     def close(self) -> None:
-        """End lockstep: a hold in progress returns at once, none begins later."""
+        """End lockstep: a hold in progress returns at once, none begins later, and
+        `on_close` tells the stream (once)."""
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
             self._cond.notify_all()
+        if self._on_close is not None:
+            try:
+                self._on_close()
+            except Exception:  # the stream's loop is gone: nothing left to tell
+                log.debug("lrctl: lockstep close could not reach its stream", exc_info=True)
 
     @property
     def closed(self) -> bool:

@@ -349,6 +349,7 @@ class _TurnBox:
         self._turns: deque[Turn] = deque()
         self._ready = asyncio.Event()
         self._dropped = 0
+        self._ended = False
 
     def put_threadsafe(self, turn: Turn) -> None:
         """Called on the training thread: never blocks (raises if the loop is closed)."""
@@ -361,8 +362,19 @@ class _TurnBox:
         self._turns.append(turn)
         self._ready.set()
 
-    async def get(self) -> pb.LockstepTurn:
+    def end_threadsafe(self) -> None:
+        """The gate closed (the worker is shutting down): get() returns None once the
+        turns already sent are out."""
+        self._loop.call_soon_threadsafe(self._end)
+
+    def _end(self) -> None:
+        self._ended = True
+        self._ready.set()
+
+    async def get(self) -> pb.LockstepTurn | None:
         while not self._turns:
+            if self._ended:
+                return None
             self._ready.clear()
             await self._ready.wait()
         turn = self._turns.popleft()
@@ -741,7 +753,8 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             raise InvalidArgumentError("the first LockstepDecision must open lockstep (set open: every, timeout_seconds)")
         outbox = _TurnBox(asyncio.get_running_loop())
         gate = LockstepGate(opening.open.every, opening.open.timeout_seconds, outbox.put_threadsafe,
-                            peer=context.peer(), token=self._identity(context).get("token", ""))
+                            peer=context.peer(), token=self._identity(context).get("token", ""),
+                            on_close=outbox.end_threadsafe)
         self._controller.attach_lockstep(gate)
         reader: asyncio.Future[None] | None = None
         try:
@@ -754,7 +767,10 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                     turn.cancel()
                     reader.result()  # a bad decision raises here
                     return
-                yield turn.result()
+                message = turn.result()
+                if message is None:
+                    return  # the worker closed lockstep (it is shutting down): the stream ends OK
+                yield message
         finally:
             self._controller.detach_lockstep(gate)
             if reader is not None:

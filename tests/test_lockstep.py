@@ -9,6 +9,7 @@ is proven by waiting less than that timeout (a 60 s hold and a 30 s patience).
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -34,7 +35,9 @@ from conftest import (
     Served,
     Trainer,
     group_lrs,
+    ok,
     per_parameter_optimizer,
+    run_cli,
     seed_model,
     train_step,
     wait_for,
@@ -357,3 +360,29 @@ def test_a_reader_token_is_refused_and_an_admin_is_named(locked: tuple[Any, str]
             next(session).decide()
             thread.join(PATIENCE_S)
             assert not thread.is_alive()
+
+
+def test_lrctl_status_shows_the_lockstep_controller(served: Served, client: LRClient) -> None:
+    def lockstep_lines() -> dict[str, str]:
+        out = ok(run_cli(served.ctl.address, "status"))
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())
+                if k.startswith("lockstep")}
+
+    assert lockstep_lines() == {"lockstep": "-", "lockstep_timeouts": "0"}
+    with client.lockstep(every=2, timeout=1.5):
+        line = lockstep_lines()["lockstep"]
+        assert line.startswith("every 2 step(s), timeout 1.5s, not holding, 0 turn(s), 0 timed out, "
+                               "controller ipv4:127.0.0.1:"), line
+        as_json = json.loads(ok(run_cli(served.ctl.address, "status", "--json")))
+        assert as_json["lockstep"]["every"] == 2 and as_json["lockstep"]["held_step"] is None
+        assert as_json["lockstep_timeouts"] == 0
+
+
+def test_a_session_ends_when_the_worker_shuts_down(served: Served, client: LRClient) -> None:
+    session = client.lockstep(every=1, timeout=60)
+    training = run_steps(served, 1)
+    next(session)
+    served.ctl.close(grace=0.5)
+    finish(training)
+    with pytest.raises(StopIteration):
+        next(session)
