@@ -199,7 +199,8 @@ CONTROLLER = textwrap.dedent("""
     from lrctl.client.client import LRClient
     client = LRClient(sys.argv[1])
     with client.lockstep(every=1, timeout=60) as session:
-        print("open", flush=True)
+        # The client side is torch-free: the controller process never loads it.
+        print("open", "torch" in sys.modules, flush=True)
         for turn in session:
             print("turn", turn.step, flush=True)  # ... and never decides
 """)
@@ -211,7 +212,7 @@ def test_sigkilled_controller_releases_the_hold_and_lockstep_is_off(served: Serv
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == "open\n", proc.stderr.read() if proc.stderr else ""
+        assert proc.stdout.readline() == "open False\n", proc.stderr.read() if proc.stderr else ""
         line = proc.stdout.readline()
         assert line.startswith("turn ")
         held = int(line.split()[1])
