@@ -69,7 +69,7 @@ class LockstepSession(Iterator[Turn]):
             self.close()
             raise DeadlineExceededError(
                 f"no answer from {self._client.address} to the lockstep open within {limit:g}s")
-        if self._call.done():  # refused (or the worker went away): the status says why
+        if self._call.done() and self._call.code() != grpc.StatusCode.OK:  # refused, or gone
             error = self._error()
             self.close()
             raise error
