@@ -13,15 +13,16 @@ if TYPE_CHECKING:
     from lrctl.client.client import LRClient
     from lrctl.client.errors import LrctlError
     from lrctl.client.types import (
-        CancelResult, ChangeList, ChangeRecord, Guardrail, ParameterInfo, PendingChange, RateChange, SetResult, Status, Update,
+        CancelResult, ChangeList, ChangeRecord, Guardrail, LockstepInfo, ParameterInfo, PendingChange, RateChange,
+        SetResult, Status, Turn, TurnOutcome, Update,
     )
 
 _WHERE = {
     "LRClient": "lrctl.client.client",
     "LrctlError": "lrctl.client.errors",
     **{name: "lrctl.client.types" for name in
-       ("CancelResult", "ChangeList", "ChangeRecord", "Guardrail", "ParameterInfo", "PendingChange", "RateChange", "SetResult",
-        "Status", "Update")},
+       ("CancelResult", "ChangeList", "ChangeRecord", "Guardrail", "LockstepInfo", "ParameterInfo", "PendingChange",
+        "RateChange", "SetResult", "Status", "Turn", "TurnOutcome", "Update")},
 }
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ChangeList",
     "ChangeRecord",
     "Guardrail",
+    "LockstepInfo",
     "LRClient",
     "LrctlError",
     "ParameterInfo",
@@ -36,6 +38,8 @@ __all__ = [
     "RateChange",
     "SetResult",
     "Status",
+    "Turn",
+    "TurnOutcome",
     "Update",
 ]
 

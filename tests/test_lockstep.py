@@ -387,3 +387,27 @@ def test_a_session_ends_when_the_worker_shuts_down(served: Served, client: LRCli
     finish(training)
     with pytest.raises(StopIteration):
         next(session)
+
+
+def test_a_controller_that_does_not_read_costs_at_most_a_few_turns_of_memory() -> None:
+    """The stream's outbox keeps at most _LOCKSTEP_OUTBOX unsent turns: the oldest go,
+    and the next turn read says how many were dropped."""
+    import asyncio
+
+    from lrctl.server.lockstep import Turn
+    from lrctl.server.service import _LOCKSTEP_OUTBOX, _TurnBox
+
+    async def scenario() -> list[pb.LockstepTurn]:
+        box = _TurnBox(asyncio.get_running_loop())
+        for step in range(_LOCKSTEP_OUTBOX + 5):
+            box.put_threadsafe(Turn(step, 0, 0.0, 1.0, None, 0))
+        box.end_threadsafe()
+        await asyncio.sleep(0)  # the loop runs the puts
+        out = []
+        while (message := await box.get()) is not None:
+            out.append(message)
+        return out
+
+    turns = asyncio.run(scenario())
+    assert [t.step for t in turns] == list(range(5, _LOCKSTEP_OUTBOX + 5))
+    assert [t.dropped_turns for t in turns] == [5] + [0] * (_LOCKSTEP_OUTBOX - 1)
