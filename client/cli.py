@@ -756,7 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("replay", parents=[common],
                          help="apply a recorded run's changes (an --export or audit log file) "
                               "at their recorded steps")
-    p.add_argument("replay_file", metavar="FILE")
+    p.add_argument("replay_file", metavar="FILE",
+                   help="a `lrctl history --export` file or a worker's audit log")
     p.add_argument("--window", type=_positive_int, default=32, metavar="N",
                    help="at most N replayed changes wait in the worker's queue at once (default 32)")
     p.add_argument("--no-wait", action="store_true",
