@@ -29,7 +29,7 @@ from lrctl.client.errors import (
     LrctlError,
     ResourceExhaustedError,
 )
-from lrctl.client.types import ScheduleAssignment, Update
+from lrctl.client.types import ScheduleAssignment, SetResult, Update
 from lrctl.common.replay_file import (
     ReplayChange,
     mismatch_message,
@@ -136,7 +136,7 @@ def replay(client: LRClient, path: str, *, window: int = DEFAULT_WINDOW, wait: b
     return ReplayResult(path, run_id, len(sent), ids, first.step, changes[-1].step, applied)
 
 
-def _send(client: LRClient, change: ReplayChange, max_reported_changes: int):  # type: ignore[no-untyped-def]
+def _send(client: LRClient, change: ReplayChange, max_reported_changes: int) -> SetResult:
     updates = [Update(u.selector, u.value, u.mode, u.target) for u in change.updates]  # type: ignore[arg-type]
     assignments = [ScheduleAssignment(selector, spec) for selector, spec in change.schedules]
     return client.set_learning_rates(

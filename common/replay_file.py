@@ -126,8 +126,9 @@ def read_replay(path: str) -> list[ReplayChange]:
     for name, number, raw in audit_format.iter_lines(path):
         data = audit_format.parse(raw)
         if data is None:
-            raise _bad(path, name, number, "is cut short or not JSON: " +
-                       audit_format.torn_note(name, number, raw).split(": ", 1)[-1])
+            why = ("is cut short (the worker stopped while writing it)" if not raw.endswith(b"\n")
+                   else "is not a JSON object (cut short by a crash?)")
+            raise _bad(path, name, number, why)
         if data.get("format") != audit_format.FORMAT:
             raise _bad(path, name, number, f"has format {data.get('format')!r}; this lrctl reads "
                                             f"format {audit_format.FORMAT}")
