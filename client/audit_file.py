@@ -10,27 +10,13 @@ no grpc (only the client's plain types).
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
-from lrctl.client.errors import InvalidArgumentError, LrctlError
+from lrctl.client.errors import LrctlError
 from lrctl.client.types import ChangeRecord, RateChange, ScheduleAssignment, Update
+from lrctl.common import audit_format
 from lrctl.common.schedules import schedule_from_dict
-
-
-def audit_files(path: str) -> list[str]:
-    """PATH's rotated files and PATH itself, oldest first (those that exist)."""
-    rotated = []
-    k = 1
-    while os.path.exists(f"{path}.{k}"):
-        rotated.append(f"{path}.{k}")
-        k += 1
-    files = [*reversed(rotated), *([path] if os.path.exists(path) else [])]
-    if not files:
-        raise InvalidArgumentError(f"no audit log at {path!r} (nor rotated files {path}.1, ...)")
-    return files
 
 
 def _pair(value: Any) -> tuple[Any, Any]:
@@ -83,30 +69,45 @@ def read_audit_log(path: str, note: Callable[[str], None]) -> Iterator[ChangeRec
     `note` is told of each line skipped: a last line cut short by a crash, or a line
     that is not a record. InvalidArgumentError if there is no log at `path`.
     """
-    for name in audit_files(path):
-        try:
-            f = open(name, "rb")
-        except OSError as exc:
-            raise InvalidArgumentError(f"cannot read the audit log {name!r}: {exc.strerror}") from None
-        with f:
-            for number, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                record = _parse(raw)
-                if record is not None:
-                    yield record
-                elif not raw.endswith(b"\n"):  # only a file's last line can lack one
-                    note(f"the last line of {name} (line {number}) is incomplete: the worker "
-                         "stopped while writing it; skipped")
-                else:
-                    note(f"line {number} of {name} is not a complete record (cut short by a "
-                         "crash?); skipped")
+    for name, number, raw in audit_format.iter_lines(path):
+        record = _parse(raw)
+        if record is not None:
+            yield record
+        else:
+            note(audit_format.torn_note(name, number, raw) + "; skipped")
 
 
 def _parse(raw: bytes) -> Optional[ChangeRecord]:
-    if not raw.endswith(b"\n"):
+    data = audit_format.parse(raw)
+    if data is None:
         return None  # cut short: even if it parses, the writer never finished it
     try:
-        return record_from_line(json.loads(raw))
+        return record_from_line(data)
     except (ValueError, KeyError, TypeError, LrctlError):
         return None
+
+
+def record_line(record: ChangeRecord, run_id: str) -> str:
+    """`record` as one audit-log line (the worker's own format), for `lrctl history
+    --export`. Pins are written when an update targeted them and schedules when the
+    request assigned any: what the worker's writer calls "touched"."""
+    pins = any(u.target == "pin" for u in record.updates)
+    schedules = bool(record.schedules)
+    fields = audit_format.head(
+        run_id=run_id, change_id=record.change_id, version=record.version, step=record.step,
+        status=record.status, error=record.error, applied_at=record.applied_at,
+        requested_at=record.requested_at, at_step=record.at_step, user=record.user,
+        role=record.role, token=record.token_name, peer=record.peer, reason=record.reason,
+        updates=[audit_format.update_dict(u.selector, u.mode, u.value, u.target) for u in record.updates],
+        schedules=[audit_format.assignment_dict(a.selector, None if a.schedule is None else a.schedule.to_dict())
+                   for a in record.schedules],
+        num_changes=record.num_changes,
+    )
+    changes = [
+        audit_format.change_dict(
+            c.name, (c.old_lr, c.new_lr), (c.old_base, c.new_base),
+            (c.old_pin, c.new_pin) if pins else None,
+            (c.old_schedule, c.new_schedule) if schedules else None)
+        for c in record.changes
+    ]
+    return audit_format.line(fields, changes)

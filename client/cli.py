@@ -459,6 +459,46 @@ def cmd_history(client: LRClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_history_export(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl history --export FILE: every record the worker holds, as an audit log file."""
+    from lrctl.client.export import export_history  # only this verb needs it
+
+    result = export_history(client, args.export, partial=args.partial)
+    if args.json:
+        _print_json(dataclasses.asdict(result))
+        return EXIT_OK
+    if result.dropped:
+        _note(f"the worker's history had dropped its {result.dropped} oldest change(s): the "
+              "export starts after them (--partial)")
+    if result.truncated:
+        _note(f"{result.truncated} record(s) list fewer names than they touched (--partial)")
+    steps = "" if result.first_step is None else f", steps {result.first_step}..{result.last_step}"
+    print(f"exported {result.records} record(s) of run {result.run_id} to {_printable(result.path)} "
+          f"({result.applied} applied{steps}; {result.failed} failed, not replayed)")
+    return EXIT_OK
+
+
+def cmd_replay(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl replay FILE: send a recorded run's applied changes for their recorded steps."""
+    from lrctl.client.replay import load, replay  # only this verb needs it
+
+    try:
+        load(args.replay_file)  # a bad file is a usage error, before any call
+    except LrctlError as err:
+        raise UsageError(str(err)) from None
+    result = replay(client, args.replay_file, window=args.window, wait=not args.no_wait)
+    if args.json:
+        _print_json(dataclasses.asdict(result))
+    elif not result.sent:
+        print(f"nothing to replay: {_printable(result.path)} holds no applied change")
+    else:
+        what = "applied" if result.applied else "queued"
+        print(f"replayed {result.sent} change(s) of run {result.run_id}: {what} at their recorded "
+              f"steps {result.first_step}..{result.last_step} (changes "
+              f"{result.change_ids[0]}..{result.change_ids[-1]})")
+    return EXIT_OK
+
+
 def cmd_history_file(args: argparse.Namespace) -> int:
     """lrctl history --file PATH: the same table, from an audit log (no worker needed)."""
     from lrctl.client.audit_file import read_audit_log  # only this verb needs it
@@ -710,8 +750,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", metavar="PATH",
                    help="read a worker's audit log (and its rotated PATH.1, PATH.2, ...) instead "
                         "of asking the worker; works after the worker is gone")
+    p.add_argument("--export", metavar="FILE",
+                   help="write every record the worker holds to FILE in the audit log's format "
+                        "(for `lrctl history --file` and `lrctl replay`)")
+    p.add_argument("--partial", action="store_true",
+                   help="with --export: write what the worker holds even when its history "
+                        "dropped older changes")
     p.add_argument("--json", action="store_true", help="print a JSON array")
     p.set_defaults(func=cmd_history)
+
+    p = verbs.add_parser("replay", parents=[common],
+                         help="apply a recorded run's changes (an --export or audit log file) "
+                              "at their recorded steps")
+    p.add_argument("replay_file", metavar="FILE",
+                   help="a `lrctl history --export` file or a worker's audit log")
+    p.add_argument("--window", type=_positive_int, default=32, metavar="N",
+                   help="at most N replayed changes wait in the worker's queue at once (default 32)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return once every change is queued, not once applied")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_replay)
 
     p = verbs.add_parser("pending", parents=[common],
                          help="changes accepted but not applied yet; --cancel to take them out")
@@ -761,6 +819,15 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         return done.code if isinstance(done.code, int) else EXIT_OK
 
     try:
+        if args.verb == "history" and (args.export is not None or args.partial):
+            if args.file or args.limit is not None:
+                raise UsageError("history: --export writes every record the worker holds; "
+                                 "it takes neither --file nor --limit")
+            if args.export is None:
+                raise UsageError("history: --partial goes with --export FILE")
+            if not args.export:
+                raise UsageError("history: --export needs a file name")
+            args.func = cmd_history_export
         if getattr(args, "file", None):
             try:
                 return cmd_history_file(args)

@@ -420,6 +420,7 @@ class LRClient:
         expected_version: Optional[int] = None,
         max_reported_changes: int = 0,
         timeout: Optional[float] = None,
+        schedules: Iterable[ScheduleAssignment] = (),
     ) -> SetResult:
         """Change rates as one batch, applied whole at one step boundary or not at all.
 
@@ -427,14 +428,18 @@ class LRClient:
         also scale). With wait=True (default) this returns once the change is applied;
         if the deadline comes first, DeadlineExceededError says it was withdrawn.
         `max_reported_changes` caps the per-name list in the result (0: worker default).
+        `schedules` are schedule assignments applied in the same batch (replay sends a
+        recorded change that had both).
         """
         if isinstance(updates, Mapping):
             batch = [Update(selector, value) for selector, value in updates.items()]
         else:
             batch = list(updates)
+        assignments = [lrctl_pb2.ScheduleAssignment(selector=a.selector, schedule=schedule_to_pb(a.schedule))
+                       for a in schedules]
         return self._change(
             self._stub.SetLearningRates, lrctl_pb2.SetLearningRatesRequest, timeout,
-            updates=[u.to_proto() for u in batch], dry_run=dry_run, wait=wait, reason=reason,
+            updates=[u.to_proto() for u in batch], schedules=assignments, dry_run=dry_run, wait=wait, reason=reason,
             max_reported_changes=max_reported_changes, at_step=at_step,
             expected_version=expected_version,
         )

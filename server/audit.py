@@ -15,21 +15,22 @@ If the disk fails, the change still stands (it is in the optimizer): its waiting
 caller gets DATA_LOSS saying it WAS applied at step S but could not be logged, and
 the worker logs it at ERROR. Rotation by size: past `max_bytes` the file becomes
 PATH.1 (PATH.1 becomes PATH.2, ... up to PATH.`keep`), a new PATH starts, and the
-directory is fsynced. The line format is in the README ("Audit log and history")
-and lrctl.client.audit_file reads it. Pure Python: no torch, no grpc.
+directory is fsynced. The line format is lrctl.common.audit_format (and the
+README, "Audit log and history"); lrctl.client.audit_file reads it. Pure Python:
+no torch, no grpc.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import queue
 import threading
 from dataclasses import dataclass
 from typing import IO, Any, Sequence
 
+from lrctl.common import audit_format
 from lrctl.common.errors import DataLossError, LrctlError
 from lrctl.server.history import RateChanges, Record
 from lrctl.server.requests import Outcome, PendingChange
@@ -39,7 +40,7 @@ log = logging.getLogger("lrctl.audit")
 ENV = "LRCTL_AUDIT_LOG"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_KEEP = 5
-FORMAT = 1
+FORMAT = audit_format.FORMAT
 # Per-name entries are written this many at a time: the writer's memory stays
 # bounded by one chunk, whatever the record's size.
 _CHUNK = 2048
@@ -60,34 +61,19 @@ class _Entry:
 _STOP = object()
 
 
-def _number(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
 def _head(record: Record, run_id: str) -> dict[str, Any]:
     """The line's fields other than its per-name entries (small: the request as sent)."""
-    return {
-        "format": FORMAT,
-        "run_id": run_id,
-        "change_id": record.change_id,
-        "version": record.version,
-        "step": record.step,
-        "status": record.status,
-        "error": record.error,
-        "applied_at": record.applied_at,
-        "requested_at": record.requested_at,
-        "at_step": record.at_step,
-        "user": record.user,
-        "role": record.role,
-        "token": record.token,
-        "peer": record.peer,
-        "reason": record.reason,
-        "updates": [{"selector": u.selector, "mode": u.mode.value, "value": u.value,
-                     "target": u.target.value} for u in record.updates],
-        "schedules": [{"selector": u.selector, "schedule": _schedule_dict(u.schedule)}
-                      for u in record.schedules],
-        "num_changes": record.num_changes,
-    }
+    return audit_format.head(
+        run_id=run_id, change_id=record.change_id, version=record.version, step=record.step,
+        status=record.status, error=record.error, applied_at=record.applied_at,
+        requested_at=record.requested_at, at_step=record.at_step, user=record.user,
+        role=record.role, token=record.token, peer=record.peer, reason=record.reason,
+        updates=[audit_format.update_dict(u.selector, u.mode.value, u.value, u.target.value)
+                 for u in record.updates],
+        schedules=[audit_format.assignment_dict(u.selector, _schedule_dict(u.schedule))
+                   for u in record.schedules],
+        num_changes=record.num_changes,
+    )
 
 
 def _schedule_dict(schedule: Any) -> Any:
@@ -104,19 +90,15 @@ def _entry_lines(changes: RateChanges, start: int, stop: int) -> str:
     names, plan, describe = changes.columns
     pins = plan.old_pin is not None and plan.new_pin is not None
     schedules = plan.old_schedule is not None and plan.new_schedule is not None
-    dumps = json.dumps
+    dumps, entry = json.dumps, audit_format.change_dict
     parts = []
     for k in range(start, stop):
-        entry: dict[str, Any] = {
-            "name": names[plan.indices[k]],
-            "lr": [plan.old_lr[k], plan.new_lr[k]],
-            "base": [plan.old_base[k], plan.new_base[k]],
-        }
-        if pins:
-            entry["pin"] = [_number(plan.old_pin[k]), _number(plan.new_pin[k])]  # type: ignore[index]
-        if schedules:
-            entry["schedule"] = [describe(plan.old_schedule[k]), describe(plan.new_schedule[k])]  # type: ignore[index]
-        parts.append(dumps(entry))
+        parts.append(dumps(entry(
+            names[plan.indices[k]], (plan.old_lr[k], plan.new_lr[k]),
+            (plan.old_base[k], plan.new_base[k]),
+            (plan.old_pin[k], plan.new_pin[k]) if pins else None,  # type: ignore[index]
+            (describe(plan.old_schedule[k]), describe(plan.new_schedule[k])) if schedules else None,  # type: ignore[index]
+        )))
     return ",".join(parts)
 
 
@@ -219,14 +201,14 @@ class AuditLog:
 
     def _write_record(self, entry: _Entry) -> None:
         assert self._file is not None and entry.record is not None
-        head = json.dumps(_head(entry.record, self.run_id))
+        start = audit_format.line_start(_head(entry.record, self.run_id))
         changes = entry.changes
         if changes is None or not len(changes):
-            data = (head[:-1] + ', "changes": []}\n').encode()
+            data = (start + audit_format.LINE_END).encode()
             self._file.write(data)
             self._size += len(data)
             return
-        first = (head[:-1] + ', "changes": [').encode()
+        first = start.encode()
         self._file.write(first)
         self._size += len(first)
         n = len(changes)
@@ -234,8 +216,9 @@ class AuditLog:
             chunk = (("," if start else "") + _entry_lines(changes, start, min(n, start + _CHUNK))).encode()
             self._file.write(chunk)
             self._size += len(chunk)
-        self._file.write(b"]}\n")
-        self._size += 3
+        end = audit_format.LINE_END.encode()
+        self._file.write(end)
+        self._size += len(end)
 
     # -- the file -------------------------------------------------------------------
     def _open(self) -> None:

@@ -25,6 +25,8 @@ from lrctl.server.controller_state import RESUME_POLICIES
 from lrctl.server.queue_limits import QueueLimits
 from lrctl.server.history import DEFAULT_HISTORY_LIMIT, DEFAULT_HISTORY_MAX_BYTES
 from lrctl.server.resume import STATE_KEY, Resume, take_state
+from lrctl.server import replay as replay_module
+from lrctl.server.replay import Replayer
 from lrctl.server.factory import DEFAULT_ADDRESS, BuiltServer, build_server
 from lrctl.server.guardrails import Guardrails
 from lrctl.server import metrics as metrics_module
@@ -45,9 +47,10 @@ class LRControl:
     def __init__(
         self, controller: Controller, server: BuiltServer | None, resume: Resume,
         audit: AuditLog | None = None, service: LearningRateControlService | None = None,
-        metrics: MetricsServer | None = None,
+        metrics: MetricsServer | None = None, replayer: Replayer | None = None,
     ) -> None:
         self.controller = controller
+        self.replayer = replayer
         self._server = server
         self._metrics = metrics
         self._service = service
@@ -77,6 +80,12 @@ class LRControl:
 
         `policy` overrides attach's `resume`: "checkpoint" (its rates win) or "code"."""
         return self._resume.load_state_dict(state, policy)
+
+    @property
+    def replay_report(self) -> list[str]:
+        """Replayed changes that failed at their step or came out differently from the
+        recording (attach(replay=...)); [] when all applied as recorded so far."""
+        return [] if self.replayer is None else list(self.replayer.report)
 
     @property
     def resume_report(self) -> list[str]:
@@ -171,6 +180,8 @@ def attach(
     metrics_address: str | None = None,
     metrics_insecure: bool = False,
     metrics_selectors: Iterable[str] = (),
+    replay: str | os.PathLike[str] | None = None,
+    replay_window: int = replay_module.DEFAULT_WINDOW,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -240,6 +251,14 @@ def attach(
     the rate of each physical param group, changes and calls by status, and the rate
     (mean, min, max) of each selector in `metrics_selectors`. It has no authentication
     and names parameters: an address other than loopback needs `metrics_insecure`.
+
+    `replay` (default: $LRCTL_REPLAY; none if unset) is an audit log or a `lrctl history
+    --export` file of an earlier run: each change it recorded as applied is applied again
+    right before the step it was applied at, as it was sent (lrctl.server.replay), with
+    no client; `replay_window` bounds how many wait in the queue at once. A file this
+    run cannot replay (a name it lacks, a different starting rate, a selector that
+    matches other names, a step already past) raises ValueError naming it, before any
+    change is queued. Changes that fail later are in ``.replay_report`` and the log.
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
@@ -247,6 +266,8 @@ def attach(
         tls = ServerTLS.from_env()
     if audit_log is None:
         audit_log = os.environ.get(audit_log_module.ENV) or None
+    if replay is None:
+        replay = os.environ.get(replay_module.ENV) or None
     if resume not in RESUME_POLICIES:
         raise ValueError(f"resume {resume!r} is not one of {', '.join(map(repr, RESUME_POLICIES))}")
     if guardrails is None:
@@ -266,7 +287,11 @@ def attach(
             "on its own it fights lrctl's rates and breaks when lrctl regroups",
             stacklevel=2,
         )
-    adopted = controller = checkpoints = audit = None
+    adopted = controller = checkpoints = audit = replayer = None
+    # The replayer is made after the controller (it reads its table), and the step hook
+    # calls it first: each step's due changes are queued before the hook applies them.
+    feeders: list[Replayer] = []
+    on_step: tuple[Any, ...] = () if replay is None else (lambda: feeders[0].feed() if feeders else None,)
     try:
         if scheduler is not None:
             adopted = AdoptedScheduler(scheduler, optimizer)
@@ -277,7 +302,7 @@ def attach(
             history_max_bytes=history_max_bytes,
             group_schedules=None if adopted is None else adopted.groups,
             group_bases=None if adopted is None else [g.base_lr for g in adopted.groups],
-            on_step=() if adopted is None else (adopted.mark_stepped,),
+            on_step=on_step + (() if adopted is None else (adopted.mark_stepped,)),
             start_step=start_step,
             queue_limits=queue_limits,
             guardrails=guardrails,
@@ -291,6 +316,9 @@ def attach(
             audit = AuditLog(audit_log, run_id=controller.run_id, max_bytes=audit_max_bytes,
                              keep=audit_keep)
             controller.audit = audit
+        if replay is not None:
+            replayer = Replayer(controller, os.fspath(replay), window=replay_window)
+            feeders.append(replayer)
     except BaseException:
         # Leave everything as it was: no hooks, the scheduler on the optimizer, the state.
         if checkpoints is not None:
@@ -316,7 +344,7 @@ def attach(
             if audit is not None:
                 audit.close()
             raise
-        return LRControl(controller, None, checkpoints, audit, metrics=metrics)
+        return LRControl(controller, None, checkpoints, audit, metrics=metrics, replayer=replayer)
     service = server = None
     try:
         service = LearningRateControlService(
@@ -347,4 +375,4 @@ def attach(
         if audit is not None:
             audit.close()
         raise
-    return LRControl(controller, server, checkpoints, audit, service, metrics)
+    return LRControl(controller, server, checkpoints, audit, service, metrics, replayer)

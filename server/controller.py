@@ -585,6 +585,12 @@ class Controller(ControllerState):
         return RateChanges(self.index.names, plan,
                            lambda sid: "" if sid == 0 else schedules[sid].describe())
 
+    def matched_names(self, request: ChangeRequest) -> list[str]:
+        """The names `request` would touch, in model order; raises what submit would for
+        its selectors and values (replay checks a recorded change against this run)."""
+        names = self.index.names
+        return [names[i] for i in self._resolve_batch(request)]
+
     # -- writes --------------------------------------------------------------------
     def preview(self, request: ChangeRequest, *, check: Check | None = None) -> Outcome:
         """What `request` would do now (a dry run); raises what submit would raise."""
