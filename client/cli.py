@@ -755,6 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="last step drawn (default: the worker's last step, or a little past "
                         "the file's last change)")
     p.add_argument("--linear", action="store_true", help="linear y axis (default: log)")
+    p.add_argument("--dpi", type=_positive_int, default=100, metavar="N",
+                   help="pixels per inch (default 100: 1200 pixels wide)")
     p.set_defaults(func=cmd_plot)
 
     # The demo parses its own arguments: this parser must not know any option (so

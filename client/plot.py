@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,19 @@ class PlotData:
     loss_name: str
     change_steps: list[int]
     notes: list[str]
+
+    @property
+    def loss_window(self) -> int:
+        """Points in the running mean drawn over a noisy loss (1: none)."""
+        return max(1, len(self.loss) // 60)
+
+    def smoothed_loss(self) -> list[tuple[int, float]]:
+        """The running mean of the last `loss_window` points, at each point's step."""
+        k, total, out = self.loss_window, 0.0, []
+        for i, (step, value) in enumerate(self.loss):
+            total += value - (self.loss[i - k][1] if i >= k else 0.0)
+            out.append((step, total / min(i + 1, k)))
+        return out
 
 
 # -- sources -------------------------------------------------------------------------
@@ -103,7 +117,7 @@ def from_file(path: str, note: Callable[[str], None]) -> tuple[Reconstruction, i
     recon = reconstruct(applied)
     last = applied[-1].step
     end = last + max(1, (last - applied[0].step) // 10) + 1
-    return recon, end, path
+    return recon, end, os.path.basename(path)
 
 
 # -- what to draw --------------------------------------------------------------------
@@ -174,7 +188,7 @@ def _classes(names: Sequence[str], values: dict[str, list[float]]) -> list[list[
 
 
 def _label(members: Sequence[str]) -> str:
-    return members[0] if len(members) == 1 else f"{members[0]} +{len(members) - 1} same"
+    return members[0] if len(members) == 1 else f"{members[0]} (and {len(members) - 1} more)"
 
 
 def read_metrics(path: str, key: str) -> list[tuple[int, float]]:
@@ -216,9 +230,12 @@ def write_csv(path: str, data: PlotData) -> None:
         for s in data.series:
             w.writerows(("lr", s.label, step, repr(v)) for step, v in zip(data.steps, s.values))
         w.writerows((data.loss_name, data.loss_name, step, repr(v)) for step, v in data.loss)
+        if data.loss_window > 1:
+            label = f"{data.loss_name} (mean of {data.loss_window})"
+            w.writerows((data.loss_name, label, step, repr(v)) for step, v in data.smoothed_loss())
 
 
-def draw(path: str, data: PlotData, log_scale: bool = True) -> None:
+def draw(path: str, data: PlotData, log_scale: bool = True, dpi: int = 100) -> None:
     """Write the PNG: rates on top (log y by default), the loss below when given."""
     import matplotlib
 
@@ -248,14 +265,19 @@ def draw(path: str, data: PlotData, log_scale: bool = True) -> None:
                     va="bottom", fontsize="small", color="0.3")
     if data.loss:
         lx = axes[1][0]
+        faint = data.loss_window > 1  # many noisy points: faint, with their running mean on top
         lx.plot([p[0] for p in data.loss], [p[1] for p in data.loss], color="tab:red",
-                linewidth=1.2, label=data.loss_name)
+                linewidth=0.8 if faint else 1.2, alpha=0.3 if faint else 1.0, label=data.loss_name)
+        if faint:
+            mean = data.smoothed_loss()
+            lx.plot([p[0] for p in mean], [p[1] for p in mean], color="tab:red", linewidth=1.6,
+                    label=f"mean of {data.loss_window}")
         lx.set_ylabel(data.loss_name)
         lx.grid(True, alpha=0.3)
         lx.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0.0)
     axes[-1][0].set_xlabel("optimizer step")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -299,7 +321,7 @@ def run(args: argparse.Namespace, client: Optional[Any], note: Callable[[str], N
         except OSError as exc:
             raise UsageError(f"plot: cannot write {args.csv!r}: {exc.strerror}") from None
     try:
-        draw(args.out, data, log_scale=not args.linear)
+        draw(args.out, data, log_scale=not args.linear, dpi=args.dpi)
     except OSError as exc:
         raise UsageError(f"plot: cannot write {args.out!r}: {exc.strerror}") from None
     print(f"wrote {args.out}: {len(series)} line(s), steps {steps[0]}..{steps[-1]}, "

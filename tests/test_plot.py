@@ -13,6 +13,7 @@ import csv
 import json
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,12 @@ def test_plot_without_matplotlib_says_what_to_install(run, tmp_path):
     proc = plot(str(tmp_path / "x.png"), "--file", str(audit), env=env)
     assert_error(proc, 1, "pip install 'lrctl[plot]'")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_start_up_does_not_import_plot_code():
+    code = ("import sys, lrctl.client.cli as cli; cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'lrctl.client.plot', "
+            "'lrctl.client.rate_history'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
