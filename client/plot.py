@@ -85,7 +85,8 @@ def from_worker(client: Any) -> tuple[Reconstruction, int, str]:
     """
     for _ in range(_READ_ATTEMPTS):
         before = client.status()
-        current = {s.name: CurrentState(s.base, s.pin, s.schedule, s.adopted or s.description)
+        current = {s.name: CurrentState(s.base, s.pin, s.schedule,
+                                        f"the adopted torch scheduler {s.adopted}" if s.adopted else s.description)
                    for s in client.get_schedules()}
         changes = client.iter_changes()
         records = list(changes)
@@ -140,7 +141,7 @@ def build_series(recon: Reconstruction, steps: Sequence[int], selectors: Sequenc
     """The lines to draw and notes on what was left out."""
     notes = []
     drawable = {n: t for n, t in recon.timelines.items() if not t.problem}
-    if not drawable:
+    if not drawable and not selectors:
         why = recon.notes[-1] if recon.notes else "the history names no parameter"
         raise UsageError(f"plot: no rate can be drawn: {why}")
     values = {n: t.rates(steps) for n, t in drawable.items()}
@@ -155,9 +156,12 @@ def build_series(recon: Reconstruction, steps: Sequence[int], selectors: Sequenc
                 raise UsageError(f"plot: {exc}") from None
             if not names:
                 raise UsageError(f"plot: selector {sel!r} matches no parameter in the history")
+            hidden = [n for n in names if n not in drawable]
             names = [n for n in names if n in drawable]
             if not names:
-                raise UsageError(f"plot: selector {sel!r}: {recon.notes[-1]}")
+                first = recon.timelines[hidden[0]]
+                raise UsageError(f"plot: selector {sel!r}: nothing to draw: {first.name}: {first.problem}"
+                                 + (f" (and {len(hidden) - 1} more)" if len(hidden) > 1 else ""))
             classes = _classes(names, values)
             for members in classes:
                 label = sel if len(classes) == 1 else f"{sel}: {_label(members)}"
@@ -228,7 +232,8 @@ def write_csv(path: str, data: PlotData) -> None:
         w = csv.writer(f)
         w.writerow(("kind", "series", "step", "value"))
         for s in data.series:
-            w.writerows(("lr", s.label, step, repr(v)) for step, v in zip(data.steps, s.values))
+            # NaN: a step whose rate is not known (not drawn either)
+            w.writerows(("lr", s.label, step, repr(v)) for step, v in zip(data.steps, s.values) if v == v)
         w.writerows((data.loss_name, data.loss_name, step, repr(v)) for step, v in data.loss)
         if data.loss_window > 1:
             label = f"{data.loss_name} (mean of {data.loss_window})"
@@ -310,7 +315,7 @@ def run(args: argparse.Namespace, client: Optional[Any], note: Callable[[str], N
     series, notes = build_series(recon, steps, args.select or (), args.top)
     loss = [p for p in loss if first <= p[0] < end]
     changes = [s for s in recon.change_steps if first <= s < end]
-    if not args.linear and any(v <= 0 for s in series for v in s.values):
+    if not args.linear and any(v <= 0 for s in series for v in s.values):  # NaN: False
         notes.append("rates of 0 are not drawn on a log axis (--linear draws them)")
     data = PlotData(title, steps, series, loss, args.metric, changes, notes)
     for text in [*recon.notes, *notes]:

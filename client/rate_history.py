@@ -20,6 +20,7 @@ the rebuilt one. No grpc, no torch, no matplotlib.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,10 +63,17 @@ class Segment:
     schedule: object = _UNKNOWN
 
     def rate(self, step: int) -> float:
+        """The rate at `step`; NaN where the schedule's factors are not known."""
         if self.pin is not None:
             return float(self.pin)  # type: ignore[arg-type]
+        if isinstance(self.schedule, Unresolved):
+            return math.nan
         assert isinstance(self.schedule, Schedule)
         return self.schedule.rate(self.base, step)
+
+    @property
+    def unknown(self) -> bool:
+        return self.pin is None and isinstance(self.schedule, Unresolved)
 
 
 @dataclass
@@ -77,6 +85,7 @@ class Timeline:
     segments: list[Segment]
     change_steps: list[int] = field(default_factory=list)
     problem: str = ""
+    partial: str = ""  # why some steps are unknown (NaN) though others are drawn
 
     def rate(self, step: int) -> float:
         """The rate in force at `step` (the step's own changes included)."""
@@ -157,9 +166,14 @@ def reconstruct(
                      "other names' rates may be off from those changes on")
 
     timelines: dict[str, Timeline] = {}
-    for name in [*events, *(n for n in current if n not in events)]:
+    # Model order when the worker tells it (its current state), else first change order.
+    for name in [*current, *(n for n in events if n not in current)]:
         timelines[name] = _timeline(name, events.get(name, []), steps_of.get(name, []),
                                     current.get(name), spec)
+    partial = [t for t in timelines.values() if t.partial]
+    if partial:
+        notes.append(f"{len(partial)} name(s) drawn only where pinned: {partial[0].name}: {partial[0].partial}"
+                     + (f" (and {len(partial) - 1} more)" if len(partial) > 1 else ""))
     bad = [t for t in timelines.values() if t.problem]
     if bad:
         notes.append(f"{len(bad)} name(s) not drawn: {bad[0].name}: {bad[0].problem}"
@@ -220,6 +234,8 @@ def _mismatch(timeline: Timeline, changes: Sequence[RateChange], steps: Sequence
     for k, (c, step) in enumerate(zip(changes, steps)):
         before, after = timeline.segments[k], timeline.segments[k + 1]
         for seg, want, which in ((before, c.old_lr, "before"), (after, c.new_lr, "after")):
+            if seg.unknown:
+                continue
             got = seg.rate(step)
             if got != want and not (got != got and want != want):
                 return f"rebuilt rate {got!r} {which} the change at step {step} is not the recorded {want!r}"
@@ -227,11 +243,14 @@ def _mismatch(timeline: Timeline, changes: Sequence[RateChange], steps: Sequence
 
 
 def _checked(timeline: Timeline, changes: Sequence[RateChange] = (), steps: Sequence[int] = ()) -> Timeline:
-    for s in timeline.segments:
-        if s.pin is None and isinstance(s.schedule, Unresolved):
-            timeline.problem = (f"it follows {s.schedule.description or 'a schedule'}, whose factors "
-                                "are not in the history")
+    unknown = [s for s in timeline.segments if s.unknown]
+    if unknown:
+        why = (f"it follows {unknown[0].schedule.description or 'a schedule'}, whose "  # type: ignore[union-attr]
+               "factors are not in the history")
+        if len(unknown) == len(timeline.segments):
+            timeline.problem = why
             return timeline
+        timeline.partial = why
     timeline.problem = _mismatch(timeline, changes, steps)
     return timeline
 

@@ -174,3 +174,34 @@ def test_cli_start_up_does_not_import_plot_code():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_plot_says_what_an_adopted_scheduler_hides(tmp_path):
+    import torch
+
+    model = seed_model()
+    optimizer = per_parameter_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    ctl = attach(model, optimizer, address="127.0.0.1:0", scheduler=scheduler)
+    try:
+        for _ in range(5):
+            train_step(model, optimizer)
+            scheduler.step()
+        out = str(tmp_path / "a.png")
+        proc = plot(out, "--address", ctl.address)
+        assert_error(proc, 2, "no rate can be drawn", "adopted")
+        proc = plot(out, "--address", ctl.address, "--select", "layer1.weight")
+        assert_error(proc, 2, "'layer1.weight'", "adopted")
+        # A pin is drawn whatever the scheduler: the pinned name is, the others are named.
+        with LRClient(ctl.address, timeout=30) as client:
+            client.pin_learning_rates({"layer2.bias": 0.5}, wait=False)
+        train_step(model, optimizer)
+        scheduler.step()
+        train_step(model, optimizer)
+        proc = plot(out, "--address", ctl.address, "--select", "layer2.bias", "--csv", str(tmp_path / "a.csv"))
+        assert proc.returncode == 0, proc.stderr
+        assert "3 name(s) not drawn" in proc.stderr and "adopted" in proc.stderr
+        assert "1 name(s) drawn only where pinned: layer2.bias" in proc.stderr
+        assert lr_series(tmp_path / "a.csv")["layer2.bias"] == {5: 0.5, 6: 0.5}  # steps 0-4: unknown
+    finally:
+        ctl.close(grace=0.5)
