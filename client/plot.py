@@ -36,6 +36,7 @@ from lrctl.client.usage import UsageError
 MATPLOTLIB_MISSING = "lrctl plot needs matplotlib: pip install 'lrctl[plot]'"
 MAX_POINTS = 4000  # steps evaluated per line; change steps are always among them
 _READ_ATTEMPTS = 3
+MAX_CHANGES_PER_RECORD = 200_000  # the most ListChanges sends per record
 
 
 @dataclass
@@ -88,7 +89,8 @@ def from_worker(client: Any) -> tuple[Reconstruction, int, str]:
         current = {s.name: CurrentState(s.base, s.pin, s.schedule,
                                         f"the adopted torch scheduler {s.adopted}" if s.adopted else s.description)
                    for s in client.get_schedules()}
-        changes = client.iter_changes()
+        # Every name of each change (the worker's default lists the first 1000).
+        changes = client.iter_changes(max_changes_per_record=MAX_CHANGES_PER_RECORD)
         records = list(changes)
         after = client.status()
         if after.version == before.version:
@@ -144,7 +146,16 @@ def build_series(recon: Reconstruction, steps: Sequence[int], selectors: Sequenc
     if not drawable and not selectors:
         why = recon.notes[-1] if recon.notes else "the history names no parameter"
         raise UsageError(f"plot: no rate can be drawn: {why}")
-    values = {n: t.rates(steps) for n, t in drawable.items()}
+    # Names with the same segments share one computed list: a model of 100k names with
+    # a few rate classes costs a few evaluations per step, not 100k.
+    by_signature: dict[tuple, list[float]] = {}
+    values = {}
+    for n, t in drawable.items():
+        sig = tuple((seg.start, seg.base, seg.pin, seg.schedule) for seg in t.segments)
+        found = by_signature.get(sig)
+        if found is None:
+            found = by_signature[sig] = t.rates(steps)
+        values[n] = found
     changes = {n: len(t.change_steps) for n, t in drawable.items()}
     series: list[Series] = []
     if selectors:
@@ -185,10 +196,14 @@ def build_series(recon: Reconstruction, steps: Sequence[int], selectors: Sequenc
 
 def _classes(names: Sequence[str], values: dict[str, list[float]]) -> list[list[str]]:
     """Names grouped by identical series, in first-seen order."""
-    groups: dict[tuple[float, ...], list[str]] = {}
+    by_list: dict[int, list[str]] = {}  # shared lists first: cheap
     for n in names:
-        groups.setdefault(tuple(values[n]), []).append(n)
-    return list(groups.values())
+        by_list.setdefault(id(values[n]), []).append(n)
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for members in by_list.values():
+        groups.setdefault(tuple(values[members[0]]), []).extend(members)
+    position = {n: i for i, n in enumerate(names)}
+    return [sorted(g, key=position.__getitem__) for g in groups.values()]
 
 
 def _label(members: Sequence[str]) -> str:
