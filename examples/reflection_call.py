@@ -19,7 +19,6 @@ Needs: pip install grpcio grpcio-reflection protobuf.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 

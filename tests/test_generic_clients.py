@@ -76,7 +76,7 @@ def test_reflection_alone_lists_describes_and_calls(worker, tmp_path):
 
     described = reflection_call(tmp_path, worker, "describe", SERVICE)
     assert described.returncode == 0, described.stderr
-    assert (f"rpc SetLearningRates(lrctl.v1.SetLearningRatesRequest) returns "
+    assert ("rpc SetLearningRates(lrctl.v1.SetLearningRatesRequest) returns "
             "(lrctl.v1.SetLearningRatesResponse)") in described.stdout
 
     params = reflection_call(tmp_path, worker, "call", f"{SERVICE}/ListParameters", '{"filter": "layer1.*"}')
