@@ -578,6 +578,16 @@ def cmd_health(client: LRClient, args: argparse.Namespace) -> int:
         time.sleep(min(HEALTH_RETRY_S, max(deadline - time.monotonic(), 0.0)))
 
 
+def cmd_plot(client: Optional[LRClient], args: argparse.Namespace) -> int:
+    """lrctl plot OUT.png: rates (and the loss) over steps; the code is in lrctl.client.plot
+    (imported here only: it is the one verb that needs matplotlib)."""
+    from lrctl.client.plot import MATPLOTLIB_MISSING, matplotlib_missing, run
+
+    if matplotlib_missing():  # an extra not installed, as for `lrctl demo`
+        return _error(MATPLOTLIB_MISSING, EXIT_INTERNAL)
+    return run(args, client, _note)
+
+
 def run_demo(demo_args: list[str]) -> int:
     """lrctl demo: hand over to the worker's demo (needs the worker extra, i.e. torch)."""
     try:
@@ -788,6 +798,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retry until SERVING or SECONDS have passed (default 0: ask once)")
     p.set_defaults(func=cmd_health)
 
+    p = verbs.add_parser("plot", parents=[common],
+                         help="PNG of the rates per name or selector (and the loss) over steps "
+                              "(needs lrctl[plot])")
+    p.add_argument("out", metavar="OUT.png", help="the PNG to write")
+    p.add_argument("--file", metavar="PATH",
+                   help="read an audit log / exported history (and PATH.1, PATH.2, ...) "
+                        "instead of asking the worker")
+    p.add_argument("--select", action="append", metavar="SEL",
+                   help="draw what SEL matches (exact, glob, re:REGEX) as one line; repeatable")
+    p.add_argument("--metrics", metavar="FILE",
+                   help='the loss from NDJSON lines {"step": N, "metrics": {"loss": X}} '
+                        "(what `lrctl watch --json` writes)")
+    p.add_argument("--metric", default="loss", metavar="KEY", help="the metric drawn (default loss)")
+    p.add_argument("--csv", metavar="FILE", help="also write the exact points drawn, as CSV")
+    p.add_argument("--top", type=_positive_int, default=8, metavar="N",
+                   help="at most N lines (default 8), the most changed first")
+    p.add_argument("--from-step", type=_int64, metavar="N", help="first step drawn (default 0)")
+    p.add_argument("--to-step", type=_int64, metavar="N",
+                   help="last step drawn (default: the worker's last step, or a little past "
+                        "the file's last change)")
+    p.add_argument("--linear", action="store_true", help="linear y axis (default: log)")
+    p.add_argument("--dpi", type=_positive_int, default=100, metavar="N",
+                   help="pixels per inch (default 100: 1200 pixels wide)")
+    p.set_defaults(func=cmd_plot)
+
     # The demo parses its own arguments: this parser must not know any option (so
     # "-h" and "--steps" pass through), which a prefix that never occurs achieves.
     verbs.add_parser("demo", help="run a demo worker (needs lrctl[worker])", add_help=False,
@@ -830,7 +865,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
             args.func = cmd_history_export
         if getattr(args, "file", None):
             try:
-                return cmd_history_file(args)
+                return cmd_history_file(args) if args.verb == "history" else args.func(None, args)
             except LrctlError as err:  # a local file, not a worker's answer
                 raise UsageError(str(err)) from None
         try:
