@@ -30,7 +30,9 @@ from lrctl.server.guardrails import Guardrails
 from lrctl.server import metrics as metrics_module
 from lrctl.server.metrics import MetricsServer, MetricsSource
 from lrctl.server.service import LearningRateControlService
+from lrctl.server.telemetry import Telemetry, check_metrics
 from lrctl.server.tls import ServerTLS
+from lrctl.server.watch import WatchLimits
 from lrctl.server.wrappers import named_parameters, unwrap_optimizer
 from lrctl.v1 import lrctl_pb2_grpc
 
@@ -55,6 +57,34 @@ class LRControl:
         self.audit = audit
         self._closed = False
         atexit.register(self.close)
+
+    def report(self, loss: Any = None, /, *, step: int | None = None, **scalars: Any) -> None:
+        """Report scalars of a training step for WatchMetrics (`lrctl watch`).
+
+        ``ctl.report(loss, accuracy=acc)``: `loss` is reported as "loss". Values are
+        floats, ints, bools or 0-dim tensors on any device: a tensor is kept detached and
+        converted only when someone reads it (no device sync in the training loop).
+        NaN and inf are values like any other. `step` defaults to lrctl's step counter
+        (``ctl.step``, the index of the next ``optimizer.step()``): report before
+        ``optimizer.step()`` (right after backward) for the loss to travel with the step
+        it was computed at, or pass ``step=ctl.step - 1`` after it. Names: at most 64
+        printable characters, no spaces; at most 64 scalars a report and 128 a step.
+        A bad name or value raises ValueError naming it (nothing of that report is kept).
+        """
+        if loss is not None:
+            if "loss" in scalars:
+                raise ValueError("metric 'loss' given twice (positionally and by name)")
+            scalars["loss"] = loss
+        if step is None:
+            step = self.controller.step
+        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step {step!r} is not a non-negative int")
+        self.controller.telemetry.report(step, check_metrics(scalars))
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """The ring of recent events (one per step) that WatchMetrics streams from."""
+        return self.controller.telemetry
 
     @property
     def step(self) -> int:
