@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import warnings
-from typing import Any, Iterable, Literal, Mapping, Optional, Union
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -30,11 +31,22 @@ from lrctl.server.guardrails import Guardrails
 from lrctl.server import metrics as metrics_module
 from lrctl.server.metrics import MetricsServer, MetricsSource
 from lrctl.server.service import LearningRateControlService
-from lrctl.server.telemetry import Telemetry, check_metrics
+from lrctl.common.errors import LrctlError
+from lrctl.server.param_stats import DEFAULT_STATS, ParamStats
+from lrctl.server.telemetry import (
+    DEFAULT_RING_BYTES,
+    DEFAULT_RING_EVENTS,
+    Telemetry,
+    check_metric_name,
+    check_metrics,
+)
 from lrctl.server.tls import ServerTLS
 from lrctl.server.watch import WatchLimits
 from lrctl.server.wrappers import named_parameters, unwrap_optimizer
 from lrctl.v1 import lrctl_pb2_grpc
+
+
+log = logging.getLogger("lrctl.control")
 
 
 class LRControl:
@@ -47,9 +59,12 @@ class LRControl:
     def __init__(
         self, controller: Controller, server: BuiltServer | None, resume: Resume,
         audit: AuditLog | None = None, service: LearningRateControlService | None = None,
-        metrics: MetricsServer | None = None,
+        metrics: MetricsServer | None = None, stats: ParamStats | None = None,
     ) -> None:
         self.controller = controller
+        self._stats_hooks: list[Any] = []
+        if stats is not None:
+            self._stats_hooks = _hook_stats(controller, stats)
         self._server = server
         self._metrics = metrics
         self._service = service
@@ -155,6 +170,8 @@ class LRControl:
         atexit.unregister(self.close)
         if self._metrics is not None:
             self._metrics.stop()
+        for hook in self._stats_hooks:
+            hook.remove()
         # Saving keeps working after close (checkpoints in the user's grouping, with
         # lrctl's last state); loading no longer involves lrctl.
         self._resume.remove(keep_saving=True)
@@ -171,6 +188,57 @@ class LRControl:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _hook_stats(controller: Controller, stats: ParamStats) -> list[Any]:
+    """Step hooks that compute `stats` (after lrctl's own pre-hook, which counts the step)."""
+    optimizer, telemetry = controller.optimizer, controller.telemetry
+
+    def before(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+        try:
+            stats.before(controller.step - 1)
+        except Exception:  # statistics must never cost a training step
+            log.exception("lrctl: computing parameter statistics failed")
+
+    def after(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+        step = controller.step - 1
+        try:
+            done = stats.after(step)
+        except Exception:
+            log.exception("lrctl: computing parameter statistics failed")
+            return
+        if done is not None:
+            telemetry.add_stats(step, *done)
+
+    return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+
+
+def _param_stats(controller: Controller, every: int, stats: Sequence[str],
+                 groups: Mapping[str, str | Sequence[str]] | None) -> ParamStats:
+    """The ParamStats of attach's stats_* options, over the names the optimizer holds
+    and that require grad; ValueError naming a bad selector or an empty group."""
+    names = controller.names
+    views = controller.describe(range(len(names)))
+    tracked = [i for i, v in enumerate(views) if v.settable]
+    params = controller.parameters
+    at = {i: k for k, i in enumerate(tracked)}
+    members: dict[str, list[int]] | None = None
+    if groups is not None:
+        members = {}
+        for label, selectors in groups.items():
+            check_metric_name(label)
+            chosen: set[int] = set()
+            for selector in [selectors] if isinstance(selectors, str) else list(selectors):
+                try:
+                    chosen.update(controller.filter(selector))
+                except LrctlError as exc:
+                    raise ValueError(f"stats_groups[{label!r}]: {exc}") from None
+            members[label] = sorted(at[i] for i in chosen if i in at)
+            if not members[label]:
+                raise ValueError(f"stats_groups[{label!r}] ({selectors!r}) matches no parameter "
+                                 "that the optimizer holds and that requires grad")
+    return ParamStats([names[i] for i in tracked], [params[i] for i in tracked], every,
+                      tuple(stats), members)
 
 
 def attach(
@@ -201,6 +269,12 @@ def attach(
     metrics_address: str | None = None,
     metrics_insecure: bool = False,
     metrics_selectors: Iterable[str] = (),
+    stats_every: int | None = None,
+    stats: Sequence[str] = DEFAULT_STATS,
+    stats_groups: Mapping[str, str | Sequence[str]] | None = None,
+    events: int = DEFAULT_RING_EVENTS,
+    events_max_bytes: int = DEFAULT_RING_BYTES,
+    watch_limits: WatchLimits | None = None,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -270,6 +344,16 @@ def attach(
     the rate of each physical param group, changes and calls by status, and the rate
     (mean, min, max) of each selector in `metrics_selectors`. It has no authentication
     and names parameters: an address other than loopback needs `metrics_insecure`.
+
+    Watching (see the README's "Watching a job"): ``ctl.report(loss, **scalars)`` and
+    the change records of each step make one event per step, kept in a ring of the
+    newest `events` events and at most `events_max_bytes` (32 MiB) for WatchMetrics
+    (`lrctl watch`). `watch_limits` (lrctl.server.watch.WatchLimits) caps the streams
+    (64; 8 per connection, 16 per token) and each stream's queue (1024 events, 8 MiB).
+    `stats_every` K (default off) adds per-parameter statistics to the events of steps
+    0, K, 2K, ...: `stats` from grad_norm, param_norm, update_ratio, grad_sq_sum,
+    max_dist, update_dot (lrctl.server.param_stats; default the first three), per name,
+    or per group with `stats_groups` ({"encoder": "encoder.*", "head": ["head.*"]}).
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
@@ -296,7 +380,7 @@ def attach(
             "on its own it fights lrctl's rates and breaks when lrctl regroups",
             stacklevel=2,
         )
-    adopted = controller = checkpoints = audit = None
+    adopted = controller = checkpoints = audit = param_stats = None
     try:
         if scheduler is not None:
             adopted = AdoptedScheduler(scheduler, optimizer)
@@ -311,7 +395,9 @@ def attach(
             start_step=start_step,
             queue_limits=queue_limits,
             guardrails=guardrails,
+            telemetry=Telemetry(events, events_max_bytes),
         )
+        param_stats = None if stats_every is None else _param_stats(controller, stats_every, stats, stats_groups)
         checkpoints = Resume(controller, optimizer, adopted, resume)
         if loaded is not None:
             checkpoints.loaded_before_attach = True
@@ -346,7 +432,7 @@ def attach(
             if audit is not None:
                 audit.close()
             raise
-        return LRControl(controller, None, checkpoints, audit, metrics=metrics)
+        return LRControl(controller, None, checkpoints, audit, metrics=metrics, stats=param_stats)
     service = server = None
     try:
         service = LearningRateControlService(
@@ -355,6 +441,7 @@ def attach(
             max_waiting_per_token=max_waiting_per_token,
             expensive_workers=expensive_workers,
             expensive_queued=expensive_queued,
+            watch_limits=watch_limits,
         )
         server = build_server(
             [lambda s: lrctl_pb2_grpc.add_LearningRateControlServicer_to_server(service, s)],
@@ -377,4 +464,4 @@ def attach(
         if audit is not None:
             audit.close()
         raise
-    return LRControl(controller, server, checkpoints, audit, service, metrics)
+    return LRControl(controller, server, checkpoints, audit, service, metrics, stats=param_stats)
