@@ -408,3 +408,17 @@ def test_cli_history_follow_sees_a_change_made_while_it_runs(job) -> None:  # ty
         out, err = _interrupt(proc)
     assert proc.returncode == 0 and err == "", err
     assert row.split()[:3] == ["2", "1", "2"] and "1.weight=0.375" in row and "live" in row
+
+
+def test_prometheus_shows_the_last_reported_scalars() -> None:
+    import urllib.request
+
+    model, optimizer = _tiny()
+    with attach(model, optimizer, serve=False, metrics_address="127.0.0.1:0") as ctl:
+        ctl.report(torch.tensor(1.5), acc=0.25)
+        ctl.report(2.5, nan=float("nan"))
+        with urllib.request.urlopen(f"http://{ctl.metrics_address}/metrics", timeout=PATIENCE_S) as reply:
+            text = reply.read().decode()
+    assert 'lrctl_reported{metric="loss"} 2.5' in text
+    assert 'lrctl_reported{metric="acc"} 0.25' in text
+    assert 'lrctl_reported{metric="nan"} NaN' in text
