@@ -384,6 +384,7 @@ def _status_lines(status: Status) -> list[tuple[str, Any]]:
         or "-"
     )
     fields["max_factor"] = "-" if status.max_factor is None else repr(status.max_factor)
+    fields["oldest_event_step"] = "-" if status.oldest_event_step is None else status.oldest_event_step
     return list(fields.items())
 
 
