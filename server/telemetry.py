@@ -168,6 +168,7 @@ class Telemetry:
                                  f"{MAX_METRICS_PER_EVENT} a step")
             event.size += sum(_METRIC_BYTES + len(k) for k in metrics if k not in event._metrics)
             event._metrics = merged
+            self._done(event)
             last = self.last_metrics
             for k, v in metrics.items():  # bounded: a job that invents names forever
                 if k in last or len(last) < MAX_METRICS_PER_EVENT:
@@ -178,7 +179,9 @@ class Telemetry:
         """The step hook of `step`: earlier events are sealed; this step's is open."""
         with self._lock:
             self._version = version
-            self._event_for(step).version = version
+            event = self._event_for(step)
+            event.version = version
+            self._done(event)
         self._maybe_wake()
 
     def add_stats(self, step: int, stats: Any, size: int) -> None:
@@ -187,6 +190,7 @@ class Telemetry:
             event = self._event_for(step)
             event._stats = stats
             event.size += size
+            self._done(event)
         self._maybe_wake()
 
     def add_change(self, record: Record) -> None:
@@ -197,6 +201,7 @@ class Telemetry:
             event.changes.append(record)
             event.version = max(event.version, record.version)
             event.size += _REF_BYTES + record_bytes(record)
+            self._done(event)
         self._maybe_wake()
 
     def close(self) -> None:
@@ -215,15 +220,18 @@ class Telemetry:
         if event is not None and event.step == step:
             return event
         if event is not None and step < event.step:
-            # A report for a step already passed (e.g. an explicit step= after a later
-            # one): an event of its own, sealed at once.
-            late = Event(step, self._version)
-            self._seal(late)
-            return late
+            # Something for a step already passed (e.g. an explicit step= after a later
+            # one): an event of its own, sealed by the caller (_done) once filled.
+            return Event(step, self._version)
         if event is not None:
             self._seal(event)
         self._open = event = Event(step, self._version)
         return event
+
+    def _done(self, event: Event) -> None:
+        """Seal a late event (not the open one) once its caller has filled it."""
+        if event is not self._open:
+            self._seal(event)
 
     def _seal(self, event: Event) -> None:
         event.seq = self._next_seq

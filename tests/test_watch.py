@@ -422,3 +422,19 @@ def test_prometheus_shows_the_last_reported_scalars() -> None:
     assert 'lrctl_reported{metric="loss"} 2.5' in text
     assert 'lrctl_reported{metric="acc"} 0.25' in text
     assert 'lrctl_reported{metric="nan"} NaN' in text
+
+
+def test_a_report_for_a_step_already_passed_is_an_event_of_its_own() -> None:
+    model, optimizer = _tiny()
+    with attach(model, optimizer, serve=False, events=4) as ctl:
+        for _ in range(3):
+            _step(model, optimizer, ctl)  # steps 0, 1, 2 (2 still open)
+        ctl.report(7.0, step=0)
+        newest = ctl.telemetry.after(0)[0][-1]
+        assert (newest.step, newest.metrics()) == (0, {"loss": 7.0})
+        for _ in range(10):
+            _step(model, optimizer, ctl)
+        telemetry = ctl.telemetry
+        events, _ = telemetry.after(0)
+        assert len(events) == 4 and telemetry.bytes == sum(e.size for e in events)
+        assert [e.step for e in events] == [8, 9, 10, 11]
