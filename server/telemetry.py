@@ -91,7 +91,7 @@ class Event:
     `seq` numbers events in order of sealing (the ring's and subscribers' cursor).
     Read `metrics()` and `stats()` for plain floats (they convert tensors once)."""
 
-    __slots__ = ("seq", "step", "time", "version", "_metrics", "_stats", "changes", "size")
+    __slots__ = ("seq", "step", "time", "version", "_metrics", "_stats", "changes", "size", "lazy")
 
     def __init__(self, step: int, version: int) -> None:
         self.seq = 0
@@ -102,6 +102,7 @@ class Event:
         self._stats: Any = None  # a ParameterStats (lazy) or a dict, or None
         self.changes: list[Record] = []
         self.size = _EVENT_BYTES
+        self.lazy = False  # holds tensors (metrics or statistics) not converted yet
 
     def metrics(self) -> dict[str, float]:
         """name -> value (tensors converted now, once)."""
@@ -127,6 +128,7 @@ class Event:
         """Convert everything lazy to floats (the device has finished by now)."""
         self.metrics()
         self.stats()
+        self.lazy = False
 
 
 class Telemetry:
@@ -168,6 +170,8 @@ class Telemetry:
                                  f"{MAX_METRICS_PER_EVENT} a step")
             event.size += sum(_METRIC_BYTES + len(k) for k in metrics if k not in event._metrics)
             event._metrics = merged
+            if not event.lazy and any(isinstance(v, torch.Tensor) for v in metrics.values()):
+                event.lazy = True
             self._done(event)
             last = self.last_metrics
             for k, v in metrics.items():  # bounded: a job that invents names forever
@@ -177,18 +181,23 @@ class Telemetry:
 
     def step(self, step: int, version: int) -> None:
         """The step hook of `step`: earlier events are sealed; this step's is open."""
+        # Every step comes here: kept to a few attribute reads when nothing is new.
         with self._lock:
             self._version = version
-            event = self._event_for(step)
+            event = self._open
+            if event is None or event.step != step:
+                event = self._event_for(step)
+                self._done(event)
             event.version = version
-            self._done(event)
-        self._maybe_wake()
+        if self.wake is not None:
+            self._maybe_wake()
 
     def add_stats(self, step: int, stats: Any, size: int) -> None:
         """Attach per-parameter statistics (a lazy object with resolve()) to `step`."""
         with self._lock:
             event = self._event_for(step)
             event._stats = stats
+            event.lazy = True
             event.size += size
             self._done(event)
         self._maybe_wake()
@@ -243,7 +252,9 @@ class Telemetry:
             self.bytes -= ring.popleft().size
             self.dropped += 1
         if self.raw_window < len(ring):
-            ring[-self.raw_window - 1].resolve()
+            old = ring[-self.raw_window - 1]
+            if old.lazy:
+                old.resolve()
         self._sealed = True
 
     def _maybe_wake(self, force: bool = False) -> None:
