@@ -390,6 +390,7 @@ def _status_lines(status: Status) -> list[tuple[str, Any]]:
         + ("not holding" if ls.held_step is None else f"holding at step {ls.held_step}")
         + f", {ls.turns} turn(s), {ls.timeouts} timed out, controller {ls.peer}"
         + (f" (token {ls.token_name!r})" if ls.token_name else ""))
+    fields["oldest_event_step"] = "-" if status.oldest_event_step is None else status.oldest_event_step
     return list(fields.items())
 
 
@@ -442,7 +443,17 @@ def _note(text: str) -> None:
 
 def cmd_history(client: LRClient, args: argparse.Namespace) -> int:
     """lrctl history: recorded changes (applied, and failed at their step), oldest first
-    (the last --limit N)."""
+    (the last --limit N); with --follow, then new ones as they are recorded."""
+    if args.follow:
+        from lrctl.client.watching import cmd_history_follow  # only this verb needs it
+
+        def table(records: list[ChangeRecord]) -> None:
+            _print_history(records, args)
+
+        def row(r: ChangeRecord) -> str:
+            return "  ".join(_printable(str(c)) for c in _history_row(r, bool(r.error)))
+
+        return cmd_history_follow(client, args, table, row, _record_json)
     changes = client.iter_changes()
     # A bounded deque keeps only the newest N while paging through the whole history.
     shown: collections.deque[ChangeRecord] = collections.deque(maxlen=args.limit)
@@ -497,6 +508,18 @@ def cmd_replay(client: LRClient, args: argparse.Namespace) -> int:
               f"steps {result.first_step}..{result.last_step} (changes "
               f"{result.change_ids[0]}..{result.change_ids[-1]})")
     return EXIT_OK
+
+
+def cmd_watch(client: LRClient, args: argparse.Namespace) -> int:
+    """lrctl watch: the job's events as they happen."""
+    from lrctl.client.watching import cmd_watch as watch  # only this verb needs it
+
+    def change(r: ChangeRecord) -> str:
+        updates = ", ".join([*map(_fmt_update, r.updates), *map(_fmt_assignment, r.schedules)])
+        return _printable(f"{r.change_id} {r.status or 'applied'} v{r.version}: {updates}"
+                          + (f" ({_one_line(r.error)})" if r.error else ""))
+
+    return watch(client, args, change)
 
 
 def cmd_history_file(args: argparse.Namespace) -> int:
@@ -642,6 +665,13 @@ def _int64(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = _int64(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = _int64(text)
     if value <= 0:
@@ -766,7 +796,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", action="store_true",
                    help="with --export: write what the worker holds even when its history "
                         "dropped older changes")
-    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON array (with --follow: one JSON object a line)")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="then print each new record as it is recorded, until Ctrl-C")
     p.set_defaults(func=cmd_history)
 
     p = verbs.add_parser("replay", parents=[common],
@@ -780,6 +813,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="return once every change is queued, not once applied")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_replay)
+
+    p = verbs.add_parser("watch", parents=[common],
+                         help="the job's events as they happen: step, reported metrics, changes")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object a line: {"step", "time", "version", "metrics", "dropped", '
+                        'and "stats", "changes" when present}')
+    p.add_argument("--from-step", type=_nonnegative_int, default=None, metavar="N",
+                   help="start at step N if the worker still keeps it (default: from now)")
+    p.add_argument("--stats", action="store_true",
+                   help="include per-parameter statistics (attach(stats_every=...))")
+    p.add_argument("--changes", action="store_true", help="only steps with change records")
+    p.set_defaults(func=cmd_watch)
 
     p = verbs.add_parser("pending", parents=[common],
                          help="changes accepted but not applied yet; --cancel to take them out")
@@ -855,15 +900,17 @@ def _run(argv: Optional[Sequence[str]]) -> int:
 
     try:
         if args.verb == "history" and (args.export is not None or args.partial):
-            if args.file or args.limit is not None:
+            if args.file or args.limit is not None or args.follow:
                 raise UsageError("history: --export writes every record the worker holds; "
-                                 "it takes neither --file nor --limit")
+                                 "it takes neither --file, --limit nor --follow")
             if args.export is None:
                 raise UsageError("history: --partial goes with --export FILE")
             if not args.export:
                 raise UsageError("history: --export needs a file name")
             args.func = cmd_history_export
         if getattr(args, "file", None):
+            if getattr(args, "follow", False):
+                raise UsageError("--follow reads a live worker; it does not go with --file")
             try:
                 return cmd_history_file(args) if args.verb == "history" else args.func(None, args)
             except LrctlError as err:  # a local file, not a worker's answer

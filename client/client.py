@@ -34,6 +34,7 @@ from lrctl.client.types import (
     ChangeRecord,
     LearningRate,
     LearningRates,
+    MetricsEvent,
     NameSchedule,
     ParameterInfo,
     PendingChange,
@@ -613,6 +614,28 @@ class LRClient:
         return result
 
 
+    def watch_metrics(
+        self,
+        *,
+        from_step: Optional[int] = None,
+        stats: bool = False,
+        changes_only: bool = False,
+        max_changes_per_record: int = 0,
+        timeout: Optional[float] = None,
+    ) -> MetricsStream:
+        """Follow the job: one MetricsEvent per optimizer step (reported metrics, change
+        records, config version; per-parameter statistics with `stats`), from now or
+        from `from_step` if the worker still keeps it (OutOfRangeError names the oldest
+        step it keeps). `changes_only`: only events with change records. A reader that
+        falls behind loses the oldest events; the next event's `dropped` says how many.
+        `timeout` bounds the whole stream (default: none; the client's timeout does not
+        apply). Needs the reader role when the worker has tokens."""
+        request = _message(lrctl_pb2.WatchMetricsRequest, from_step=from_step, include_stats=stats,
+                           changes_only=changes_only, max_changes_per_record=max_changes_per_record)
+        call = self._stub.WatchMetrics(request, timeout=timeout, metadata=self._metadata)
+        limit = timeout if timeout is not None else 0.0
+        return MetricsStream(call, lambda exc: self._error(exc, limit, None))
+
     def iter_pending(self, page_size: int = 0, *, timeout: Optional[float] = None) -> Iterator[PendingChange]:
         """The accepted changes still waiting for their step, in order of acceptance,
         page by page (a change applied or cancelled meanwhile is simply absent)."""
@@ -658,6 +681,40 @@ class LRClient:
             raise InvalidArgumentError(f"every {every} is out of range")
         return LockstepSession(self, self._stub, every, float(timeout), self._metadata,
                                self.timeout if open_timeout is None else open_timeout)
+
+
+class MetricsStream(Iterator[MetricsEvent]):
+    """The events of a WatchMetrics stream (LRClient.watch_metrics), as they happen.
+
+    Iterate it (it ends when the worker closes); `close()` (or a ``with`` block) ends
+    the stream from this side. Errors come as LrctlError subclasses: UnavailableError
+    when the worker goes away, OutOfRangeError for a from_step it no longer keeps.
+    """
+
+    def __init__(self, call: Any, error: Callable[[grpc.RpcError], LrctlError]) -> None:
+        self._call = call
+        self._error = error
+
+    def __iter__(self) -> MetricsStream:
+        return self
+
+    def __next__(self) -> MetricsEvent:
+        try:
+            return MetricsEvent.from_proto(next(self._call))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
+                raise StopIteration from None  # close() from this side
+            raise self._error(exc) from None
+
+    def close(self) -> None:
+        """Cancel the stream (the worker forgets this subscriber)."""
+        self._call.cancel()
+
+    def __enter__(self) -> MetricsStream:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
 class ChangeIterator(Iterator[ChangeRecord]):

@@ -6,8 +6,8 @@ protobuf messages, so code that uses the client does not depend on the generated
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Literal, Optional
 
 from lrctl.common.schedule_messages import schedule_from_pb
 from lrctl.common.schedules import Schedule
@@ -364,6 +364,8 @@ class Status:
     max_factor: Optional[float] = None  # guardrail: largest factor per change; None: no bound
     lockstep: Optional[LockstepInfo] = None  # the lockstep controller attached; None: none
     lockstep_timeouts: int = 0  # holds ended by the timeout in this run, all controllers
+    oldest_event_step: Optional[int] = None  # oldest step WatchMetrics can start from
+    watchers: int = 0  # WatchMetrics streams open
 
     @classmethod
     def from_proto(cls, msg: lrctl_pb2.GetStatusResponse) -> Status:
@@ -388,6 +390,8 @@ class Status:
             max_factor=msg.max_factor if msg.HasField("max_factor") else None,
             lockstep=LockstepInfo.from_proto(msg.lockstep) if msg.HasField("lockstep") else None,
             lockstep_timeouts=msg.lockstep_timeouts,
+            oldest_event_step=msg.oldest_event_step if msg.HasField("oldest_event_step") else None,
+            watchers=msg.watchers,
         )
 
 
@@ -502,6 +506,57 @@ class CancelResult:
 
     cancelled: list[int]
     not_found: list[int]
+
+
+@dataclass(frozen=True)
+class MetricsEvent:
+    """One step of a watched job (LRClient.watch_metrics).
+
+    `metrics`: the scalars reported for the step (NaN/inf kept). `stats`: per name (or
+    stats group) -> statistic -> value, when due and asked for; else empty. `changes`:
+    change records applied or failed at this step. `dropped`: events this stream lost
+    right before this one (it read too slowly); 0 normally.
+    """
+
+    step: int
+    time: float
+    version: int
+    metrics: dict[str, float]
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    changes: list[ChangeRecord] = field(default_factory=list)
+    dropped: int = 0
+
+    @classmethod
+    def from_proto(cls, msg: lrctl_pb2.MetricsEvent) -> MetricsEvent:
+        """A MetricsEvent from its wire form."""
+        return cls(
+            step=msg.step,
+            time=msg.time,
+            version=msg.version,
+            metrics=dict(msg.metrics),
+            stats={s.name: dict(s.values) for s in msg.stats},
+            changes=[ChangeRecord.from_proto(c) for c in msg.changes],
+            dropped=msg.dropped,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of `lrctl watch --json`: step, time, version, metrics, dropped,
+        and stats and changes when there are any."""
+        out: dict[str, Any] = {"step": self.step, "time": self.time, "version": self.version,
+                               "metrics": dict(self.metrics)}
+        if self.stats:
+            out["stats"] = {name: dict(values) for name, values in self.stats.items()}
+        if self.changes:
+            out["changes"] = [_change_dict(c) for c in self.changes]
+        out["dropped"] = self.dropped
+        return out
+
+
+def _change_dict(record: ChangeRecord) -> dict[str, Any]:
+    # Schedules by to_dict(): asdict() would drop their kind (a class attribute).
+    schedules = [{"selector": a.selector, "schedule": None if a.schedule is None else a.schedule.to_dict()}
+                 for a in record.schedules]
+    return {**asdict(replace(record, schedules=[])), "schedules": schedules}
 
 
 class ChangeList(list):  # type: ignore[type-arg]

@@ -75,6 +75,13 @@ class DataLossError(LrctlError):
     code = "DATA_LOSS"
 
 
+class OutOfRangeError(LrctlError):
+    """A position that is not (or no longer) there: e.g. a WatchMetrics from_step whose
+    events have left the worker's ring."""
+
+    code = "OUT_OF_RANGE"
+
+
 class InternalError(LrctlError):
     """A bug on the worker side; the request failed, training goes on."""
 
@@ -94,6 +101,7 @@ ERRORS_BY_CODE: dict[str, type[LrctlError]] = {
         AbortedError,
         ResourceExhaustedError,
         DataLossError,
+        OutOfRangeError,
         InternalError,
     )
 }

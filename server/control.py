@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import warnings
-from typing import Any, Iterable, Literal, Mapping, Optional, Union
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -32,9 +33,22 @@ from lrctl.server.guardrails import Guardrails
 from lrctl.server import metrics as metrics_module
 from lrctl.server.metrics import MetricsServer, MetricsSource
 from lrctl.server.service import LearningRateControlService
+from lrctl.common.errors import LrctlError
+from lrctl.server.param_stats import DEFAULT_STATS, ParamStats
+from lrctl.server.telemetry import (
+    DEFAULT_RING_BYTES,
+    DEFAULT_RING_EVENTS,
+    Telemetry,
+    check_metric_name,
+    check_metrics,
+)
 from lrctl.server.tls import ServerTLS
+from lrctl.server.watch import WatchLimits
 from lrctl.server.wrappers import named_parameters, unwrap_optimizer
 from lrctl.v1 import lrctl_pb2_grpc
+
+
+log = logging.getLogger("lrctl.control")
 
 
 class LRControl:
@@ -48,9 +62,13 @@ class LRControl:
         self, controller: Controller, server: BuiltServer | None, resume: Resume,
         audit: AuditLog | None = None, service: LearningRateControlService | None = None,
         metrics: MetricsServer | None = None, replayer: Replayer | None = None,
+        stats: ParamStats | None = None,
     ) -> None:
         self.controller = controller
         self.replayer = replayer
+        self._stats_hooks: list[Any] = []
+        if stats is not None:
+            self._stats_hooks = _hook_stats(controller, stats)
         self._server = server
         self._metrics = metrics
         self._service = service
@@ -58,6 +76,34 @@ class LRControl:
         self.audit = audit
         self._closed = False
         atexit.register(self.close)
+
+    def report(self, loss: Any = None, /, *, step: int | None = None, **scalars: Any) -> None:
+        """Report scalars of a training step for WatchMetrics (`lrctl watch`).
+
+        ``ctl.report(loss, accuracy=acc)``: `loss` is reported as "loss". Values are
+        floats, ints, bools or 0-dim tensors on any device: a tensor is kept detached and
+        converted only when someone reads it (no device sync in the training loop).
+        NaN and inf are values like any other. `step` defaults to lrctl's step counter
+        (``ctl.step``, the index of the next ``optimizer.step()``): report before
+        ``optimizer.step()`` (right after backward) for the loss to travel with the step
+        it was computed at, or pass ``step=ctl.step - 1`` after it. Names: at most 64
+        printable characters, no spaces; at most 64 scalars a report and 128 a step.
+        A bad name or value raises ValueError naming it (nothing of that report is kept).
+        """
+        if loss is not None:
+            if "loss" in scalars:
+                raise ValueError("metric 'loss' given twice (positionally and by name)")
+            scalars["loss"] = loss
+        if step is None:
+            step = self.controller.step
+        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step {step!r} is not a non-negative int")
+        self.controller.telemetry.report(step, check_metrics(scalars))
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """The ring of recent events (one per step) that WatchMetrics streams from."""
+        return self.controller.telemetry
 
     @property
     def step(self) -> int:
@@ -134,6 +180,8 @@ class LRControl:
         atexit.unregister(self.close)
         if self._metrics is not None:
             self._metrics.stop()
+        for hook in self._stats_hooks:
+            hook.remove()
         # Saving keeps working after close (checkpoints in the user's grouping, with
         # lrctl's last state); loading no longer involves lrctl.
         self._resume.remove(keep_saving=True)
@@ -150,6 +198,57 @@ class LRControl:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _hook_stats(controller: Controller, stats: ParamStats) -> list[Any]:
+    """Step hooks that compute `stats` (after lrctl's own pre-hook, which counts the step)."""
+    optimizer, telemetry = controller.optimizer, controller.telemetry
+
+    def before(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+        try:
+            stats.before(controller.step - 1)
+        except Exception:  # statistics must never cost a training step
+            log.exception("lrctl: computing parameter statistics failed")
+
+    def after(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+        step = controller.step - 1
+        try:
+            done = stats.after(step)
+        except Exception:
+            log.exception("lrctl: computing parameter statistics failed")
+            return
+        if done is not None:
+            telemetry.add_stats(step, *done)
+
+    return [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+
+
+def _param_stats(controller: Controller, every: int, stats: Sequence[str],
+                 groups: Mapping[str, str | Sequence[str]] | None) -> ParamStats:
+    """The ParamStats of attach's stats_* options, over the names the optimizer holds
+    and that require grad; ValueError naming a bad selector or an empty group."""
+    names = controller.names
+    views = controller.describe(range(len(names)))
+    tracked = [i for i, v in enumerate(views) if v.settable]
+    params = controller.parameters
+    at = {i: k for k, i in enumerate(tracked)}
+    members: dict[str, list[int]] | None = None
+    if groups is not None:
+        members = {}
+        for label, selectors in groups.items():
+            check_metric_name(label)
+            chosen: set[int] = set()
+            for selector in [selectors] if isinstance(selectors, str) else list(selectors):
+                try:
+                    chosen.update(controller.filter(selector))
+                except LrctlError as exc:
+                    raise ValueError(f"stats_groups[{label!r}]: {exc}") from None
+            members[label] = sorted(at[i] for i in chosen if i in at)
+            if not members[label]:
+                raise ValueError(f"stats_groups[{label!r}] ({selectors!r}) matches no parameter "
+                                 "that the optimizer holds and that requires grad")
+    return ParamStats([names[i] for i in tracked], [params[i] for i in tracked], every,
+                      tuple(stats), members)
 
 
 def attach(
@@ -182,6 +281,12 @@ def attach(
     metrics_selectors: Iterable[str] = (),
     replay: str | os.PathLike[str] | None = None,
     replay_window: int = replay_module.DEFAULT_WINDOW,
+    stats_every: int | None = None,
+    stats: Sequence[str] = DEFAULT_STATS,
+    stats_groups: Mapping[str, str | Sequence[str]] | None = None,
+    events: int = DEFAULT_RING_EVENTS,
+    events_max_bytes: int = DEFAULT_RING_BYTES,
+    watch_limits: WatchLimits | None = None,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -259,6 +364,16 @@ def attach(
     run cannot replay (a name it lacks, a different starting rate, a selector that
     matches other names, a step already past) raises ValueError naming it, before any
     change is queued. Changes that fail later are in ``.replay_report`` and the log.
+
+    Watching (see the README's "Watching a job"): ``ctl.report(loss, **scalars)`` and
+    the change records of each step make one event per step, kept in a ring of the
+    newest `events` events and at most `events_max_bytes` (32 MiB) for WatchMetrics
+    (`lrctl watch`). `watch_limits` (lrctl.server.watch.WatchLimits) caps the streams
+    (64; 8 per connection, 16 per token) and each stream's queue (1024 events, 8 MiB).
+    `stats_every` K (default off) adds per-parameter statistics to the events of steps
+    0, K, 2K, ...: `stats` from grad_norm, param_norm, update_ratio, grad_sq_sum,
+    max_dist, update_dot (lrctl.server.param_stats; default the first three), per name,
+    or per group with `stats_groups` ({"encoder": "encoder.*", "head": ["head.*"]}).
     """
     if tokens is None and serve:
         tokens = Tokens.from_env()
@@ -287,7 +402,7 @@ def attach(
             "on its own it fights lrctl's rates and breaks when lrctl regroups",
             stacklevel=2,
         )
-    adopted = controller = checkpoints = audit = replayer = None
+    adopted = controller = checkpoints = audit = replayer = param_stats = None
     # The replayer is made after the controller (it reads its table), and the step hook
     # calls it first: each step's due changes are queued before the hook applies them.
     feeders: list[Replayer] = []
@@ -306,7 +421,9 @@ def attach(
             start_step=start_step,
             queue_limits=queue_limits,
             guardrails=guardrails,
+            telemetry=Telemetry(events, events_max_bytes),
         )
+        param_stats = None if stats_every is None else _param_stats(controller, stats_every, stats, stats_groups)
         checkpoints = Resume(controller, optimizer, adopted, resume)
         if loaded is not None:
             checkpoints.loaded_before_attach = True
@@ -344,7 +461,8 @@ def attach(
             if audit is not None:
                 audit.close()
             raise
-        return LRControl(controller, None, checkpoints, audit, metrics=metrics, replayer=replayer)
+        return LRControl(controller, None, checkpoints, audit, metrics=metrics, replayer=replayer,
+                         stats=param_stats)
     service = server = None
     try:
         service = LearningRateControlService(
@@ -353,6 +471,7 @@ def attach(
             max_waiting_per_token=max_waiting_per_token,
             expensive_workers=expensive_workers,
             expensive_queued=expensive_queued,
+            watch_limits=watch_limits,
         )
         server = build_server(
             [lambda s: lrctl_pb2_grpc.add_LearningRateControlServicer_to_server(service, s)],
@@ -375,4 +494,5 @@ def attach(
         if audit is not None:
             audit.close()
         raise
-    return LRControl(controller, server, checkpoints, audit, service, metrics, replayer)
+    return LRControl(controller, server, checkpoints, audit, service, metrics, replayer,
+                     stats=param_stats)

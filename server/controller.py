@@ -59,6 +59,7 @@ from lrctl.server.rates import CONSTANT, RateState, RateTable, ScheduleBook
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Target
 from lrctl.server.selectors import NameIndex, parse_selector, quote
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
+from lrctl.server.telemetry import Telemetry
 
 log = logging.getLogger("lrctl.controller")
 
@@ -247,6 +248,7 @@ class Controller(ControllerState):
         start_step: int = 0,
         queue_limits: QueueLimits | None = None,
         guardrails: Guardrails | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(
@@ -301,6 +303,8 @@ class Controller(ControllerState):
         # Where finished changes go before their callers hear of them: the audit log
         # (lrctl.server.audit) completes them once their record is on disk.
         self.audit: Any = None
+        # One event per step (metrics, change records, version) for WatchMetrics.
+        self.telemetry = Telemetry() if telemetry is None else telemetry
         self.lineage: tuple[str, ...] = ()  # run ids of the runs this one resumed from
         self._pending: list[PendingChange] = []
         self.queue_limits = QueueLimits() if queue_limits is None else queue_limits
@@ -708,6 +712,7 @@ class Controller(ControllerState):
             for p in pending:
                 self._fail(p, step, FailedPreconditionError(
                     f"the worker shut down at step {step}; change {p.change_id} was not applied"))
+        self.telemetry.close()
 
     # -- lockstep ----------------------------------------------------------------------
     def attach_lockstep(self, gate: LockstepGate) -> None:
@@ -767,6 +772,7 @@ class Controller(ControllerState):
             step = self._step
             self._step = step + 1
             self._step_times.append(time.monotonic())
+            self.telemetry.step(step, self._version)
             if self._next_due <= step:
                 self._apply_due(step)
             if self._table.scheduled or self._table.driven:
@@ -833,6 +839,7 @@ class Controller(ControllerState):
         log when there is one (it finishes the change once the record is on disk, on
         its own thread: the step never waits for the disk), else at once."""
         pending.handed_over = True
+        self.telemetry.add_change(record)
         if self.audit is None:
             pending.finish(outcome=outcome, error=error)
         else:

@@ -95,10 +95,13 @@ def _mlp_job() -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], torch.Ten
 JOBS = {"seed": _seed_job, "mlp": _mlp_job}
 
 
-def _train_step(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor]) -> float:
+def _train_step(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor],
+                report: Callable[..., None] | None = None) -> float:
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn()
     loss.backward()
+    if report is not None:
+        report(loss)  # before step(): the loss travels with the step it was computed at
     optimizer.step()
     return loss.item()
 
@@ -217,6 +220,7 @@ def serve(address: str, model_name: str, steps: int, step_delay: float, insecure
                 f"lrctl worker: training the {model_name} model ({n} parameters) on {ctl.address}{over}\n"
                 f"  try:  lrctl --address {target}{flags} list\n"
                 f"        lrctl --address {target}{flags} set '{ctl.controller.names[0]}=0.05'\n"
+                f"        lrctl --address {target}{flags} watch\n"
                 + (f"        curl -s {ctl.metrics_address}/metrics | head\n" if ctl.metrics_address else "") +
                 "  Ctrl-C stops it.",
                 flush=True,
@@ -224,7 +228,7 @@ def serve(address: str, model_name: str, steps: int, step_delay: float, insecure
             last_report = time.monotonic()
             step = 0
             while not stop.is_set() and (steps == 0 or step < steps):
-                loss = _train_step(optimizer, loss_fn)
+                loss = _train_step(optimizer, loss_fn, ctl.report)
                 step += 1
                 now = time.monotonic()
                 if now - last_report >= 2.0 or step == steps:

@@ -141,6 +141,12 @@ class MetricsSource:
             family.sample(lr_value(lr), group=str(g))
         if self.selectors:
             self._selectors(out, snap)
+        reported = self.controller.telemetry.last_values()
+        if reported:
+            family = _Family(out, "lrctl_reported", "gauge",
+                             "The last value of each scalar the job reported (LRControl.report), by name.")
+            for name in sorted(reported):
+                family.sample(reported[name], metric=name)
         family = _Family(out, "lrctl_changes_total", "counter",
                          "Accepted changes recorded by this process: applied (OK) or failed at "
                          "their step (by gRPC status).")

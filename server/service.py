@@ -20,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import bisect
+import collections
 import time
 import zlib
 from collections import deque
@@ -50,6 +51,8 @@ from lrctl.server.controller import MAX_REASON_CHARS, Check, Controller, Pending
 from lrctl.server.history import Record
 from lrctl.server.lockstep import LockstepGate, Turn
 from lrctl.server.selectors import REGEX_PREFIX
+from lrctl.server.telemetry import Event
+from lrctl.server.watch import WatchHub, WatchLimits
 from lrctl.server.requests import (
     ChangeRequest,
     Mode,
@@ -101,6 +104,8 @@ _CHEAP_SELECTORS = 64
 _CHEAP_ROWS = 256
 # A waiting Set's reply with more per-name entries than this is built off the loop.
 _BIG_REPLY = 2000
+# Encoded MetricsEvents kept for the streams that still have to send them.
+_WIRE_CACHE = 256
 
 T = TypeVar("T")
 
@@ -426,15 +431,19 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         max_waiting_per_token: int = DEFAULT_MAX_WAITING_PER_TOKEN,
         expensive_workers: int = DEFAULT_EXPENSIVE_WORKERS,
         expensive_queued: int = DEFAULT_EXPENSIVE_QUEUED,
+        watch_limits: WatchLimits | None = None,
     ) -> None:
         """`max_waiting*`: how many calls may wait for their change to apply, in all, per
         connection and per token; `expensive_*`: the admission budget (threads for
-        expensive calls, and how many more may wait for one). See lrctl.server.admission."""
+        expensive calls, and how many more may wait for one). See lrctl.server.admission.
+        `watch_limits`: WatchMetrics streams and their queues (lrctl.server.watch)."""
         self._controller = controller
         self._tokens = tokens  # checked by the interceptor; here only to record who changed what
         self.waiting = WaitingQuota(max_waiting, max_waiting_per_connection, max_waiting_per_token)
         self.budget = Budget(expensive_workers, expensive_queued)
         self._hyperparameters_pb = _HyperparameterMessages()
+        self.watchers = WatchHub(controller.telemetry, watch_limits)
+        self._wire: collections.OrderedDict[tuple[int, bool, int], pb.MetricsEvent] = collections.OrderedDict()
 
     def close(self) -> None:
         """Free the budget's threads (once their current work ends)."""
@@ -482,6 +491,54 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         # On the loop, not the budget: a flood of expensive calls must not keep an
         # admin from taking changes out (it is a few dict operations under the lock).
         return self.cancel_changes(request, self._who(context))
+
+    async def WatchMetrics(self, request: pb.WatchMetricsRequest, context: grpc.aio.ServicerContext) -> Any:
+        # The loop only copies references into queues; a stream's reader pays for its
+        # own encoding here, never the training thread.
+        if request.max_changes_per_record < 0:
+            raise InvalidArgumentError(
+                f"max_changes_per_record {request.max_changes_per_record} is negative")
+        per_record = min(request.max_changes_per_record or DEFAULT_REPORTED_CHANGES,
+                         MAX_ENTRIES_PER_CHANGE_PAGE)
+        sub = self.watchers.subscribe(
+            context.peer(), self._identity(context).get("token", ""),
+            from_step=request.from_step if request.HasField("from_step") else None,
+            changes_only=request.changes_only, include_stats=request.include_stats)
+        try:
+            while True:
+                batch = await sub.next_batch()
+                if not batch:
+                    return  # the worker closed: the stream ends
+                for event, dropped in batch:
+                    yield self._event_pb(event, dropped, request.include_stats, per_record)
+        finally:
+            self.watchers.unsubscribe(sub)
+
+    def _event_pb(self, event: Event, dropped: int, include_stats: bool, per_record: int) -> pb.MetricsEvent:
+        """The wire form of an event, made once per (stats or not, per_record) and shared
+        by every stream that wants it that way; a copy only to say what a stream lost."""
+        key = (event.seq, include_stats and event.has_stats, per_record)
+        cache = self._wire
+        message = cache.get(key)
+        if message is None:
+            message = pb.MetricsEvent(step=event.step, time=event.time, version=event.version,
+                                      metrics=event.metrics())
+            for record in event.changes:
+                change = self._record_pb(record, per_record)
+                _fit_record(change)
+                message.changes.append(change)
+            if key[1]:
+                for unit, values in (event.stats() or {}).items():
+                    message.stats.append(pb.ParameterStats(name=unit, values=values))
+            cache[key] = message
+            if len(cache) > _WIRE_CACHE:  # only events in flight: the ring holds the rest
+                cache.popitem(last=False)
+        if dropped:
+            copy = pb.MetricsEvent()
+            copy.CopyFrom(message)
+            copy.dropped = dropped
+            return copy
+        return message
 
     def list_parameters(self, request: pb.ListParametersRequest, check: Check | None = None) -> pb.ListParametersResponse:
         size = _page_size(request.page_size, DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE)
@@ -802,6 +859,8 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             max_factor=s.max_factor,
             lockstep=lockstep,
             lockstep_timeouts=self._controller.lockstep_timeouts,
+            oldest_event_step=self._controller.telemetry.oldest_step(),
+            watchers=len(self.watchers),
         )
 
     def list_changes(self, request: pb.ListChangesRequest) -> pb.ListChangesResponse:

@@ -44,6 +44,9 @@ from lrctl.server.planner import plan_change
 from lrctl.server.requests import ChangeRequest, Mode, ScheduleUpdate, Target, Update
 from lrctl.server.resume import Resume
 from lrctl.server.strategy import CoalescedGroups
+from lrctl.server.param_stats import ParamStats
+from lrctl.server.telemetry import check_metrics
+from lrctl.server.watch import WatchHub
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))

@@ -425,7 +425,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("step", "version", "optimizer", "num_parameters", "num_settable", "num_distinct_lrs", "num_param_groups", "state", "uptime_seconds", "seconds_since_last_step", "pending_changes", "server_version", "run_id", "guardrails", "max_factor", "lockstep", "lockstep_timeouts")
+    __slots__ = ("step", "version", "optimizer", "num_parameters", "num_settable", "num_distinct_lrs", "num_param_groups", "state", "uptime_seconds", "seconds_since_last_step", "pending_changes", "server_version", "run_id", "guardrails", "max_factor", "oldest_event_step", "watchers", "lockstep", "lockstep_timeouts")
     STEP_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -441,6 +441,8 @@ class GetStatusResponse(_message.Message):
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
     MAX_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_EVENT_STEP_FIELD_NUMBER: _ClassVar[int]
+    WATCHERS_FIELD_NUMBER: _ClassVar[int]
     LOCKSTEP_FIELD_NUMBER: _ClassVar[int]
     LOCKSTEP_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
     step: int
@@ -458,9 +460,11 @@ class GetStatusResponse(_message.Message):
     run_id: str
     guardrails: _containers.RepeatedCompositeFieldContainer[Guardrail]
     max_factor: float
+    oldest_event_step: int
+    watchers: int
     lockstep: LockstepStatus
     lockstep_timeouts: int
-    def __init__(self, step: _Optional[int] = ..., version: _Optional[int] = ..., optimizer: _Optional[str] = ..., num_parameters: _Optional[int] = ..., num_settable: _Optional[int] = ..., num_distinct_lrs: _Optional[int] = ..., num_param_groups: _Optional[int] = ..., state: _Optional[_Union[TrainingState, str]] = ..., uptime_seconds: _Optional[float] = ..., seconds_since_last_step: _Optional[float] = ..., pending_changes: _Optional[int] = ..., server_version: _Optional[str] = ..., run_id: _Optional[str] = ..., guardrails: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., max_factor: _Optional[float] = ..., lockstep: _Optional[_Union[LockstepStatus, _Mapping]] = ..., lockstep_timeouts: _Optional[int] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., version: _Optional[int] = ..., optimizer: _Optional[str] = ..., num_parameters: _Optional[int] = ..., num_settable: _Optional[int] = ..., num_distinct_lrs: _Optional[int] = ..., num_param_groups: _Optional[int] = ..., state: _Optional[_Union[TrainingState, str]] = ..., uptime_seconds: _Optional[float] = ..., seconds_since_last_step: _Optional[float] = ..., pending_changes: _Optional[int] = ..., server_version: _Optional[str] = ..., run_id: _Optional[str] = ..., guardrails: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., max_factor: _Optional[float] = ..., oldest_event_step: _Optional[int] = ..., watchers: _Optional[int] = ..., lockstep: _Optional[_Union[LockstepStatus, _Mapping]] = ..., lockstep_timeouts: _Optional[int] = ...) -> None: ...
 
 class LockstepOpen(_message.Message):
     __slots__ = ("every", "timeout_seconds")
@@ -667,3 +671,55 @@ class CancelChangesResponse(_message.Message):
     cancelled: _containers.RepeatedScalarFieldContainer[int]
     not_found: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, cancelled: _Optional[_Iterable[int]] = ..., not_found: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class WatchMetricsRequest(_message.Message):
+    __slots__ = ("from_step", "include_stats", "changes_only", "max_changes_per_record")
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STATS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHANGES_PER_RECORD_FIELD_NUMBER: _ClassVar[int]
+    from_step: int
+    include_stats: bool
+    changes_only: bool
+    max_changes_per_record: int
+    def __init__(self, from_step: _Optional[int] = ..., include_stats: _Optional[bool] = ..., changes_only: _Optional[bool] = ..., max_changes_per_record: _Optional[int] = ...) -> None: ...
+
+class MetricsEvent(_message.Message):
+    __slots__ = ("step", "time", "version", "metrics", "stats", "changes", "dropped")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    time: float
+    version: int
+    metrics: _containers.ScalarMap[str, float]
+    stats: _containers.RepeatedCompositeFieldContainer[ParameterStats]
+    changes: _containers.RepeatedCompositeFieldContainer[ChangeRecord]
+    dropped: int
+    def __init__(self, step: _Optional[int] = ..., time: _Optional[float] = ..., version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., stats: _Optional[_Iterable[_Union[ParameterStats, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[ChangeRecord, _Mapping]]] = ..., dropped: _Optional[int] = ...) -> None: ...
+
+class ParameterStats(_message.Message):
+    __slots__ = ("name", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -89,6 +89,11 @@ class LearningRateControlStub:
                 request_serializer=lrctl_dot_v1_dot_lrctl__pb2.LockstepDecision.SerializeToString,
                 response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.LockstepTurn.FromString,
                 _registered_method=True)
+        self.WatchMetrics = channel.unary_stream(
+                '/lrctl.v1.LearningRateControl/WatchMetrics',
+                request_serializer=lrctl_dot_v1_dot_lrctl__pb2.WatchMetricsRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.MetricsEvent.FromString,
+                _registered_method=True)
 
 
 class LearningRateControlServicer:
@@ -189,6 +194,17 @@ class LearningRateControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchMetrics(self, request, context):
+        """Streams the job's events, one per optimizer step: reported metrics, per-parameter
+        statistics when due, change records, config version (reader role). A slow reader
+        loses the oldest events, never slows training: the next event says how many.
+        OUT_OF_RANGE when from_step has left the worker's ring of recent events;
+        RESOURCE_EXHAUSTED when the worker has as many watchers as it allows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearningRateControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -246,6 +262,11 @@ def add_LearningRateControlServicer_to_server(servicer, server):
                     servicer.Lockstep,
                     request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.LockstepDecision.FromString,
                     response_serializer=lrctl_dot_v1_dot_lrctl__pb2.LockstepTurn.SerializeToString,
+            ),
+            'WatchMetrics': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMetrics,
+                    request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.WatchMetricsRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_lrctl__pb2.MetricsEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -545,6 +566,33 @@ class LearningRateControl:
             '/lrctl.v1.LearningRateControl/Lockstep',
             lrctl_dot_v1_dot_lrctl__pb2.LockstepDecision.SerializeToString,
             lrctl_dot_v1_dot_lrctl__pb2.LockstepTurn.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lrctl.v1.LearningRateControl/WatchMetrics',
+            lrctl_dot_v1_dot_lrctl__pb2.WatchMetricsRequest.SerializeToString,
+            lrctl_dot_v1_dot_lrctl__pb2.MetricsEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,440 @@
+"""Metrics in (LRControl.report, per-parameter statistics) and out (WatchMetrics, the
+client's watch_metrics, `lrctl watch`, `lrctl history --follow`).
+
+Real workers on 127.0.0.1:0, real optimizers, the CLI as a subprocess. The training
+thread is the test thread wherever the exact step matters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from lrctl.client import LRClient
+from lrctl.client.errors import InvalidArgumentError, OutOfRangeError
+from lrctl.server import attach
+from lrctl.server.auth import ADMIN, READER, Token, Tokens
+from lrctl.server.param_stats import STATS
+from lrctl.server.watch import WatchLimits
+from lrctl.v1 import lrctl_pb2 as pb
+from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
+from conftest import LRCTL, PATIENCE_S, absolute, rpc_error, wait_for
+
+
+def _tiny() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, ctl=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    optimizer.zero_grad()
+    loss = model(torch.randn(5, 3)).pow(2).sum()
+    loss.backward()
+    if ctl is not None:
+        ctl.report(loss)
+    optimizer.step()
+    return loss
+
+
+@pytest.fixture
+def job():  # type: ignore[no-untyped-def]
+    model, optimizer = _tiny()
+    ctl = attach(model, optimizer, address="127.0.0.1:0", events=64)
+    channel = grpc.insecure_channel(ctl.address)
+    try:
+        yield model, optimizer, ctl, pb_grpc.LearningRateControlStub(channel)
+    finally:
+        channel.close()
+        ctl.close(grace=0.5)
+
+
+# -- metrics in ----------------------------------------------------------------------
+
+
+def test_report_keeps_tensors_detached_until_read_and_nan_is_data() -> None:
+    model, optimizer = _tiny()
+    with attach(model, optimizer, serve=False) as ctl:
+        losses = []
+        for _ in range(3):
+            losses.append(_step(model, optimizer))
+            ctl.report(losses[-1], step=ctl.step - 1, inf=math.inf, nan=float("nan"), flag=True, n=3)
+        ctl.report(torch.tensor(2.5), step=ctl.step)  # opens the next event: seals step 2
+        events, missed = ctl.telemetry.after(0)
+        assert missed == 0 and [e.step for e in events] == [0, 1, 2]
+        raw = events[0]._metrics["loss"]
+        assert isinstance(raw, torch.Tensor) and not raw.requires_grad  # not converted yet
+        for event, loss in zip(events, losses):
+            m = event.metrics()
+            assert m["loss"] == loss.item() and m["inf"] == math.inf and math.isnan(m["nan"])
+            assert m["flag"] == 1.0 and m["n"] == 3.0
+        assert isinstance(events[0]._metrics["loss"], float)  # converted once, on read
+
+
+def test_events_leaving_the_raw_window_are_converted() -> None:
+    model, optimizer = _tiny()
+    with attach(model, optimizer, serve=False) as ctl:
+        ctl.telemetry.raw_window = 2
+        for _ in range(6):
+            _step(model, optimizer, ctl)
+        events, _ = ctl.telemetry.after(0)
+        assert all(isinstance(v, float) for e in events[:-2] for v in e._metrics.values())
+        assert isinstance(events[-1]._metrics["loss"], torch.Tensor)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"bad name": 1.0}, "'bad name'"),
+    ({"x" * 65: 1.0}, "65 characters"),
+    ({"ok": "1.0"}, "'ok'"),
+    ({"vec": torch.ones(2)}, "shape (2,)"),
+    ({"step_": 1.0, "cplx": torch.tensor(1j)}, "'cplx'"),
+])
+def test_report_refuses_bad_names_and_values_whole(kwargs, fragment) -> None:  # type: ignore[no-untyped-def]
+    model, optimizer = _tiny()
+    with attach(model, optimizer, serve=False) as ctl:
+        with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            ctl.report(1.0, **kwargs)
+        with pytest.raises(ValueError, match="loss' given twice"):
+            ctl.report(1.0, loss=2.0)
+        with pytest.raises(ValueError, match="step -1"):
+            ctl.report(1.0, step=-1)
+        with pytest.raises(ValueError, match="at most 64"):
+            ctl.report(**{f"m{i}": i for i in range(65)})
+        _step(model, optimizer)
+        ctl.report(step=5)  # seals what came before
+        events, _ = ctl.telemetry.after(0)
+        assert all(e.metrics() == {} for e in events)  # nothing of a refused report was kept
+
+
+# -- per-parameter statistics --------------------------------------------------------
+
+
+def test_stats_match_a_hand_computation_per_name_and_per_group() -> None:
+    model, optimizer = _tiny()
+    params = list(model.parameters())
+    with attach(model, optimizer, serve=False, stats_every=2, stats=STATS,
+                stats_groups={"first": "0.*", "both": ["0.*", "1.*"]}) as ctl:
+        initial = [p.detach().clone() for p in params]
+        expected: dict[int, dict[str, float]] = {}
+        grad_sq = max_dist = 0.0
+        previous = None
+        for step in range(5):
+            optimizer.zero_grad()
+            model(torch.randn(5, 3)).pow(2).sum().backward()
+            grad = torch.cat([p.grad.flatten() for p in params[:2]])
+            before = torch.cat([p.detach().flatten() for p in params[:2]])
+            optimizer.step()
+            after = torch.cat([p.detach().flatten() for p in params[:2]])
+            update = after - before
+            grad_sq += float(grad.norm() ** 2)
+            max_dist = max(max_dist, float((after - torch.cat([t.flatten() for t in initial[:2]])).norm()))
+            expected[step] = {
+                "grad_norm": float(grad.norm()), "param_norm": float(after.norm()),
+                "update_ratio": float(update.norm() / before.norm()), "grad_sq_sum": grad_sq,
+                "max_dist": max_dist, "update_dot": math.nan if previous is None else float(update @ previous),
+            }
+            previous = update
+        ctl.report(step=ctl.step)  # seals step 4
+        events = [e for e in ctl.telemetry.after(0)[0] if e.has_stats]
+        assert [e.step for e in events] == [0, 2, 4]
+        for event in events:
+            got = event.stats()["first"]
+            assert list(got) == list(STATS)
+            for stat, want in expected[event.step].items():
+                if math.isnan(want):
+                    assert math.isnan(got[stat])
+                else:
+                    assert got[stat] == pytest.approx(want, rel=1e-5, abs=1e-7), stat
+            assert set(event.stats()) == {"first", "both"}
+    # Per name: one unit per parameter, its own gradient norm.
+    model, optimizer = _tiny()
+    with attach(model, optimizer, serve=False, stats_every=1, stats=("grad_norm",)) as ctl:
+        _step(model, optimizer)
+        norms = {n: float(p.grad.norm()) for n, p in model.named_parameters()}
+        ctl.report(step=ctl.step)
+        (event,) = ctl.telemetry.after(0)[0]
+        assert {n: v["grad_norm"] for n, v in event.stats().items()} == pytest.approx(norms)
+
+
+def test_stats_options_are_checked_before_anything_is_touched() -> None:
+    model, optimizer = _tiny()
+    for kwargs, fragment in (
+        ({"stats_every": 0}, "stats_every 0"),
+        ({"stats_every": 1, "stats": ("grad_norm", "curvature")}, "'curvature'"),
+        ({"stats_every": 1, "stats_groups": {"g": "nothing.*"}}, "stats_groups['g']"),
+        ({"stats_every": 1, "stats_groups": {"bad label": "0.*"}}, "'bad label'"),
+    ):
+        with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+            attach(model, optimizer, serve=False, **kwargs)
+        assert not optimizer._optimizer_step_pre_hooks  # nothing left attached
+
+
+# -- WatchMetrics --------------------------------------------------------------------
+
+
+def test_watch_from_a_kept_step_and_a_gone_one(job) -> None:  # type: ignore[no-untyped-def]
+    model, optimizer, ctl, stub = job
+    for _ in range(100):  # the ring keeps 64 events
+        _step(model, optimizer, ctl)
+    stream = stub.WatchMetrics(pb.WatchMetricsRequest(from_step=90), timeout=PATIENCE_S)
+    first = [next(stream) for _ in range(9)]  # steps 90..98 are sealed; 99 is still open
+    assert [e.step for e in first] == list(range(90, 99))
+    assert all("loss" in e.metrics and e.dropped == 0 for e in first)
+    _step(model, optimizer, ctl)
+    assert next(stream).step == 99
+    stream.cancel()
+    error = rpc_error(lambda: next(stub.WatchMetrics(pb.WatchMetricsRequest(from_step=3), timeout=PATIENCE_S)))
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "from_step 3 is gone" in error.details() and "oldest step" in error.details()
+    oldest = stub.GetStatus(pb.GetStatusRequest()).oldest_event_step
+    assert f"is {oldest} " in error.details()
+    with LRClient(ctl.address) as client, pytest.raises(OutOfRangeError, match="from_step 3"):
+        next(client.watch_metrics(from_step=3))
+    _step(model, optimizer, ctl)  # training goes on
+
+
+def test_watch_carries_changes_and_version_and_changes_only(job) -> None:  # type: ignore[no-untyped-def]
+    model, optimizer, ctl, stub = job
+    _step(model, optimizer, ctl)
+    with LRClient(ctl.address) as client:
+        everything = client.watch_metrics()
+        changes = client.watch_metrics(changes_only=True)
+        wait_for(lambda: client.status().watchers == 2, "two watchers")
+        stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("0.weight", 0.5)], wait=False))
+        for _ in range(3):
+            _step(model, optimizer, ctl)
+        # Step 0's event was still open when they subscribed ("from now": the next
+        # event sealed); step 3's is open until the job moves past it.
+        seen = [next(everything) for _ in range(3)]
+        assert [e.step for e in seen] == [0, 1, 2]
+        assert [len(e.changes) for e in seen] == [0, 1, 0]
+        record = seen[1].changes[0]
+        assert (record.version, record.step, record.changes[0].new_lr) == (1, 1, 0.5)
+        assert [e.version for e in seen] == [0, 1, 1]
+        only = next(changes)
+        assert only.step == 1 and only.changes[0].change_id == record.change_id
+        everything.close()
+        changes.close()
+        wait_for(lambda: client.status().watchers == 0, "the closed streams to be forgotten")
+
+
+def test_bad_watch_requests_and_the_watcher_caps() -> None:
+    model, optimizer = _tiny()
+    limits = WatchLimits(max_watchers=3, max_watchers_per_connection=2)
+    with attach(model, optimizer, address="127.0.0.1:0", watch_limits=limits) as ctl:
+        channel = grpc.insecure_channel(ctl.address)
+        stub = pb_grpc.LearningRateControlStub(channel)
+        for request, fragment in ((pb.WatchMetricsRequest(from_step=-4), "from_step -4"),
+                                  (pb.WatchMetricsRequest(max_changes_per_record=-1), "max_changes_per_record -1")):
+            error = rpc_error(lambda: next(stub.WatchMetrics(request, timeout=PATIENCE_S)))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in error.details()
+        with LRClient(ctl.address) as client, pytest.raises(InvalidArgumentError, match="from_step -4"):
+            next(client.watch_metrics(from_step=-4))
+        open_ = [stub.WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S) for _ in range(2)]
+        wait_for(lambda: len(ctl.service.watchers) == 2, "two watchers")
+        error = rpc_error(lambda: next(stub.WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_watchers_per_connection 2" in error.details()
+        other = grpc.insecure_channel(ctl.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        third = pb_grpc.LearningRateControlStub(other).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
+        wait_for(lambda: len(ctl.service.watchers) == 3, "a third watcher")
+        error = rpc_error(lambda: next(pb_grpc.LearningRateControlStub(other).WatchMetrics(
+            pb.WatchMetricsRequest(), timeout=PATIENCE_S)))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_watchers 3" in error.details()
+        _step(model, optimizer, ctl)  # training goes on
+        for call in (*open_, third):
+            call.cancel()
+        wait_for(lambda: len(ctl.service.watchers) == 0, "cancelled watchers to be forgotten")
+        other.close()
+        channel.close()
+
+
+def test_watch_needs_only_the_reader_role() -> None:
+    model, optimizer = _tiny()
+    tokens = Tokens([Token("alice", ADMIN, "a" * 32), Token("bob", READER, "b" * 32)])
+    with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens) as ctl:
+        with LRClient(ctl.address, token="b" * 32) as client:
+            stream = client.watch_metrics()
+            wait_for(lambda: client.status().watchers == 1, "the reader's watcher")
+            _step(model, optimizer, ctl)
+            _step(model, optimizer, ctl)
+            assert next(stream).step == 0
+            stream.close()
+
+
+def test_a_slow_subscriber_loses_the_oldest_and_is_told_how_many() -> None:
+    """A stream that is never read while training runs on: training is not held up,
+    the stream's queue drops its oldest events, and each event it then gets says how
+    many were lost right before it (the gap in steps)."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    limits = WatchLimits(queue_events=8, queue_bytes=1 << 20)
+    with attach(model, optimizer, address="127.0.0.1:0", events=100_000, events_max_bytes=1 << 30,
+                watch_limits=limits) as ctl:
+        channel = grpc.insecure_channel(ctl.address)
+        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(
+            pb.WatchMetricsRequest(), timeout=10 * PATIENCE_S)
+        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        (sub,) = ctl.service.watchers
+        # Big events (~10 KB: 128 long-named metrics) fill the transport's buffers, so
+        # that the queue behind them overflows while nobody reads.
+        names = [f"metric_{i:03d}_" + "x" * 50 for i in range(128)]
+        steps = 3000
+        for step in range(steps):
+            ctl.report(step=step, **{n: float(step) for n in names[:64]})
+            ctl.report(step=step, **{n: float(step) for n in names[64:]})
+            optimizer.step()
+        wait_for(lambda: sub.lost > 0, "the slow stream to lose events")
+        ctl.report(step=steps)  # seals the last step
+        received, told, previous = 0, 0, -1
+        for event in stream:
+            assert event.step - previous - 1 == event.dropped, (previous, event.step, event.dropped)
+            told += event.dropped
+            received += 1
+            previous = event.step
+            if event.step == steps - 1:
+                break
+        stream.cancel()
+        assert told > 0 and received + told == steps
+        assert told == sub.lost
+        channel.close()
+
+
+def test_a_vanished_subscriber_is_cleaned_up(job, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model, optimizer, ctl, stub = job
+    script = textwrap.dedent(f"""
+        from lrctl.client import LRClient
+        stream = LRClient({ctl.address!r}).watch_metrics()
+        print("watching", flush=True)
+        for event in stream:
+            pass
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "watching"
+        wait_for(lambda: len(ctl.service.watchers) == 1, "the subprocess's watcher")
+        proc.kill()
+        proc.wait(PATIENCE_S)
+        for _ in range(5):
+            _step(model, optimizer, ctl)  # training goes on
+        wait_for(lambda: len(ctl.service.watchers) == 0, "the killed watcher to be cleaned up")
+        assert ctl.telemetry.wake is None  # nobody to wake: the training thread wakes no one
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# -- CLI -----------------------------------------------------------------------------
+
+
+def _interrupt(proc: subprocess.Popen) -> tuple[str, str]:
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=PATIENCE_S)
+    return out, err
+
+
+def test_cli_watch_json_lines_parse_and_ctrl_c_exits_0(job) -> None:  # type: ignore[no-untyped-def]
+    model, optimizer, ctl, stub = job
+    proc = subprocess.Popen([*LRCTL, "--address", ctl.address, "watch", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(ctl.service.watchers) == 1, "lrctl watch to subscribe")
+        stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("1.bias", 0.25)], wait=False))
+        for _ in range(4):
+            _step(model, optimizer, ctl)
+        lines = [proc.stdout.readline() for _ in range(3)]  # type: ignore[union-attr]
+    finally:
+        out, err = _interrupt(proc)
+    assert proc.returncode == 0 and err == ""
+    events = [json.loads(line) for line in lines + out.splitlines()]
+    first = events[0]
+    assert set(first) == {"step", "time", "version", "metrics", "changes", "dropped"}
+    assert isinstance(first["step"], int) and isinstance(first["time"], float)
+    assert first["version"] == 1 and first["dropped"] == 0 and isinstance(first["metrics"]["loss"], float)
+    assert first["changes"][0]["changes"][0]["new_lr"] == 0.25
+    assert set(events[1]) == {"step", "time", "version", "metrics", "dropped"}
+    assert [e["step"] for e in events[:3]] == [first["step"], first["step"] + 1, first["step"] + 2]
+
+
+def test_cli_watch_with_stats_and_from_step_and_its_errors() -> None:
+    model, optimizer = _tiny()
+    with attach(model, optimizer, address="127.0.0.1:0", stats_every=1, stats=("grad_norm",)) as ctl:
+        for _ in range(3):
+            _step(model, optimizer, ctl)
+        proc = subprocess.Popen([*LRCTL, "--address", ctl.address, "watch", "--stats", "--from-step", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = [proc.stdout.readline() for _ in range(4)]  # type: ignore[union-attr]
+        out, err = _interrupt(proc)
+        assert proc.returncode == 0 and err == ""
+        assert lines[0].startswith("step 1  v0  loss=")
+        assert lines[1].startswith("  0.bias: grad_norm=")
+        gone = subprocess.run([*LRCTL, "--address", ctl.address, "watch", "--from-step", "-2"],
+                              capture_output=True, text=True, timeout=60)
+        assert gone.returncode == 2 and "negative" in gone.stderr
+        # The worker goes away under a running watch: one line, non-zero.
+        proc = subprocess.Popen([*LRCTL, "--address", ctl.address, "watch"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: len(ctl.service.watchers) == 1, "lrctl watch to subscribe")
+    out, err = proc.communicate(timeout=PATIENCE_S)
+    assert proc.returncode == 3, err
+    assert len(err.splitlines()) == 1 and err.startswith("lrctl: error: ") and "Traceback" not in err
+
+
+def test_cli_history_follow_sees_a_change_made_while_it_runs(job) -> None:  # type: ignore[no-untyped-def]
+    model, optimizer, ctl, stub = job
+    stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("0.bias", 0.125)], wait=False))
+    _step(model, optimizer, ctl)
+    proc = subprocess.Popen([*LRCTL, "--address", ctl.address, "history", "--follow"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        header = proc.stdout.readline()  # type: ignore[union-attr]
+        assert header.split()[:3] == ["CHANGE", "STEP", "VERSION"]
+        assert "0.bias=0.125" in proc.stdout.readline()  # type: ignore[union-attr]
+        stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("1.weight", 0.375)],
+                                                         reason="live", wait=False))
+        _step(model, optimizer, ctl)
+        _step(model, optimizer, ctl)
+        row = proc.stdout.readline()  # type: ignore[union-attr]
+    finally:
+        out, err = _interrupt(proc)
+    assert proc.returncode == 0 and err == "", err
+    assert row.split()[:3] == ["2", "1", "2"] and "1.weight=0.375" in row and "live" in row
+
+
+def test_prometheus_shows_the_last_reported_scalars() -> None:
+    import urllib.request
+
+    model, optimizer = _tiny()
+    with attach(model, optimizer, serve=False, metrics_address="127.0.0.1:0") as ctl:
+        ctl.report(torch.tensor(1.5), acc=0.25)
+        ctl.report(2.5, nan=float("nan"))
+        with urllib.request.urlopen(f"http://{ctl.metrics_address}/metrics", timeout=PATIENCE_S) as reply:
+            text = reply.read().decode()
+    assert 'lrctl_reported{metric="loss"} 2.5' in text
+    assert 'lrctl_reported{metric="acc"} 0.25' in text
+    assert 'lrctl_reported{metric="nan"} NaN' in text
+
+
+def test_a_report_for_a_step_already_passed_is_an_event_of_its_own() -> None:
+    model, optimizer = _tiny()
+    with attach(model, optimizer, serve=False, events=4) as ctl:
+        for _ in range(3):
+            _step(model, optimizer, ctl)  # steps 0, 1, 2 (2 still open)
+        ctl.report(7.0, step=0)
+        newest = ctl.telemetry.after(0)[0][-1]
+        assert (newest.step, newest.metrics()) == (0, {"loss": 7.0})
+        for _ in range(10):
+            _step(model, optimizer, ctl)
+        telemetry = ctl.telemetry
+        events, _ = telemetry.after(0)
+        assert len(events) == 4 and telemetry.bytes == sum(e.size for e in events)
+        assert [e.step for e in events] == [8, 9, 10, 11]
