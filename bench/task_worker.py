@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
-    with attach(job.model, job.optimizer, address=args.address) as ctl:
+    try:
+        ctl = attach(job.model, job.optimizer, address=args.address)
+    except Exception as exc:  # a bad --address, a busy port, a bad LRCTL_* variable: one line
+        print(f"task_worker: error: {exc}", file=sys.stderr)
+        return 2
+    with ctl:
         names = list(ctl.controller.names)
         # The schedule goes through lrctl like any client's change (history, version),
         # so a controller sees it with `GetSchedules` and can replace it.

@@ -106,7 +106,8 @@ def test_task_runs_as_a_worker_and_a_client_change_reaches_it(tmp_path: Path, ta
 
 def test_task_worker_refuses_bad_arguments() -> None:
     for args, word in ((["--task", "nope"], "nope"), (["--task", "digits", "--peak-lr", "-1"], "-1"),
-                       (["--task", "digits", "--peak-lr", "nan"], "nan"), (["--task", "digits", "--steps", "0"], "0")):
+                       (["--task", "digits", "--peak-lr", "nan"], "nan"), (["--task", "digits", "--steps", "0"], "0"),
+                       (["--task", "digits", "--address", "0.0.0.0:0"], "0.0.0.0:0")):
         done = subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True,
                               timeout=PATIENCE_S, stdin=subprocess.DEVNULL)
         assert done.returncode == 2, (args, done.stderr)
