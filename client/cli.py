@@ -854,7 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw what SEL matches (exact, glob, re:REGEX) as one line; repeatable")
     p.add_argument("--metrics", metavar="FILE",
                    help='the loss from NDJSON lines {"step": N, "metrics": {"loss": X}} '
-                        "(what `lrctl watch --json` writes)")
+                        "(what `lrctl watch --json` writes); default with a running worker: the "
+                        "steps it still keeps of what the job reported")
     p.add_argument("--metric", default="loss", metavar="KEY", help="the metric drawn (default loss)")
     p.add_argument("--csv", metavar="FILE", help="also write the exact points drawn, as CSV")
     p.add_argument("--top", type=_positive_int, default=8, metavar="N",

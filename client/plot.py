@@ -4,7 +4,8 @@ The rates are rebuilt from the history (lrctl.client.rate_history): from a runni
 worker (its history, current bases, pins and schedules, and step) or from an audit log
 / exported history file (`--file`, rotated files too). The loss comes from `--metrics
 FILE`, NDJSON lines ``{"step": int, "metrics": {"loss": float, ...}}`` (what
-`lrctl watch --json` writes). matplotlib is imported here only, lazily.
+`lrctl watch --json` writes), or else from a running worker's ring of recent events
+(what the job passed to ``LRControl.report``). matplotlib is imported here only, lazily.
 
 What is drawn:
 - names whose rates are equal at every drawn step share one line ("NAME +k same"), so a
@@ -102,6 +103,43 @@ def from_worker(client: Any) -> tuple[Reconstruction, int, str]:
                            "change found them")
     title = f"{after.optimizer} run {after.run_id[:8]}" if after.run_id else after.optimizer
     return recon, after.step, title
+
+
+def metrics_from_worker(client: Any, key: str, note: Callable[[str], None],
+                        wait: float = 5.0) -> list[tuple[int, float]]:
+    """(step, value) of metric `key` from the events a running worker still keeps.
+
+    Reads WatchMetrics from the oldest kept step up to the last step the worker had
+    finished when asked (the newest, still open to reports, is left out); a worker that is not stepping (held, or paused) ends the read after `wait`
+    seconds with what came. The worker sends a new stream at most one queue of events
+    (lrctl.server.watch), so a long ring arrives as its newest part: the note says so.
+    """
+    from lrctl.client.errors import DeadlineExceededError, OutOfRangeError
+
+    status = client.status()
+    if status.oldest_event_step is None:
+        return []
+    # Step status.step - 1 may still take reports (its event is sealed when the job
+    # moves on); the one before it is sealed.
+    target = status.step - 2
+    points: list[tuple[int, float]] = []
+    dropped = 0
+    try:
+        with client.watch_metrics(from_step=status.oldest_event_step, timeout=wait) as stream:
+            for event in stream:
+                dropped += event.dropped
+                value = event.metrics.get(key)
+                if value is not None:
+                    points.append((event.step, value))
+                if event.step >= target:
+                    break
+    except (DeadlineExceededError, OutOfRangeError):
+        pass  # not stepping, or the ring moved on meanwhile: what came is what there is
+    if dropped:
+        note(f"the worker sent {key} for its newest steps only ({dropped} older event(s) of its "
+             "ring did not fit one stream); `lrctl watch --json > metrics.ndjson` while it trains "
+             "keeps every step for --metrics")
+    return points
 
 
 def from_file(path: str, note: Callable[[str], None]) -> tuple[Reconstruction, int, str]:
@@ -319,6 +357,8 @@ def run(args: argparse.Namespace, client: Optional[Any], note: Callable[[str], N
         recon, end, title = from_worker(client)
         if not recon.timelines:
             raise UsageError("plot: the worker reports no parameter")
+        if not args.metrics:
+            loss = metrics_from_worker(client, args.metric, note)
     first = args.from_step if args.from_step is not None else 0
     if args.to_step is not None:
         end = args.to_step + 1

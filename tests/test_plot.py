@@ -73,6 +73,7 @@ def run(tmp_path_factory):
         for step in range(STEPS):
             assert ctl.controller.step == step
             train_step(model, optimizer)
+            ctl.report(loss=1.0 / (step + 1), step=step)
             rates.append(group_lrs(model, optimizer))  # the rates this step used
             losses.append({"step": step, "metrics": {"loss": 1.0 / (step + 1), "acc": 0.5}})
         metrics = tmp / "metrics.ndjson"
@@ -108,6 +109,19 @@ def test_plot_from_worker_draws_the_rates_it_had(run):
     with open(data, newline="") as f:
         loss = [r for r in csv.DictReader(f) if r["kind"] == "loss"]
     assert [float(r["value"]) for r in loss] == [1.0 / (s + 1) for s in range(STEPS)]
+
+
+def test_plot_from_worker_draws_the_loss_it_reported(run):
+    """Without --metrics, the loss is what the job passed to report(), from the worker's ring."""
+    address, _, _, _, tmp = run
+    out, data = tmp / "reported.png", tmp / "reported.csv"
+    proc = plot(str(out), "--address", address, "--csv", str(data))
+    assert proc.returncode == 0, proc.stderr
+    assert png_size(out) == (1200, 680)  # the loss panel is there
+    with open(data, newline="") as f:
+        loss = [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f) if r["kind"] == "loss"]
+    # The newest step's event is still open to reports (the job has not moved past it).
+    assert loss == [(s, 1.0 / (s + 1)) for s in range(STEPS - 1)]
 
 
 def test_plot_from_audit_file_draws_the_same(run):
