@@ -159,3 +159,33 @@ def test_bad_plateau_options_are_refused_untouched() -> None:
         step(model, opt)  # training goes on
         ctl.report(val_loss=1.0)
         assert plateau.last_epoch == 1
+
+
+def test_reductions_in_cli_history_export_and_replay(tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from lrctl.common.replay_file import read_replay
+
+    model, opt, plateau = build()
+    audit = tmp_path / "audit.jsonl"
+    with attach(model, opt, scheduler=plateau, plateau_metric="val_loss", address="127.0.0.1:0",
+                audit_log=str(audit)) as ctl:
+        for value in (1.0, 1.0, 1.0):
+            step(model, opt)
+            ctl.report(val_loss=value)
+        step(model, opt)  # the reduction takes effect here, at step 3
+        cli = [sys.executable, "-m", "lrctl.client.cli", "--address", ctl.address]
+        shown = subprocess.run([*cli, "history", "--json"], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        export = tmp_path / "export.jsonl"
+        done = subprocess.run([*cli, "history", "--export", str(export)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    assert '"schedule"' in shown.stdout and "ReduceLROnPlateau" in shown.stdout
+    exported = [json.loads(line) for line in export.read_text().splitlines()]
+    assert [(r["step"], r["role"], r["user"]) for r in exported] == [(3, "schedule", "schedule")]
+    assert {c["name"]: c["lr"] for c in exported[0]["changes"]}["0.weight"] == [0.1, 0.05]
+    # Replay leaves them out: the replayed run's plateau makes them itself.
+    assert read_replay(str(export)) == [] and read_replay(str(audit)) == []
