@@ -794,8 +794,8 @@ class Controller(ControllerState):
             moves = self._schedule_moves()  # type: ignore[misc]
             if not moves:
                 return
-            table, ids = self._table, self._book._ids
-            by_sid = {ids[m.group]: m for m in moves if m.group in ids}
+            table, book = self._table, self._book
+            by_sid = {sid: m for m in moves if (sid := book.find(m.group)) is not None}
             indices, old_lr, new_lr, bases = array("q"), array("d"), array("d"), array("d")
             for i, sid in enumerate(table.schedule):
                 move = by_sid.get(sid)
