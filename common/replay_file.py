@@ -135,6 +135,8 @@ def read_replay(path: str) -> list[ReplayChange]:
         try:
             if data["status"]:
                 continue  # failed at its step: it changed nothing
+            if data.get("role") == "schedule":
+                continue  # a metric-fed schedule's own move: the replayed run's schedule makes it
             change = _change(data)
         except (KeyError, TypeError, ValueError, AttributeError, LrctlError) as exc:
             why = f"lacks field {exc}" if isinstance(exc, KeyError) else str(exc)

@@ -34,6 +34,22 @@ What the callback does:
       trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(LRControlCallback))
 
   (Its ``on_train_end`` then runs first too.)
+- ``on_log`` also reports what the Trainer logs (``loss``, ``grad_norm``,
+  ``learning_rate``, ``epoch``, ``eval_loss`` and the other ``eval_*`` metrics, the
+  final ``train_*`` summary...) to lrctl (``LRControl.report``), for ``lrctl watch`` and
+  ``LRClient.watch_metrics``: numbers only (strings and the like are skipped, as are
+  names lrctl cannot take: longer than 64 characters or with a space), at lrctl's
+  step of the update just made, ``lrctl.step - 1``, i.e. ``global_step - 1``: the
+  Trainer logs after ``global_step += 1``, so its ``"step": 10`` is lrctl's step 9,
+  also for an evaluation run after that update, and with gradient accumulation (both
+  count updates). ``report_metrics=False`` turns it off.
+- ``lr_scheduler_type="reduce_lr_on_plateau"``: the Trainer builds a
+  ``ReduceLROnPlateau`` and steps it itself after each evaluation with
+  ``metric_for_best_model`` (``eval_loss`` by default); the callback adopts it like any
+  other scheduler, so every name follows its reductions at its own base, each
+  reduction is in lrctl's history (role "schedule") at the update it first applies
+  to, and its counters ride in optimizer.pt. (Do not pass ``plateau_metric``: the
+  Trainer already feeds it.)
 - ``on_train_end`` closes: stops serving and detaches lrctl's hooks (the optimizer keeps
   the rates it has).
 
@@ -69,10 +85,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable, Optional
 
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lrctl.server.control import LRControl, attach
 from lrctl.server.factory import DEFAULT_ADDRESS
+from lrctl.server.telemetry import MAX_METRICS_PER_REPORT, check_metric_name
 
 __all__ = ["LRControlCallback"]
 
@@ -101,7 +119,8 @@ class LRControlCallback(TrainerCallback):
     `address`: where to serve ("127.0.0.1:0" picks a free port; read ``.port`` after
     training began). `resume`: whose rates win when resuming from a checkpoint,
     "checkpoint" (default) or "code". `report`: selectors whose rate ``on_log`` adds as
-    ``lrctl/lr/<selector>``. Other keyword arguments go to ``lrctl.server.attach``
+    ``lrctl/lr/<selector>``. `report_metrics`: report the Trainer's logged numbers to
+    lrctl's metrics stream (``lrctl watch``). Other keyword arguments go to ``lrctl.server.attach``
     (``insecure``, ``history_limit``, ``max_workers``, ``serve``...; ``scheduler=`` to
     adopt another scheduler than the Trainer's).
 
@@ -116,11 +135,14 @@ class LRControlCallback(TrainerCallback):
         *,
         resume: str = "checkpoint",
         report: Iterable[str] = (),
+        report_metrics: bool = True,
         **attach_kwargs: Any,
     ) -> None:
         if isinstance(report, str):
             report = [report]
         self.report: tuple[str, ...] = tuple(report)
+        self.report_metrics = bool(report_metrics)
+        self._report_failed = False
         self._address = address
         self._resume = resume
         self._attach_kwargs = attach_kwargs
@@ -169,6 +191,12 @@ class LRControlCallback(TrainerCallback):
         scheduler = options.pop("scheduler", lr_scheduler)
         if scheduler is not None:
             scheduler = _inner_scheduler(scheduler)
+        if (options.get("plateau_metric") is not None and "scheduler" not in self._attach_kwargs
+                and scheduler is not None and scheduler is _inner_scheduler(lr_scheduler)):
+            raise RuntimeError(
+                f"lrctl: plateau_metric {options['plateau_metric']!r} would feed the Trainer's "
+                "ReduceLROnPlateau a second time: the Trainer steps it itself after each "
+                "evaluation (metric_for_best_model). Drop plateau_metric")
         try:
             # A checkpoint's lrctl state (the Trainer loaded optimizer.pt already) wins over
             # start_step; without one, lrctl counts on from the Trainer's step.
@@ -206,6 +234,8 @@ class LRControlCallback(TrainerCallback):
         ctl = self.control
         if ctl is None or logs is None:
             return
+        if self.report_metrics:
+            self._report(ctl, logs)
         added: dict[str, Any] = {STEP_KEY: ctl.step}
         for selector in self.report:
             try:
@@ -222,6 +252,32 @@ class LRControlCallback(TrainerCallback):
                 and set(history[-1]) - {"step"} <= set(logs)):
             history[-1].update(added)
         logs.update(added)
+
+    def _report(self, ctl: LRControl, logs: dict[str, Any]) -> None:
+        """The numbers of one Trainer log to lrctl's metrics stream, at the update just made."""
+        scalars: dict[str, Any] = {}
+        for key, value in logs.items():
+            if len(scalars) == MAX_METRICS_PER_REPORT:
+                break
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1 or value.is_complex():
+                    continue
+                value = value.reshape(())
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            try:
+                check_metric_name(key)
+            except ValueError:
+                continue
+            scalars[key] = value
+        if not scalars:
+            return
+        try:
+            ctl.report(step=max(ctl.step - 1, 0), **scalars)
+        except Exception as exc:  # reporting must never end training
+            if not self._report_failed:
+                self._report_failed = True
+                log.warning("lrctl: reporting the Trainer's logs failed (said once): %s", exc)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:

@@ -48,6 +48,27 @@ rates, so its values lag one step. With an adopted scheduler, LearningRateMonito
 also reads the scheduler's stand-in optimizer (``lr-_ShadowOptimizer/pgN``): the
 scheduler's rates per original group, blind to remote changes.
 
+**Metrics.** What the module logs (``self.log``) goes to lrctl's metrics stream too
+(``LRControl.report``; ``lrctl watch``, ``LRClient.watch_metrics``), read from
+``trainer.callback_metrics``: at ``on_train_batch_end`` the values logged by that
+batch, at ``on_validation_end`` the validation metrics, at ``on_train_epoch_end`` the
+epoch aggregates. A value is reported when its tensor is new since the last read (no
+device sync: tensors are converted only when someone listens). Of a metric logged
+with both ``on_step`` and ``on_epoch``, the ``_step`` and ``_epoch`` names are
+reported, not the bare name (whose value flips from one to the other). Steps are
+lrctl's: a batch that took an optimizer step reports at that step (``LRControl.step -
+1``), a batch still accumulating gradients at the step it accumulates for
+(``LRControl.step``); validation and epoch ends at the last step taken. Non-numeric
+values, names lrctl cannot take and lrctl's own ``lrctl/lr/*`` are skipped.
+``report_metrics=False`` turns it off.
+
+**ReduceLROnPlateau.** A module returning ``{"optimizer": opt, "lr_scheduler":
+{"scheduler": ReduceLROnPlateau(opt), "monitor": "val_loss"}}`` is adopted like any
+scheduler: Lightning keeps stepping it with the monitored value at its interval, every
+name follows its reductions at its own base, each reduction is recorded in lrctl's
+history (role "schedule") at the optimizer step it first applies to, and its counters
+ride in the optimizer's checkpoint.
+
 **Checkpoints.** Nothing to do: lrctl's state (bases, pins, schedules, step, history
 tail, changes still waiting for their step) rides inside ``optimizer.state_dict()``,
 which Lightning saves, in the module's original param grouping, so a checkpoint taken
@@ -99,6 +120,7 @@ from lrctl.server.control import LRControl, attach
 from lrctl.server.factory import DEFAULT_ADDRESS
 from lrctl.server.rates import rate_of
 from lrctl.server.resume import STATE_KEY
+from lrctl.server.telemetry import MAX_METRICS_PER_REPORT, check_metric_name
 
 __all__ = ["LRControlCallback", "METRIC_PREFIX"]
 
@@ -116,7 +138,8 @@ class LRControlCallback(pl.Callback):
     `address`, `resume` and `attach_kwargs` (``insecure``, ``serve``,
     ``history_limit``, ``max_workers``) go to ``lrctl.server.attach``. `report` is a
     sequence of selectors whose rate (of the first name each matches) is logged as
-    ``lrctl/lr/<selector>`` every ``log_every_n_steps``.
+    ``lrctl/lr/<selector>`` every ``log_every_n_steps``. `report_metrics` reports what
+    the module logs to lrctl's metrics stream (see "Metrics" in the module docstring).
     """
 
     def __init__(
@@ -125,6 +148,7 @@ class LRControlCallback(pl.Callback):
         *,
         resume: str = "checkpoint",
         report: Sequence[str] = (),
+        report_metrics: bool = True,
         **attach_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -149,6 +173,10 @@ class LRControlCallback(pl.Callback):
         self._captured: Optional[dict[str, float]] = None
         self._defer = False  # attach in on_train_start instead of on_fit_start
         self._capture_failed = False
+        self.report_metrics = bool(report_metrics)
+        self._seen: dict[str, Any] = {}  # callback_metrics as last read: what is new since
+        self._batch_start_step = 0
+        self._report_failed = False
 
     # -- attach ------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -201,6 +229,7 @@ class LRControlCallback(pl.Callback):
         )
         self.control = control
         self._trainer = trainer
+        self._seen = dict(trainer.callback_metrics)  # what was logged before lrctl is not news
         try:
             self._report_names = [self._first_name(selector) for selector in self.report]
         except BaseException:
@@ -265,9 +294,70 @@ class LRControlCallback(pl.Callback):
                 log.exception("lrctl: reading the rates to log failed; lrctl/lr/* is not logged")
             self._captured = None
 
+    # -- metrics to lrctl's stream ------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.control is not None:
+            self._batch_start_step = self.control.step
+
+    def _report_new(self, trainer: pl.Trainer, step: int, skip_epoch: bool) -> None:
+        """Report the callback metrics whose value is new since the last read, at `step`."""
+        control = self.control
+        if control is None or not self.report_metrics:
+            return
+        try:
+            metrics = trainer.callback_metrics
+            seen, self._seen = self._seen, dict(metrics)
+            scalars: dict[str, Any] = {}
+            for key, value in metrics.items():
+                if seen.get(key) is value or key.startswith(METRIC_PREFIX):
+                    continue
+                if skip_epoch and key.endswith("_epoch"):
+                    continue  # an epoch aggregate, reported at the epoch's end
+                if f"{key}_step" in metrics or f"{key}_epoch" in metrics:
+                    continue  # the bare name of an on_step+on_epoch metric: ambiguous
+                if isinstance(value, torch.Tensor):
+                    if value.numel() != 1 or value.is_complex():
+                        continue
+                    value = value.detach().reshape(())
+                elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                try:
+                    check_metric_name(key)
+                except ValueError:
+                    continue
+                scalars[key] = value
+                if len(scalars) == MAX_METRICS_PER_REPORT:
+                    break
+            if scalars:
+                control.report(step=max(step, 0), **scalars)
+        except Exception as exc:  # reporting must never cost training
+            if not self._report_failed:
+                self._report_failed = True
+                log.warning("lrctl: reporting the module's logged metrics failed (said once): %s", exc)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:  # not a measurement of training: never reported
+            self._seen = dict(trainer.callback_metrics)
+        elif self.control is not None:
+            self._report_new(trainer, self.control.step - 1, skip_epoch=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.control is not None:
+            self._report_new(trainer, self.control.step - 1, skip_epoch=False)
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._log_rates(pl_module)
+        control = self.control
+        if control is not None:
+            # A batch that stepped reports at that step; one still accumulating, at the
+            # step its gradients are for.
+            stepped = control.step > self._batch_start_step
+            self._report_new(trainer, control.step - 1 if stepped else control.step, skip_epoch=True)
+
+    def _log_rates(self, pl_module: pl.LightningModule) -> None:
         captured, self._captured = self._captured, None
         if not captured:
             return

@@ -11,12 +11,22 @@ of that group. Chainable schedulers compute recursively from `group["lr"]`, and 
 scheduler writes the shadow, so the shadow holds bit for bit what torch would have put
 into the real group.
 
+``ReduceLROnPlateau`` is adopted the same way (its ``step(metric)`` writes the shadow),
+but it is not a function of the step: its base rate per group is the group's rate at
+adoption, it is fed a metric (by its caller, as the Hugging Face and Lightning trainers
+do, or by lrctl from ``LRControl.report`` with ``plateau_metric``), and each reduction
+is a change lrctl records in its history (who: the schedule), so that any step's rates
+can still be computed from the history. Its counters (best, num_bad_epochs,
+cooldown_counter, last_epoch) ride in `state_dict()`.
+
 Imports torch but never grpc, so it loads and tests with grpc blocked.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -25,7 +35,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from lrctl.server.wrappers import unwrap_optimizer
 
-__all__ = ["AdoptedScheduler", "GroupSchedule", "unwrap_optimizer"]
+__all__ = ["AdoptedScheduler", "GroupSchedule", "PlateauMove", "unwrap_optimizer"]
 
 # Never restored from or written to the shadow: the shadow holds no parameters, and
 # names are the controller's business, not the scheduler's.
@@ -86,6 +96,22 @@ def _base_node(scheduler: object) -> Any:
         if getattr(node, "base_lrs", None) is not None:
             return node
     raise ValueError(f"{_label(scheduler)} has no base_lrs; adopt a torch LRScheduler")
+
+
+class _PlateauBases:
+    """Stands in for `base_lrs` of a ReduceLROnPlateau, which has none: its rates at adoption."""
+
+    def __init__(self, shadow: "_ShadowOptimizer") -> None:
+        self.base_lrs = [_to_float(g["lr"]) for g in shadow.param_groups]
+
+
+@dataclass(frozen=True)
+class PlateauMove:
+    """A rate change an adopted ReduceLROnPlateau made to one group since it was last seen."""
+
+    group: "GroupSchedule"
+    old_lr: float
+    new_lr: float
 
 
 def _last_epoch(scheduler: object) -> Any:
@@ -165,8 +191,11 @@ class GroupSchedule:
         it. When the scheduler's base is 0 its factor is undefined: a zero base follows
         the scheduler, any other base stays unscheduled.
         """
+        return self.rate_for(base, self.current_lr())
+
+    def rate_for(self, base: float, current: float) -> float:
+        """`rate(base, ...)` had the scheduler put `current` into this group."""
         base_lr = self.base_lr
-        current = self.current_lr()
         if base == base_lr:
             return current
         if base_lr == 0:
@@ -177,6 +206,14 @@ class GroupSchedule:
         """current lr / base lr (1.0 when the base is 0)."""
         base_lr = self.base_lr
         return 1.0 if base_lr == 0 else self.current_lr() / base_lr
+
+    def move_reason(self) -> str:
+        """Why an adopted ReduceLROnPlateau moved the rate: the history record's reason."""
+        plateau = self._owner.scheduler
+        metric = self._owner.metric or "its metric"
+        return (f"ReduceLROnPlateau: {metric} did not improve on best {getattr(plateau, 'best', '?')!r} "
+                f"for more than {getattr(plateau, 'patience', '?')} evaluations; rates "
+                f"x{getattr(plateau, 'factor', '?')} (evaluation {_last_epoch(plateau)})")
 
     def driven(self) -> dict[str, Any]:
         """Current values of the non-lr hyperparameters the scheduler drives ({} for most)."""
@@ -227,25 +264,54 @@ class AdoptedScheduler:
                     "scheduler built on this optimizer"
                 )
         n_groups = len(real.param_groups)
-        base_node = _base_node(scheduler)
-        if len(base_node.base_lrs) != n_groups:
+        self.plateau = isinstance(scheduler, ReduceLROnPlateau)
+        if self.plateau and len(scheduler.min_lrs) != n_groups:
+            raise ValueError(
+                f"ReduceLROnPlateau was built for {len(scheduler.min_lrs)} param groups but the "
+                f"optimizer has {n_groups}; build the scheduler after the last add_param_group"
+            )
+        base_node = None if self.plateau else _base_node(scheduler)
+        if base_node is not None and len(base_node.base_lrs) != n_groups:
             raise ValueError(
                 f"{_label(scheduler)} was built for {len(base_node.base_lrs)} param groups but the "
                 f"optimizer has {n_groups}; build the scheduler after the last add_param_group"
             )
 
         self.scheduler = scheduler
-        self.base_node = base_node  # holds base_lrs (SequentialLR: its first child)
         self.optimizer: Optimizer = real
         # torch's step wrapper marks the optimizer the scheduler was built on; carry the
         # mark over so an adoption between optimizer.step() and scheduler.step() is silent.
         opt_called = any(getattr(node.optimizer, "_opt_called", False) for node in nodes)
         self._shadow = _ShadowOptimizer(real, opt_called)
+        # holds base_lrs (SequentialLR: its first child; ReduceLROnPlateau: the rates now)
+        self.base_node = base_node if base_node is not None else _PlateauBases(self._shadow)
+        # A plateau's rates as lrctl last installed them: what its next move is measured from.
+        self._seen: list[float] = list(self.base_node.base_lrs) if self.plateau else []
+        self.metric: str | None = None  # the reported metric that feeds a plateau (attach sets it)
         self._originals = [(node, node.optimizer) for node in nodes]
         for node in nodes:
             node.optimizer = self._shadow
         keys = _driven_keys(scheduler, real.param_groups[0]) if n_groups else ()
         self.groups: list[GroupSchedule] = [GroupSchedule(self, i, keys) for i in range(n_groups)]
+
+    def feed(self, value: Any) -> None:
+        """Step an adopted ReduceLROnPlateau with one value of its metric (a float or a
+        0-dim tensor, read now: this syncs a device tensor). Its moves reach the names at
+        the next optimizer step."""
+        self.scheduler.step(value)  # type: ignore[attr-defined]
+
+    def plateau_moves(self) -> list[PlateauMove]:
+        """The groups whose rate the plateau moved since the last call (or load), with
+        the old and new rate; [] for other schedulers. The step hook calls it."""
+        if not self.plateau:
+            return []
+        moves = []
+        for group, old in zip(self.groups, self._seen):
+            new = group.current_lr()
+            if new != old and not (math.isnan(new) and math.isnan(old)):
+                moves.append(PlateauMove(group, old, new))
+                self._seen[group.index] = new
+        return moves
 
     def mark_stepped(self) -> None:
         """Record an optimizer step, as torch's own step wrapper would on the real one."""
@@ -274,7 +340,16 @@ class AdoptedScheduler:
             {k: _detached(v) for k, v in g.items() if k not in _NOT_STATE}
             for g in self._shadow.param_groups
         ]
-        return {"version": _STATE_VERSION, "scheduler": _label(self.scheduler), "groups": groups}
+        state = {"version": _STATE_VERSION, "scheduler": _label(self.scheduler), "groups": groups}
+        if self.plateau:
+            # lrctl may be the one feeding it (plateau_metric): its counters must not depend
+            # on the user saving scheduler.state_dict() too. Plain numbers and lists.
+            state["plateau"] = copy.deepcopy(
+                {k: v for k, v in self.scheduler.state_dict().items() if k != "optimizer"})
+            # A move made after the last step (the evaluation right before a checkpoint)
+            # is recorded by the resumed run, at the step it takes effect.
+            state["plateau_seen"] = list(self._seen)
+        return state
 
     def load_groups(self, groups: Sequence[Mapping[str, Any]]) -> None:
         """Take the values a plain torch checkpoint put into the optimizer's groups (same
@@ -299,6 +374,12 @@ class AdoptedScheduler:
                 f"param groups but {_label(self.scheduler)} was adopted with {len(mine)}; "
                 "build the optimizer with the same groups as when it was saved"
             )
+        plateau = state.get("plateau")
+        if plateau is not None and not self.plateau:
+            raise ValueError(
+                f"the saved state is a ReduceLROnPlateau's but {_label(self.scheduler)} was adopted")
+        if plateau is not None and not isinstance(plateau, dict):
+            raise ValueError(f"the saved plateau state is a {type(plateau).__name__}, not a dict")
         for group, saved in zip(mine, groups):
             for key, value in saved.items():
                 if key in _NOT_STATE:
@@ -309,16 +390,24 @@ class AdoptedScheduler:
                     old.fill_(_to_float(value))
                 else:
                     group[key] = _detached(value)
+        if plateau is not None:
+            self.scheduler.load_state_dict(copy.deepcopy(plateau))  # type: ignore[attr-defined]
+        if self.plateau:
+            seen = state.get("plateau_seen")
+            if isinstance(seen, list) and len(seen) == len(self.groups):
+                self._seen = [float(v) for v in seen]
+            else:  # a restored rate is no move of this run's plateau
+                self._seen = [g.current_lr() for g in self.groups]
 
 
 def _check_adoptable(node: object, top: object) -> None:
     where = "" if node is top else f" (inside {_label(top)})"
     if isinstance(node, ReduceLROnPlateau):
+        if node is top:
+            return
         raise ValueError(
-            f"ReduceLROnPlateau{where} cannot be adopted: it steps on a metric "
-            "(scheduler.step(metrics)) and lrctl does not receive metrics yet; a later lrctl "
-            "release will. Meanwhile keep the rates remote (let the controller that watches "
-            "the metric set them) or use an lrctl schedule"
+            f"ReduceLROnPlateau{where} cannot be adopted inside another scheduler (torch "
+            "cannot chain it either); adopt it on its own"
         )
     if not isinstance(node, LRScheduler):
         hint = ""

@@ -62,9 +62,11 @@ class LRControl:
         self, controller: Controller, server: BuiltServer | None, resume: Resume,
         audit: AuditLog | None = None, service: LearningRateControlService | None = None,
         metrics: MetricsServer | None = None, replayer: Replayer | None = None,
-        stats: ParamStats | None = None,
+        stats: ParamStats | None = None, plateau: AdoptedScheduler | None = None,
     ) -> None:
         self.controller = controller
+        # An adopted ReduceLROnPlateau that report() feeds (attach's plateau_metric).
+        self._plateau = plateau if plateau is not None and plateau.metric is not None else None
         self.replayer = replayer
         self._stats_hooks: list[Any] = []
         if stats is not None:
@@ -89,6 +91,12 @@ class LRControl:
         it was computed at, or pass ``step=ctl.step - 1`` after it. Names: at most 64
         printable characters, no spaces; at most 64 scalars a report and 128 a step.
         A bad name or value raises ValueError naming it (nothing of that report is kept).
+
+        With ``attach(..., plateau_metric=NAME)``, each reported value of NAME also steps
+        the adopted ReduceLROnPlateau (``scheduler.step(value)``; a tensor is read then,
+        which syncs its device): a reduction takes effect at the next optimizer step.
+        Report it from the training thread, once per evaluation, as you would have
+        called ``scheduler.step(value)``.
         """
         if loss is not None:
             if "loss" in scalars:
@@ -98,7 +106,11 @@ class LRControl:
             step = self.controller.step
         elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step {step!r} is not a non-negative int")
-        self.controller.telemetry.report(step, check_metrics(scalars))
+        checked = check_metrics(scalars)
+        self.controller.telemetry.report(step, checked)
+        plateau = self._plateau
+        if plateau is not None and plateau.metric in checked and not self._closed:
+            plateau.feed(checked[plateau.metric])
 
     @property
     def telemetry(self) -> Telemetry:
@@ -287,6 +299,7 @@ def attach(
     events: int = DEFAULT_RING_EVENTS,
     events_max_bytes: int = DEFAULT_RING_BYTES,
     watch_limits: WatchLimits | None = None,
+    plateau_metric: str | None = None,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -298,7 +311,14 @@ def attach(
     `scheduler`, a ``torch.optim.lr_scheduler`` object of this optimizer, is adopted:
     it becomes the schedule of the names of each group it drove, your code keeps
     calling ``scheduler.step()``, and the rates are exactly what it would have given
-    (ReduceLROnPlateau cannot be adopted yet). Rate changes are applied right before
+    (see the README's "Adopting a PyTorch scheduler"). A ``ReduceLROnPlateau`` is
+    adopted too: it starts from each group's rate now, whoever calls its
+    ``step(metric)`` moves every name of the group (times its own base), and each move is
+    recorded in the history as a change by the schedule (role "schedule") at the step it
+    takes effect. `plateau_metric` names a metric of ``LRControl.report`` that feeds it
+    instead (each reported value steps it once); leave it None where something else
+    already calls ``scheduler.step(metric)`` (Hugging Face and Lightning trainers do).
+    Its counters (best, num_bad_epochs, cooldown) ride in lrctl's checkpoint. Rate changes are applied right before
     ``optimizer.step()``; the training loop stays as it is. `address` defaults to
     127.0.0.1:50051; port 0 picks a free port (read it back from ``.port``).
     Anything wrong is raised before lrctl touches the optimizer or the scheduler.
@@ -389,6 +409,12 @@ def attach(
         guardrails = Guardrails.from_env()
     metrics_address = metrics_module.from_env(metrics_address)
     metrics_selectors = tuple(metrics_selectors)
+    if plateau_metric is not None:
+        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError(
+                f"plateau_metric {plateau_metric!r} feeds an adopted ReduceLROnPlateau, but the "
+                f"scheduler is {type(scheduler).__name__ if scheduler is not None else 'None'}")
+        check_metric_name(plateau_metric)
     if metrics_address is not None:  # refused before lrctl touches anything
         metrics_module.check_metrics_bind(metrics_address, metrics_insecure, warn=False)
     named = named_parameters(model)
@@ -410,6 +436,7 @@ def attach(
     try:
         if scheduler is not None:
             adopted = AdoptedScheduler(scheduler, optimizer)
+            adopted.metric = plateau_metric
         controller = Controller(
             named,
             optimizer,
@@ -418,6 +445,7 @@ def attach(
             group_schedules=None if adopted is None else adopted.groups,
             group_bases=None if adopted is None else [g.base_lr for g in adopted.groups],
             on_step=on_step + (() if adopted is None else (adopted.mark_stepped,)),
+            schedule_moves=adopted.plateau_moves if adopted is not None and adopted.plateau else None,
             start_step=start_step,
             queue_limits=queue_limits,
             guardrails=guardrails,
@@ -462,7 +490,7 @@ def attach(
                 audit.close()
             raise
         return LRControl(controller, None, checkpoints, audit, metrics=metrics, replayer=replayer,
-                         stats=param_stats)
+                         stats=param_stats, plateau=adopted)
     service = server = None
     try:
         service = LearningRateControlService(
@@ -495,4 +523,4 @@ def attach(
             audit.close()
         raise
     return LRControl(controller, server, checkpoints, audit, service, metrics, replayer,
-                     stats=param_stats)
+                     stats=param_stats, plateau=adopted)

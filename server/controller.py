@@ -226,7 +226,10 @@ class Controller(ControllerState):
     `group_schedules` (one per optimizer param group, or None) gives the names of a
     group a schedule, and `group_bases` their base rates (default: the group's lr):
     this is how a user's torch scheduler is adopted (lrctl.server.adopt).
-    `on_step` callables run first in every step hook. `start_step` is the index of the
+    `on_step` callables run first in every step hook. `schedule_moves` (an adopted
+    ReduceLROnPlateau's, lrctl.server.adopt) returns the moves a schedule made that are
+    no function of the step; the hook records each batch of them as a change of the
+    history (role "schedule") at the step they take effect. `start_step` is the index of the
     next step (0; a trainer resuming from a checkpoint without lrctl's state passes
     its own step count). `queue_limits` bounds the queue of accepted changes (how far
     ahead, how many, how many bytes, each connection's and token's share).
@@ -245,6 +248,7 @@ class Controller(ControllerState):
         group_schedules: Sequence[Any] | None = None,
         group_bases: Sequence[float] | None = None,
         on_step: Sequence[Callable[[], None]] = (),
+        schedule_moves: Callable[[], Sequence[Any]] | None = None,
         start_step: int = 0,
         queue_limits: QueueLimits | None = None,
         guardrails: Guardrails | None = None,
@@ -318,6 +322,7 @@ class Controller(ControllerState):
         # metrics' steps per second); bounded, so the hook's cost is one append.
         self._step_times: deque[float] = deque(maxlen=STEP_WINDOW)
         self._on_step = tuple(on_step)
+        self._schedule_moves = schedule_moves
         # The lockstep controller's gate (lrctl.server.lockstep), if one is attached;
         # without one, the hook's whole cost for lockstep is the test of this attribute.
         self._gate: LockstepGate | None = None
@@ -773,11 +778,55 @@ class Controller(ControllerState):
             self._step = step + 1
             self._step_times.append(time.monotonic())
             self.telemetry.step(step, self._version)
+            if self._schedule_moves is not None:
+                self._record_moves(step)
             if self._next_due <= step:
                 self._apply_due(step)
             if self._table.scheduled or self._table.driven:
                 self._tick(step)
         return None
+
+    def _record_moves(self, step: int) -> None:
+        """Record what a metric-fed schedule changed since the last step as one applied
+        change (lock held): who is the schedule, old and new per name that follows it
+        (pinned names did not move). A failure costs the record, never the step."""
+        try:
+            moves = self._schedule_moves()  # type: ignore[misc]
+            if not moves:
+                return
+            table, book = self._table, self._book
+            by_sid = {sid: m for m in moves if (sid := book.find(m.group)) is not None}
+            indices, old_lr, new_lr, bases = array("q"), array("d"), array("d"), array("d")
+            for i, sid in enumerate(table.schedule):
+                move = by_sid.get(sid)
+                base = table.base[i]
+                if move is None or base is None or i in table.pins:
+                    continue
+                indices.append(i)
+                bases.append(base)
+                old_lr.append(move.group.rate_for(base, move.old_lr))
+                new_lr.append(move.group.rate_for(base, move.new_lr))
+            if not indices:
+                return
+            plan = PlannedChange(step=step, indices=indices, old_lr=old_lr, new_lr=new_lr,
+                                 old_base=bases, new_base=array("d", bases), old_pin=None,
+                                 new_pin=None, old_schedule=None, new_schedule=None, schedules={})
+            describe = getattr(moves[0].group, "move_reason", None)
+            reason = describe() if callable(describe) else "the schedule moved the rate"
+            self._version += 1
+            change_id = self._next_change_id
+            self._next_change_id += 1
+            now = time.time()
+            record = self._history.append(Record(
+                change_id=change_id, version=self._version, step=step, applied_at=now,
+                requested_at=now, updates=(), schedules=(), plan=plan, peer="worker",
+                user="schedule", reason=reason, at_step=None, role="schedule",
+            ))
+            self.telemetry.add_change(record)
+            if self.audit is not None:
+                self.audit.submit(record, None, None, None, self._changes(plan))
+        except Exception:  # a bug here must not cost the step
+            log.exception("lrctl: recording the schedule's rate change at step %d failed", step)
 
     def _apply_due(self, step: int) -> None:
         due = [p for p in self._pending if p.due <= step]

@@ -67,6 +67,10 @@ class ScheduleBook:
         found = self._ids.get(schedule)
         return schedule if found is None else self._schedules[found]
 
+    def find(self, schedule: Any) -> int | None:
+        """The id of `schedule` if the book holds it, else None (adds nothing)."""
+        return self._ids.get(schedule)
+
     def scratch(self) -> "ScratchBook":
         """A book for planning that keeps nothing: a request that is refused, or a dry
         run, must not use up the room every later request shares."""

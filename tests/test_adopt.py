@@ -381,11 +381,13 @@ def test_already_adopted_is_refused():
     AdoptedScheduler(sched, opt)
 
 
-def test_reduce_lr_on_plateau_is_refused():
+def test_reduce_lr_on_plateau_inside_a_chain_is_refused():
     _, opt, _ = build(sgd, lambda o: None)
     plateau = lrs.ReduceLROnPlateau(opt)
-    with pytest.raises(ValueError, match="ReduceLROnPlateau.*metric"):
-        AdoptedScheduler(plateau, opt)
+    chain = lrs.ChainedScheduler([lrs.ExponentialLR(opt, gamma=0.9)])
+    chain._schedulers.append(plateau)  # torch itself refuses to build this; lrctl too
+    with pytest.raises(ValueError, match="ReduceLROnPlateau.*inside"):
+        AdoptedScheduler(chain, opt)
     assert plateau.optimizer is opt
 
 

@@ -497,8 +497,9 @@ def test_scheduler_of_another_optimizer_is_refused_untouched() -> None:
                        "steps a different optimizer")
 
 
-def test_reduce_lr_on_plateau_is_refused_untouched() -> None:
-    _refused_untouched(lambda opt, other: lrs.ReduceLROnPlateau(opt), ValueError, "ReduceLROnPlateau")
+def test_reduce_lr_on_plateau_of_another_optimizer_is_refused_untouched() -> None:
+    _refused_untouched(lambda opt, other: lrs.ReduceLROnPlateau(other), ValueError,
+                       "ReduceLROnPlateau steps a different optimizer")
 
 
 def test_sequential_lr_with_a_foreign_child_is_refused_untouched() -> None:

@@ -94,9 +94,6 @@ class Net(L.LightningModule):
         if style == "two-optimizers":
             return [torch.optim.SGD(self.body.parameters(), lr=0.1),
                     torch.optim.SGD([*self.mid.parameters(), *self.head.parameters()], lr=0.1)]
-        if style == "plateau":
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": lrs.ReduceLROnPlateau(opt),
-                                                       "monitor": "train_loss"}}
         sched = lrs.CosineAnnealingLR(opt, T_max=STEPS)
         if style == "dict-step":
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -559,7 +556,6 @@ def test_checkpoint_saved_after_fit_loads_into_a_plain_optimizer(tmp_path: Path)
     [
         ("two-optimizers", ValueError, "exactly one optimizer; configure_optimizers gave 2 optimizers"),
         ("two-schedulers", ValueError, "at most one LR scheduler; configure_optimizers gave 2 schedulers"),
-        ("plateau", ValueError, r"ReduceLROnPlateau.*metrics"),
     ],
 )
 def test_unsupported_configurations_fail_fit_clearly(tmp_path: Path, style: str, error: type, match: str) -> None:
