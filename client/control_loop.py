@@ -158,8 +158,9 @@ def _is_conflict(exc: LrctlError) -> bool:
 
 
 def _is_gone(exc: LrctlError) -> bool:
-    """The worker went away or is shutting down: the loop ends, it is not an error."""
-    return isinstance(exc, UnavailableError) or (
+    """The worker went away or is shutting down (a call in flight when its server
+    stopped comes back CANCELLED): the loop ends, it is not an error."""
+    return isinstance(exc, UnavailableError) or getattr(exc, "code", None) == "CANCELLED" or (
         isinstance(exc, FailedPreconditionError) and "shutting down" in str(exc))
 
 
@@ -259,6 +260,7 @@ class ControlLoop:
         reader.start()
         events: list[MetricsEvent] = []
         newest = -1
+        stream_done = False
         try:
             with self.client.lockstep(every=self.every, timeout=self.lockstep_timeout) as session:
                 self._touch_start_file()
@@ -267,13 +269,14 @@ class ControlLoop:
                     # hold: wait (briefly) for S-2, so the window is the whole past.
                     deadline = time.monotonic() + self.lockstep_timeout / 4
                     while True:
+                        wait = newest < turn.step - 2 and not stream_done
                         try:
-                            item = inbox.get(timeout=max(0.0, deadline - time.monotonic())
-                                             if newest < turn.step - 2 else 0.0)
+                            item = inbox.get(timeout=max(0.0, deadline - time.monotonic()) if wait else 0.0)
                         except queue.Empty:
                             break
                         if item is _DONE:
-                            break
+                            stream_done = True
+                            continue
                         events.append(item)
                         newest = item.step
                     dropped = sum(e.dropped for e in events) + turn.dropped_turns
