@@ -21,7 +21,7 @@ the fixed schedule's at the same start (steps/s ratio; >1 means slower with it).
     python bench/bench_controllers.py                              # everything (hours on 2 busy cores)
     python bench/bench_controllers.py --tasks digits --jobs 2
     python bench/bench_controllers.py --tasks digits --seeds 100 --controllers hypergradient   # tuning seeds
-    python bench/bench_controllers.py --tasks digits --steps 60 --seeds 0 --results /tmp/r    # smoke
+    python bench/bench_controllers.py --quick      # smoke: digits, 40 steps, 1x, seed 0, in a temp dir
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import concurrent.futures as futures
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per run, seconds")
     parser.add_argument("--dry-run", action="store_true", help="print the table from the cache; run nothing")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: digits, 40 steps, seed 0, start 1x, each controller, in a temp dir")
     args = parser.parse_args(argv)
+    if args.quick:
+        tmp = tempfile.mkdtemp(prefix="lrctl-bench-ctl-")
+        args.tasks, args.starts, args.seeds, args.steps, args.results = ["digits"], [1.0], [0], 40, Path(tmp)
     runs = Runs(args.results)
 
     plan: list[tuple[str, Any]] = []
@@ -164,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done {kind} {name} lr {lr} seed {seed}: val {result.get('final_val_loss')}",
                       file=sys.stderr, flush=True)
     print(table(args, runs, rows))
+    if args.quick:
+        shutil.rmtree(args.results, ignore_errors=True)
     return 0
 
 
