@@ -67,7 +67,11 @@ class PerLayerPlateau:
             if not math.isfinite(loss) or loss > self.best_loss + jump:
                 self.mult = {n: max(MIN_MULT, m * GUARD_CUT) for n, m in self.mult.items()}
                 self.history.clear()
-                return self._action(f"loss {loss:.4g} vs best {self.best_loss:.4g}: blow-up, all x{GUARD_CUT}")
+                # Recovery is judged from here: against the pre-blow-up best, every
+                # window of the way back down would count as another blow-up.
+                why = f"loss {loss:.4g} vs best {self.best_loss:.4g}: blow-up, all x{GUARD_CUT}"
+                self.best_loss = loss if math.isfinite(loss) else self.best_loss
+                return self._action(why)
             self.best_loss = min(self.best_loss, loss)
         stats = window.latest_stats()
         cut = []
