@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--start-file", default=None, help="wait for this file before step 0")
     parser.add_argument("--start-timeout", type=_seconds, default=60.0,
                         help="start anyway after this many seconds without the start file (default 60)")
+    parser.add_argument("--stats-every", type=_positive_int, default=None,
+                        help="per-parameter statistics (all of them) every K steps for WatchMetrics "
+                             "(default: none; a controller run passes its --every)")
     parser.add_argument("--hold-at-end", type=_seconds, default=0.0,
                         help="keep serving this many seconds after the result (default 0)")
     return parser.parse_args(argv)
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lrctl.server import attach
+    from lrctl.server.param_stats import STATS
     from lrctl.server.requests import ChangeRequest, ScheduleUpdate
 
     torch.set_num_threads(1)
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     try:
-        ctl = attach(job.model, job.optimizer, address=args.address)
+        stats = {} if args.stats_every is None else {"stats_every": args.stats_every, "stats": STATS}
+        ctl = attach(job.model, job.optimizer, address=args.address, **stats)
     except Exception as exc:  # a bad --address, a busy port, a bad LRCTL_* variable: one line
         print(f"task_worker: error: {exc}", file=sys.stderr)
         return 2
@@ -167,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             loss = job.train_step()
             losses.append(loss)
-            # ---- the one place the per-step loss goes to lrctl ----
-            # TODO(issue 14): ctl.report(loss=loss) once LRControl.report lands.
+            # The step's loss, for WatchMetrics (a detached tensor: no sync here).
+            ctl.report(loss, step=ctl.step - 1)
             rates.append(probe())
             done = step + 1
             if done % eval_every == 0 and done < steps:
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
               final_val_loss=_finite(final_val), train_loss=_finite(train_loss),
               diverged=not (math.isfinite(final_val) and math.isfinite(train_loss)),
               stopped_early=done < steps, wall_s=round(wall, 3),
-              steps_per_s=round(done / wall, 2) if wall > 0 else None,
+              steps_per_s=round(done / wall, 2) if wall > 0 else None, stats_every=args.stats_every,
               version=ctl.controller.version, val_curve=val_curve, rate_name=task.rate_name,
               rates=[float(f"{r:.6g}") for r in rates], **extra)
         if args.hold_at_end > 0:

@@ -392,7 +392,7 @@ def attach(
     (64; 8 per connection, 16 per token) and each stream's queue (1024 events, 8 MiB).
     `stats_every` K (default off) adds per-parameter statistics to the events of steps
     0, K, 2K, ...: `stats` from grad_norm, param_norm, update_ratio, grad_sq_sum,
-    max_dist, update_dot (lrctl.server.param_stats; default the first three), per name,
+    max_dist, update_dot, descent_cos (lrctl.server.param_stats; default the first three), per name,
     or per group with `stats_groups` ({"encoder": "encoder.*", "head": ["head.*"]}).
     """
     if tokens is None and serve:

@@ -9,6 +9,12 @@ Every K steps (steps 0, K, 2K, ...), per parameter name or per selector group ("
 - ``max_dist``     max over every step so far of ||w - w_initial|| (DoG's numerator)
 - ``update_dot``   (w_S - w_{S-1}) . (w_{S-1} - w_{S-2}): the dot of successive updates
                    (the hypergradient's sign); NaN when the previous update is unknown
+- ``descent_cos``  cos(-g_S, w_S - w_{S-1}): the cosine between the direction the gradient
+                   of step S descends and the update step S-1 made (Baydin et al.'s
+                   hypergradient, normalized: > 0 the last step was too short, < 0 it
+                   overshot). Unlike update_dot it is not dominated by momentum (with
+                   momentum 0.9 successive updates are ~0.9-aligned whatever the rate).
+                   NaN when the previous update is unknown
 
 A group's values are those of its names' tensors taken as one vector (its grad_norm
 is the norm of all its gradients together, its max_dist the largest distance of the
@@ -31,7 +37,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-STATS = ("grad_norm", "param_norm", "update_ratio", "grad_sq_sum", "max_dist", "update_dot")
+STATS = ("grad_norm", "param_norm", "update_ratio", "grad_sq_sum", "max_dist", "update_dot", "descent_cos")
 DEFAULT_STATS = ("grad_norm", "param_norm", "update_ratio")
 _F32 = torch.float32
 
@@ -138,6 +144,8 @@ class ParamStats:
         want = self._want
         if "update_dot" in want and (step % self.every == 0 or (step + 1) % self.every == 0):
             return True
+        if "descent_cos" in want and (step + 1) % self.every == 0:
+            return True
         return "update_ratio" in want and step % self.every == 0
 
     @torch.no_grad()
@@ -150,6 +158,8 @@ class ParamStats:
                 self._sq_sum += g2
             if due and "grad_norm" in want:
                 self._pending["grad_norm"] = g2.sqrt()
+        if due and "descent_cos" in want:
+            self._pending["descent_cos"] = self._descent_cos(step)
         if self._captures(step):
             for b in self._buckets:
                 if b.before is None:
@@ -170,7 +180,7 @@ class ParamStats:
             for b in self._buckets:
                 # before := before - after = -(this update); keep the last two.
                 torch._foreach_sub_(b.before, b.params)
-                if "update_dot" in want:
+                if "update_dot" in want or "descent_cos" in want:
                     if b.delta is None:
                         b.delta = list(torch._foreach_mul(b.before, 1.0))
                     else:
@@ -196,6 +206,25 @@ class ParamStats:
         values.pop("_w2_before", None)
         ordered = {s: values[s] for s in self.stats}
         return StatsSnapshot(self.units, ordered), self._bytes
+
+    def _descent_cos(self, step: int) -> torch.Tensor:
+        """cos(g_S, delta_{S-1}) per unit, delta = w_before - w_after = -(update); read in
+        `before(S)`, while the gradients are step S's."""
+        b0 = self._buckets[0]
+        if b0.delta is None or b0.delta_step != step - 1:
+            return torch.full((len(self.units),), math.nan, dtype=_F32, device=self.main)
+        plus, minus, g2, d2 = [], [], [], []
+        for b in self._buckets:
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in b.params]
+            total = torch._foreach_add(grads, b.delta)
+            plus.append(_sq_norms(total))
+            torch._foreach_sub_(total, b.delta)
+            torch._foreach_sub_(total, b.delta)
+            minus.append(_sq_norms(total))
+            g2.append(_sq_norms(grads))
+            d2.append(_sq_norms(b.delta))
+        dot = (self._units(plus) - self._units(minus)) / 4
+        return dot / (self._units(g2) * self._units(d2)).sqrt()
 
     def _update_dot(self, step: int) -> torch.Tensor:
         b0 = self._buckets[0]

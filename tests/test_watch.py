@@ -141,6 +141,8 @@ def test_stats_match_a_hand_computation_per_name_and_per_group() -> None:
                 "grad_norm": float(grad.norm()), "param_norm": float(after.norm()),
                 "update_ratio": float(update.norm() / before.norm()), "grad_sq_sum": grad_sq,
                 "max_dist": max_dist, "update_dot": math.nan if previous is None else float(update @ previous),
+                "descent_cos": math.nan if previous is None else float(
+                    -(grad @ previous) / (grad.norm() * previous.norm())),
             }
             previous = update
         ctl.report(step=ctl.step)  # seals step 4

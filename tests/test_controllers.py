@@ -1,0 +1,287 @@
+"""The controller API (lrctl.client.control_loop) and the example controllers.
+
+Real parts only: example controllers run as processes against a real bench worker
+(task_worker digits, a few dozen steps), the API against a real served optimizer
+trained on a background thread. No timing assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pytest
+
+from conftest import PATIENCE_S, Served, Trainer, per_parameter_optimizer, seed_model
+from lrctl.client.client import LRClient
+from lrctl.client.control_loop import Action, ConflictError, ControlLoop, Window
+from lrctl.client.errors import InvalidArgumentError, PermissionDeniedError
+from lrctl.server import attach
+from lrctl.server.auth import ADMIN, READER, Token, Tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "bench" / "task_worker.py"
+EXAMPLES = ROOT / "examples" / "controllers"
+ADMIN_SECRET = "admin-secret-0123456789"
+READER_SECRET = "reader-secret-0123456789"
+
+
+# -- a real bench worker and an example controller, as processes --------------------------
+
+class Worker:
+    """bench/task_worker.py digits, waiting for a start file, serving after the end."""
+
+    def __init__(self, tmp: Path, peak_lr: float, steps: int, hold: float = 60.0,
+                 env: Optional[dict[str, str]] = None) -> None:
+        self.start_file = str(tmp / "go")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), "--task", "digits", "--peak-lr", str(peak_lr), "--steps", str(steps),
+             "--seed", "100", "--stats-every", "1", "--eval-every", str(steps),
+             "--start-file", self.start_file, "--start-timeout", "120", "--hold-at-end", str(hold)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})})
+        self.serving = json.loads(self.proc.stdout.readline())
+        self.address = self.serving["address"]
+
+    def result(self) -> dict[str, Any]:
+        """The result line (training is over; the worker still serves for `hold` s)."""
+        for line in self.proc.stdout:
+            if '"event": "result"' in line:
+                return json.loads(line)
+        raise AssertionError(f"the worker ended without a result (exit {self.proc.wait()})")
+
+    def end(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(PATIENCE_S)
+        self.proc.stdout.close()
+
+
+def start_controller(name: str, worker: Worker, *extra: str,
+                     env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "--address", worker.address,
+         "--start-file", worker.start_file, *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})})
+
+
+def run_example(tmp: Path, name: str, peak_lr: float, steps: int = 40,
+                *extra: str) -> tuple[dict[str, Any], list[Any], list[Any], list[str], int]:
+    """Worker + controller to the end: (result, history, schedules, controller lines, exit)."""
+    worker = Worker(tmp, peak_lr, steps)
+    try:
+        ctl = start_controller(name, worker, "--every", "5", *extra)
+        result = worker.result()
+        with LRClient(worker.address) as client:
+            history = list(client.iter_changes())
+            schedules = client.get_schedules()
+        worker.end()
+        _, err = ctl.communicate(timeout=PATIENCE_S)
+        return result, history, schedules, err.splitlines(), ctl.returncode
+    finally:
+        worker.end()
+
+
+def by_controller(history: list[Any], name: str) -> list[Any]:
+    return [r for r in history if r.reason.startswith(f"{name}:") and not r.failed]
+
+
+def test_layerwise_dog_pins_each_name_at_its_own_dog_rate(tmp_path: Path) -> None:
+    result, history, schedules, lines, code = run_example(tmp_path, "layerwise_dog", 0.2, 40,
+                                                          "--lockstep-timeout", "20")
+    assert code == 0, lines
+    assert result["steps"] == 40 and not result["diverged"]
+    mine = by_controller(history, "layerwise_dog")
+    assert mine, lines
+    assert all(r.step % 5 == 0 for r in mine)  # lockstep: each lands at its held step
+    last = {c.name: c.new_pin for c in mine[-1].changes}
+    pins = {s.name: s.pin for s in schedules}
+    assert len(pins) == 6 and all(p is not None and p > 0 for p in pins.values())
+    # Layer-wise: each name its own rate; none is the starting rate any more.
+    assert len({round(p, 12) for p in pins.values()}) > 1
+    assert all(abs(p - 0.2) > 1e-9 for p in pins.values())
+    assert {n: pins[n] for n in last} == pytest.approx(last)
+    assert any(line.startswith("layerwise_dog: step") for line in lines)
+    assert "layerwise_dog: done" in lines[-1]
+
+
+def test_hypergradient_multiplies_bases_and_keeps_the_schedule(tmp_path: Path) -> None:
+    result, history, schedules, lines, code = run_example(tmp_path, "hypergradient", 0.5, 60,
+                                                          "--lockstep-timeout", "20")
+    assert code == 0, lines
+    mine = by_controller(history, "hypergradient")
+    assert mine, lines
+    bases = {s.name: s.base for s in schedules}
+    assert any(abs(b - 0.5) > 1e-9 for b in bases.values())  # moved from the start
+    # The worker's warmup + cosine is still every name's schedule: only bases moved.
+    assert all(s.schedule is not None and s.schedule.to_dict()["kind"] == "warmup" for s in schedules)
+    assert all(c.new_pin is None for r in mine for c in r.changes)
+
+
+def test_plateau_cuts_every_layer_at_a_blow_up(tmp_path: Path) -> None:
+    # 10x the swept best with a 1-step warmup (60 steps): the loss jumps at once.
+    result, history, schedules, lines, code = run_example(tmp_path, "plateau", 2.15, 60)
+    assert code == 0, lines
+    mine = by_controller(history, "plateau")
+    assert any("blow-up" in r.reason for r in mine), lines
+    assert all(s.base < 2.15 for s in schedules)
+
+
+def test_a_controller_killed_under_lockstep_does_not_stop_training(tmp_path: Path) -> None:
+    worker = Worker(tmp_path, 0.2, 400, hold=0)
+    try:
+        ctl = start_controller("layerwise_dog", worker, "--every", "5", "--lockstep-timeout", "60")
+        # Once it decided at least once, kill it mid-run (no goodbye).
+        for line in ctl.stderr:
+            if "step 5 " in line or "step 10 " in line:
+                break
+        ctl.kill()
+        ctl.wait(PATIENCE_S)
+        result = worker.result()
+        assert result["steps"] == 400 and not result["stopped_early"]
+    finally:
+        worker.end()
+
+
+def test_the_example_with_a_reader_token_is_refused_in_one_line(tmp_path: Path) -> None:
+    env = {"LRCTL_ADMIN_TOKEN": ADMIN_SECRET, "LRCTL_READER_TOKEN": READER_SECRET}
+    worker = Worker(tmp_path, 0.2, 30, hold=0, env=env)
+    try:
+        ctl = start_controller("hypergradient", worker, "--every", "5",
+                               env={"LRCTL_TOKEN": READER_SECRET})
+        _, err = ctl.communicate(timeout=120)
+        assert ctl.returncode == 1
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert lines[-1].startswith("hypergradient: error:") and "admin" in lines[-1].lower(), err
+        assert "Traceback" not in err
+        result = worker.result()
+        assert result["steps"] == 30  # training went on
+        assert result["version"] == 1  # only the worker's own schedule: nothing applied
+    finally:
+        worker.end()
+
+
+# -- the API against a served optimizer, in process ----------------------------------------
+
+@pytest.fixture
+def trained() -> Iterator[tuple[Served, Trainer]]:
+    model = seed_model()
+    optimizer = per_parameter_optimizer(model)
+    tokens = Tokens([Token("admin", ADMIN, ADMIN_SECRET), Token("reader", READER, READER_SECRET)])
+    ctl = attach(model, optimizer, address="127.0.0.1:0", tokens=tokens)
+    served = Served(model, optimizer, ctl)
+    trainer = Trainer(model, optimizer).start()
+    try:
+        trainer.wait_steps(1)
+        yield served, trainer
+    finally:
+        trainer.stop()
+        served.close()
+    assert not trainer.errors
+
+
+def _stop_after(loop: ControlLoop, decisions: int) -> Any:
+    """Wrap loop.decide: after `decisions` calls, raise _Enough to end the test's loop."""
+    decide = loop.decide
+
+    def wrapped(window: Window) -> Optional[Action]:
+        if loop.summary.decisions > decisions:
+            raise _Enough
+        return decide(window)
+    loop.decide = wrapped
+    return loop
+
+
+class _Enough(Exception):
+    pass
+
+
+def test_racing_controllers_one_is_told_and_nothing_is_overwritten(trained) -> None:  # type: ignore[no-untyped-def]
+    served, _ = trained
+    seen: list[Optional[str]] = []
+    with LRClient(served.ctl.address, token=ADMIN_SECRET) as a, \
+            LRClient(served.ctl.address, token=ADMIN_SECRET, user="rival") as b:
+
+        def decide(window: Window) -> Optional[Action]:
+            seen.append(window.conflict)
+            if len(seen) == 1:
+                # Another controller gets in between this decision's reading and its act.
+                b.set_learning_rates({"layer1.weight": 0.5}, reason="rival")
+                return Action("first try").set_bases({"layer1.weight": 0.25})
+            if len(seen) == 2:
+                return Action("decided again").set_bases({"layer2.weight": 0.125})
+            raise _Enough
+
+        loop = ControlLoop(a, decide, every=2, log=lambda line: None)
+        with pytest.raises(_Enough):
+            loop.run()
+        assert seen[0] is None and seen[1] is not None and "expected_version" in seen[1]
+        assert loop.summary.conflicts == 1 and loop.summary.actions == 1
+        rates = a.get_learning_rates()
+        assert rates["layer1.weight"] == 0.5  # the rival's change stands
+        assert rates["layer2.weight"] == 0.125
+        reasons = [r.reason for r in a.iter_changes()]
+        assert "controller: first try" not in reasons and "controller: decided again" in reasons
+
+        # Policy "stop": the conflict ends the loop with ConflictError, nothing applied.
+        def decide_once(window: Window) -> Optional[Action]:
+            b.set_learning_rates({"layer1.bias": 0.75}, reason="rival again")
+            return Action("loses").set_bases({"layer1.bias": 0.01})
+
+        with pytest.raises(ConflictError, match="expected_version"):
+            ControlLoop(a, decide_once, every=2, on_conflict="stop", log=lambda line: None).run()
+        assert a.get_learning_rates("layer1.bias")["layer1.bias"] == 0.75
+
+
+def test_the_loop_with_a_reader_token_raises_permission_denied(trained) -> None:  # type: ignore[no-untyped-def]
+    served, trainer = trained
+    with LRClient(served.ctl.address, token=READER_SECRET) as reader:
+        before = reader.status().version
+        loop = ControlLoop(reader, lambda w: Action("try").scale("*", 0.5), every=2, log=lambda line: None)
+        with pytest.raises(PermissionDeniedError, match="admin"):
+            loop.run()
+        with pytest.raises(PermissionDeniedError):
+            ControlLoop(reader, lambda w: None, every=2, lockstep_timeout=1.0, log=lambda line: None).run()
+        assert reader.status().version == before
+    trainer.wait_steps(2)  # training goes on
+
+
+def test_lockstep_loop_acts_at_the_held_step_and_ends_when_the_worker_goes(trained) -> None:  # type: ignore[no-untyped-def]
+    served, trainer = trained
+    windows: list[Window] = []
+    with LRClient(served.ctl.address, token=ADMIN_SECRET) as client:
+
+        def decide(window: Window) -> Optional[Action]:
+            windows.append(window)
+            if len(windows) == 3:
+                threading.Thread(target=served.ctl.close, kwargs={"grace": 0.5}, daemon=True).start()
+            return Action(f"turn {window.step}").scale("layer2.bias", 0.5)
+
+        summary = ControlLoop(client, decide, every=3, lockstep_timeout=30.0, log=lambda line: None).run()
+    assert summary.ended and len(windows) >= 3
+    assert all(w.turn is not None and w.step % 3 == 0 for w in windows)
+    records = [r for r in served.controller.history(0, 1000)[0] if r.reason.startswith("controller: turn")]
+    assert records and all(r.step == int(r.reason.split()[-1]) for r in records)
+
+
+def test_bad_loop_options_are_refused_naming_the_value() -> None:
+    with LRClient("127.0.0.1:1") as client:
+        for kwargs, fragment in (({"every": 0}, "every 0"), ({"lockstep_timeout": 0}, "lockstep_timeout 0"),
+                                 ({"on_conflict": "maybe"}, "'maybe'")):
+            with pytest.raises(InvalidArgumentError, match=fragment):
+                ControlLoop(client, lambda w: None, **kwargs)
+
+
+def test_a_worker_that_is_not_there_ends_the_loop_cleanly() -> None:
+    with LRClient("127.0.0.1:1", timeout=2.0) as client:
+        summary = ControlLoop(client, lambda w: None, every=2).run()
+    assert "unreachable" in summary.ended
+    assert math.isnan(Window(step=0, version=0, events=[]).mean("loss"))
