@@ -85,12 +85,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable, Optional
 
-import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lrctl.server.control import LRControl, attach
 from lrctl.server.factory import DEFAULT_ADDRESS
-from lrctl.server.telemetry import MAX_METRICS_PER_REPORT, check_metric_name
+from lrctl.server.telemetry import MAX_METRICS_PER_REPORT, reportable
 
 __all__ = ["LRControlCallback"]
 
@@ -259,17 +258,9 @@ class LRControlCallback(TrainerCallback):
         for key, value in logs.items():
             if len(scalars) == MAX_METRICS_PER_REPORT:
                 break
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1 or value.is_complex():
-                    continue
-                value = value.reshape(())
-            elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            try:
-                check_metric_name(key)
-            except ValueError:
-                continue
-            scalars[key] = value
+            value = reportable(key, value)
+            if value is not None:
+                scalars[key] = value
         if not scalars:
             return
         try:

@@ -120,7 +120,7 @@ from lrctl.server.control import LRControl, attach
 from lrctl.server.factory import DEFAULT_ADDRESS
 from lrctl.server.rates import rate_of
 from lrctl.server.resume import STATE_KEY
-from lrctl.server.telemetry import MAX_METRICS_PER_REPORT, check_metric_name
+from lrctl.server.telemetry import MAX_METRICS_PER_REPORT, reportable
 
 __all__ = ["LRControlCallback", "METRIC_PREFIX"]
 
@@ -316,15 +316,8 @@ class LRControlCallback(pl.Callback):
                     continue  # an epoch aggregate, reported at the epoch's end
                 if f"{key}_step" in metrics or f"{key}_epoch" in metrics:
                     continue  # the bare name of an on_step+on_epoch metric: ambiguous
-                if isinstance(value, torch.Tensor):
-                    if value.numel() != 1 or value.is_complex():
-                        continue
-                    value = value.detach().reshape(())
-                elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                try:
-                    check_metric_name(key)
-                except ValueError:
+                value = reportable(key, value)
+                if value is None:
                     continue
                 scalars[key] = value
                 if len(scalars) == MAX_METRICS_PER_REPORT:

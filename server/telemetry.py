@@ -22,12 +22,11 @@ Pure Python plus torch; no grpc.
 
 from __future__ import annotations
 
-import math
 import numbers
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -71,6 +70,24 @@ def check_metric_value(name: str, value: Any) -> float | torch.Tensor:
         return float(value)
     raise ValueError(f"metric {name!r}: {type(value).__name__} {value!r:.60} is not a number "
                      "(float, int, bool or a 0-dim tensor)")
+
+
+def reportable(key: Any, value: Any) -> Any:
+    """`value` as a trainer integration may report it under `key` (a one-element tensor
+    as a detached 0-dim one), or None when the pair is no scalar metric (strings, lists,
+    bools, a name lrctl refuses): trainers log such things beside their numbers, and
+    those are skipped rather than refused."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return None
+        value = value.detach().reshape(())
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        check_metric_name(key)
+    except ValueError:
+        return None
+    return value
 
 
 def check_metrics(scalars: Mapping[str, Any]) -> dict[str, float | torch.Tensor]:
