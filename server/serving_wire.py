@@ -1,0 +1,85 @@
+"""The frames between the training process and its serving process (serving="process").
+
+Imports neither grpc nor torch: both ends use it. One socketpair carries everything;
+a frame is a 4-byte big-endian length and a `marshal`-encoded tuple (C-speed, and both
+ends are the same interpreter: the serving process is started with sys.executable).
+The first tuple element says what the frame is:
+
+serving -> training
+  ("S", id, method, metadata, peer, remaining s or -1.0, request bytes or None)
+        a call starts (None: a request stream follows as "m" frames, then "h")
+  ("m", id, request bytes)      a message of a call's request stream
+  ("h", id)                     the client ended its request stream
+  ("C", id)                     the client went away (cancelled, or its deadline passed)
+  ("R", host, port, address) / ("F", kind, message)   started / could not start (once)
+training -> serving
+  ("H", id, metadata)           the call's initial metadata (Lockstep)
+  ("M", id, response bytes)     a message of a call's response stream
+  ("E", id, code, details, response bytes or None)   the call ends with status `code`
+  ("Q", grace s)                stop serving: drain for `grace` s, then exit
+The very first frame, training -> serving, is the pickled configuration (address,
+tokens, TLS): it goes over the socket, never through argv or the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import marshal
+import socket
+import struct
+from typing import Any
+
+LEN = struct.Struct("!I")
+# A frame carries one request or one response: gRPC's own limits keep those small,
+# and a frame past this is a bug or a corrupt stream (the link ends).
+MAX_FRAME = 256 * 1024 * 1024
+NO_DEADLINE_S = 1e7  # grpc reports "no deadline" as ~infinite time left
+
+STARTED, FAILED = "R", "F"
+CALL, REQUEST, HALF_CLOSE, CANCEL = "S", "m", "h", "C"
+INITIAL_METADATA, RESPONSE, END, QUIT = "H", "M", "E", "Q"
+
+
+def pack(frame: tuple[Any, ...]) -> bytes:
+    body = marshal.dumps(frame)
+    return LEN.pack(len(body)) + body
+
+
+def pack_raw(body: bytes) -> bytes:
+    return LEN.pack(len(body)) + body
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """n bytes from a blocking socket, or None at end of stream."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(n - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_raw_blocking(sock: socket.socket) -> bytes | None:
+    """One frame's body read with blocking calls, never a byte past it (the socket is
+    handed to asyncio afterwards); None at end of stream."""
+    head = recv_exact(sock, LEN.size)
+    if head is None:
+        return None
+    (n,) = LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise ValueError(f"frame of {n} bytes")
+    return recv_exact(sock, n)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
+    """The next frame, or None at end of stream."""
+    try:
+        head = await reader.readexactly(LEN.size)
+        (n,) = LEN.unpack(head)
+        if n > MAX_FRAME:
+            return None
+        return marshal.loads(await reader.readexactly(n))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
