@@ -391,6 +391,13 @@ class Controller(ControllerState):
         return self._version
 
     @property
+    def rates_move_with_step(self) -> bool:
+        """True while a schedule (or an adopted scheduler) moves some rate with the step:
+        then a read's rates are those of one step only."""
+        table = self._table
+        return bool(table.scheduled or table.driven)
+
+    @property
     def pending_count(self) -> int:
         return len(self._pending)
 

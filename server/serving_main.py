@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import mmap
+import os
 import pickle
 import signal
 import socket
@@ -34,12 +36,22 @@ from lrctl.v1 import lrctl_pb2
 log = logging.getLogger("lrctl.serving")
 _CODES = {s.value[0]: s for s in grpc.StatusCode}
 _GONE = "the training process is not answering (it exited, or is closing)"
+_CACHE_ENTRIES = 256
+_STEPPED = {
+    "/lrctl.v1.LearningRateControl/GetLearningRates": lrctl_pb2.GetLearningRatesResponse,
+    "/lrctl.v1.LearningRateControl/GetSchedules": lrctl_pb2.GetSchedulesResponse,
+}
 
 
 class _Link:
     """This end of the socket; everything runs on the server's event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: Any) -> None:
+        self.shared = shared  # the training process's published step and version
+        # (method, request bytes) -> (version, response bytes, message type to set the step of)
+        self.cache: dict[tuple[str, bytes], tuple[int, bytes, Any]] = {}
+        self.acked = 0  # the newest version a write's answer named: never answer older
+        self.hits = 0
         self._ids = itertools.count(1)
         self.calls: dict[int, asyncio.Queue[tuple[Any, ...] | None]] = {}
         self.writer: asyncio.StreamWriter | None = None
@@ -67,6 +79,29 @@ class _Link:
             remaining = -1.0
         self.send((wire.CALL, cid, method, metadata, context.peer(), float(remaining), request))
         return cid, queue
+
+    def cached(self, method: str, request: bytes) -> bytes | None:
+        """The kept answer to this exact request if the version it was computed at is
+        still in force (and no newer than a write acknowledged), its step brought up to
+        date; else None."""
+        entry = self.cache.get((method, request))
+        if entry is None:
+            return None
+        version, body, message_type = entry
+        step, published = wire.read_shared(self.shared)
+        if version != published or version < self.acked:
+            return None
+        self.hits += 1
+        if message_type is None:
+            return body
+        message = message_type.FromString(body)
+        message.step = step
+        return message.SerializeToString()
+
+    def keep(self, method: str, request: bytes, version: int, body: bytes, message_type: Any) -> None:
+        if len(self.cache) >= _CACHE_ENTRIES:
+            self.cache.clear()  # entries of old versions, mostly: start again
+        self.cache[(method, request)] = (version, body, message_type)
 
     def finish(self, cid: int, ended: bool) -> None:
         if self.calls.pop(cid, None) is not None and not ended:
@@ -112,7 +147,15 @@ def _handlers(link: _Link) -> grpc.GenericRpcHandler:
 
 
 def _unary(link: _Link, method: str) -> Any:
+    cacheable = method in wire.CACHEABLE
+    message_type = _STEPPED.get(method)
+    write = method in wire.WRITES
+
     async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if cacheable:
+            answer = link.cached(method, request)
+            if answer is not None:
+                return answer
         cid, queue = link.open(method, context, request)
         ended = False
         try:
@@ -120,9 +163,14 @@ def _unary(link: _Link, method: str) -> Any:
             ended = frame is not None
             await _end(context, frame)
             assert frame is not None
-            return frame[4]
         finally:
             link.finish(cid, ended)
+        body = frame[4]
+        if cacheable and frame[5] >= 0:
+            link.keep(method, request, frame[5], body, message_type)
+        elif write:
+            link.acked = max(link.acked, lrctl_pb2.SetLearningRatesResponse.FromString(body).version)
+        return body
 
     return call
 
@@ -175,7 +223,7 @@ def _bidi(link: _Link, method: str) -> Any:
     return call
 
 
-def main(fd: int) -> int:
+def main(fd: int, shared_fd: int) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
@@ -183,7 +231,8 @@ def main(fd: int) -> int:
     if raw is None:
         return 0
     config: dict[str, Any] = pickle.loads(raw)  # from our parent only (a socketpair)
-    link = _Link()
+    link = _Link(mmap.mmap(shared_fd, wire.SHARED_BYTES))
+    os.close(shared_fd)
     try:
         built = build_server([lambda s: s.add_generic_rpc_handlers((_handlers(link),))], **config)
     except (ValueError, OSError) as exc:
@@ -202,6 +251,6 @@ def main(fd: int) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["--fd"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m lrctl.server.serving_main --fd N  (started by attach(serving='process'))")
-    sys.exit(main(int(sys.argv[2])))
+    if sys.argv[1:2] != ["--fd"] or sys.argv[3:4] != ["--shared-fd"] or len(sys.argv) != 5:
+        sys.exit("usage: python -m lrctl.server.serving_main --fd N --shared-fd M  (started by attach(serving='process'))")
+    sys.exit(main(int(sys.argv[2]), int(sys.argv[4])))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import marshal
+import mmap
 import os
 import pickle
 import socket
@@ -41,7 +42,10 @@ from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 log = logging.getLogger("lrctl.server")
 ENV = "LRCTL_SERVING"
 MODES = ("inprocess", "process")
-_START_TIMEOUT_S = 120.0  # importing grpc on a loaded 2-core machine can take a while
+_START_TIMEOUT_S = 120.0
+# How often the published step and version are checked against the controller's (a
+# version changed between steps, e.g. by load_state_dict, is seen within this).
+_CHECK_S = 0.1  # importing grpc on a loaded 2-core machine can take a while
 
 
 def serving_mode(value: str | None) -> str:
@@ -128,13 +132,23 @@ class ServingProcess:
                     for m, h in capture.handlers.items()}
 
         self._handlers = asyncio.run_coroutine_threadsafe(intercepted(), self._loop).result()
+        self._controller = controller = service._controller
+        self._shared_fd = os.memfd_create("lrctl-serving", 0)  # inheritable only via pass_fds
+        os.ftruncate(self._shared_fd, wire.SHARED_BYTES)
+        self._shared = mmap.mmap(self._shared_fd, wire.SHARED_BYTES)
+        self._shared_lock = threading.Lock()
+        self._publish()
+        # After lrctl's own pre-hook (registered earlier, so run earlier): the step and
+        # the version that this boundary's changes made.
+        self._hook = controller.optimizer.register_step_pre_hook(lambda *_: self._publish())
         self._sock, child = socket.socketpair()
         try:
             # A plain subprocess of this interpreter: multiprocessing's spawn would import
             # the user's __main__ (the training script) again in the child.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "lrctl.server.serving_main", "--fd", str(child.fileno())],
-                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+                [sys.executable, "-m", "lrctl.server.serving_main", "--fd", str(child.fileno()),
+                 "--shared-fd", str(self._shared_fd)],
+                pass_fds=[child.fileno(), self._shared_fd], stdin=subprocess.DEVNULL)
             child.close()
             config = dict(address=address, insecure=insecure, tokens=tokens, tls=tls, max_workers=max_workers)
             self._sock.sendall(wire.pack_raw(pickle.dumps(config)))
@@ -152,7 +166,22 @@ class ServingProcess:
             self._abandon()
             raise
 
+    def _publish(self) -> None:
+        """Write the controller's step and version where the serving process reads them
+        (the step hook: ~1 us; and a 0.1 s check, for versions changed between steps)."""
+        controller = self._controller
+        with self._shared_lock:
+            wire.write_shared(self._shared, controller.step, controller.version)
+
+    def _check_published(self) -> None:
+        if self._stopped:
+            return
+        if wire.read_shared(self._shared) != (self._controller.step, self._controller.version):
+            self._publish()
+        self._loop.call_later(_CHECK_S, self._check_published)
+
     def _abandon(self) -> None:
+        self._hook.remove()
         try:
             self._sock.close()
         finally:
@@ -164,6 +193,8 @@ class ServingProcess:
                     proc.kill()
                     proc.wait()
             _stop_loop(self._loop, self._thread)
+            self._shared.close()
+            os.close(self._shared_fd)
 
     @property
     def address(self) -> str:
@@ -179,6 +210,7 @@ class ServingProcess:
     async def _start(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=self._sock)
         asyncio.ensure_future(self._read(reader))
+        self._loop.call_later(_CHECK_S, self._check_published)
 
     def _send(self, frame: tuple[Any, ...]) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -209,7 +241,7 @@ class ServingProcess:
                body: bytes | None) -> None:
         handler = self._handlers.get(method)
         if handler is None:
-            self._send((wire.END, cid, grpc.StatusCode.UNIMPLEMENTED.value[0], f"method {method} not found", None))
+            self._send((wire.END, cid, grpc.StatusCode.UNIMPLEMENTED.value[0], f"method {method} not found", None, -1))
             return
         context = _Context(self, cid, metadata, peer, remaining)
         requests: Optional[asyncio.Queue] = None
@@ -219,7 +251,7 @@ class ServingProcess:
         elif handler.unary_stream is not None:
             run = self._stream(cid, handler.unary_stream(_decode(handler, body), context), context)
         else:
-            run = self._unary(cid, handler, _decode(handler, body), context)
+            run = self._unary(cid, handler, _decode(handler, body), context, method in wire.CACHEABLE)
         self._calls[cid] = (asyncio.ensure_future(run), requests)
 
     @staticmethod
@@ -227,17 +259,22 @@ class ServingProcess:
         while (body := await queue.get()) is not None:
             yield _decode(handler, body)
 
-    async def _unary(self, cid: int, handler: Any, request: Any, context: _Context) -> None:
+    async def _unary(self, cid: int, handler: Any, request: Any, context: _Context, cacheable: bool) -> None:
+        controller = self._controller
+        # A read computed with no change applied meanwhile, and no schedule in force,
+        # is the answer for as long as its version is: the serving process keeps it.
+        before = -1 if not cacheable or controller.rates_move_with_step else controller.version
         try:
             response = await handler.unary_unary(request, context)
-            self._send((wire.END, cid, 0, "", handler.response_serializer(response)))
+            version = before if before >= 0 and controller.version == before else -1
+            self._send((wire.END, cid, 0, "", handler.response_serializer(response), version))
         except asyncio.CancelledError:
             pass  # the caller went away (or the link ended): nobody to answer
         except _Abort:
-            self._send((wire.END, cid, context.code.value[0], context.details, None))
+            self._send((wire.END, cid, context.code.value[0], context.details, None, -1))
         except Exception as exc:  # past status.py's guard: grpc would answer UNKNOWN
             log.exception("lrctl: forwarded call %s failed", cid)
-            self._send((wire.END, cid, grpc.StatusCode.UNKNOWN.value[0], f"Exception calling application: {exc!r}", None))
+            self._send((wire.END, cid, grpc.StatusCode.UNKNOWN.value[0], f"Exception calling application: {exc!r}", None, -1))
         finally:
             self._calls.pop(cid, None)
 
@@ -248,14 +285,14 @@ class ServingProcess:
                 if serialize is None:
                     serialize = type(response).SerializeToString
                 self._send((wire.RESPONSE, cid, serialize(response)))
-            self._send((wire.END, cid, 0, "", None))
+            self._send((wire.END, cid, 0, "", None, -1))
         except asyncio.CancelledError:
             pass
         except _Abort:
-            self._send((wire.END, cid, context.code.value[0], context.details, None))
+            self._send((wire.END, cid, context.code.value[0], context.details, None, -1))
         except Exception as exc:
             log.exception("lrctl: forwarded stream %s failed", cid)
-            self._send((wire.END, cid, grpc.StatusCode.UNKNOWN.value[0], f"Exception calling application: {exc!r}", None))
+            self._send((wire.END, cid, grpc.StatusCode.UNKNOWN.value[0], f"Exception calling application: {exc!r}", None, -1))
         finally:
             await responses.aclose()
             self._calls.pop(cid, None)
@@ -268,6 +305,7 @@ class ServingProcess:
             return
         self._stopped = True
         self._closing = True
+        self._hook.remove()
         self._loop.call_soon_threadsafe(self._send, (wire.QUIT, float(grace)))
         try:
             self.process.wait(grace + 30)
@@ -282,6 +320,8 @@ class ServingProcess:
             self._loop.call_soon_threadsafe(close)
             _stop_loop(self._loop, self._thread)
             self._sock.close()
+            self._shared.close()
+            os.close(self._shared_fd)
 
 
 def _decode(handler: Any, body: bytes | None) -> Any:

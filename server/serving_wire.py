@@ -15,10 +15,18 @@ serving -> training
 training -> serving
   ("H", id, metadata)           the call's initial metadata (Lockstep)
   ("M", id, response bytes)     a message of a call's response stream
-  ("E", id, code, details, response bytes or None)   the call ends with status `code`
+  ("E", id, code, details, response bytes or None, version)   the call ends with status
+                                `code`; `version` >= 0: a CACHEABLE read's answer, valid
+                                while the published version is this one (see below)
   ("Q", grace s)                stop serving: drain for `grace` s, then exit
 The very first frame, training -> serving, is the pickled configuration (address,
 tokens, TLS): it goes over the socket, never through argv or the environment.
+
+Besides the socket, the training process publishes its step counter and config version
+in a few bytes of shared memory (a memfd), written by a step pre-hook that runs after
+lrctl's own: the serving process answers a repeated read from the answer it kept, for
+as long as the version it was computed at is the one in force (and no schedule moves
+rates with the step), with the step brought up to date, without the training process.
 """
 
 from __future__ import annotations
@@ -83,3 +91,37 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
         return marshal.loads(await reader.readexactly(n))
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
+
+
+# -- the published step and version (shared memory, written by the training process) --
+# A seqlock: the writer makes `seq` odd, writes step and version, makes it even again;
+# a reader retries while it is odd or changed under it. One writer at a time (a lock
+# in the training process).
+SHARED = struct.Struct("<qqq")  # seq, step, version
+SHARED_BYTES = 64
+# The reads whose answers the serving process may keep for the version they were
+# computed at (their rates do not depend on the step when no schedule is in force), and
+# whether the answer carries a `step` field to bring up to date.
+CACHEABLE = {
+    "/lrctl.v1.LearningRateControl/GetLearningRates": True,
+    "/lrctl.v1.LearningRateControl/GetSchedules": True,
+    "/lrctl.v1.LearningRateControl/ListParameters": False,
+}
+WRITES = ("/lrctl.v1.LearningRateControl/SetLearningRates",
+          "/lrctl.v1.LearningRateControl/SetSchedules",
+          "/lrctl.v1.LearningRateControl/ClearSchedules")
+
+
+def read_shared(buffer: Any) -> tuple[int, int]:
+    """(step, version) as last published."""
+    while True:
+        seq, step, version = SHARED.unpack_from(buffer, 0)
+        if not seq & 1 and SHARED.unpack_from(buffer, 0)[0] == seq:
+            return step, version
+
+
+def write_shared(buffer: Any, step: int, version: int) -> None:
+    seq = SHARED.unpack_from(buffer, 0)[0]
+    struct.pack_into("<q", buffer, 0, seq + 1)
+    struct.pack_into("<qq", buffer, 8, step, version)
+    struct.pack_into("<q", buffer, 0, seq + 2)

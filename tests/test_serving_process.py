@@ -143,3 +143,125 @@ def test_the_serving_process_dies_with_the_training_process() -> None:
     finally:
         worker.kill()
         worker.wait()
+
+
+# -- reads answered in the serving process -------------------------------------------
+
+def _forwarded(s: Served, method: str) -> int:
+    """Calls of `method` the training process answered (OK) so far."""
+    return s.ctl._server.requests.snapshot().get((f"lrctl.v1.LearningRateControl/{method}", "OK"), 0)
+
+
+def _both_served() -> tuple[Served, Served]:
+    made = []
+    for serving in ("inprocess", "process"):
+        model = seed_model()
+        optimizer = per_parameter_optimizer(model)
+        made.append(Served(model, optimizer, attach(model, optimizer, address="127.0.0.1:0", serving=serving)))
+    return made[0], made[1]
+
+
+_READS = [
+    ("GetLearningRates", pb.GetLearningRatesRequest()),
+    ("GetLearningRates", pb.GetLearningRatesRequest(selectors=["*.weight"])),
+    ("GetLearningRates", pb.GetLearningRatesRequest(page_size=2)),
+    ("GetSchedules", pb.GetSchedulesRequest()),
+    ("ListParameters", pb.ListParametersRequest()),
+    ("ListParameters", pb.ListParametersRequest(view=pb.PARAMETER_VIEW_NAMES, page_size=2)),
+    ("ListPending", pb.ListPendingRequest()),
+]
+
+
+def _same(message):
+    """The answer without what differs between two jobs: when and from which port."""
+    if isinstance(message, pb.ListPendingResponse):
+        for change in message.changes:
+            change.ClearField("requested_at")
+            change.ClearField("peer")
+    return message
+
+
+def test_reads_from_the_serving_process_equal_the_in_process_answers() -> None:
+    inproc, proc = _both_served()
+    try:
+        for s in (inproc, proc):
+            s.stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("*.weight", 0.125)]), timeout=10)
+            s.step(2)
+            s.stub.SetLearningRates(pb.SetLearningRatesRequest(
+                updates=[absolute("*.bias", 0.5)], at_step=100), timeout=10)
+        for method, request in _READS:
+            want = _same(getattr(inproc.stub, method)(request, timeout=10))
+            before = _forwarded(proc, method)
+            first = _same(getattr(proc.stub, method)(request, timeout=10))
+            again = _same(getattr(proc.stub, method)(request, timeout=10))
+            assert first == want, method
+            assert again == want, method
+            if method != "ListPending":  # ListPending is always forwarded
+                assert _forwarded(proc, method) == before + 1, f"{method}: the repeat was not kept"
+        # A step later: the kept answers carry the new step; a change: they are dropped.
+        for s in (inproc, proc):
+            s.step()
+        for method, request in _READS[:4]:
+            assert getattr(proc.stub, method)(request, timeout=10) == getattr(inproc.stub, method)(request, timeout=10)
+        for s in (inproc, proc):
+            s.stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("*", 0.75)]), timeout=10)
+            s.step()
+        for method, request in _READS:
+            assert _same(getattr(proc.stub, method)(request, timeout=10)) == _same(
+                getattr(inproc.stub, method)(request, timeout=10)), method
+        assert set(proc.rates().values()) == {0.75}
+        status = [s.stub.GetStatus(pb.GetStatusRequest(), timeout=10) for s in (inproc, proc)]
+        for field in ("step", "version", "num_parameters", "num_distinct_lrs", "pending_changes", "state"):
+            assert getattr(status[0], field) == getattr(status[1], field), field
+    finally:
+        inproc.close()
+        proc.close()
+
+
+def test_a_waiting_set_is_read_back_at_once(process_served: Served) -> None:
+    """Read-your-writes: the answer to a waiting Set names a version the serving
+    process has not yet seen published; it must not answer from an older one."""
+    from conftest import Trainer
+
+    s = process_served
+    trainer = Trainer(s.model, s.optimizer).start()
+    try:
+        for k in range(1, 21):
+            value = k / 64
+            s.stub.GetLearningRates(pb.GetLearningRatesRequest(), timeout=10)  # kept
+            reply = s.stub.SetLearningRates(pb.SetLearningRatesRequest(
+                updates=[absolute("*", value)], wait=True), timeout=PATIENCE_S)
+            assert reply.applied
+            got = s.stub.GetLearningRates(pb.GetLearningRatesRequest(), timeout=10)
+            assert got.version >= reply.version
+            assert {r.lr for r in got.rates} == {value}
+    finally:
+        trainer.stop()
+    assert not trainer.errors
+
+
+def test_rates_that_move_with_the_step_are_never_kept(process_served: Served) -> None:
+    s = process_served
+    s.stub.SetSchedules(pb.SetSchedulesRequest(schedules=[pb.ScheduleAssignment(
+        selector="*", schedule=pb.Schedule(step=pb.StepSchedule(gamma=0.5, step_size=1)))]), timeout=10)
+    s.step()
+    before = _forwarded(s, "GetLearningRates")
+    first = s.stub.GetLearningRates(pb.GetLearningRatesRequest(), timeout=10)
+    s.step()
+    second = s.stub.GetLearningRates(pb.GetLearningRatesRequest(), timeout=10)
+    assert _forwarded(s, "GetLearningRates") == before + 2
+    assert second.step == first.step + 1
+    assert [r.lr * 0.5 for r in first.rates] == [r.lr for r in second.rates]
+
+
+def test_a_version_changed_between_steps_is_published(process_served: Served) -> None:
+    s = process_served
+    s.step()
+    state = s.ctl.state_dict()
+    s.stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("*", 0.375)]), timeout=10)
+    s.step()
+    assert set(s.rates().values()) == {0.375}
+    assert set(s.rates().values()) == {0.375}  # kept
+    s.ctl.load_state_dict(state)  # no step: only the 0.1 s check publishes it
+    wait_for(lambda: set(s.rates().values()) != {0.375}, "the restored rates to be read")
+    assert s.rates() == {n: float(lr) for n, lr in group_lrs(s.model, s.optimizer).items()}
