@@ -19,6 +19,7 @@ if this process dies, the serving process sees its link end and exits.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import marshal
 import mmap
@@ -45,7 +46,8 @@ MODES = ("inprocess", "process")
 _START_TIMEOUT_S = 120.0
 # How often the published step and version are checked against the controller's (a
 # version changed between steps, e.g. by load_state_dict, is seen within this).
-_CHECK_S = 0.1  # importing grpc on a loaded 2-core machine can take a while
+_CHECK_S = 0.1
+_WIRE_ENTRIES = 64  # encoded stream messages kept: the events of the last few steps  # importing grpc on a loaded 2-core machine can take a while
 
 
 def serving_mode(value: str | None) -> str:
@@ -116,6 +118,7 @@ class ServingProcess:
         self.requests = RequestCounts()
         self._service = service
         self._calls: dict[int, tuple[asyncio.Task, Optional[asyncio.Queue]]] = {}
+        self._wire: collections.OrderedDict[int, tuple[Any, bytes]] = collections.OrderedDict()
         self._closing = False
         self._stopped = False
         self._writer: asyncio.StreamWriter | None = None
@@ -278,13 +281,22 @@ class ServingProcess:
         finally:
             self._calls.pop(cid, None)
 
+    def _encoded(self, message: Any) -> bytes:
+        """message's bytes, made once for all the streams that send the same message
+        (the service shares one MetricsEvent per step among WatchMetrics streams)."""
+        hit = self._wire.get(id(message))
+        if hit is not None and hit[0] is message:
+            return hit[1]
+        body = message.SerializeToString()
+        self._wire[id(message)] = (message, body)  # holding it keeps its id unique
+        if len(self._wire) > _WIRE_ENTRIES:
+            self._wire.popitem(last=False)
+        return body
+
     async def _stream(self, cid: int, responses: Any, context: _Context) -> None:
-        serialize = None
         try:
             async for response in responses:
-                if serialize is None:
-                    serialize = type(response).SerializeToString
-                self._send((wire.RESPONSE, cid, serialize(response)))
+                self._send((wire.RESPONSE, cid, self._encoded(response)))
             self._send((wire.END, cid, 0, "", None, -1))
         except asyncio.CancelledError:
             pass
