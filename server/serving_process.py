@@ -121,7 +121,7 @@ class ServingProcess:
         self._wire: collections.OrderedDict[int, tuple[Any, bytes]] = collections.OrderedDict()
         self._closing = False
         self._stopped = False
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: wire.FrameProtocol | None = None
         capture = _Capture()
         pb_grpc.add_LearningRateControlServicer_to_server(service, capture)
         status = ErrorStatusInterceptor(self.requests)
@@ -211,27 +211,27 @@ class ServingProcess:
 
     # -- the link (on this process's event loop) -------------------------------------
     async def _start(self) -> None:
-        reader, self._writer = await asyncio.open_connection(sock=self._sock)
-        asyncio.ensure_future(self._read(reader))
+        self._link = wire.FrameProtocol(self._on_frame, self._on_end)
+        await self._loop.create_connection(lambda: self._link, sock=self._sock)
         self._loop.call_later(_CHECK_S, self._check_published)
 
     def _send(self, frame: tuple[Any, ...]) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(wire.pack(frame))
+        self._link.send(frame)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        while (frame := await wire.read_frame(reader)) is not None:
-            kind, cid = frame[0], frame[1]
-            if kind == wire.CALL:
-                self._begin(cid, *frame[2:])
-            elif kind == wire.REQUEST or kind == wire.HALF_CLOSE:
-                call = self._calls.get(cid)
-                if call is not None and call[1] is not None:
-                    call[1].put_nowait(frame[2] if kind == wire.REQUEST else None)
-            elif kind == wire.CANCEL:
-                call = self._calls.get(cid)
-                if call is not None:
-                    call[0].cancel()
+    def _on_frame(self, frame: tuple[Any, ...]) -> None:
+        kind, cid = frame[0], frame[1]
+        if kind == wire.CALL:
+            self._begin(cid, *frame[2:])
+        elif kind == wire.REQUEST or kind == wire.HALF_CLOSE:
+            call = self._calls.get(cid)
+            if call is not None and call[1] is not None:
+                call[1].put_nowait(frame[2] if kind == wire.REQUEST else None)
+        elif kind == wire.CANCEL:
+            call = self._calls.get(cid)
+            if call is not None:
+                call[0].cancel()
+
+    def _on_end(self) -> None:
         for task, _ in list(self._calls.values()):
             task.cancel()
         if not self._closing:
@@ -327,8 +327,8 @@ class ServingProcess:
             self.process.wait()
         finally:
             def close() -> None:
-                if self._writer is not None:
-                    self._writer.close()
+                if self._link is not None and self._link.transport is not None:
+                    self._link.transport.close()
             self._loop.call_soon_threadsafe(close)
             _stop_loop(self._loop, self._thread)
             self._sock.close()

@@ -125,3 +125,43 @@ def write_shared(buffer: Any, step: int, version: int) -> None:
     struct.pack_into("<q", buffer, 0, seq + 1)
     struct.pack_into("<qq", buffer, 8, step, version)
     struct.pack_into("<q", buffer, 0, seq + 2)
+
+
+class FrameProtocol(asyncio.Protocol):
+    """Frames from a stream socket, handed to `on_frame` as they complete (several per
+    wakeup when they come together: less Python per frame than a StreamReader);
+    `on_end` once the stream ends. `send` writes one frame."""
+
+    def __init__(self, on_frame: Any, on_end: Any) -> None:
+        self._on_frame, self._on_end = on_frame, on_end
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def send(self, frame: tuple[Any, ...]) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(pack(frame))
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        pos, end = 0, len(buffer)
+        while end - pos >= LEN.size:
+            (n,) = LEN.unpack_from(buffer, pos)
+            if n > MAX_FRAME:
+                assert self.transport is not None
+                self.transport.close()  # a corrupt stream: end the link
+                return
+            if end - pos - LEN.size < n:
+                break
+            start = pos + LEN.size
+            frame = marshal.loads(buffer[start:start + n])
+            pos = start + n
+            self._on_frame(frame)
+        del buffer[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_end()
