@@ -136,7 +136,7 @@ class ServingProcess:
 
         self._handlers = asyncio.run_coroutine_threadsafe(intercepted(), self._loop).result()
         self._controller = controller = service._controller
-        self._shared_fd = os.memfd_create("lrctl-serving", 0)  # inheritable only via pass_fds
+        self._shared_fd = os.memfd_create("lrctl-serving")  # close-on-exec: only pass_fds hands it on
         os.ftruncate(self._shared_fd, wire.SHARED_BYTES)
         self._shared = mmap.mmap(self._shared_fd, wire.SHARED_BYTES)
         self._shared_lock = threading.Lock()
