@@ -318,6 +318,10 @@ class Controller(ControllerState):
         # metrics' steps per second); bounded, so the hook's cost is one append.
         self._step_times: deque[float] = deque(maxlen=STEP_WINDOW)
         self._on_step = tuple(on_step)
+        # Called at the end of every step hook, once this boundary's changes are in (the
+        # serving process's published step and version). A tuple, replaced whole: a
+        # close() on another thread never mutates what a step is iterating.
+        self._after_step: tuple[Callable[[], None], ...] = ()
         # The lockstep controller's gate (lrctl.server.lockstep), if one is attached;
         # without one, the hook's whole cost for lockstep is the test of this attribute.
         self._gate: LockstepGate | None = None
@@ -389,6 +393,16 @@ class Controller(ControllerState):
     @property
     def version(self) -> int:
         return self._version
+
+    def add_after_step(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` at the end of every step hook (training thread; it must be
+        cheap and must not raise)."""
+        with self._lock:
+            self._after_step = (*self._after_step, callback)
+
+    def remove_after_step(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._after_step = tuple(c for c in self._after_step if c is not callback)
 
     @property
     def rates_move_with_step(self) -> bool:
@@ -784,6 +798,8 @@ class Controller(ControllerState):
                 self._apply_due(step)
             if self._table.scheduled or self._table.driven:
                 self._tick(step)
+        for after in self._after_step:
+            after()
         return None
 
     def _apply_due(self, step: int) -> None:

@@ -141,9 +141,10 @@ class ServingProcess:
         self._shared = mmap.mmap(self._shared_fd, wire.SHARED_BYTES)
         self._shared_lock = threading.Lock()
         self._publish()
-        # After lrctl's own pre-hook (registered earlier, so run earlier): the step and
-        # the version that this boundary's changes made.
-        self._hook = controller.optimizer.register_step_pre_hook(lambda *_: self._publish())
+        # At the end of lrctl's step hook: the step and the version that this boundary's
+        # changes made. (Not a step hook of our own: removing one at close() from another
+        # thread, while a step is held in lockstep, would break that step's iteration.)
+        controller.add_after_step(self._publish)
         self._sock, child = socket.socketpair()
         try:
             # A plain subprocess of this interpreter: multiprocessing's spawn would import
@@ -173,8 +174,11 @@ class ServingProcess:
         """Write the controller's step and version where the serving process reads them
         (the step hook: ~1 us; and a 0.1 s check, for versions changed between steps)."""
         controller = self._controller
-        with self._shared_lock:
-            wire.write_shared(self._shared, controller.step, controller.version)
+        try:
+            with self._shared_lock:
+                wire.write_shared(self._shared, controller.step, controller.version)
+        except ValueError:  # closed meanwhile (a step racing close()): nothing to publish to
+            pass
 
     def _check_published(self) -> None:
         if self._stopped:
@@ -184,7 +188,7 @@ class ServingProcess:
         self._loop.call_later(_CHECK_S, self._check_published)
 
     def _abandon(self) -> None:
-        self._hook.remove()
+        self._controller.remove_after_step(self._publish)
         try:
             self._sock.close()
         finally:
@@ -317,7 +321,7 @@ class ServingProcess:
             return
         self._stopped = True
         self._closing = True
-        self._hook.remove()
+        self._controller.remove_after_step(self._publish)
         self._loop.call_soon_threadsafe(self._send, (wire.QUIT, float(grace)))
         try:
             self.process.wait(grace + 30)
