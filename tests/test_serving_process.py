@@ -265,3 +265,28 @@ def test_a_version_changed_between_steps_is_published(process_served: Served) ->
     s.ctl.load_state_dict(state)  # no step: only the 0.1 s check publishes it
     wait_for(lambda: set(s.rates().values()) != {0.375}, "the restored rates to be read")
     assert s.rates() == {n: float(lr) for n, lr in group_lrs(s.model, s.optimizer).items()}
+
+
+def test_closing_while_lockstep_holds_a_step_lets_the_step_finish(process_served: Served) -> None:
+    import threading
+
+    from lrctl.client.client import LRClient
+
+    s = process_served
+    errors: list[BaseException] = []
+
+    def one_step() -> None:
+        try:
+            s.step()
+        except BaseException as exc:  # the step must finish cleanly
+            errors.append(exc)
+
+    with LRClient(s.ctl.address, timeout=PATIENCE_S) as client:
+        session = client.lockstep(every=1, timeout=60)
+        training = threading.Thread(target=one_step)
+        training.start()
+        next(session)  # the step is held at its boundary
+        s.ctl.close(grace=0.5)
+        training.join(PATIENCE_S)
+    assert not training.is_alive(), "training stalled"
+    assert not errors
