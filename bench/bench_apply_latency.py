@@ -20,6 +20,7 @@ the ms to the acknowledgement is about the time to that boundary.
 
     python bench/bench_apply_latency.py            # 40 Sets, ~10 s
     python bench/bench_apply_latency.py --quick    # a smoke run (CI): 8 Sets
+    python bench/bench_apply_latency.py --serving process   # attach(serving="process")
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[float], list[tuple[f
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     boundaries: list[float] = []  # boundaries[k]: when step k's pre-hooks began
     opt.register_step_pre_hook(lambda *a: boundaries.append(time.monotonic()))
-    ctl = attach(model, opt, address="127.0.0.1:0")
+    ctl = attach(model, opt, address="127.0.0.1:0", serving=args.serving)
 
     submits = record_submits(ctl.controller)
 
@@ -158,6 +159,8 @@ def main() -> None:
     parser.add_argument("--sets", type=int, default=40)
     parser.add_argument("--period", type=float, default=0.05, help="step period in seconds (sleep-padded)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serving", choices=("inprocess", "process"), default="inprocess",
+                        help="attach(serving=...): the in-process server or a serving process")
     parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:

@@ -75,8 +75,25 @@ LOAD_CLIENT = Path(__file__).resolve().with_name("load_client.py")
 KINDS: dict[str, Callable[[nn.Module, torch.optim.Optimizer], Any]] = {
     "attach": lambda model, opt: attach(model, opt, address="127.0.0.1:0"),
     "forward": ForwardingServed,
+    "process": lambda model, opt: attach(model, opt, address="127.0.0.1:0", serving="process"),
 }
 TARGETS = {0: 1.01, 100: 1.03}  # rate -> the issue's bound on the ratio to base
+
+
+def helper_cpu(ctl: Any) -> float:
+    """CPU seconds so far of the process that serves for `ctl`, if it is another one
+    (forward's sidecar, serving="process"'s serving process); else 0."""
+    if hasattr(ctl, "sidecar_cpu"):
+        return ctl.sidecar_cpu()
+    process = getattr(getattr(ctl, "_server", None), "process", None)
+    if process is None:
+        return 0.0
+    try:
+        with open(f"/proc/{process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def make_mlp(width: int, depth: int) -> nn.Module:
@@ -195,6 +212,8 @@ class Config:
     kind: str | None  # None: no lrctl
     rate: float | None  # None: no client
     mix: str = "mixed"  # or "echo": health Checks only
+    watchers: int = 0  # WatchMetrics streams read meanwhile (the loop reports its loss)
+    watch_events: int = 0
     ratios: list[float] = field(default_factory=list)
     means: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
@@ -251,10 +270,11 @@ class Bench:
         try:
             if config.rate:
                 address = ctl.address if ctl is not None else self.sidecar_address()
-                client.ask(cmd="load", address=address, rate=config.rate, mix=config.mix)
+                client.ask(cmd="load", address=address, rate=config.rate, mix=config.mix,
+                           watchers=config.watchers)
                 load_start = time.perf_counter()
                 cpu_start = thread_cpu()
-                sidecar_start = ctl.sidecar_cpu() if hasattr(ctl, "sidecar_cpu") else 0.0
+                sidecar_start = helper_cpu(ctl)
             times = []
             for k in range(args.warmup + args.steps):
                 if k == args.warmup:
@@ -264,6 +284,8 @@ class Bench:
                 opt.zero_grad(set_to_none=True)
                 loss = nn.functional.mse_loss(model(x), y)
                 loss.backward()
+                if config.watchers:
+                    ctl.report(loss)
                 opt.step()
                 times.append(time.perf_counter() - t0)
             sched1, wall1 = main_thread_sched(), time.perf_counter()
@@ -273,8 +295,7 @@ class Bench:
                                  (wall1 - wall0 - on_cpu - runq) * per_step))
             if config.rate:
                 cpu_end = thread_cpu()
-                if hasattr(ctl, "sidecar_cpu"):
-                    config.sidecar_cpu += ctl.sidecar_cpu() - sidecar_start
+                config.sidecar_cpu += helper_cpu(ctl) - sidecar_start
                 stats = client.ask(cmd="stop")
                 if stats.get("failure"):
                     raise RuntimeError(f"load client's stream failed: {stats['failure']}")
@@ -282,6 +303,7 @@ class Bench:
                 config.c_cpu += cpu_end[1] - cpu_start[1]
                 config.load_seconds += time.perf_counter() - load_start
                 config.sent += sum(stats["sent"].values())
+                config.watch_events += sum(stats.get("watch_events", ()))
                 config.errors += sum(stats["errors"].values())
                 config.error_examples += stats["error_examples"][: 3 - len(config.error_examples)]
                 config.late_max_ms = max(config.late_max_ms, stats["late_max_ms"])
@@ -298,6 +320,8 @@ class Bench:
         for kind in args.kinds:
             configs.append(Config(f"{kind} idle", kind, None))
             configs += [Config(f"{kind} {r:g}rps", kind, r) for r in args.rates]
+            if args.watchers and kind != "forward":
+                configs.append(Config(f"{kind} watch{args.watchers}+100rps", kind, 100.0, watchers=args.watchers))
             if args.echo_rate:
                 configs.append(Config(f"{kind} echo{args.echo_rate:g}", kind, args.echo_rate, "echo"))
         if args.sidecar_rate:
@@ -370,6 +394,10 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
           f"base's. req/s: the rate achieved. py us/req: CPU time of the server's Python threads per "
           f"request, all of it under the GIL; C us/req: CPU time of gRPC's C threads per request.)")
     for c in configs:
+        if c.watchers and c.load_seconds:
+            steps_per_s = 1e3 / (statistics.median(c.means) * 1e3)
+            print(f"{c.label}: {c.watch_events / c.load_seconds / max(c.watchers, 1):.1f} events/s per "
+                  f"stream read (about {steps_per_s:.0f} steps/s)")
         if c.sidecar_cpu and c.sent:
             print(f"{c.label}: the sidecar process used {c.sidecar_cpu / c.sent * 1e6:.0f} us CPU per "
                   "request (py/C us/req above: this process's forwarding thread and the rest)")
@@ -403,6 +431,9 @@ def main() -> None:
     parser.add_argument("--echo-rate", type=float, default=100.0,
                         help="also run each kind with a stream of bare health Checks at this rate "
                         "(the floor any handler pays); 0: no such configuration")
+    parser.add_argument("--watchers", type=int, default=4,
+                        help="also run each kind (but forward) with this many WatchMetrics streams "
+                             "read while the loop reports its loss every step, plus 100 requests/s (0: off)")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval for the whole run (default: Python's, 0.005 s)")
     parser.add_argument("--sidecar-rate", type=float, default=100.0,

@@ -10,6 +10,7 @@ benchmark over its stdin/stdout, one JSON object per line:
       the earlier ones have been answered. Replies {"started": true} once the stream
       runs; keeps sending until the next command ("stop"), or for S seconds if given.
       With M "echo" the stream is health Checks only: the cost of the bare gRPC server.
+      With "watchers": W, W WatchMetrics streams (from now) are read meanwhile too.
   {"cmd": "stop"}
       Stop the stream, wait for answers in flight, close the channel, and reply with
       counts per kind, errors, and how late the pacer issued requests.
@@ -108,6 +109,34 @@ class Target:
 
     def close(self) -> None:
         self.channel.close()
+
+
+class Watchers:
+    """W WatchMetrics streams, each read on a thread of its own, until stop()."""
+
+    def __init__(self, target: Target, count: int) -> None:
+        self.calls = [target.stub.WatchMetrics(pb.WatchMetricsRequest(), metadata=METADATA)
+                      for _ in range(count)]
+        self.events = [0] * count
+        self.dropped = 0
+        self.threads = [threading.Thread(target=self._read, args=(k,), daemon=True) for k in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _read(self, k: int) -> None:
+        try:
+            for event in self.calls[k]:
+                self.events[k] += 1
+                self.dropped += event.dropped
+        except grpc.RpcError:
+            pass  # cancelled by stop()
+
+    def stop(self) -> dict[str, Any]:
+        for call in self.calls:
+            call.cancel()
+        for thread in self.threads:
+            thread.join(10)
+        return {"watch_events": self.events, "watch_dropped": self.dropped}
 
 
 class LoadStream:
@@ -224,6 +253,7 @@ def reply(obj: dict[str, Any]) -> None:
 def main() -> None:
     target: Target | None = None
     stream: LoadStream | None = None
+    watchers: Watchers | None = None
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -232,11 +262,15 @@ def main() -> None:
         try:
             if cmd == "load":
                 target = Target(msg["address"])
+                watchers = Watchers(target, int(msg.get("watchers", 0)))
                 stream = LoadStream(target, float(msg["rate"]), msg.get("seconds"), msg.get("mix", "mixed"))
                 stream.start()
                 reply({"started": True})
             elif cmd == "stop":
                 stats = stream.stop() if stream is not None else {}
+                if watchers is not None:
+                    stats.update(watchers.stop())
+                watchers = None
                 if target is not None:
                     target.close()
                 stream = target = None

@@ -33,6 +33,7 @@ from lrctl.server.guardrails import Guardrails
 from lrctl.server import metrics as metrics_module
 from lrctl.server.metrics import MetricsServer, MetricsSource
 from lrctl.server.service import LearningRateControlService
+from lrctl.server.serving_process import ServingProcess, serving_mode
 from lrctl.common.errors import LrctlError
 from lrctl.server.param_stats import DEFAULT_STATS, ParamStats
 from lrctl.server.telemetry import (
@@ -59,7 +60,7 @@ class LRControl:
     """
 
     def __init__(
-        self, controller: Controller, server: BuiltServer | None, resume: Resume,
+        self, controller: Controller, server: BuiltServer | ServingProcess | None, resume: Resume,
         audit: AuditLog | None = None, service: LearningRateControlService | None = None,
         metrics: MetricsServer | None = None, replayer: Replayer | None = None,
         stats: ParamStats | None = None, plateau: AdoptedScheduler | None = None,
@@ -300,6 +301,7 @@ def attach(
     events_max_bytes: int = DEFAULT_RING_BYTES,
     watch_limits: WatchLimits | None = None,
     plateau_metric: str | None = None,
+    serving: str | None = None,
 ) -> LRControl:
     """Attach lrctl to a model's parameters and its optimizer, and start serving.
 
@@ -394,7 +396,15 @@ def attach(
     0, K, 2K, ...: `stats` from grad_norm, param_norm, update_ratio, grad_sq_sum,
     max_dist, update_dot, descent_cos (lrctl.server.param_stats; default the first three), per name,
     or per group with `stats_groups` ({"encoder": "encoder.*", "head": ["head.*"]}).
+
+    `serving` (default: $LRCTL_SERVING, else "inprocess"): "inprocess" runs the gRPC
+    server on a thread of this process; "process" runs it in a serving process of its
+    own (no torch in it; it exits with this one) that forwards the calls here
+    (lrctl.server.serving_process; README "Serving"), so that grpc's per-request
+    machinery does not run under the training process's GIL.
     """
+    if serve:
+        serving = serving_mode(serving)
     if tokens is None and serve:
         tokens = Tokens.from_env()
     if tls is None and serve:
@@ -501,14 +511,18 @@ def attach(
             expensive_queued=expensive_queued,
             watch_limits=watch_limits,
         )
-        server = build_server(
-            [lambda s: lrctl_pb2_grpc.add_LearningRateControlServicer_to_server(service, s)],
-            address=address,
-            insecure=insecure,
-            tokens=tokens,
-            tls=tls or None,
-            max_workers=max_workers,
-        )
+        if serving == "process":
+            server = ServingProcess(service, address=address, insecure=insecure, tokens=tokens,
+                                    tls=tls or None, max_workers=max_workers)
+        else:
+            server = build_server(
+                [lambda s: lrctl_pb2_grpc.add_LearningRateControlServicer_to_server(service, s)],
+                address=address,
+                insecure=insecure,
+                tokens=tokens,
+                tls=tls or None,
+                max_workers=max_workers,
+            )
         if metrics_address is not None:
             source = MetricsSource(controller, metrics_selectors, server.requests.snapshot)
             metrics = MetricsServer(metrics_address, source, insecure=metrics_insecure)

@@ -323,6 +323,10 @@ class Controller(ControllerState):
         self._step_times: deque[float] = deque(maxlen=STEP_WINDOW)
         self._on_step = tuple(on_step)
         self._schedule_moves = schedule_moves
+        # Called at the end of every step hook, once this boundary's changes are in (the
+        # serving process's published step and version). A tuple, replaced whole: a
+        # close() on another thread never mutates what a step is iterating.
+        self._after_step: tuple[Callable[[], None], ...] = ()
         # The lockstep controller's gate (lrctl.server.lockstep), if one is attached;
         # without one, the hook's whole cost for lockstep is the test of this attribute.
         self._gate: LockstepGate | None = None
@@ -394,6 +398,23 @@ class Controller(ControllerState):
     @property
     def version(self) -> int:
         return self._version
+
+    def add_after_step(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` at the end of every step hook (training thread; it must be
+        cheap and must not raise)."""
+        with self._lock:
+            self._after_step = (*self._after_step, callback)
+
+    def remove_after_step(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._after_step = tuple(c for c in self._after_step if c is not callback)
+
+    @property
+    def rates_move_with_step(self) -> bool:
+        """True while a schedule (or an adopted scheduler) moves some rate with the step:
+        then a read's rates are those of one step only."""
+        table = self._table
+        return bool(table.scheduled or table.driven)
 
     @property
     def pending_count(self) -> int:
@@ -784,6 +805,8 @@ class Controller(ControllerState):
                 self._apply_due(step)
             if self._table.scheduled or self._table.driven:
                 self._tick(step)
+        for after in self._after_step:
+            after()
         return None
 
     def _record_moves(self, step: int) -> None:

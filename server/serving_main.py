@@ -1,0 +1,256 @@
+"""The serving process of attach(serving="process"): `python -m lrctl.server.serving_main --fd N`.
+
+It owns the gRPC server, built by the one factory (bind, TLS, tokens and roles, health,
+reflection, max concurrent calls), and forwards each LearningRateControl call to the
+training process over the socket it was given (lrctl.server.serving_wire), so that
+grpc's own serving machinery (~70% of the server's Python time, bench/README.md
+section 3) runs here and not under the training process's GIL.
+
+It imports neither torch nor the controller, and lives exactly as long as its link:
+when the training process closes it (close(grace): drain, then exit) or dies (end of
+stream: stop at once), this process stops serving and exits. SIGINT and SIGTERM are
+ignored: a Ctrl-C or a `kill` of the process group is the training process's to handle
+(it closes its link, which stops this one), not a way to leave a job unserved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import mmap
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+from typing import Any, AsyncIterator
+
+import grpc
+
+from lrctl.server import serving_wire as wire
+from lrctl.server.factory import SERVICE_NAME, build_server
+from lrctl.v1 import lrctl_pb2
+
+log = logging.getLogger("lrctl.serving")
+_CODES = {s.value[0]: s for s in grpc.StatusCode}
+_GONE = "the training process is not answering (it exited, or is closing)"
+_CACHE_ENTRIES = 256
+_STEPPED = {
+    "/lrctl.v1.LearningRateControl/GetLearningRates": lrctl_pb2.GetLearningRatesResponse,
+    "/lrctl.v1.LearningRateControl/GetSchedules": lrctl_pb2.GetSchedulesResponse,
+}
+
+
+class _Link:
+    """This end of the socket; everything runs on the server's event loop."""
+
+    def __init__(self, shared: Any) -> None:
+        self.shared = shared  # the training process's published step and version
+        # (method, request bytes) -> (version, response bytes, message type to set the step of)
+        self.cache: dict[tuple[str, bytes], tuple[int, bytes, Any]] = {}
+        self.acked = 0  # the newest version a write's answer named: never answer older
+        self.hits = 0
+        self._ids = itertools.count(1)
+        self.calls: dict[int, asyncio.Queue[tuple[Any, ...] | None]] = {}
+        self.writer: asyncio.StreamWriter | None = None
+        self.closed = False
+        self.quit: threading.Event = threading.Event()
+        self.grace: float | None = None  # None: the training process died
+
+    async def start(self, sock: socket.socket) -> None:
+        reader, self.writer = await asyncio.open_connection(sock=sock)
+        asyncio.ensure_future(self._read(reader))
+
+    def send(self, frame: tuple[Any, ...]) -> None:
+        if not self.closed and self.writer is not None:
+            self.writer.write(wire.pack(frame))
+
+    def open(self, method: str, context: grpc.aio.ServicerContext, request: bytes | None) -> tuple[int, asyncio.Queue]:
+        cid, queue = next(self._ids), asyncio.Queue()
+        self.calls[cid] = queue
+        if self.closed:
+            queue.put_nowait(None)
+            return cid, queue
+        metadata = tuple((k, v) for k, v in context.invocation_metadata() or ())
+        remaining = context.time_remaining()
+        if remaining is None or remaining > wire.NO_DEADLINE_S:
+            remaining = -1.0
+        self.send((wire.CALL, cid, method, metadata, context.peer(), float(remaining), request))
+        return cid, queue
+
+    def cached(self, method: str, request: bytes) -> bytes | None:
+        """The kept answer to this exact request if the version it was computed at is
+        still in force (and no newer than a write acknowledged), its step brought up to
+        date; else None."""
+        entry = self.cache.get((method, request))
+        if entry is None:
+            return None
+        version, body, message_type = entry
+        step, published = wire.read_shared(self.shared)
+        if version != published or version < self.acked:
+            return None
+        self.hits += 1
+        if message_type is None:
+            return body
+        message = message_type.FromString(body)
+        message.step = step
+        return message.SerializeToString()
+
+    def keep(self, method: str, request: bytes, version: int, body: bytes, message_type: Any) -> None:
+        if len(self.cache) >= _CACHE_ENTRIES:
+            self.cache.clear()  # entries of old versions, mostly: start again
+        self.cache[(method, request)] = (version, body, message_type)
+
+    def finish(self, cid: int, ended: bool) -> None:
+        if self.calls.pop(cid, None) is not None and not ended:
+            self.send((wire.CANCEL, cid))  # a waiting Set withdraws its change
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while (frame := await wire.read_frame(reader)) is not None:
+            kind = frame[0]
+            if kind == wire.QUIT:
+                self.grace = frame[1]
+                self.quit.set()
+                continue
+            queue = self.calls.get(frame[1])
+            if queue is not None:
+                queue.put_nowait(frame)
+        self.closed = True
+        for queue in self.calls.values():
+            queue.put_nowait(None)
+        self.quit.set()
+
+
+async def _end(context: grpc.aio.ServicerContext, frame: tuple[Any, ...] | None) -> None:
+    """Abort the call as the training process ended it (or UNAVAILABLE: it is gone)."""
+    if frame is None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, _GONE)
+    code = _CODES.get(frame[2], grpc.StatusCode.UNKNOWN)
+    if code is not grpc.StatusCode.OK:
+        await context.abort(code, frame[3])
+
+
+def _handlers(link: _Link) -> grpc.GenericRpcHandler:
+    """A bytes-in, bytes-out handler for every method of the service, of its own shape."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for m in lrctl_pb2.DESCRIPTOR.services_by_name["LearningRateControl"].methods:
+        method = f"/{SERVICE_NAME}/{m.name}"
+        if m.client_streaming:
+            handlers[method] = grpc.stream_stream_rpc_method_handler(_bidi(link, method))
+        elif m.server_streaming:
+            handlers[method] = grpc.unary_stream_rpc_method_handler(_server_stream(link, method))
+        else:
+            handlers[method] = grpc.unary_unary_rpc_method_handler(_unary(link, method))
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {k.rsplit("/", 1)[1]: v for k, v in handlers.items()})
+
+
+def _unary(link: _Link, method: str) -> Any:
+    cacheable = method in wire.CACHEABLE
+    message_type = _STEPPED.get(method)
+    write = method in wire.WRITES
+
+    async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if cacheable:
+            answer = link.cached(method, request)
+            if answer is not None:
+                return answer
+        cid, queue = link.open(method, context, request)
+        ended = False
+        try:
+            frame = await queue.get()
+            ended = frame is not None
+            await _end(context, frame)
+            assert frame is not None
+        finally:
+            link.finish(cid, ended)
+        body = frame[4]
+        if cacheable and frame[5] >= 0:
+            link.keep(method, request, frame[5], body, message_type)
+        elif write:
+            link.acked = max(link.acked, lrctl_pb2.SetLearningRatesResponse.FromString(body).version)
+        return body
+
+    return call
+
+
+async def _responses(link: _Link, cid: int, queue: asyncio.Queue, context: grpc.aio.ServicerContext,
+                     ended: list[bool]) -> AsyncIterator[bytes]:
+    while True:
+        frame = await queue.get()
+        if frame is not None and frame[0] == wire.RESPONSE:
+            yield frame[2]
+        elif frame is not None and frame[0] == wire.INITIAL_METADATA:
+            await context.send_initial_metadata(frame[2])
+        else:
+            ended[0] = frame is not None
+            await _end(context, frame)
+            return
+
+
+def _server_stream(link: _Link, method: str) -> Any:
+    async def call(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        cid, queue = link.open(method, context, request)
+        ended = [False]
+        try:
+            async for response in _responses(link, cid, queue, context, ended):
+                yield response
+        finally:
+            link.finish(cid, ended[0])
+
+    return call
+
+
+def _bidi(link: _Link, method: str) -> Any:
+    async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        cid, queue = link.open(method, context, None)
+        ended = [False]
+
+        async def pump() -> None:
+            async for request in requests:
+                link.send((wire.REQUEST, cid, request))
+            link.send((wire.HALF_CLOSE, cid))
+
+        pumping = asyncio.ensure_future(pump())
+        try:
+            async for response in _responses(link, cid, queue, context, ended):
+                yield response
+        finally:
+            pumping.cancel()
+            link.finish(cid, ended[0])
+
+    return call
+
+
+def main(fd: int, shared_fd: int) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    raw = wire.recv_raw_blocking(sock)
+    if raw is None:
+        return 0
+    config: dict[str, Any] = pickle.loads(raw)  # from our parent only (a socketpair)
+    link = _Link(mmap.mmap(shared_fd, wire.SHARED_BYTES))
+    os.close(shared_fd)
+    try:
+        built = build_server([lambda s: s.add_generic_rpc_handlers((_handlers(link),))], **config)
+    except (ValueError, OSError) as exc:
+        sock.sendall(wire.pack((wire.FAILED, type(exc).__name__, str(exc))))
+        return 1
+    try:
+        asyncio.run_coroutine_threadsafe(link.start(sock), built.loop).result()
+        built.loop.call_soon_threadsafe(link.send, (wire.STARTED, built.host, built.port, built.address))
+        link.quit.wait()
+    finally:
+        # A closing training process still answers calls in flight for `grace` s; a dead
+        # one answers nothing: stop at once (calls get UNAVAILABLE).
+        built.stop(link.grace if link.grace is not None else 0.0)
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--fd"] or sys.argv[3:4] != ["--shared-fd"] or len(sys.argv) != 5:
+        sys.exit("usage: python -m lrctl.server.serving_main --fd N --shared-fd M  (started by attach(serving='process'))")
+    sys.exit(main(int(sys.argv[2]), int(sys.argv[4])))

@@ -1,0 +1,345 @@
+"""attach(serving="process"): the training process's end of a serving process.
+
+The serving process (lrctl.server.serving_main, started with subprocess and
+sys.executable, never fork: torch and CUDA processes must not fork) owns the gRPC
+server. This module starts it, hands it the configuration, and answers the calls it
+forwards (lrctl.server.serving_wire) with the very handlers the in-process server runs:
+LearningRateControlService behind status.py's ErrorStatusInterceptor, as coroutines on
+an event loop thread of this process. So every guarantee of the in-process server
+holds as is: changes are planned, queued and applied by the same controller, a waiting
+Set is acknowledged with its step, a caller that goes away withdraws its change, and
+Lockstep holds in this process's step hook.
+
+Lifecycle: close() (LRControl.close, after the controller failed what was queued) asks
+the serving process to drain for `grace` s and waits for it to exit. If the serving
+process dies, this process logs an error once and trains on unserved (never hangs);
+if this process dies, the serving process sees its link end and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import marshal
+import mmap
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import grpc
+
+from lrctl.server import serving_wire as wire
+from lrctl.server.factory import _start_loop, _stop_loop
+from lrctl.server.status import ErrorStatusInterceptor, RequestCounts
+from lrctl.server.tls import ServerTLS
+from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
+
+log = logging.getLogger("lrctl.server")
+ENV = "LRCTL_SERVING"
+MODES = ("inprocess", "process")
+_START_TIMEOUT_S = 120.0
+# How often the published step and version are checked against the controller's (a
+# version changed between steps, e.g. by load_state_dict, is seen within this).
+_CHECK_S = 0.1
+_WIRE_ENTRIES = 64  # encoded stream messages kept: the events of the last few steps  # importing grpc on a loaded 2-core machine can take a while
+
+
+def serving_mode(value: str | None) -> str:
+    """attach's `serving`, or $LRCTL_SERVING, or "inprocess"; ValueError naming a bad one."""
+    if value is None:
+        value = os.environ.get(ENV) or "inprocess"
+    if value not in MODES:
+        raise ValueError(f"serving {value!r} is not one of {', '.join(map(repr, MODES))}"
+                         f" (attach(serving=...) or ${ENV})")
+    return value
+
+
+class _Abort(grpc.aio.AbortError):
+    """What _Context.abort raises, as grpc.aio's does."""
+
+
+class _Context:
+    """What service.py and status.py use of a grpc.aio.ServicerContext, for a forwarded call."""
+
+    def __init__(self, link: "ServingProcess", cid: int, metadata: tuple, peer: str, remaining: float) -> None:
+        self._link, self._cid = link, cid
+        self._metadata, self._peer = metadata, peer
+        self._deadline = None if remaining < 0 else time.monotonic() + remaining
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+
+    def invocation_metadata(self) -> tuple:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        self._link._send((wire.INITIAL_METADATA, self._cid, tuple((str(k), v) for k, v in metadata)))
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self.code, self.details = code, details
+        raise _Abort(details)
+
+
+class _Capture:
+    """A stand-in server that keeps the generated registration's method handlers."""
+
+    handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, name: str, handlers: dict[str, Any]) -> None:
+        self.handlers = {f"/{name}/{m}": h for m, h in handlers.items()}
+
+
+class _Details:  # a grpc.HandlerCallDetails
+    def __init__(self, method: str) -> None:
+        self.method, self.invocation_metadata = method, ()
+
+
+class ServingProcess:
+    """A started serving process and this process's answering end; the interface of
+    factory.BuiltServer that LRControl uses (address, port, tls, requests, stop)."""
+
+    def __init__(self, service: Any, *, address: str, insecure: bool = False, tokens: Any = None,
+                 tls: Optional[ServerTLS] = None, max_workers: int = 8) -> None:
+        self.tls = tls
+        self.requests = RequestCounts()
+        self._service = service
+        self._calls: dict[int, tuple[asyncio.Task, Optional[asyncio.Queue]]] = {}
+        self._wire: collections.OrderedDict[int, tuple[Any, bytes]] = collections.OrderedDict()
+        self._closing = False
+        self._stopped = False
+        self._link: wire.FrameProtocol | None = None
+        capture = _Capture()
+        pb_grpc.add_LearningRateControlServicer_to_server(service, capture)
+        status = ErrorStatusInterceptor(self.requests)
+        self._loop, self._thread = _start_loop()
+
+        async def intercepted() -> dict[str, Any]:
+            async def found(handler: Any) -> Any:
+                return handler
+
+            return {m: await status.intercept_service(lambda _d, h=h: found(h), _Details(m))
+                    for m, h in capture.handlers.items()}
+
+        self._handlers = asyncio.run_coroutine_threadsafe(intercepted(), self._loop).result()
+        self._controller = controller = service._controller
+        self._shared_fd = os.memfd_create("lrctl-serving")  # close-on-exec: only pass_fds hands it on
+        os.ftruncate(self._shared_fd, wire.SHARED_BYTES)
+        self._shared = mmap.mmap(self._shared_fd, wire.SHARED_BYTES)
+        self._shared_lock = threading.Lock()
+        self._publish()
+        # At the end of lrctl's step hook: the step and the version that this boundary's
+        # changes made. (Not a step hook of our own: removing one at close() from another
+        # thread, while a step is held in lockstep, would break that step's iteration.)
+        controller.add_after_step(self._publish)
+        self._sock, child = socket.socketpair()
+        try:
+            # A plain subprocess of this interpreter: multiprocessing's spawn would import
+            # the user's __main__ (the training script) again in the child.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "lrctl.server.serving_main", "--fd", str(child.fileno()),
+                 "--shared-fd", str(self._shared_fd)],
+                pass_fds=[child.fileno(), self._shared_fd], stdin=subprocess.DEVNULL)
+            child.close()
+            config = dict(address=address, insecure=insecure, tokens=tokens, tls=tls, max_workers=max_workers)
+            self._sock.sendall(wire.pack_raw(pickle.dumps(config)))
+            self._sock.settimeout(_START_TIMEOUT_S)
+            raw = wire.recv_raw_blocking(self._sock)
+            self._sock.settimeout(None)
+            if raw is None:
+                raise RuntimeError(f"the lrctl serving process exited while starting (code {self.process.wait()})")
+            first = marshal.loads(raw)
+            if first[0] == wire.FAILED:
+                raise (ValueError if first[1] == "ValueError" else OSError)(first[2])
+            _, self.host, self.port, self._address = first
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _publish(self) -> None:
+        """Write the controller's step and version where the serving process reads them
+        (the step hook: ~1 us; and a 0.1 s check, for versions changed between steps)."""
+        controller = self._controller
+        try:
+            with self._shared_lock:
+                wire.write_shared(self._shared, controller.step, controller.version)
+        except ValueError:  # closed meanwhile (a step racing close()): nothing to publish to
+            pass
+
+    def _check_published(self) -> None:
+        if self._stopped:
+            return
+        if wire.read_shared(self._shared) != (self._controller.step, self._controller.version):
+            self._publish()
+        self._loop.call_later(_CHECK_S, self._check_published)
+
+    def _abandon(self) -> None:
+        self._controller.remove_after_step(self._publish)
+        try:
+            self._sock.close()
+        finally:
+            proc = getattr(self, "process", None)
+            if proc is not None:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            _stop_loop(self._loop, self._thread)
+            self._shared.close()
+            os.close(self._shared_fd)
+
+    @property
+    def address(self) -> str:
+        """host:port with the bound port, or unix:/abs/path, as the serving process bound it."""
+        return self._address
+
+    @property
+    def alive(self) -> bool:
+        """False once the serving process has exited."""
+        return self.process.poll() is None
+
+    # -- the link (on this process's event loop) -------------------------------------
+    async def _start(self) -> None:
+        self._link = wire.FrameProtocol(self._on_frame, self._on_end)
+        await self._loop.create_connection(lambda: self._link, sock=self._sock)
+        self._loop.call_later(_CHECK_S, self._check_published)
+
+    def _send(self, frame: tuple[Any, ...]) -> None:
+        self._link.send(frame)
+
+    def _on_frame(self, frame: tuple[Any, ...]) -> None:
+        kind, cid = frame[0], frame[1]
+        if kind == wire.CALL:
+            self._begin(cid, *frame[2:])
+        elif kind == wire.REQUEST or kind == wire.HALF_CLOSE:
+            call = self._calls.get(cid)
+            if call is not None and call[1] is not None:
+                call[1].put_nowait(frame[2] if kind == wire.REQUEST else None)
+        elif kind == wire.CANCEL:
+            call = self._calls.get(cid)
+            if call is not None:
+                call[0].cancel()
+
+    def _on_end(self) -> None:
+        for task, _ in list(self._calls.values()):
+            task.cancel()
+        if not self._closing:
+            code = self.process.poll()
+            log.error("lrctl: the serving process exited (%s): this job is no longer served "
+                      "(training goes on; changes already queued still apply)",
+                      "still running" if code is None else f"code {code}")
+
+    def _begin(self, cid: int, method: str, metadata: tuple, peer: str, remaining: float,
+               body: bytes | None) -> None:
+        handler = self._handlers.get(method)
+        if handler is None:
+            self._send((wire.END, cid, grpc.StatusCode.UNIMPLEMENTED.value[0], f"method {method} not found", None, -1))
+            return
+        context = _Context(self, cid, metadata, peer, remaining)
+        requests: Optional[asyncio.Queue] = None
+        if handler.stream_stream is not None:
+            requests = asyncio.Queue()
+            run = self._stream(cid, handler.stream_stream(self._requests(requests, handler), context), context)
+        elif handler.unary_stream is not None:
+            run = self._stream(cid, handler.unary_stream(_decode(handler, body), context), context)
+        else:
+            run = self._unary(cid, handler, _decode(handler, body), context, method in wire.CACHEABLE)
+        self._calls[cid] = (asyncio.ensure_future(run), requests)
+
+    @staticmethod
+    async def _requests(queue: asyncio.Queue, handler: Any) -> Any:
+        while (body := await queue.get()) is not None:
+            yield _decode(handler, body)
+
+    async def _unary(self, cid: int, handler: Any, request: Any, context: _Context, cacheable: bool) -> None:
+        controller = self._controller
+        # A read computed with no change applied meanwhile, and no schedule in force,
+        # is the answer for as long as its version is: the serving process keeps it.
+        before = -1 if not cacheable or controller.rates_move_with_step else controller.version
+        try:
+            response = await handler.unary_unary(request, context)
+            version = before if before >= 0 and controller.version == before else -1
+            self._send((wire.END, cid, 0, "", handler.response_serializer(response), version))
+        except asyncio.CancelledError:
+            pass  # the caller went away (or the link ended): nobody to answer
+        except _Abort:
+            self._send((wire.END, cid, context.code.value[0], context.details, None, -1))
+        except Exception as exc:  # past status.py's guard: grpc would answer UNKNOWN
+            log.exception("lrctl: forwarded call %s failed", cid)
+            self._send((wire.END, cid, grpc.StatusCode.UNKNOWN.value[0], f"Exception calling application: {exc!r}", None, -1))
+        finally:
+            self._calls.pop(cid, None)
+
+    def _encoded(self, message: Any) -> bytes:
+        """message's bytes, made once for all the streams that send the same message
+        (the service shares one MetricsEvent per step among WatchMetrics streams)."""
+        hit = self._wire.get(id(message))
+        if hit is not None and hit[0] is message:
+            return hit[1]
+        body = message.SerializeToString()
+        self._wire[id(message)] = (message, body)  # holding it keeps its id unique
+        if len(self._wire) > _WIRE_ENTRIES:
+            self._wire.popitem(last=False)
+        return body
+
+    async def _stream(self, cid: int, responses: Any, context: _Context) -> None:
+        try:
+            async for response in responses:
+                self._send((wire.RESPONSE, cid, self._encoded(response)))
+            self._send((wire.END, cid, 0, "", None, -1))
+        except asyncio.CancelledError:
+            pass
+        except _Abort:
+            self._send((wire.END, cid, context.code.value[0], context.details, None, -1))
+        except Exception as exc:
+            log.exception("lrctl: forwarded stream %s failed", cid)
+            self._send((wire.END, cid, grpc.StatusCode.UNKNOWN.value[0], f"Exception calling application: {exc!r}", None, -1))
+        finally:
+            await responses.aclose()
+            self._calls.pop(cid, None)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def stop(self, grace: float = 2.0) -> None:
+        """Ask the serving process to stop, letting calls in flight finish for `grace` s
+        (answered from here meanwhile); returns once it has exited and the link ended."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._closing = True
+        self._controller.remove_after_step(self._publish)
+        self._loop.call_soon_threadsafe(self._send, (wire.QUIT, float(grace)))
+        try:
+            self.process.wait(grace + 30)
+        except subprocess.TimeoutExpired:
+            log.warning("lrctl: the serving process did not stop in time; killing it")
+            self.process.kill()
+            self.process.wait()
+        finally:
+            def close() -> None:
+                if self._link is not None and self._link.transport is not None:
+                    self._link.transport.close()
+            self._loop.call_soon_threadsafe(close)
+            _stop_loop(self._loop, self._thread)
+            self._sock.close()
+            self._shared.close()
+            os.close(self._shared_fd)
+
+
+def _decode(handler: Any, body: bytes | None) -> Any:
+    # status.py's lenient deserializer: an undecodable request becomes INVALID_ARGUMENT.
+    return handler.request_deserializer(body or b"")

@@ -1,0 +1,167 @@
+"""The frames between the training process and its serving process (serving="process").
+
+Imports neither grpc nor torch: both ends use it. One socketpair carries everything;
+a frame is a 4-byte big-endian length and a `marshal`-encoded tuple (C-speed, and both
+ends are the same interpreter: the serving process is started with sys.executable).
+The first tuple element says what the frame is:
+
+serving -> training
+  ("S", id, method, metadata, peer, remaining s or -1.0, request bytes or None)
+        a call starts (None: a request stream follows as "m" frames, then "h")
+  ("m", id, request bytes)      a message of a call's request stream
+  ("h", id)                     the client ended its request stream
+  ("C", id)                     the client went away (cancelled, or its deadline passed)
+  ("R", host, port, address) / ("F", kind, message)   started / could not start (once)
+training -> serving
+  ("H", id, metadata)           the call's initial metadata (Lockstep)
+  ("M", id, response bytes)     a message of a call's response stream
+  ("E", id, code, details, response bytes or None, version)   the call ends with status
+                                `code`; `version` >= 0: a CACHEABLE read's answer, valid
+                                while the published version is this one (see below)
+  ("Q", grace s)                stop serving: drain for `grace` s, then exit
+The very first frame, training -> serving, is the pickled configuration (address,
+tokens, TLS): it goes over the socket, never through argv or the environment.
+
+Besides the socket, the training process publishes its step counter and config version
+in a few bytes of shared memory (a memfd), written by a step pre-hook that runs after
+lrctl's own: the serving process answers a repeated read from the answer it kept, for
+as long as the version it was computed at is the one in force (and no schedule moves
+rates with the step), with the step brought up to date, without the training process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import marshal
+import socket
+import struct
+from typing import Any
+
+LEN = struct.Struct("!I")
+# A frame carries one request or one response: gRPC's own limits keep those small,
+# and a frame past this is a bug or a corrupt stream (the link ends).
+MAX_FRAME = 256 * 1024 * 1024
+NO_DEADLINE_S = 1e7  # grpc reports "no deadline" as ~infinite time left
+
+STARTED, FAILED = "R", "F"
+CALL, REQUEST, HALF_CLOSE, CANCEL = "S", "m", "h", "C"
+INITIAL_METADATA, RESPONSE, END, QUIT = "H", "M", "E", "Q"
+
+
+def pack(frame: tuple[Any, ...]) -> bytes:
+    body = marshal.dumps(frame)
+    return LEN.pack(len(body)) + body
+
+
+def pack_raw(body: bytes) -> bytes:
+    return LEN.pack(len(body)) + body
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """n bytes from a blocking socket, or None at end of stream."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(n - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_raw_blocking(sock: socket.socket) -> bytes | None:
+    """One frame's body read with blocking calls, never a byte past it (the socket is
+    handed to asyncio afterwards); None at end of stream."""
+    head = recv_exact(sock, LEN.size)
+    if head is None:
+        return None
+    (n,) = LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise ValueError(f"frame of {n} bytes")
+    return recv_exact(sock, n)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
+    """The next frame, or None at end of stream."""
+    try:
+        head = await reader.readexactly(LEN.size)
+        (n,) = LEN.unpack(head)
+        if n > MAX_FRAME:
+            return None
+        return marshal.loads(await reader.readexactly(n))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+# -- the published step and version (shared memory, written by the training process) --
+# A seqlock: the writer makes `seq` odd, writes step and version, makes it even again;
+# a reader retries while it is odd or changed under it. One writer at a time (a lock
+# in the training process).
+SHARED = struct.Struct("<qqq")  # seq, step, version
+SHARED_BYTES = 64
+# The reads whose answers the serving process may keep for the version they were
+# computed at (their rates do not depend on the step when no schedule is in force), and
+# whether the answer carries a `step` field to bring up to date.
+CACHEABLE = {
+    "/lrctl.v1.LearningRateControl/GetLearningRates": True,
+    "/lrctl.v1.LearningRateControl/GetSchedules": True,
+    "/lrctl.v1.LearningRateControl/ListParameters": False,
+}
+WRITES = ("/lrctl.v1.LearningRateControl/SetLearningRates",
+          "/lrctl.v1.LearningRateControl/SetSchedules",
+          "/lrctl.v1.LearningRateControl/ClearSchedules")
+
+
+def read_shared(buffer: Any) -> tuple[int, int]:
+    """(step, version) as last published."""
+    while True:
+        seq, step, version = SHARED.unpack_from(buffer, 0)
+        if not seq & 1 and SHARED.unpack_from(buffer, 0)[0] == seq:
+            return step, version
+
+
+def write_shared(buffer: Any, step: int, version: int) -> None:
+    seq = SHARED.unpack_from(buffer, 0)[0]
+    struct.pack_into("<q", buffer, 0, seq + 1)
+    struct.pack_into("<qq", buffer, 8, step, version)
+    struct.pack_into("<q", buffer, 0, seq + 2)
+
+
+class FrameProtocol(asyncio.Protocol):
+    """Frames from a stream socket, handed to `on_frame` as they complete (several per
+    wakeup when they come together: less Python per frame than a StreamReader);
+    `on_end` once the stream ends. `send` writes one frame."""
+
+    def __init__(self, on_frame: Any, on_end: Any) -> None:
+        self._on_frame, self._on_end = on_frame, on_end
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def send(self, frame: tuple[Any, ...]) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(pack(frame))
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        pos, end = 0, len(buffer)
+        while end - pos >= LEN.size:
+            (n,) = LEN.unpack_from(buffer, pos)
+            if n > MAX_FRAME:
+                assert self.transport is not None
+                self.transport.close()  # a corrupt stream: end the link
+                return
+            if end - pos - LEN.size < n:
+                break
+            start = pos + LEN.size
+            frame = marshal.loads(buffer[start:start + n])
+            pos = start + n
+            self._on_frame(frame)
+        del buffer[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_end()
