@@ -11,6 +11,7 @@ thread itself (`train_step`) when the exact step matters.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -267,6 +268,18 @@ def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
 LRCTL = [sys.executable, "-m", "lrctl.client.cli"]
 
 
+def first_line(stream: Any) -> str:
+    """A pipe's first line, read byte by byte from its descriptor: communicate() reads
+    the descriptor too, so what a buffered readline() kept past the line would be lost."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(stream.fileno(), 1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
+
+
 def start_demo_worker(*extra: str) -> tuple[subprocess.Popen, str]:
     """`lrctl demo --serve` on a free loopback port: the process and its address."""
     proc = subprocess.Popen(
@@ -274,7 +287,7 @@ def start_demo_worker(*extra: str) -> tuple[subprocess.Popen, str]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
-    first = proc.stdout.readline()
+    first = first_line(proc.stdout)
     match = re.search(r"on (127\.0\.0\.1:\d+)", first)
     if not match:
         proc.kill()
