@@ -268,6 +268,43 @@ def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
 LRCTL = [sys.executable, "-m", "lrctl.client.cli"]
 
 
+class MetricsFollower:
+    """Follows a worker's WatchMetrics stream from step 0 on a thread until the worker
+    ends it: `metrics` maps step -> name -> value, `changes` the change records seen.
+    The stream ending with the worker (UNAVAILABLE, CANCELLED) is normal; any other
+    error is raised by join()."""
+
+    def __init__(self, patience: float = 120.0) -> None:
+        self.patience = patience
+        self.metrics: dict[int, dict[str, float]] = {}
+        self.changes: list[Any] = []
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, address: str) -> None:
+        self.thread = threading.Thread(target=self._follow, args=(address,), daemon=True)
+        self.thread.start()
+
+    def _follow(self, address: str) -> None:
+        from lrctl.client import LRClient
+
+        try:
+            with LRClient(address, timeout=30) as client:
+                for event in client.watch_metrics(from_step=0, timeout=self.patience):
+                    self.metrics.setdefault(event.step, {}).update(event.metrics)
+                    self.changes.extend(event.changes)
+        except BaseException as exc:  # the stream ends with the server; anything else is kept
+            if "UNAVAILABLE" not in repr(exc) and "CANCELLED" not in repr(exc):
+                self.error = exc
+
+    def join(self) -> None:
+        assert self.thread is not None
+        self.thread.join(self.patience)
+        assert not self.thread.is_alive(), "the watch stream did not end with the run"
+        if self.error is not None:
+            raise self.error
+
+
 def first_line(stream: Any) -> str:
     """A pipe's first line, read byte by byte from its descriptor: communicate() reads
     the descriptor too, so what a buffered readline() kept past the line would be lost."""

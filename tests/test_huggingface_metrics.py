@@ -7,7 +7,6 @@ A watcher reads the run through ``LRClient.watch_metrics`` over gRPC, from step 
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,9 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from lrctl.client import LRClient  # noqa: E402
 from lrctl.integrations.huggingface import LRControlCallback  # noqa: E402
 from lrctl.server.adopt import unwrap_optimizer  # noqa: E402
+from conftest import MetricsFollower  # noqa: E402
 from test_huggingface import RandomTokens, make_model  # noqa: E402
 
 torch.set_num_threads(1)
@@ -38,38 +37,16 @@ def make_trainer(output_dir: Path, callbacks: list[Any], **overrides: Any) -> An
                    eval_dataset=RandomTokens(8), callbacks=callbacks)
 
 
-class Watcher(TrainerCallback):
+class Watcher(MetricsFollower, TrainerCallback):
     """Follows the run with WatchMetrics from step 0 on a thread (started once lrctl
     serves: put it after the LRControlCallback); `metrics` maps step -> name -> value."""
 
     def __init__(self, lrctl_cb: LRControlCallback) -> None:
+        super().__init__(PATIENCE_S)
         self.cb = lrctl_cb
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.changes: list[Any] = []
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        address = self.cb.address
-        self.thread = threading.Thread(target=self._follow, args=(address,), daemon=True)
-        self.thread.start()
-
-    def _follow(self, address: str) -> None:
-        try:
-            with LRClient(address, timeout=30) as client:
-                for event in client.watch_metrics(from_step=0, timeout=PATIENCE_S):
-                    self.metrics.setdefault(event.step, {}).update(event.metrics)
-                    self.changes.extend(event.changes)
-        except BaseException as exc:  # the stream ends with the server; anything else is kept
-            if "UNAVAILABLE" not in repr(exc) and "CANCELLED" not in repr(exc):
-                self.error = exc
-
-    def join(self) -> None:
-        assert self.thread is not None
-        self.thread.join(PATIENCE_S)
-        assert not self.thread.is_alive(), "the watch stream did not end with the run"
-        if self.error is not None:
-            raise self.error
+        self.start(self.cb.address)
 
 
 def numeric(entry: dict[str, Any]) -> dict[str, float]:

@@ -6,7 +6,6 @@ with ``LRClient.watch_metrics`` over gRPC from step 0.
 
 from __future__ import annotations
 
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,9 @@ L = pytest.importorskip("lightning")
 import torch  # noqa: E402
 from torch.optim import lr_scheduler as lrs  # noqa: E402
 
-from lrctl.client import LRClient  # noqa: E402
 from lrctl.integrations.lightning import LRControlCallback  # noqa: E402
-from test_lightning import Net, Recorder, loader, new_module, weights  # noqa: E402
+from conftest import MetricsFollower  # noqa: E402
+from test_lightning import Net, Recorder, loader, weights  # noqa: E402
 
 torch.set_num_threads(1)
 PATIENCE_S = 120.0
@@ -54,34 +53,15 @@ class Logging(Net):
             self.val_at[self.trainer.global_step - 1] = float(value)  # after that many updates
 
 
-class Watcher(L.Callback):
+class Watcher(MetricsFollower, L.Callback):
     """Follows the run with WatchMetrics from step 0 (put it after the LRControlCallback)."""
 
     def __init__(self, lrctl_cb: LRControlCallback) -> None:
+        super().__init__(PATIENCE_S)
         self.cb = lrctl_cb
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.thread = threading.Thread(target=self._follow, args=(self.cb.control.address,), daemon=True)
-        self.thread.start()
-
-    def _follow(self, address: str) -> None:
-        try:
-            with LRClient(address, timeout=30) as client:
-                for event in client.watch_metrics(from_step=0, timeout=PATIENCE_S):
-                    self.metrics.setdefault(event.step, {}).update(event.metrics)
-        except BaseException as exc:
-            if "UNAVAILABLE" not in repr(exc) and "CANCELLED" not in repr(exc):
-                self.error = exc
-
-    def join(self) -> None:
-        assert self.thread is not None
-        self.thread.join(PATIENCE_S)
-        assert not self.thread.is_alive(), "the watch stream did not end with the fit"
-        if self.error is not None:
-            raise self.error
+        self.start(self.cb.control.address)
 
 
 def fit(root: Path, module: Net, callbacks: list, **kwargs: Any) -> Any:
