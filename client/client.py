@@ -660,8 +660,9 @@ class LRClient:
     def lockstep(self, every: int = 1, timeout: float = 1.0, *,
                  open_timeout: Optional[float] = None) -> LockstepSession:
         """Become the worker's lockstep controller: at every step S with S % every == 0
-        the worker holds, before applying the changes due at S, until the turn for S is
-        decided or `timeout` seconds (0.001..60) pass; then training goes on by itself.
+        the worker holds until the turn for S is decided or `timeout` seconds (0.001..60)
+        pass; then training goes on by itself. Changes already due at S are applied
+        before the hold (turn.version counts them); those decided in the turn after it.
 
         Returns a LockstepSession (lrctl.client.lockstep): iterate it for turns; act on a
         turn with at_step=turn.step and wait=False (they land at that step, whole), then

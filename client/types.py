@@ -315,7 +315,7 @@ class TurnOutcome:
 
 @dataclass(frozen=True)
 class Turn:
-    """A step the worker holds at, before applying the changes due at it, until
+    """A step the worker holds at (after applying the changes already due at it) until
     `decide()` or its timeout. Act first (set_learning_rates(..., at_step=turn.step,
     wait=False, expected_version=turn.version)), then decide()."""
 

@@ -793,6 +793,12 @@ class Controller(ControllerState):
             on_step()
         gate = self._gate
         if gate is not None:
+            if self._next_due <= self._step and gate.holds_at(self._step):
+                # Changes already due at a held step are applied before the hold, so the
+                # turn's version includes them: a decision taken on it (expected_version =
+                # turn.version) is refused only by a writer that came in during the hold.
+                with self._lock:
+                    self._apply_due(self._step, time.monotonic())
             self._hold(gate)
         with self._lock:
             step = self._step
@@ -851,11 +857,11 @@ class Controller(ControllerState):
         except Exception:  # a bug here must not cost the step
             log.exception("lrctl: recording the schedule's rate change at step %d failed", step)
 
-    def _apply_due(self, step: int) -> None:
+    def _apply_due(self, step: int, now: float | None = None) -> None:
         due = [p for p in self._pending if p.due <= step]
         self._pending = [p for p in self._pending if p.due > step]
         self._next_due = min((p.due for p in self._pending), default=_NEVER)
-        now = self._step_times[-1]
+        now = self._step_times[-1] if now is None else now
         for k, pending in enumerate(due):
             if pending.deadline is not None and now > pending.deadline:
                 # Its caller has been (or is being) told DEADLINE_EXCEEDED: never apply it.

@@ -114,11 +114,15 @@ class LockstepGate:
         self.timeouts = 0
         self.ignored_decisions = 0
 
+    def holds_at(self, step: int) -> bool:
+        """Whether hold() would hold at `step` (training thread)."""
+        return not (step % self.every or self._closed)
+
     def hold(self, step: int, version: int, records_at: RecordsAt) -> bool:
         """At the boundary of `step` (training thread): when it is a held step, send
         its turn and wait for the decision, the timeout or close(). True when the hold
         ended by the timeout."""
-        if step % self.every or self._closed:
+        if not self.holds_at(step):
             return False
         # Read before taking the condition's lock (decide() takes it on the event loop):
         # only this thread writes _last.

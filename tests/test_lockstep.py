@@ -194,6 +194,34 @@ def test_a_failed_change_at_the_held_step_is_reported(served: Served, client: LR
     assert served.rates()[NAME] != 0.9
 
 
+
+def test_changes_queued_for_the_held_step_are_applied_before_the_hold(served: Served, client: LRClient) -> None:
+    """A job's own change queued for step S (before the controller was there) is applied
+    before the hold at S: the turn's version counts it, so the controller's action with
+    expected_version = turn.version is applied at S too, after it (not refused)."""
+    queued = client.set_learning_rates({SEED_NAMES[2]: 0.7}, at_step=4, wait=False)
+    with client.lockstep(every=2, timeout=60) as session:
+        training = run_steps(served, 7)  # held: 0, 2, 4 and 6
+        for turn in session:
+            if turn.step < 4:
+                assert turn.version == 0
+                turn.decide()
+                continue
+            assert turn.version == 1  # the queued change is in
+            assert client.get_learning_rates(SEED_NAMES[2])[SEED_NAMES[2]] == 0.7
+            mine = client.set_learning_rates({SEED_NAMES[2]: 0.9, NAME: 0.3}, at_step=turn.step, wait=False,
+                                             expected_version=turn.version)
+            turn.decide()
+            following = next(session)
+            following.decide()
+            break
+        finish(training)
+    assert following.previous.applied_change_ids == (queued.change_id, mine.change_id)
+    assert following.previous.failed_change_ids == ()
+    records = {r.change_id: r for r in client.list_changes()}
+    assert records[queued.change_id].step == records[mine.change_id].step == 4
+    assert served.rates()[SEED_NAMES[2]] == 0.9 and served.rates()[NAME] == 0.3
+
 CONTROLLER = textwrap.dedent("""
     import sys
     from lrctl.client.client import LRClient
