@@ -304,6 +304,7 @@ class Controller(ControllerState):
         # without one, the hook's whole cost for lockstep is the test of this attribute.
         self._gate: LockstepGate | None = None
         self.lockstep_timeouts = 0  # holds ended by the timeout, this run, all gates
+        self._portable, self._portable_checked = True, 1  # read_versioned: schedules seen so far
         self._usable = read_model.Usable(self._held, self._with_grad, self._why_unusable)
         self._hook = optimizer.register_step_pre_hook(self._before_step)
 
@@ -530,7 +531,11 @@ class Controller(ControllerState):
         driven hyperparameters live in torch objects)."""
         with self._lock:
             table, book = self._table, self._book
-            if table.driven or not all(read_model.is_portable(book[s]) for s in range(1, len(book))):
+            checked = self._portable_checked
+            if checked < len(book):  # the book only grows: look at each schedule once
+                self._portable = self._portable and all(read_model.is_portable(book[s]) for s in range(checked, len(book)))
+                self._portable_checked = len(book)
+            if table.driven or not self._portable:
                 return None
             pins = dict(table.pins)
             return VersionedPart(

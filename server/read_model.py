@@ -18,6 +18,7 @@ names it is ~1.3 MB and ~4 ms to make (bench/README.md section 3c).
 
 from __future__ import annotations
 
+import pickle
 from array import array
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -164,6 +165,19 @@ class VersionedPart:
     new_schedules: list[Any]  # the book's entries from `book_start` on
     book_start: int
 
+    def to_wire(self) -> tuple:
+        """A plain tuple that marshal encodes (C speed, no pickling of the table): the
+        schedules, objects, are pickled, and only when the book grew."""
+        return (self.version, self.step, self.class_of, self.classes, self.pins, self.pinned_base,
+                self.pinned_schedule, self.groups,
+                pickle.dumps(self.new_schedules, pickle.HIGHEST_PROTOCOL) if self.new_schedules else b"",
+                self.book_start)
+
+    @classmethod
+    def from_wire(cls, t: tuple) -> "VersionedPart":
+        schedules = pickle.loads(t[8]) if t[8] else []  # from our parent, over a socketpair
+        return cls(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], schedules, t[9])
+
 
 class ReadSnapshot:
     """A read-only source of reads (what read_answers needs of a Controller) at one
@@ -192,7 +206,8 @@ class ReadSnapshot:
         out = ReadSnapshot(self.static, self.index)
         out.book = self.book
         for schedule in part.new_schedules:
-            self.book.intern(schedule)
+            if self.book.intern(schedule) != len(self.book) - 1:
+                raise ValueError(f"schedule {schedule!r} is in the book twice")  # ids would shift
         out.version, out.taken_at_step = part.version, part.step
         out._class_of = array("q")
         out._class_of.frombytes(part.class_of)

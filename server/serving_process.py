@@ -252,7 +252,7 @@ class ServingProcess:
         versioned = None
         if part is not None:
             self._book_sent += len(part.new_schedules)
-            versioned = pickle.dumps(part, pickle.HIGHEST_PROTOCOL)
+            versioned = part.to_wire()
         self._send((wire.SNAPSHOT, static, versioned))
 
     def _on_end(self) -> None:

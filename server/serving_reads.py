@@ -23,6 +23,7 @@ Imports neither torch nor the controller.
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
 import time
 from typing import Callable
@@ -32,10 +33,11 @@ import grpc
 from lrctl.server.admission import Budget
 from lrctl.server.cancel import CallCheck
 from lrctl.server.read_answers import Reads
-from lrctl.server.read_model import ReadSnapshot
+from lrctl.server.read_model import ReadSnapshot, VersionedPart
 from lrctl.server.status import RequestCounts, _failure, _lenient, _refuse_undecodable
 from lrctl.v1 import lrctl_pb2
 
+log = logging.getLogger("lrctl.serving")
 REQUESTS = {
     "/lrctl.v1.LearningRateControl/GetLearningRates": lrctl_pb2.GetLearningRatesRequest,
     "/lrctl.v1.LearningRateControl/GetSchedules": lrctl_pb2.GetSchedulesRequest,
@@ -67,20 +69,22 @@ class SnapshotReads:
         self.budget = Budget()
         self.asked = 0
 
-    def received(self, static: bytes | None, versioned: bytes | None) -> int | None:
+    def received(self, static: bytes | None, versioned: tuple | None) -> int | None:
         """A snapshot frame from the training process; its version (None: none)."""
-        if static is not None:
-            self._base = ReadSnapshot(pickle.loads(static))  # our parent's, over a socketpair
-            self._reads = Reads(self._base)
-        if versioned is None:
+        version = None
+        try:
+            if static is not None:
+                self._base = ReadSnapshot(pickle.loads(static))  # our parent's, over a socketpair
+                self._reads = Reads(self._base)
+            if versioned is None:
+                self.off = True
+            elif self._base is not None:
+                self.snapshot = self._base.update(VersionedPart.from_wire(versioned))
+                self._received = time.monotonic()
+                version = self.snapshot.version
+        except Exception:  # a bug: reads go back to being forwarded, the link lives on
+            log.exception("lrctl: a read snapshot could not be used; reads are forwarded from now on")
             self.off = True
-            version = None
-        elif self._base is not None:
-            self.snapshot = self._base.update(pickle.loads(versioned))
-            self._received = time.monotonic()
-            version = self.snapshot.version
-        else:
-            version = None
         wanted, self._wanted = self._wanted, None
         if wanted is not None and not wanted.done():
             wanted.set_result(None)

@@ -21,8 +21,8 @@ training -> serving
                                 while the published version is this one (see below)
   ("Q", grace s)                stop serving: drain for `grace` s, then exit
   ("P", static or None, versioned or None)   a read snapshot: the pickled static part
-                                (the first time only) and versioned part
-                                (lrctl.server.read_model); versioned None: reads cannot
+                                (the first time only) and the versioned part as a plain
+                                tuple (lrctl.server.read_model); versioned None: reads cannot
                                 be answered from a snapshot in this job (forward them)
 The very first frame, training -> serving, is the pickled configuration (address,
 tokens, TLS): it goes over the socket, never through argv or the environment.
