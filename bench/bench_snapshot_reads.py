@@ -106,7 +106,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--names", type=int, default=100_000)
     ap.add_argument("--skip", choices=("per-read", "names"), default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (CI)")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.names = 5, 1000
     if args.skip != "per-read":
         per_read(args.rounds)
     if args.skip != "names":
