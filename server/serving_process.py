@@ -244,15 +244,18 @@ class ServingProcess:
         here, on the link thread, once per version a read needed, never per request;
         the static part only the first time."""
         controller = self._controller
-        static = None
-        if not self._static_sent:
-            static = pickle.dumps(controller.read_static(), pickle.HIGHEST_PROTOCOL)
-            self._static_sent = True
-        part = controller.read_versioned(self._book_sent)
-        versioned = None
-        if part is not None:
-            self._book_sent += len(part.new_schedules)
-            versioned = part.to_wire()
+        static, versioned = None, None
+        try:
+            if not self._static_sent:
+                static = pickle.dumps(controller.read_static(), pickle.HIGHEST_PROTOCOL)
+                self._static_sent = True
+            part = controller.read_versioned(self._book_sent)
+            if part is not None:
+                self._book_sent += len(part.new_schedules)
+                versioned = part.to_wire()
+        except Exception:  # a bug: must not end the link (reads are forwarded from now on)
+            log.exception("lrctl: a read snapshot could not be made; reads are forwarded from now on")
+            static, versioned = None, None
         self._send((wire.SNAPSHOT, static, versioned))
 
     def _on_end(self) -> None:
