@@ -56,8 +56,10 @@ from lrctl.server.history import (
 from lrctl.server.planner import NameOp, PlannedChange, plan_change
 from lrctl.server.queue_limits import QueueLimits, check_horizon, check_room
 from lrctl.server.rates import CONSTANT, RateState, RateTable, ScheduleBook
+from lrctl.server import read_model
+from lrctl.server.read_model import ParameterRow, RateRow, ScheduleRow, StaticPart, VersionedPart
 from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Target
-from lrctl.server.selectors import NameIndex, parse_selector, quote
+from lrctl.server.selectors import NameIndex, quote
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 from lrctl.server.telemetry import Telemetry
 
@@ -120,11 +122,6 @@ class StatusView:
     max_factor: float | None = None
 
 
-# ListParameters rows: ParameterView's fields, in order, as a plain tuple (cheaper to
-# make 100,000 of than frozen dataclasses).
-ParameterRow = tuple[
-    str, tuple[int, ...], int, str, str, bool, bool, "float | None", int, Mapping[str, float]
-]
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
 _DEVICE_NAMES: dict[torch.device, str] = {}
 
@@ -191,30 +188,6 @@ class HistoryPage:
     oldest_version: int  # of the oldest applied record held; 0 if none
     gap: bool  # records this reading should have started with were dropped
     held: int  # records held
-
-
-@dataclass(frozen=True)
-class RateRow:
-    """One name's rate as GetLearningRates reports it, at one step."""
-
-    name: str
-    lr: float
-    group: int
-    base: float
-    factor: float
-    pinned: bool
-    schedule: str  # one line; "" for constant
-
-
-@dataclass(frozen=True)
-class ScheduleRow:
-    """One name's schedule as GetSchedules reports it."""
-
-    name: str
-    base: float
-    pin: float | None
-    schedule_id: int
-    schedule: Any  # the spec (lrctl.common.schedules) or an adopted torch scheduler's group
 
 
 class Controller(ControllerState):
@@ -331,6 +304,8 @@ class Controller(ControllerState):
         # without one, the hook's whole cost for lockstep is the test of this attribute.
         self._gate: LockstepGate | None = None
         self.lockstep_timeouts = 0  # holds ended by the timeout, this run, all gates
+        self._portable, self._portable_checked = True, 1  # read_versioned: schedules seen so far
+        self._usable = read_model.Usable(self._held, self._with_grad, self._why_unusable)
         self._hook = optimizer.register_step_pre_hook(self._before_step)
 
     def _warn_outside_guardrails(self) -> None:
@@ -483,11 +458,7 @@ class Controller(ControllerState):
         return rows, version, step
 
     def _chosen(self, selectors: Sequence[str], check: Check | None = None) -> Sequence[int]:
-        if len(selectors) == 1:
-            return self._resolve(selectors[0], for_set=False, check=check)  # ascending, unique
-        if selectors:
-            return sorted({i for s in selectors for i in self._resolve(s, for_set=False, check=check)})
-        return self._held(range(len(self._params)))
+        return read_model.chosen(self.index, self._usable, selectors, check)
 
     def read_page(
         self, selectors: Sequence[str], start: int = 0, limit: int | None = None,
@@ -509,12 +480,7 @@ class Controller(ControllerState):
             bases = [table.base[i] for i in chosen]
             schedules = [table.schedule[i] for i in chosen]
             pinned = [i in table.pins for i in chosen]
-            factors = {s: (1.0 if s == 0 else book[s].factor(step)) for s in set(schedules)}
-            described = {s: book.describe(s) for s in factors}
-        rows = [
-            RateRow(names[i], lr, g, b, factors[s], pin, described[s])  # type: ignore[arg-type]
-            for i, lr, g, b, s, pin in zip(chosen, lrs, groups, bases, schedules, pinned)
-        ]
+            rows = read_model.rate_rows(names, chosen, lrs, groups, bases, schedules, pinned, book, step)  # type: ignore[arg-type]
         return rows, version, step, total
 
     def schedules(
@@ -534,6 +500,51 @@ class Controller(ControllerState):
                 for i in chosen
             ]
             return rows, self._version, self._step, total
+
+    # -- read snapshots (the serving process, lrctl.server.read_model) -------------
+    def read_static(self) -> StaticPart:
+        """What reads need that never changes after attach (sent once)."""
+        params, table = self._params, self._table
+        held = [b is not None for b in table.base]
+        hypers: list[dict[str, float]] = []
+        ids: dict[int, int] = {}
+        hyper_of = []
+        for i, h in enumerate(held):
+            if not h:
+                hyper_of.append(-1)
+                continue
+            values = self._strategy.hyperparameters(i)
+            k = ids.get(id(values))
+            if k is None:  # one entry per template, not per name
+                k = ids[id(values)] = len(hypers)
+                hypers.append(dict(values))
+            hyper_of.append(k)
+        return StaticPart(
+            names=list(self.index.names), shapes=[tuple(p.shape) for p in params],
+            numels=[p.numel() for p in params], dtypes=[_dtype_name(p.dtype) for p in params],
+            devices=[_device_name(p.device) for p in params],
+            requires_grad=[p.requires_grad for p in params], held=held, hyper_of=hyper_of, hypers=hypers)
+
+    def read_versioned(self, book_start: int) -> VersionedPart | None:
+        """The table at this (step, version), copied under the lock; None while the
+        reads cannot be answered from a copy (an adopted torch scheduler: its rates and
+        driven hyperparameters live in torch objects)."""
+        with self._lock:
+            table, book = self._table, self._book
+            checked = self._portable_checked
+            if checked < len(book):  # the book only grows: look at each schedule once
+                self._portable = self._portable and all(read_model.is_portable(book[s]) for s in range(checked, len(book)))
+                self._portable_checked = len(book)
+            if table.driven or not self._portable:
+                return None
+            pins = dict(table.pins)
+            return VersionedPart(
+                version=self._version, step=self._step, class_of=table.class_of.tobytes(),
+                classes=table.classes(), pins=pins,
+                pinned_base={i: table.base[i] for i in pins},  # type: ignore[misc]
+                pinned_schedule={i: table.schedule[i] for i in pins},
+                groups=array("q", self._strategy.groups_of(range(len(self._params)))).tobytes(),
+                new_schedules=[book[s] for s in range(book_start, len(book))], book_start=book_start)
 
     def status(self) -> StatusView:
         with self._lock:
@@ -1144,23 +1155,7 @@ class Controller(ControllerState):
 
     def _resolve(self, selector: str, *, for_set: bool, check: Check | None = None) -> tuple[int, ...]:
         """Positions the selector matches among parameters that can be read (or set)."""
-        matched = self.index.match(selector, check=check)
-        if not matched:
-            raise self.index.not_found(parse_selector(selector))
-        usable = self._held(matched)
-        if for_set:
-            params = self._params
-            usable = tuple([i for i in usable if params[i].requires_grad])
-        if usable:
-            return usable
-        name = self.index.names[matched[0]]
-        why = self._why_unusable(matched[0])
-        if len(matched) == 1 and parse_selector(selector).is_exact:
-            raise FailedPreconditionError(f"parameter {name!r} {why}; its rate cannot be {'set' if for_set else 'read'}")
-        raise FailedPreconditionError(
-            f"selector {quote(selector)} matches {len(matched)} parameter(s), none of which can be "
-            f"{'set' if for_set else 'read'} (e.g. {name!r} {why})"
-        )
+        return read_model.resolve(self.index, self._usable, selector, for_set=for_set, check=check)
 
     def _held(self, positions: Sequence[int]) -> tuple[int, ...]:
         """The positions (in their order) of parameters the optimizer holds."""
@@ -1188,10 +1183,9 @@ class Controller(ControllerState):
         return (f"above {self._strategy.max_lr((i,)):g}, the largest rate its optimizer can apply "
                 f"to a {_dtype_name(self._params[i].dtype)} parameter")
 
+    def _with_grad(self, positions: Sequence[int]) -> tuple[int, ...]:
+        params = self._params
+        return tuple([i for i in positions if params[i].requires_grad])
+
     def _why_unusable(self, i: int) -> str:
-        reasons = []
-        if not self._params[i].requires_grad:
-            reasons.append("does not require grad")
-        if self._table.base[i] is None:
-            reasons.append("is not held by the optimizer")
-        return " and ".join(reasons)
+        return read_model.why_unusable(self._params[i].requires_grad, self._table.base[i] is not None)

@@ -42,6 +42,18 @@ def rate_of(schedule: Any, base: float, pin: float | None, step: int) -> float:
     return schedule.rate(base, step)
 
 
+def clamped_rate(key: ClassKey, limit: float, book: Any, step: int) -> tuple[float, bool]:
+    """A rate class's rate at `step` from its key and limit, and whether the limit cut
+    it (a NaN schedule holds the base): RateTable.class_rate's formula, also what a
+    read snapshot (lrctl.server.read_model) evaluates in the serving process."""
+    if key[0] == PINNED:
+        return key[1], False
+    rate = book[key[2]].rate(key[1], step)
+    if rate <= limit:  # False for NaN too
+        return rate, False
+    return (limit if not math.isnan(rate) else key[1]), True
+
+
 class ScheduleBook:
     """Every schedule used in this run, by id; id 0 is constant. Equal specs share an id."""
 
@@ -224,6 +236,11 @@ class RateTable(RateState):
             self._clamped.discard(c)
             self._free.append(c)
 
+    def classes(self) -> dict[int, tuple[ClassKey, float]]:
+        """Every class in use: its key and the largest rate its parameters can take."""
+        keys, limits = self._keys, self._limits
+        return {c: (keys[c], limits[c]) for c in self._ids.values()}  # type: ignore[misc]
+
     def class_key(self, c: int) -> ClassKey:
         key = self._keys[c]
         assert key is not None
@@ -233,19 +250,15 @@ class RateTable(RateState):
     def class_rate(self, c: int, step: int) -> float:
         """Class c's rate at `step`, clamped to what its parameters can take."""
         key = self.class_key(c)
-        if key[0] == PINNED:
-            return key[1]
-        rate = self.book[key[2]].rate(key[1], step)
         limit = self._limits[c]
-        if rate <= limit:  # False for NaN too
-            return rate
-        if c not in self._clamped:
+        rate, clamped = clamped_rate(key, limit, self.book, step)
+        if clamped and c not in self._clamped:
             self._clamped.add(c)
             log.warning(
                 "lrctl: the schedule %r gives base %r the rate %r at step %d, past %g, the "
                 "largest its parameters can take; holding %g", self.book.describe(key[2]),
-                key[1], rate, step, limit, limit)
-        return limit if not math.isnan(rate) else key[1]
+                key[1], self.book[key[2]].rate(key[1], step), step, limit, limit)
+        return rate
 
     def scheduled_rates(self, step: int) -> dict[int, float]:
         """The rate at `step` of every scheduled class: what the step hook installs.

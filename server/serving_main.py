@@ -31,6 +31,7 @@ import grpc
 
 from lrctl.server import serving_wire as wire
 from lrctl.server.factory import SERVICE_NAME, build_server
+from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
 from lrctl.v1 import lrctl_pb2
 
 log = logging.getLogger("lrctl.serving")
@@ -58,6 +59,9 @@ class _Link:
         self.closed = False
         self.quit: threading.Event = threading.Event()
         self.grace: float | None = None  # None: the training process died
+        # Reads answered here from a snapshot of the training process's table.
+        self.reads = SnapshotReads(lambda: wire.read_shared(self.shared),
+                                   lambda: self.send((wire.SNAPSHOT_WANTED, 0)))
 
     async def start(self, sock: socket.socket) -> None:
         reader, self.writer = await asyncio.open_connection(sock=sock)
@@ -114,6 +118,13 @@ class _Link:
                 self.grace = frame[1]
                 self.quit.set()
                 continue
+            if kind == wire.SNAPSHOT:
+                version = self.reads.received(frame[1], frame[2])
+                if version is not None and version < self.acked:
+                    # Made after every answer before it on this link, yet older than
+                    # one: the version went back (load_state_dict). It is the truth now.
+                    self.acked = version
+                continue
             queue = self.calls.get(frame[1])
             if queue is not None:
                 queue.put_nowait(frame)
@@ -151,7 +162,13 @@ def _unary(link: _Link, method: str) -> Any:
     message_type = _STEPPED.get(method)
     write = method in wire.WRITES
 
+    snapshot_read = method in SNAPSHOT_READS
+
     async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if snapshot_read:
+            answer = await link.reads.answer(method, request, context, link.acked)
+            if answer is not None:
+                return answer
         if cacheable:
             answer = link.cached(method, request)
             if answer is not None:

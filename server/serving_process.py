@@ -122,6 +122,8 @@ class ServingProcess:
         self._closing = False
         self._stopped = False
         self._link: wire.FrameProtocol | None = None
+        self._static_sent = False  # read snapshots: the static part went out
+        self._book_sent = 1  # ... and the schedules before this id (0, constant, is known)
         capture = _Capture()
         pb_grpc.add_LearningRateControlServicer_to_server(service, capture)
         status = ErrorStatusInterceptor(self.requests)
@@ -234,6 +236,27 @@ class ServingProcess:
             call = self._calls.get(cid)
             if call is not None:
                 call[0].cancel()
+        elif kind == wire.SNAPSHOT_WANTED:
+            self._send_snapshot()
+
+    def _send_snapshot(self) -> None:
+        """A read snapshot for the serving process (lrctl.server.serving_reads): made
+        here, on the link thread, once per version a read needed, never per request;
+        the static part only the first time."""
+        controller = self._controller
+        static, versioned = None, None
+        try:
+            if not self._static_sent:
+                static = pickle.dumps(controller.read_static(), pickle.HIGHEST_PROTOCOL)
+                self._static_sent = True
+            part = controller.read_versioned(self._book_sent)
+            if part is not None:
+                self._book_sent += len(part.new_schedules)
+                versioned = part.to_wire()
+        except Exception:  # a bug: must not end the link (reads are forwarded from now on)
+            log.exception("lrctl: a read snapshot could not be made; reads are forwarded from now on")
+            static, versioned = None, None
+        self._send((wire.SNAPSHOT, static, versioned))
 
     def _on_end(self) -> None:
         for task, _ in list(self._calls.values()):

@@ -12,6 +12,7 @@ serving -> training
   ("h", id)                     the client ended its request stream
   ("C", id)                     the client went away (cancelled, or its deadline passed)
   ("R", host, port, address) / ("F", kind, message)   started / could not start (once)
+  ("V", 0)                      send a read snapshot (lrctl.server.serving_reads)
 training -> serving
   ("H", id, metadata)           the call's initial metadata (Lockstep)
   ("M", id, response bytes)     a message of a call's response stream
@@ -19,6 +20,10 @@ training -> serving
                                 `code`; `version` >= 0: a CACHEABLE read's answer, valid
                                 while the published version is this one (see below)
   ("Q", grace s)                stop serving: drain for `grace` s, then exit
+  ("P", static or None, versioned or None)   a read snapshot: the pickled static part
+                                (the first time only) and the versioned part as a plain
+                                tuple (lrctl.server.read_model); versioned None: reads cannot
+                                be answered from a snapshot in this job (forward them)
 The very first frame, training -> serving, is the pickled configuration (address,
 tokens, TLS): it goes over the socket, never through argv or the environment.
 
@@ -46,6 +51,7 @@ NO_DEADLINE_S = 1e7  # grpc reports "no deadline" as ~infinite time left
 STARTED, FAILED = "R", "F"
 CALL, REQUEST, HALF_CLOSE, CANCEL = "S", "m", "h", "C"
 INITIAL_METADATA, RESPONSE, END, QUIT = "H", "M", "E", "Q"
+SNAPSHOT_WANTED, SNAPSHOT = "V", "P"
 
 
 def pack(frame: tuple[Any, ...]) -> bytes:
