@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[float], list[tuple[f
     torch.set_num_threads(1)
     layers: list[nn.Module] = []
     for _ in range(4):
-        layers += [nn.Linear(256, 256), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(256, 1))
+        layers += [nn.Linear(args.width, args.width), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(args.width, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     boundaries: list[float] = []  # boundaries[k]: when step k's pre-hooks began
     opt.register_step_pre_hook(lambda *a: boundaries.append(time.monotonic()))
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[float], list[tuple[f
     cmd = [sys.executable, os.path.abspath(__file__), "--client", ctl.address, "--sets", str(args.sets),
            "--period", str(args.period), "--seed", str(args.seed)]
     client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    x, y = torch.randn(64, 256), torch.randn(64, 1)
+    x, y = torch.randn(64, args.width), torch.randn(64, 1)
     work: list[float] = []
     try:
         while client.poll() is None:
@@ -128,7 +128,7 @@ def report(sets: list[dict], boundaries: list[float], submits: list[tuple[float,
     gaps = [b - a for a, b in zip(boundaries, boundaries[1:])]
     print(f"bench_apply_latency: {len(rows)} Sets (wait=true) from a separate process at random "
           f"moments; steps of {statistics.median(gaps) * 1e3:.1f} ms median "
-          f"({statistics.median(work) * 1e3:.1f} ms of work, sleep-padded to {args.period * 1e3:.0f} ms), "
+          f"({statistics.median(work) * 1e3:.1f} ms of work, sleep-padded to {args.period * 1e3:g} ms), "
           f"{os.cpu_count()} cpu(s)")
     print(f"\n{'ms':<44} {'p50':>7} {'p99':>7} {'max':>7} {'mean':>7}")
     for key, label in [("total", "send -> acknowledged (client)"),
@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--sets", type=int, default=40)
     parser.add_argument("--period", type=float, default=0.05, help="step period in seconds (sleep-padded)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=256, help="the MLP's width (64 for ~1.5 ms steps)")
     parser.add_argument("--serving", choices=("inprocess", "process"), default="inprocess",
                         help="attach(serving=...): the in-process server or a serving process")
     parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
