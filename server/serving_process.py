@@ -19,7 +19,6 @@ if this process dies, the serving process sees its link end and exits.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import marshal
 import mmap
@@ -36,18 +35,18 @@ import grpc
 
 from lrctl.server import serving_wire as wire
 from lrctl.server.factory import _start_loop, _stop_loop
-from lrctl.server.status import ErrorStatusInterceptor, RequestCounts
+from lrctl.server.status import ErrorStatusInterceptor, RequestCounts, _status
+from lrctl.server.watch_feed import WatchFeed
 from lrctl.server.tls import ServerTLS
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lrctl.server")
 ENV = "LRCTL_SERVING"
 MODES = ("inprocess", "process")
-_START_TIMEOUT_S = 120.0
+_START_TIMEOUT_S = 120.0  # importing grpc on a loaded 2-core machine can take a while
 # How often the published step and version are checked against the controller's (a
 # version changed between steps, e.g. by load_state_dict, is seen within this).
 _CHECK_S = 0.1
-_WIRE_ENTRIES = 64  # encoded stream messages kept: the events of the last few steps  # importing grpc on a loaded 2-core machine can take a while
 
 
 def serving_mode(value: str | None) -> str:
@@ -118,7 +117,6 @@ class ServingProcess:
         self.requests = RequestCounts()
         self._service = service
         self._calls: dict[int, tuple[asyncio.Task, Optional[asyncio.Queue]]] = {}
-        self._wire: collections.OrderedDict[int, tuple[Any, bytes]] = collections.OrderedDict()
         self._closing = False
         self._stopped = False
         self._link: wire.FrameProtocol | None = None
@@ -135,6 +133,8 @@ class ServingProcess:
                     for m, h in capture.handlers.items()}
 
         self._handlers = asyncio.run_coroutine_threadsafe(intercepted(), self._loop).result()
+        # WatchMetrics streams live in the serving process; this feeds them.
+        self._feed = WatchFeed(service, self._loop, self._send, lambda exc: _status(exc).value[0])
         self._controller = controller = service._controller
         self._shared_fd = os.memfd_create("lrctl-serving")  # close-on-exec: only pass_fds hands it on
         os.ftruncate(self._shared_fd, wire.SHARED_BYTES)
@@ -154,7 +154,8 @@ class ServingProcess:
                  "--shared-fd", str(self._shared_fd)],
                 pass_fds=[child.fileno(), self._shared_fd], stdin=subprocess.DEVNULL)
             child.close()
-            config = dict(address=address, insecure=insecure, tokens=tokens, tls=tls, max_workers=max_workers)
+            config = dict(address=address, insecure=insecure, tokens=tokens, tls=tls, max_workers=max_workers,
+                          watch_limits=service.watchers.limits)
             self._sock.sendall(wire.pack_raw(pickle.dumps(config)))
             self._sock.settimeout(_START_TIMEOUT_S)
             raw = wire.recv_raw_blocking(self._sock)
@@ -234,10 +235,15 @@ class ServingProcess:
             call = self._calls.get(cid)
             if call is not None:
                 call[0].cancel()
+        elif kind == wire.WATCH:
+            self._feed.start(*frame[1:])
+        elif kind == wire.WATCH_CONFIG:
+            self._feed.configure(*frame[1:])
 
     def _on_end(self) -> None:
         for task, _ in list(self._calls.values()):
             task.cancel()
+        self._feed.configure(0, False, ())
         if not self._closing:
             code = self.process.poll()
             log.error("lrctl: the serving process exited (%s): this job is no longer served "
@@ -285,22 +291,10 @@ class ServingProcess:
         finally:
             self._calls.pop(cid, None)
 
-    def _encoded(self, message: Any) -> bytes:
-        """message's bytes, made once for all the streams that send the same message
-        (the service shares one MetricsEvent per step among WatchMetrics streams)."""
-        hit = self._wire.get(id(message))
-        if hit is not None and hit[0] is message:
-            return hit[1]
-        body = message.SerializeToString()
-        self._wire[id(message)] = (message, body)  # holding it keeps its id unique
-        if len(self._wire) > _WIRE_ENTRIES:
-            self._wire.popitem(last=False)
-        return body
-
     async def _stream(self, cid: int, responses: Any, context: _Context) -> None:
         try:
             async for response in responses:
-                self._send((wire.RESPONSE, cid, self._encoded(response)))
+                self._send((wire.RESPONSE, cid, response.SerializeToString()))
             self._send((wire.END, cid, 0, "", None, -1))
         except asyncio.CancelledError:
             pass

@@ -12,6 +12,10 @@ serving -> training
   ("h", id)                     the client ended its request stream
   ("C", id)                     the client went away (cancelled, or its deadline passed)
   ("R", host, port, address) / ("F", kind, message)   started / could not start (once)
+  ("W", id, from_step or None, changes_only, include_stats, per_record, *config)
+                                a WatchMetrics stream opens: turn the feed on with `config`
+                                (as "w") and send the stream's start ("B", or "E": refused)
+  ("w", streams, any wants stats, per-record limits)   the streams changed (0: feed off)
 training -> serving
   ("H", id, metadata)           the call's initial metadata (Lockstep)
   ("M", id, response bytes)     a message of a call's response stream
@@ -19,6 +23,10 @@ training -> serving
                                 `code`; `version` >= 0: a CACHEABLE read's answer, valid
                                 while the published version is this one (see below)
   ("Q", grace s)                stop serving: drain for `grace` s, then exit
+  ("B", id, cursor seq, dropped, events, ended)   a stream's start (lrctl.server.watch_feed)
+  ("V", events, next seq, closed)   telemetry events, once for all streams; an event is
+                                (seq, step, has changes, has stats, size, base bytes,
+                                {per_record: change records bytes}, statistics bytes)
 The very first frame, training -> serving, is the pickled configuration (address,
 tokens, TLS): it goes over the socket, never through argv or the environment.
 
@@ -46,6 +54,8 @@ NO_DEADLINE_S = 1e7  # grpc reports "no deadline" as ~infinite time left
 STARTED, FAILED = "R", "F"
 CALL, REQUEST, HALF_CLOSE, CANCEL = "S", "m", "h", "C"
 INITIAL_METADATA, RESPONSE, END, QUIT = "H", "M", "E", "Q"
+WATCH, WATCH_CONFIG, WATCH_START, FEED = "W", "w", "B", "V"
+WATCH_METHOD = "/lrctl.v1.LearningRateControl/WatchMetrics"
 
 
 def pack(frame: tuple[Any, ...]) -> bytes:
