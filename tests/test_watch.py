@@ -346,6 +346,85 @@ def test_a_vanished_subscriber_is_cleaned_up(job, tmp_path) -> None:  # type: ig
             proc.kill()
 
 
+def test_four_subscribers_see_the_same_events(serving) -> None:  # type: ignore[no-untyped-def]
+    """Four streams, one of them from a kept step and one asking for statistics: each
+    gets the same events (statistics only where asked), none lost."""
+    model, optimizer = _tiny()
+    with attach(model, optimizer, address="127.0.0.1:0", stats_every=1, stats=("grad_norm",)) as ctl:
+        channel = grpc.insecure_channel(ctl.address)
+        stub = pb_grpc.LearningRateControlStub(channel)
+        for _ in range(2):
+            _step(model, optimizer, ctl)  # steps 0, 1 (1 still open)
+        requests = [pb.WatchMetricsRequest(), pb.WatchMetricsRequest(), pb.WatchMetricsRequest(include_stats=True),
+                    pb.WatchMetricsRequest(from_step=1)]
+        streams = [stub.WatchMetrics(r, timeout=PATIENCE_S) for r in requests]
+        wait_for(lambda: len(ctl.service.watchers) == 4, "four watchers")
+        stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("0.weight", 0.5)], wait=False))
+        for _ in range(6):
+            _step(model, optimizer, ctl)  # seals steps 1..6
+        seen = [[next(stream) for _ in range(6)] for stream in streams]
+        for stream in streams:
+            stream.cancel()
+        assert [e.step for e in seen[0]] == list(range(1, 7))
+        assert seen[0] == seen[1] == seen[3]  # the from_step one joined the live part without a gap
+        assert all(e.stats and e.dropped == 0 for e in seen[2])
+        for e in seen[2]:
+            e.ClearField("stats")
+        assert seen[2] == seen[0] and not any(e.stats for e in seen[0])
+        assert sum(len(e.changes) for e in seen[0]) == 1
+        wait_for(lambda: len(ctl.service.watchers) == 0, "the cancelled streams to be forgotten")
+        assert ctl.telemetry.wake is None
+        _step(model, optimizer, ctl)  # training goes on
+        channel.close()
+
+
+def test_the_training_process_sends_each_event_once_whatever_the_streams(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With a serving process: nothing is sent while nobody watches; then one feed frame
+    per wakeup (at most one per step) for all four streams, each event in one frame;
+    statistics encoded only while a stream asks for them."""
+    monkeypatch.setenv("LRCTL_SERVING", "process")
+    model, optimizer = _tiny()
+    with attach(model, optimizer, address="127.0.0.1:0", stats_every=1, stats=("grad_norm",)) as ctl:
+        feed = ctl._server._feed
+        frames: list[tuple] = []
+        send = feed._send
+
+        def counting(frame: tuple) -> None:  # on the feed's loop thread
+            if frame[0] == "V":
+                frames.append(frame)
+            send(frame)
+
+        feed._send = counting
+        for _ in range(3):
+            _step(model, optimizer, ctl)
+        assert frames == [] and ctl.telemetry.wake is None  # nobody watches: nothing at all
+        channel = grpc.insecure_channel(ctl.address)
+        stub = pb_grpc.LearningRateControlStub(channel)
+        streams = [stub.WatchMetrics(pb.WatchMetricsRequest(include_stats=k == 0), timeout=PATIENCE_S)
+                   for k in range(4)]
+        wait_for(lambda: len(ctl.service.watchers) == 4, "four watchers")
+        for _ in range(10):
+            _step(model, optimizer, ctl)
+        seen = [[next(stream) for _ in range(10)] for stream in streams]
+        assert [e.step for e in seen[1]] == list(range(2, 12))  # step 2 was still open
+        sent = [event for frame in list(frames) for event in frame[1]]
+        seqs = [event[0] for event in sent]
+        assert len(seqs) == len(set(seqs)) and len(frames) <= 10
+        assert all(event[7] for event in sent)  # statistics: one stream asks
+        streams[0].cancel()
+        wait_for(lambda: len(ctl.service.watchers) == 3, "the statistics stream to be forgotten")
+        before = len(frames)
+        for _ in range(3):
+            _step(model, optimizer, ctl)
+        assert [next(streams[1]).step for _ in range(3)] == [12, 13, 14]
+        later = [event for frame in list(frames)[before:] for event in frame[1]]
+        assert later and not any(event[7] for event in later)  # nobody asks: none encoded
+        for stream in streams[1:]:
+            stream.cancel()
+        wait_for(lambda: ctl.telemetry.wake is None, "the feed to stop")
+        channel.close()
+
+
 # -- CLI -----------------------------------------------------------------------------
 
 
