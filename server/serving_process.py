@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from typing import Any, Optional
 
 import grpc
@@ -264,7 +265,12 @@ class ServingProcess:
         elif handler.unary_stream is not None:
             run = self._stream(cid, handler.unary_stream(_decode(handler, body), context), context)
         else:
-            run = self._unary(cid, handler, _decode(handler, body), context, method in wire.CACHEABLE)
+            # Most unary calls never wait (reads, dry runs, Sets that do not wait): started
+            # here, they end without a Task or another turn of the loop.
+            task = _eager(self._unary(cid, handler, _decode(handler, body), context, method in wire.CACHEABLE))
+            if task is not None:
+                self._calls[cid] = (task, None)
+            return
         self._calls[cid] = (asyncio.ensure_future(run), requests)
 
     @staticmethod
@@ -332,6 +338,41 @@ class ServingProcess:
             self._sock.close()
             self._shared.close()
             os.close(self._shared_fd)
+
+
+def _eager(coro: Any) -> Optional[asyncio.Task]:
+    """Run `coro` now, until it ends (None) or first waits: then the rest runs as a Task
+    (asyncio's eager tasks, which Python 3.12 has built in). What it raises is its own
+    business: _unary answers every error."""
+    try:
+        waiting = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.ensure_future(_resume(coro, waiting))
+
+
+async def _resume(coro: Any, waiting: Any) -> Any:
+    return await _drive(coro, waiting)
+
+
+@types.coroutine
+def _drive(coro: Any, waiting: Any) -> Any:
+    """Go on with a coroutine started by hand that is waiting on `waiting` (a future it
+    yielded, or None): hand each future up to the Task, and what the Task throws in
+    (a cancellation) down to the coroutine; as `yield from` does for one not started."""
+    while True:
+        try:
+            yield waiting
+        except BaseException as exc:
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                waiting = coro.send(None)
+            except StopIteration as stop:
+                return stop.value
 
 
 def _decode(handler: Any, body: bytes | None) -> Any:
