@@ -266,11 +266,15 @@ class ServingProcess:
             run = self._stream(cid, handler.unary_stream(_decode(handler, body), context), context)
         else:
             # Most unary calls never wait (reads, dry runs, Sets that do not wait): started
-            # here, they end without a Task or another turn of the loop.
-            task = _eager(self._unary(cid, handler, _decode(handler, body), context, method in wire.CACHEABLE))
-            if task is not None:
-                self._calls[cid] = (task, None)
-            return
+            # here, they end without a Task or another turn of the loop. A waiting Set
+            # would only add the hand-over to a Task: it gets one from the start.
+            request = _decode(handler, body)
+            run = self._unary(cid, handler, request, context, method in wire.CACHEABLE)
+            if not getattr(request, "wait", False) or getattr(request, "dry_run", False):
+                task = _eager(run)
+                if task is not None:
+                    self._calls[cid] = (task, None)
+                return
         self._calls[cid] = (asyncio.ensure_future(run), requests)
 
     @staticmethod
