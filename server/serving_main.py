@@ -11,6 +11,10 @@ when the training process closes it (close(grace): drain, then exit) or dies (en
 stream: stop at once), this process stops serving and exits. SIGINT and SIGTERM are
 ignored: a Ctrl-C or a `kill` of the process group is the training process's to handle
 (it closes its link, which stops this one), not a way to leave a job unserved.
+
+WatchMetrics is not forwarded: its streams are kept here (_Watch, on
+lrctl.server.subscribers), fed once for all of them by the training process
+(lrctl.server.watch_feed).
 """
 
 from __future__ import annotations
