@@ -57,6 +57,7 @@ from lrctl.server.read_answers import (
     _page_size,
 )
 from lrctl.server.telemetry import Event
+from lrctl.server.subscribers import DEFAULT_REPORTED_CHANGES, MAX_ENTRIES_PER_CHANGE_PAGE, changes_per_record
 from lrctl.server.watch import WatchHub, WatchLimits
 from lrctl.server.requests import (
     ChangeRequest,
@@ -80,10 +81,8 @@ except Exception:  # running from a source tree that is not installed
 
 DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE = 100, 1000
 DEFAULT_PENDING_PAGE, MAX_PENDING_PAGE = 100, 1000
-DEFAULT_REPORTED_CHANGES = 1000
-# One ListChanges page carries at most this many per-name entries and echoed updates
-# (~40 bytes each): a page of big records must not cost the worker hundreds of MB.
-MAX_ENTRIES_PER_CHANGE_PAGE = 200_000
+# A ListChanges page's caps (MAX_ENTRIES_PER_CHANGE_PAGE, DEFAULT_REPORTED_CHANGES) are in
+# lrctl.server.subscribers, the page and row byte caps in lrctl.server.read_answers.
 # A waiting Set gives up this long before the client's deadline, so that the client
 # reads our "withdrawn, not applied" answer rather than its own deadline error.
 _WAIT_MARGIN_S = 0.1
@@ -279,6 +278,10 @@ async def _decisions(requests: Any, gate: LockstepGate) -> None:
             raise InvalidArgumentError("a LockstepDecision must set decided (or open, first)")
 
 
+def _event_stats_pb(event: Event) -> list[pb.ParameterStats]:
+    return [pb.ParameterStats(name=unit, values=values) for unit, values in (event.stats() or {}).items()]
+
+
 def _user(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "lrctl-user":
@@ -357,12 +360,9 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
 
     async def WatchMetrics(self, request: pb.WatchMetricsRequest, context: grpc.aio.ServicerContext) -> Any:
         # The loop only copies references into queues; a stream's reader pays for its
-        # own encoding here, never the training thread.
-        if request.max_changes_per_record < 0:
-            raise InvalidArgumentError(
-                f"max_changes_per_record {request.max_changes_per_record} is negative")
-        per_record = min(request.max_changes_per_record or DEFAULT_REPORTED_CHANGES,
-                         MAX_ENTRIES_PER_CHANGE_PAGE)
+        # own encoding here, never the training thread. (With serving="process" the
+        # serving process serves the streams: lrctl.server.watch_feed.)
+        per_record = changes_per_record(request.max_changes_per_record)
         sub = self.watchers.subscribe(
             context.peer(), self._identity(context).get("token", ""),
             from_step=request.from_step if request.HasField("from_step") else None,
@@ -384,15 +384,10 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         cache = self._wire
         message = cache.get(key)
         if message is None:
-            message = pb.MetricsEvent(step=event.step, time=event.time, version=event.version,
-                                      metrics=event.metrics())
-            for record in event.changes:
-                change = self._record_pb(record, per_record)
-                _fit_record(change)
-                message.changes.append(change)
+            message = self._event_base_pb(event)
+            message.changes.extend(self._event_changes_pb(event, per_record))
             if key[1]:
-                for unit, values in (event.stats() or {}).items():
-                    message.stats.append(pb.ParameterStats(name=unit, values=values))
+                message.stats.extend(_event_stats_pb(event))
             cache[key] = message
             if len(cache) > _WIRE_CACHE:  # only events in flight: the ring holds the rest
                 cache.popitem(last=False)
@@ -402,6 +397,31 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             copy.dropped = dropped
             return copy
         return message
+
+    @staticmethod
+    def _event_base_pb(event: Event) -> pb.MetricsEvent:
+        return pb.MetricsEvent(step=event.step, time=event.time, version=event.version,
+                               metrics=event.metrics())
+
+    def _event_changes_pb(self, event: Event, per_record: int) -> list[pb.ChangeRecord]:
+        out = []
+        for record in event.changes:
+            change = self._record_pb(record, per_record)
+            _fit_record(change)
+            out.append(change)
+        return out
+
+    def event_parts(self, event: Event, per_records: Iterable[int], stats: bool) -> tuple[bytes, dict[int, bytes], bytes]:
+        """An event encoded in parts for the serving process (lrctl.server.watch_feed):
+        the step, time, version and metrics; its change records per per_record; its
+        statistics (b"" unless `stats`). Serialized messages concatenate as they merge,
+        so a stream's message is base + its records + (statistics) + (dropped)."""
+        base = self._event_base_pb(event).SerializeToString()
+        changes = {n: pb.MetricsEvent(changes=self._event_changes_pb(event, n)).SerializeToString()
+                   for n in per_records} if event.changes else {}
+        extra = (pb.MetricsEvent(stats=_event_stats_pb(event)).SerializeToString()
+                 if stats and event.has_stats else b"")
+        return base, changes, extra
 
     def list_parameters(self, request: pb.ListParametersRequest, check: Check | None = None) -> pb.ListParametersResponse:
         return self.reads.list_parameters(request, check)

@@ -11,6 +11,10 @@ when the training process closes it (close(grace): drain, then exit) or dies (en
 stream: stop at once), this process stops serving and exits. SIGINT and SIGTERM are
 ignored: a Ctrl-C or a `kill` of the process group is the training process's to handle
 (it closes its link, which stops this one), not a way to leave a job unserved.
+
+WatchMetrics is not forwarded: its streams are kept here (_Watch, on
+lrctl.server.subscribers), fed once for all of them by the training process
+(lrctl.server.watch_feed).
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ from typing import Any, AsyncIterator
 
 import grpc
 
+from lrctl.common.errors import LrctlError
 from lrctl.server import serving_wire as wire
 from lrctl.server.factory import SERVICE_NAME, build_server
 from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
+from lrctl.server.status import _status
+from lrctl.server.subscribers import Subscriber, Subscribers, WatchLimits, changes_per_record
 from lrctl.v1 import lrctl_pb2
 
 log = logging.getLogger("lrctl.serving")
@@ -62,6 +69,7 @@ class _Link:
         # Reads answered here from a snapshot of the training process's table.
         self.reads = SnapshotReads(lambda: wire.read_shared(self.shared),
                                    lambda: self.send((wire.SNAPSHOT_WANTED, 0)))
+        self.watch: _Watch | None = None
 
     async def start(self, sock: socket.socket) -> None:
         reader, self.writer = await asyncio.open_connection(sock=sock)
@@ -114,6 +122,10 @@ class _Link:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while (frame := await wire.read_frame(reader)) is not None:
             kind = frame[0]
+            if kind == wire.FEED:
+                assert self.watch is not None
+                self.watch.feed(frame)
+                continue
             if kind == wire.QUIT:
                 self.grace = frame[1]
                 self.quit.set()
@@ -131,7 +143,110 @@ class _Link:
         self.closed = True
         for queue in self.calls.values():
             queue.put_nowait(None)
+        if self.watch is not None:
+            self.watch.subscribers.close()
         self.quit.set()
+
+    def call_id(self) -> tuple[int, asyncio.Queue]:
+        """An id and the queue its answers come to (until finish or a pop of calls)."""
+        cid, queue = next(self._ids), asyncio.Queue()
+        self.calls[cid] = queue
+        if self.closed:
+            queue.put_nowait(None)
+        return cid, queue
+
+
+class _WireEvent:
+    """A telemetry event as the training process sent it (lrctl.server.watch_feed)."""
+
+    __slots__ = ("seq", "step", "changes", "has_stats", "size", "base", "parts", "stats")
+
+    def __init__(self, seq: int, step: int, changes: bool, has_stats: bool, size: int,
+                 base: bytes, parts: dict[int, bytes], stats: bytes) -> None:
+        self.seq, self.step, self.changes, self.has_stats, self.size = seq, step, changes, has_stats, size
+        self.base, self.parts, self.stats = base, parts, stats
+
+    def body(self, sub: Subscriber, dropped: int) -> bytes:
+        """This event's MetricsEvent for `sub` (serialized messages concatenate as they merge)."""
+        body = self.base
+        if self.changes:
+            part = self.parts.get(sub.per_record)
+            body += part if part is not None else next(iter(self.parts.values()), b"")
+        if sub.include_stats and self.stats:
+            body += self.stats
+        if dropped:
+            body += lrctl_pb2.MetricsEvent(dropped=dropped).SerializeToString()
+        return body
+
+
+class _Watch:
+    """The WatchMetrics streams of this serving process, fed once for all of them."""
+
+    def __init__(self, link: _Link, limits: WatchLimits, tokens: Any) -> None:
+        self.link, self.tokens = link, tokens
+        self.subscribers = Subscribers(limits)
+        self.closed = False  # the training process closed its telemetry: streams end OK
+
+    def config(self) -> tuple[int, bool, tuple[int, ...]]:
+        subs = list(self.subscribers)
+        return (len(subs), any(s.include_stats for s in subs), tuple(sorted({s.per_record for s in subs})))
+
+    def feed(self, frame: tuple[Any, ...]) -> None:
+        _, events, next_seq, closed = frame
+        self.subscribers.deliver([_WireEvent(*e) for e in events], next_seq, closed)
+        self.closed = self.closed or closed
+
+    def token(self, context: grpc.aio.ServicerContext) -> str:
+        if self.tokens is None:
+            return ""
+        found = self.tokens.identify(context.invocation_metadata())
+        return "" if found is None else found.name
+
+    async def stream(self, body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        link = self.link
+        try:
+            request = lrctl_pb2.WatchMetricsRequest.FromString(body)
+            per_record = changes_per_record(request.max_changes_per_record)
+            from_step = request.from_step if request.HasField("from_step") else None
+            peer, token = context.peer(), self.token(context)
+            self.subscribers.check(peer, token, from_step)
+        except LrctlError as exc:
+            await context.abort(_status(exc), str(exc))
+        except Exception as exc:  # an undecodable request
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request to {wire.WATCH_METHOD} could not be decoded: {exc}")
+        sub = Subscriber(peer, token, min_step=from_step, changes_only=request.changes_only,
+                         include_stats=request.include_stats, cursor=0, limits=self.subscribers.limits,
+                         per_record=per_record)
+        sub.ready = False  # no feed events until its start came
+        self.subscribers.add(sub)
+        cid, queue = link.call_id()
+        try:
+            link.send((wire.WATCH, cid, from_step, request.changes_only, request.include_stats,
+                       per_record, *self.config()))
+            frame = await queue.get()
+            link.calls.pop(cid, None)
+            if frame is None or frame[0] == wire.END:
+                await _end(context, frame)
+            _, _, sub.cursor, dropped, events, ended = frame
+            sub.lose(dropped)
+            for event in events:
+                sub.offer(_WireEvent(*event))
+            if ended or link.closed:
+                sub.end()
+            sub.ready = True
+            while True:
+                batch = await sub.next_batch()
+                if not batch:
+                    if not self.closed and link.closed:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, _GONE)
+                    return  # the worker closed: the stream ends
+                for event, lost in batch:
+                    yield event.body(sub, lost)
+        finally:
+            link.calls.pop(cid, None)
+            if self.subscribers.remove(sub):
+                link.send((wire.WATCH_CONFIG, *self.config()))
 
 
 async def _end(context: grpc.aio.ServicerContext, frame: tuple[Any, ...] | None) -> None:
@@ -148,7 +263,10 @@ def _handlers(link: _Link) -> grpc.GenericRpcHandler:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for m in lrctl_pb2.DESCRIPTOR.services_by_name["LearningRateControl"].methods:
         method = f"/{SERVICE_NAME}/{m.name}"
-        if m.client_streaming:
+        if method == wire.WATCH_METHOD:
+            assert link.watch is not None
+            handlers[method] = grpc.unary_stream_rpc_method_handler(link.watch.stream)
+        elif m.client_streaming:
             handlers[method] = grpc.stream_stream_rpc_method_handler(_bidi(link, method))
         elif m.server_streaming:
             handlers[method] = grpc.unary_stream_rpc_method_handler(_server_stream(link, method))
@@ -250,6 +368,7 @@ def main(fd: int, shared_fd: int) -> int:
     config: dict[str, Any] = pickle.loads(raw)  # from our parent only (a socketpair)
     link = _Link(mmap.mmap(shared_fd, wire.SHARED_BYTES))
     os.close(shared_fd)
+    link.watch = _Watch(link, config.pop("watch_limits"), config.get("tokens"))
     try:
         built = build_server([lambda s: s.add_generic_rpc_handlers((_handlers(link),))], **config)
     except (ValueError, OSError) as exc:

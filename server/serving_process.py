@@ -19,7 +19,6 @@ if this process dies, the serving process sees its link end and exits.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import marshal
 import mmap
@@ -30,24 +29,25 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from typing import Any, Optional
 
 import grpc
 
 from lrctl.server import serving_wire as wire
 from lrctl.server.factory import _start_loop, _stop_loop
-from lrctl.server.status import ErrorStatusInterceptor, RequestCounts
+from lrctl.server.status import ErrorStatusInterceptor, RequestCounts, _status
+from lrctl.server.watch_feed import WatchFeed
 from lrctl.server.tls import ServerTLS
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lrctl.server")
 ENV = "LRCTL_SERVING"
 MODES = ("inprocess", "process")
-_START_TIMEOUT_S = 120.0
+_START_TIMEOUT_S = 120.0  # importing grpc on a loaded 2-core machine can take a while
 # How often the published step and version are checked against the controller's (a
 # version changed between steps, e.g. by load_state_dict, is seen within this).
 _CHECK_S = 0.1
-_WIRE_ENTRIES = 64  # encoded stream messages kept: the events of the last few steps  # importing grpc on a loaded 2-core machine can take a while
 
 
 def serving_mode(value: str | None) -> str:
@@ -118,7 +118,6 @@ class ServingProcess:
         self.requests = RequestCounts()
         self._service = service
         self._calls: dict[int, tuple[asyncio.Task, Optional[asyncio.Queue]]] = {}
-        self._wire: collections.OrderedDict[int, tuple[Any, bytes]] = collections.OrderedDict()
         self._closing = False
         self._stopped = False
         self._link: wire.FrameProtocol | None = None
@@ -137,6 +136,8 @@ class ServingProcess:
                     for m, h in capture.handlers.items()}
 
         self._handlers = asyncio.run_coroutine_threadsafe(intercepted(), self._loop).result()
+        # WatchMetrics streams live in the serving process; this feeds them.
+        self._feed = WatchFeed(service, self._loop, self._send, lambda exc: _status(exc).value[0])
         self._controller = controller = service._controller
         self._shared_fd = os.memfd_create("lrctl-serving")  # close-on-exec: only pass_fds hands it on
         os.ftruncate(self._shared_fd, wire.SHARED_BYTES)
@@ -156,7 +157,8 @@ class ServingProcess:
                  "--shared-fd", str(self._shared_fd)],
                 pass_fds=[child.fileno(), self._shared_fd], stdin=subprocess.DEVNULL)
             child.close()
-            config = dict(address=address, insecure=insecure, tokens=tokens, tls=tls, max_workers=max_workers)
+            config = dict(address=address, insecure=insecure, tokens=tokens, tls=tls, max_workers=max_workers,
+                          watch_limits=service.watchers.limits)
             self._sock.sendall(wire.pack_raw(pickle.dumps(config)))
             self._sock.settimeout(_START_TIMEOUT_S)
             raw = wire.recv_raw_blocking(self._sock)
@@ -238,6 +240,10 @@ class ServingProcess:
                 call[0].cancel()
         elif kind == wire.SNAPSHOT_WANTED:
             self._send_snapshot()
+        elif kind == wire.WATCH:
+            self._feed.start(*frame[1:])
+        elif kind == wire.WATCH_CONFIG:
+            self._feed.configure(*frame[1:])
 
     def _send_snapshot(self) -> None:
         """A read snapshot for the serving process (lrctl.server.serving_reads): made
@@ -261,6 +267,7 @@ class ServingProcess:
     def _on_end(self) -> None:
         for task, _ in list(self._calls.values()):
             task.cancel()
+        self._feed.configure(0, False, ())
         if not self._closing:
             code = self.process.poll()
             log.error("lrctl: the serving process exited (%s): this job is no longer served "
@@ -281,7 +288,16 @@ class ServingProcess:
         elif handler.unary_stream is not None:
             run = self._stream(cid, handler.unary_stream(_decode(handler, body), context), context)
         else:
-            run = self._unary(cid, handler, _decode(handler, body), context, method in wire.CACHEABLE)
+            # Most unary calls never wait (reads, dry runs, Sets that do not wait): started
+            # here, they end without a Task or another turn of the loop. A waiting Set
+            # would only add the hand-over to a Task: it gets one from the start.
+            request = _decode(handler, body)
+            run = self._unary(cid, handler, request, context, method in wire.CACHEABLE)
+            if not getattr(request, "wait", False) or getattr(request, "dry_run", False):
+                task = _eager(run)
+                if task is not None:
+                    self._calls[cid] = (task, None)
+                return
         self._calls[cid] = (asyncio.ensure_future(run), requests)
 
     @staticmethod
@@ -308,22 +324,10 @@ class ServingProcess:
         finally:
             self._calls.pop(cid, None)
 
-    def _encoded(self, message: Any) -> bytes:
-        """message's bytes, made once for all the streams that send the same message
-        (the service shares one MetricsEvent per step among WatchMetrics streams)."""
-        hit = self._wire.get(id(message))
-        if hit is not None and hit[0] is message:
-            return hit[1]
-        body = message.SerializeToString()
-        self._wire[id(message)] = (message, body)  # holding it keeps its id unique
-        if len(self._wire) > _WIRE_ENTRIES:
-            self._wire.popitem(last=False)
-        return body
-
     async def _stream(self, cid: int, responses: Any, context: _Context) -> None:
         try:
             async for response in responses:
-                self._send((wire.RESPONSE, cid, self._encoded(response)))
+                self._send((wire.RESPONSE, cid, response.SerializeToString()))
             self._send((wire.END, cid, 0, "", None, -1))
         except asyncio.CancelledError:
             pass
@@ -361,6 +365,41 @@ class ServingProcess:
             self._sock.close()
             self._shared.close()
             os.close(self._shared_fd)
+
+
+def _eager(coro: Any) -> Optional[asyncio.Task]:
+    """Run `coro` now, until it ends (None) or first waits: then the rest runs as a Task
+    (asyncio's eager tasks, which Python 3.12 has built in). What it raises is its own
+    business: _unary answers every error."""
+    try:
+        waiting = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.ensure_future(_resume(coro, waiting))
+
+
+async def _resume(coro: Any, waiting: Any) -> Any:
+    return await _drive(coro, waiting)
+
+
+@types.coroutine
+def _drive(coro: Any, waiting: Any) -> Any:
+    """Go on with a coroutine started by hand that is waiting on `waiting` (a future it
+    yielded, or None): hand each future up to the Task, and what the Task throws in
+    (a cancellation) down to the coroutine; as `yield from` does for one not started."""
+    while True:
+        try:
+            yield waiting
+        except BaseException as exc:
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                waiting = coro.send(None)
+            except StopIteration as stop:
+                return stop.value
 
 
 def _decode(handler: Any, body: bytes | None) -> Any:

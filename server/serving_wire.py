@@ -12,7 +12,11 @@ serving -> training
   ("h", id)                     the client ended its request stream
   ("C", id)                     the client went away (cancelled, or its deadline passed)
   ("R", host, port, address) / ("F", kind, message)   started / could not start (once)
-  ("V", 0)                      send a read snapshot (lrctl.server.serving_reads)
+  ("N", 0)                      send a read snapshot (lrctl.server.serving_reads)
+  ("W", id, from_step or None, changes_only, include_stats, per_record, *config)
+                                a WatchMetrics stream opens: turn the feed on with `config`
+                                (as "w") and send the stream's start ("B", or "E": refused)
+  ("w", streams, any wants stats, per-record limits)   the streams changed (0: feed off)
 training -> serving
   ("H", id, metadata)           the call's initial metadata (Lockstep)
   ("M", id, response bytes)     a message of a call's response stream
@@ -24,6 +28,10 @@ training -> serving
                                 (the first time only) and the versioned part as a plain
                                 tuple (lrctl.server.read_model); versioned None: reads cannot
                                 be answered from a snapshot in this job (forward them)
+  ("B", id, cursor seq, dropped, events, ended)   a stream's start (lrctl.server.watch_feed)
+  ("V", events, next seq, closed)   telemetry events, once for all streams; an event is
+                                (seq, step, has changes, has stats, size, base bytes,
+                                {per_record: change records bytes}, statistics bytes)
 The very first frame, training -> serving, is the pickled configuration (address,
 tokens, TLS): it goes over the socket, never through argv or the environment.
 
@@ -51,7 +59,9 @@ NO_DEADLINE_S = 1e7  # grpc reports "no deadline" as ~infinite time left
 STARTED, FAILED = "R", "F"
 CALL, REQUEST, HALF_CLOSE, CANCEL = "S", "m", "h", "C"
 INITIAL_METADATA, RESPONSE, END, QUIT = "H", "M", "E", "Q"
-SNAPSHOT_WANTED, SNAPSHOT = "V", "P"
+SNAPSHOT_WANTED, SNAPSHOT = "N", "P"
+WATCH, WATCH_CONFIG, WATCH_START, FEED = "W", "w", "B", "V"
+WATCH_METHOD = "/lrctl.v1.LearningRateControl/WatchMetrics"
 
 
 def pack(frame: tuple[Any, ...]) -> bytes:

@@ -46,8 +46,16 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, ctl=None) -> torch
     return loss
 
 
+@pytest.fixture(params=["inprocess", "process"])
+def serving(request, monkeypatch):  # type: ignore[no-untyped-def]
+    """Each WatchMetrics test runs in both serving modes: the streams served in this
+    process, and in a serving process fed by this one (lrctl.server.watch_feed)."""
+    monkeypatch.setenv("LRCTL_SERVING", request.param)
+    return request.param
+
+
 @pytest.fixture
-def job():  # type: ignore[no-untyped-def]
+def job(serving):  # type: ignore[no-untyped-def]
     model, optimizer = _tiny()
     ctl = attach(model, optimizer, address="127.0.0.1:0", events=64)
     channel = grpc.insecure_channel(ctl.address)
@@ -229,7 +237,7 @@ def test_watch_carries_changes_and_version_and_changes_only(job) -> None:  # typ
         wait_for(lambda: client.status().watchers == 0, "the closed streams to be forgotten")
 
 
-def test_bad_watch_requests_and_the_watcher_caps() -> None:
+def test_bad_watch_requests_and_the_watcher_caps(serving) -> None:  # type: ignore[no-untyped-def]
     model, optimizer = _tiny()
     limits = WatchLimits(max_watchers=3, max_watchers_per_connection=2)
     with attach(model, optimizer, address="127.0.0.1:0", watch_limits=limits) as ctl:
@@ -260,7 +268,7 @@ def test_bad_watch_requests_and_the_watcher_caps() -> None:
         channel.close()
 
 
-def test_watch_needs_only_the_reader_role() -> None:
+def test_watch_needs_only_the_reader_role(serving) -> None:  # type: ignore[no-untyped-def]
     model, optimizer = _tiny()
     tokens = Tokens([Token("alice", ADMIN, "a" * 32), Token("bob", READER, "b" * 32)])
     with attach(model, optimizer, address="127.0.0.1:0", tokens=tokens) as ctl:
@@ -273,7 +281,7 @@ def test_watch_needs_only_the_reader_role() -> None:
             stream.close()
 
 
-def test_a_slow_subscriber_loses_the_oldest_and_is_told_how_many() -> None:
+def test_a_slow_subscriber_loses_the_oldest_and_is_told_how_many(serving) -> None:  # type: ignore[no-untyped-def]
     """A stream that is never read while training runs on: training is not held up,
     the stream's queue drops its oldest events, and each event it then gets says how
     many were lost right before it (the gap in steps)."""
@@ -286,7 +294,9 @@ def test_a_slow_subscriber_loses_the_oldest_and_is_told_how_many() -> None:
         stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(
             pb.WatchMetricsRequest(), timeout=10 * PATIENCE_S)
         wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
-        (sub,) = ctl.service.watchers
+        # In-process, the stream's state is here; with a serving process it is there,
+        # and the client's own count (told, per gap) is what is checked.
+        (sub,) = ctl.service.watchers if serving == "inprocess" else (None,)
         # Big events (~10 KB: 128 long-named metrics) fill the transport's buffers, so
         # that the queue behind them overflows while nobody reads.
         names = [f"metric_{i:03d}_" + "x" * 50 for i in range(128)]
@@ -295,7 +305,8 @@ def test_a_slow_subscriber_loses_the_oldest_and_is_told_how_many() -> None:
             ctl.report(step=step, **{n: float(step) for n in names[:64]})
             ctl.report(step=step, **{n: float(step) for n in names[64:]})
             optimizer.step()
-        wait_for(lambda: sub.lost > 0, "the slow stream to lose events")
+        if sub is not None:
+            wait_for(lambda: sub.lost > 0, "the slow stream to lose events")
         ctl.report(step=steps)  # seals the last step
         received, told, previous = 0, 0, -1
         for event in stream:
@@ -307,7 +318,7 @@ def test_a_slow_subscriber_loses_the_oldest_and_is_told_how_many() -> None:
                 break
         stream.cancel()
         assert told > 0 and received + told == steps
-        assert told == sub.lost
+        assert sub is None or told == sub.lost
         channel.close()
 
 
@@ -333,6 +344,85 @@ def test_a_vanished_subscriber_is_cleaned_up(job, tmp_path) -> None:  # type: ig
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_four_subscribers_see_the_same_events(serving) -> None:  # type: ignore[no-untyped-def]
+    """Four streams, one of them from a kept step and one asking for statistics: each
+    gets the same events (statistics only where asked), none lost."""
+    model, optimizer = _tiny()
+    with attach(model, optimizer, address="127.0.0.1:0", stats_every=1, stats=("grad_norm",)) as ctl:
+        channel = grpc.insecure_channel(ctl.address)
+        stub = pb_grpc.LearningRateControlStub(channel)
+        for _ in range(2):
+            _step(model, optimizer, ctl)  # steps 0, 1 (1 still open)
+        requests = [pb.WatchMetricsRequest(), pb.WatchMetricsRequest(), pb.WatchMetricsRequest(include_stats=True),
+                    pb.WatchMetricsRequest(from_step=1)]
+        streams = [stub.WatchMetrics(r, timeout=PATIENCE_S) for r in requests]
+        wait_for(lambda: len(ctl.service.watchers) == 4, "four watchers")
+        stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("0.weight", 0.5)], wait=False))
+        for _ in range(6):
+            _step(model, optimizer, ctl)  # seals steps 1..6
+        seen = [[next(stream) for _ in range(6)] for stream in streams]
+        for stream in streams:
+            stream.cancel()
+        assert [e.step for e in seen[0]] == list(range(1, 7))
+        assert seen[0] == seen[1] == seen[3]  # the from_step one joined the live part without a gap
+        assert all(e.stats and e.dropped == 0 for e in seen[2])
+        for e in seen[2]:
+            e.ClearField("stats")
+        assert seen[2] == seen[0] and not any(e.stats for e in seen[0])
+        assert sum(len(e.changes) for e in seen[0]) == 1
+        wait_for(lambda: len(ctl.service.watchers) == 0, "the cancelled streams to be forgotten")
+        assert ctl.telemetry.wake is None
+        _step(model, optimizer, ctl)  # training goes on
+        channel.close()
+
+
+def test_the_training_process_sends_each_event_once_whatever_the_streams(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With a serving process: nothing is sent while nobody watches; then one feed frame
+    per wakeup (at most one per step) for all four streams, each event in one frame;
+    statistics encoded only while a stream asks for them."""
+    monkeypatch.setenv("LRCTL_SERVING", "process")
+    model, optimizer = _tiny()
+    with attach(model, optimizer, address="127.0.0.1:0", stats_every=1, stats=("grad_norm",)) as ctl:
+        feed = ctl._server._feed
+        frames: list[tuple] = []
+        send = feed._send
+
+        def counting(frame: tuple) -> None:  # on the feed's loop thread
+            if frame[0] == "V":
+                frames.append(frame)
+            send(frame)
+
+        feed._send = counting
+        for _ in range(3):
+            _step(model, optimizer, ctl)
+        assert frames == [] and ctl.telemetry.wake is None  # nobody watches: nothing at all
+        channel = grpc.insecure_channel(ctl.address)
+        stub = pb_grpc.LearningRateControlStub(channel)
+        streams = [stub.WatchMetrics(pb.WatchMetricsRequest(include_stats=k == 0), timeout=PATIENCE_S)
+                   for k in range(4)]
+        wait_for(lambda: len(ctl.service.watchers) == 4, "four watchers")
+        for _ in range(10):
+            _step(model, optimizer, ctl)
+        seen = [[next(stream) for _ in range(10)] for stream in streams]
+        assert [e.step for e in seen[1]] == list(range(2, 12))  # step 2 was still open
+        sent = [event for frame in list(frames) for event in frame[1]]
+        seqs = [event[0] for event in sent]
+        assert len(seqs) == len(set(seqs)) and len(frames) <= 10
+        assert all(event[7] for event in sent)  # statistics: one stream asks
+        streams[0].cancel()
+        wait_for(lambda: len(ctl.service.watchers) == 3, "the statistics stream to be forgotten")
+        before = len(frames)
+        for _ in range(3):
+            _step(model, optimizer, ctl)
+        assert [next(streams[1]).step for _ in range(3)] == [12, 13, 14]
+        later = [event for frame in list(frames)[before:] for event in frame[1]]
+        assert later and not any(event[7] for event in later)  # nobody asks: none encoded
+        for stream in streams[1:]:
+            stream.cancel()
+        wait_for(lambda: ctl.telemetry.wake is None, "the feed to stop")
+        channel.close()
 
 
 # -- CLI -----------------------------------------------------------------------------
@@ -367,7 +457,7 @@ def test_cli_watch_json_lines_parse_and_ctrl_c_exits_0(job) -> None:  # type: ig
     assert [e["step"] for e in events[:3]] == [first["step"], first["step"] + 1, first["step"] + 2]
 
 
-def test_cli_watch_with_stats_and_from_step_and_its_errors() -> None:
+def test_cli_watch_with_stats_and_from_step_and_its_errors(serving) -> None:  # type: ignore[no-untyped-def]
     model, optimizer = _tiny()
     with attach(model, optimizer, address="127.0.0.1:0", stats_every=1, stats=("grad_norm",)) as ctl:
         for _ in range(3):
