@@ -135,6 +135,28 @@ def test_plateau_cuts_every_layer_at_a_blow_up(tmp_path: Path) -> None:
     assert all(s.base < 2.15 for s in schedules)
 
 
+
+def test_probe_warmup_ramps_from_step_0_then_decays_from_the_peak_it_found(tmp_path: Path) -> None:
+    # The job's own schedule is queued for step 0 too: the ramp, decided at the hold of
+    # step 0, must land at step 0 after it (the turn's version counts it), not fail.
+    result, history, schedules, lines, code = run_example(tmp_path, "probe_warmup", 0.2, 60,
+                                                          "--lockstep-timeout", "20")
+    assert code == 0, lines
+    mine = by_controller(history, "probe_warmup")
+    assert mine and mine[0].step == 0 and "ramp from 0.002" in mine[0].reason, lines
+    assert not any(r.failed for r in history), [r.error for r in history if r.failed]
+    ramp = mine[0].schedules[0].schedule.to_dict()
+    assert ramp["kind"] == "exponential" and ramp["gamma"] > 1
+    peak = next(r for r in mine if "peak" in r.reason)
+    assert peak.step > 0 and peak.step % 5 == 0
+    decay = {s.name: s.schedule.to_dict() for s in schedules}
+    assert len(decay) == 6
+    for d in decay.values():
+        # The job's cosine to 0.1x, restarted at the step the peak was set, ending with the job.
+        assert d["kind"] == "warmup" and d["decay"] == "cosine" and d["final_factor"] == 0.1
+        assert d["start_step"] + d["total_steps"] == 60
+    assert "probe_warmup: done" in lines[-1]
+
 def test_a_controller_killed_under_lockstep_does_not_stop_training(tmp_path: Path) -> None:
     worker = Worker(tmp_path, 0.2, 400, hold=0)
     try:
