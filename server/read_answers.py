@@ -27,8 +27,6 @@ from lrctl.v1 import lrctl_pb2 as pb
 Check = Callable[[], None]
 
 DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE = 1000, 5000
-DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE = 100, 1000
-DEFAULT_PENDING_PAGE, MAX_PENDING_PAGE = 100, 1000
 MAX_RATE_PAGE = 50_000  # about 1.5 MB with 20-character names
 # A page of ListParameters, ListChanges, ListPending and of a paged GetLearningRates or
 # GetSchedules also ends once its rows add up to this many bytes (names are as long as the model makes them:
