@@ -404,16 +404,11 @@ class Controller(ControllerState):
 
     def filter(self, selector: str, *, check: Check | None = None) -> Sequence[int]:
         """Positions of the parameters a ListParameters filter matches (may be none)."""
-        if not selector:
-            return range(len(self.index))
-        return self.index.match(selector, check=check)
+        return self.index.filter(selector, check=check)
 
     def names_at(self, positions: Sequence[int]) -> Sequence[str]:
         """The names at the given positions (ListParameters' names view)."""
-        names = self.index.names
-        if isinstance(positions, range) and positions.step == 1:
-            return names[positions.start:positions.stop]
-        return [names[i] for i in positions]
+        return self.index.names_at(positions)
 
     def describe(self, positions: Sequence[int]) -> list[ParameterView]:
         """Views of the given parameters with their rates and groups right now."""

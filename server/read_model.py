@@ -233,15 +233,10 @@ class ReadSnapshot:
                       lambda i: why_unusable(grad[i], held[i]))
 
     def filter(self, selector: str, *, check: Check | None = None) -> Sequence[int]:
-        if not selector:
-            return range(len(self.index))
-        return self.index.match(selector, check=check)
+        return self.index.filter(selector, check=check)
 
     def names_at(self, positions: Sequence[int]) -> Sequence[str]:
-        names = self.index.names
-        if isinstance(positions, range) and positions.step == 1:
-            return names[positions.start:positions.stop]
-        return [names[i] for i in positions]
+        return self.index.names_at(positions)
 
     def _lrs(self, positions: Sequence[int], step: int) -> list[float | None]:
         class_of, classes, book = self._class_of, self._classes, self.book

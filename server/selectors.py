@@ -412,6 +412,16 @@ class NameIndex:
     def __len__(self) -> int:
         return len(self.names)
 
+    def filter(self, selector: str, *, check: Callable[[], None] | None = None) -> Sequence[int]:
+        """Positions a ListParameters filter matches: every name for "", else match()."""
+        return range(len(self.names)) if not selector else self.match(selector, check=check)
+
+    def names_at(self, positions: Sequence[int]) -> Sequence[str]:
+        """The names at the given positions (a slice for a contiguous range)."""
+        if isinstance(positions, range) and positions.step == 1:
+            return self.names[positions.start:positions.stop]
+        return [self.names[i] for i in positions]
+
     def match(self, text: str, *, check: Callable[[], None] | None = None) -> Sequence[int]:
         """Indices (model order, ascending) of the names a selector matches; may be empty.
 
