@@ -48,9 +48,9 @@ from tasks import TASKS, get_task  # noqa: E402
 
 WORKER = BENCH / "task_worker.py"
 EXAMPLES = BENCH.parent / "examples" / "controllers"
-CONTROLLERS = ("plateau", "layerwise_dog", "hypergradient")
+CONTROLLERS = ("plateau", "layerwise_dog", "hypergradient", "ratio_warmup")
 # Examples that are not in the default table (run them with --controllers NAME).
-EXPERIMENTS = ("probe_warmup", "ratio_warmup")
+EXPERIMENTS = ("probe_warmup",)
 STARTS = (0.1, 1.0, 10.0)
 PASS_RATIO = 1.02
 # Every controller decides every EVERY steps with lockstep (a hold of at most

@@ -157,6 +157,34 @@ def test_probe_warmup_ramps_from_step_0_then_decays_from_the_peak_it_found(tmp_p
         assert d["start_step"] + d["total_steps"] == 60
     assert "probe_warmup: done" in lines[-1]
 
+def test_ratio_warmup_probes_at_step_0_then_sets_the_same_peak_from_a_tenth_and_ten_times(tmp_path: Path) -> None:
+    # 100 steps: the job's warmup is 5 steps, so the decision at step 5 freezes the base.
+    frozen = []
+    for peak in (0.02, 2.0):
+        tmp = tmp_path / str(peak)
+        tmp.mkdir()
+        result, history, schedules, lines, code = run_example(tmp, "ratio_warmup", peak, 100,
+                                                              "--lockstep-timeout", "20")
+        assert code == 0, lines
+        assert not any(r.failed for r in history), [r.error for r in history if r.failed]
+        mine = by_controller(history, "ratio_warmup")
+        assert [r.step for r in mine] == [0, 5], lines
+        probe, peak_set = (r.updates[0].value for r in mine)
+        assert probe == pytest.approx(1e-3 * peak)
+        assert "end of warmup" in mine[1].reason
+        # The job's own warmup + cosine still shapes every step: the worker ran the
+        # frozen base times its factor, exactly.
+        shape = {s.name: s.schedule for s in schedules}[result["rate_name"]]
+        assert shape.to_dict()["kind"] == "warmup"
+        for step in (5, 50, 99):
+            assert result["rates"][step] == pytest.approx(peak_set * shape.factor(step), rel=1e-5)
+        assert math.isfinite(result["final_val_loss"])
+        frozen.append(peak_set)
+    # What the probe measured does not depend on the start (SGD moves in proportion to
+    # the rate), so a 100x apart start ends at the same peak.
+    assert frozen[0] == pytest.approx(frozen[1], rel=0.1), frozen
+
+
 def test_a_controller_killed_under_lockstep_does_not_stop_training(tmp_path: Path) -> None:
     worker = Worker(tmp_path, 0.2, 400, hold=0)
     try:
