@@ -36,9 +36,10 @@ import grpc
 
 from lrctl.server import serving_wire as wire
 from lrctl.server.factory import _start_loop, _stop_loop
-from lrctl.server.status import ErrorStatusInterceptor, RequestCounts, _status
+from lrctl.server.status import ErrorStatusInterceptor, RequestCounts, _failure, _status
 from lrctl.server.watch_feed import WatchFeed
 from lrctl.server.tls import ServerTLS
+from lrctl.server.write_messages import planned_from_wire
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lrctl.server")
@@ -158,7 +159,8 @@ class ServingProcess:
                 pass_fds=[child.fileno(), self._shared_fd], stdin=subprocess.DEVNULL)
             child.close()
             config = dict(address=address, insecure=insecure, tokens=tokens, tls=tls, max_workers=max_workers,
-                          watch_limits=service.watchers.limits)
+                          watch_limits=service.watchers.limits,
+                          budget=(service.budget.workers, service.budget.max_queued))
             self._sock.sendall(wire.pack_raw(pickle.dumps(config)))
             self._sock.settimeout(_START_TIMEOUT_S)
             raw = wire.recv_raw_blocking(self._sock)
@@ -238,6 +240,10 @@ class ServingProcess:
             call = self._calls.get(cid)
             if call is not None:
                 call[0].cancel()
+        elif kind == wire.PLANNED:
+            self._begin_planned(cid, *frame[2:])
+        elif kind == wire.COUNT:
+            self.requests.add(frame[1], frame[2])
         elif kind == wire.SNAPSHOT_WANTED:
             self._send_snapshot()
         elif kind == wire.WATCH:
@@ -299,6 +305,36 @@ class ServingProcess:
                     self._calls[cid] = (task, None)
                 return
         self._calls[cid] = (asyncio.ensure_future(run), requests)
+
+    def _begin_planned(self, cid: int, method: str, peer: str, remaining: float, planned: tuple) -> None:
+        """A write the serving process planned (lrctl.server.serving_writes): queued by
+        the same handler code as any Set (LearningRateControlService.submit_planned)."""
+        context = _Context(self, cid, (), peer, remaining)
+        run = self._planned(cid, method, planned, context)
+        if not planned[10]:  # does not wait: most end without a Task (see _begin)
+            task = _eager(run)
+            if task is not None:
+                self._calls[cid] = (task, None)
+            return
+        self._calls[cid] = (asyncio.ensure_future(run), None)
+
+    async def _planned(self, cid: int, method: str, wired: tuple, context: _Context) -> None:
+        try:
+            planned = planned_from_wire(wired)
+            result = await self._service.submit_planned(planned, context, len(planned.ops))
+        except asyncio.CancelledError:
+            pass  # the caller went away (or the link ended): its change was withdrawn
+        except Exception as exc:  # as status.py's guard answers a forwarded call
+            code, message = _failure(exc, method, self.requests)
+            self._send((wire.END, cid, code.value[0], message, None, -1))
+        else:
+            self.requests.add(method, "OK")
+            if isinstance(result, int):
+                self._send((wire.ACCEPTED, cid, result))
+            else:
+                self._send((wire.END, cid, 0, "", result.SerializeToString(), -1))
+        finally:
+            self._calls.pop(cid, None)
 
     @staticmethod
     async def _requests(queue: asyncio.Queue, handler: Any) -> Any:

@@ -17,9 +17,15 @@ serving -> training
                                 a WatchMetrics stream opens: turn the feed on with `config`
                                 (as "w") and send the stream's start ("B", or "E": refused)
   ("w", streams, any wants stats, per-record limits)   the streams changed (0: feed off)
+  ("D", id, method, peer, remaining s or -1.0, planned)   a write planned here
+                                (lrctl.server.serving_writes; `planned` is
+                                lrctl.server.write_messages.planned_to_wire's tuple): queue it
+                                if the version is still the planned one, else plan it again
+  ("K", method, code name)      a call answered here, for lrctl_requests_total
 training -> serving
   ("H", id, metadata)           the call's initial metadata (Lockstep)
   ("M", id, response bytes)     a message of a call's response stream
+  ("A", id, change id)           a planned write that does not wait was queued as planned
   ("E", id, code, details, response bytes or None, version)   the call ends with status
                                 `code`; `version` >= 0: a CACHEABLE read's answer, valid
                                 while the published version is this one (see below)
@@ -61,6 +67,7 @@ CALL, REQUEST, HALF_CLOSE, CANCEL = "S", "m", "h", "C"
 INITIAL_METADATA, RESPONSE, END, QUIT = "H", "M", "E", "Q"
 SNAPSHOT_WANTED, SNAPSHOT = "N", "P"
 WATCH, WATCH_CONFIG, WATCH_START, FEED = "W", "w", "B", "V"
+PLANNED, ACCEPTED, COUNT = "D", "A", "K"
 WATCH_METHOD = "/lrctl.v1.LearningRateControl/WatchMetrics"
 
 
