@@ -72,7 +72,7 @@ class _Link:
         self.reads = SnapshotReads(lambda: wire.read_shared(self.shared),
                                    lambda: self.send((wire.SNAPSHOT_WANTED, 0)))
         # ... and writes planned here from the same snapshot.
-        self.writes = SnapshotWrites(self.reads, None, lambda method, code: self.send((wire.COUNT, method, code)))
+        self.writes = SnapshotWrites(self.reads, None, lambda method, code: wire.count_answered(self.shared, method, code))
         self.watch: _Watch | None = None
 
     async def start(self, sock: socket.socket) -> None:

@@ -49,6 +49,9 @@ _START_TIMEOUT_S = 120.0  # importing grpc on a loaded 2-core machine can take a
 # How often the published step and version are checked against the controller's (a
 # version changed between steps, e.g. by load_state_dict, is seen within this).
 _CHECK_S = 0.1
+# How long after the serving process last asked for a read snapshot each new version's
+# snapshot is sent to it unasked.
+_PUSH_S = 2.0
 
 
 def serving_mode(value: str | None) -> str:
@@ -109,6 +112,35 @@ class _Details:  # a grpc.HandlerCallDetails
         self.method, self.invocation_metadata = method, ()
 
 
+class _Counts(RequestCounts):
+    """The calls this process answered, plus the writes its serving process answered
+    itself (counted in the shared memory): lrctl_requests_total sees them all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared: Any = None
+        self._last: dict[tuple[str, str], int] = {}
+
+    def answered_there(self) -> dict[tuple[str, str], int]:
+        shared = self.shared
+        if shared is not None:
+            try:
+                self._last = wire.read_answered(shared)
+            except ValueError:  # closed: the last counts read stay
+                pass
+        return self._last
+
+    def forwarded(self) -> dict[tuple[str, str], int]:
+        """Only the calls this process answered."""
+        return super().snapshot()
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        out = super().snapshot()
+        for key, n in self.answered_there().items():
+            out[key] = out.get(key, 0) + n
+        return out
+
+
 class ServingProcess:
     """A started serving process and this process's answering end; the interface of
     factory.BuiltServer that LRControl uses (address, port, tls, requests, stop)."""
@@ -116,7 +148,7 @@ class ServingProcess:
     def __init__(self, service: Any, *, address: str, insecure: bool = False, tokens: Any = None,
                  tls: Optional[ServerTLS] = None, max_workers: int = 8) -> None:
         self.tls = tls
-        self.requests = RequestCounts()
+        self.requests = _Counts()
         self._service = service
         self._calls: dict[int, tuple[asyncio.Task, Optional[asyncio.Queue]]] = {}
         self._closing = False
@@ -124,6 +156,11 @@ class ServingProcess:
         self._link: wire.FrameProtocol | None = None
         self._static_sent = False  # read snapshots: the static part went out
         self._book_sent = 1  # ... and the schedules before this id (0, constant, is known)
+        self._sent_version = -1  # ... and the version of the last one sent
+        # Until when a new version's snapshot is sent unasked (the serving process asked
+        # for one lately: it answers reads and plans writes from it).
+        self._push_until = 0.0
+        self._published_version = -1
         capture = _Capture()
         pb_grpc.add_LearningRateControlServicer_to_server(service, capture)
         status = ErrorStatusInterceptor(self.requests)
@@ -144,6 +181,7 @@ class ServingProcess:
         os.ftruncate(self._shared_fd, wire.SHARED_BYTES)
         self._shared = mmap.mmap(self._shared_fd, wire.SHARED_BYTES)
         self._shared_lock = threading.Lock()
+        self.requests.shared = self._shared
         self._publish()
         # At the end of lrctl's step hook: the step and the version that this boundary's
         # changes made. (Not a step hook of our own: removing one at close() from another
@@ -180,11 +218,24 @@ class ServingProcess:
         """Write the controller's step and version where the serving process reads them
         (the step hook: ~1 us; and a 0.1 s check, for versions changed between steps)."""
         controller = self._controller
+        version = controller.version
         try:
             with self._shared_lock:
-                wire.write_shared(self._shared, controller.step, controller.version)
+                wire.write_shared(self._shared, controller.step, version)
         except ValueError:  # closed meanwhile (a step racing close()): nothing to publish to
-            pass
+            return
+        if version != self._published_version:
+            if version < self._published_version:  # load_state_dict: numbers are reused
+                self._sent_version = -1
+            self._published_version = version
+            # A change was applied: while the serving process uses snapshots, it gets the
+            # new one without asking (no frame to wait for and read; the wakeup is often
+            # the one that answers a waiting Set anyway).
+            if self._push_until and time.monotonic() < self._push_until:
+                try:
+                    self._loop.call_soon_threadsafe(self._push_snapshot)
+                except RuntimeError:  # the loop is closed: we are stopping
+                    pass
 
     def _check_published(self) -> None:
         if self._stopped:
@@ -242,14 +293,20 @@ class ServingProcess:
                 call[0].cancel()
         elif kind == wire.PLANNED:
             self._begin_planned(cid, *frame[2:])
-        elif kind == wire.COUNT:
-            self.requests.add(frame[1], frame[2])
         elif kind == wire.SNAPSHOT_WANTED:
-            self._send_snapshot()
+            self._push_until = time.monotonic() + _PUSH_S
+            if self._sent_version != self._controller.version or not self._static_sent:
+                self._send_snapshot()
+            # else: the snapshot of this version went out unasked and crossed this
+            # request: the serving process has it (it asks for newer ones only).
         elif kind == wire.WATCH:
             self._feed.start(*frame[1:])
         elif kind == wire.WATCH_CONFIG:
             self._feed.configure(*frame[1:])
+
+    def _push_snapshot(self) -> None:
+        if self._sent_version != self._controller.version and self._static_sent:
+            self._send_snapshot()
 
     def _send_snapshot(self) -> None:
         """A read snapshot for the serving process (lrctl.server.serving_reads): made
@@ -264,6 +321,7 @@ class ServingProcess:
             part = controller.read_versioned(self._book_sent)
             if part is not None:
                 self._book_sent += len(part.new_schedules)
+                self._sent_version = part.version
                 versioned = part.to_wire()
         except Exception:  # a bug: must not end the link (reads are forwarded from now on)
             log.exception("lrctl: a read snapshot could not be made; reads are forwarded from now on")
@@ -399,6 +457,8 @@ class ServingProcess:
             self._loop.call_soon_threadsafe(close)
             _stop_loop(self._loop, self._thread)
             self._sock.close()
+            self.requests.answered_there()
+            self.requests.shared = None
             self._shared.close()
             os.close(self._shared_fd)
 

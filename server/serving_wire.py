@@ -21,7 +21,6 @@ serving -> training
                                 (lrctl.server.serving_writes; `planned` is
                                 lrctl.server.write_messages.planned_to_wire's tuple): queue it
                                 if the version is still the planned one, else plan it again
-  ("K", method, code name)      a call answered here, for lrctl_requests_total
 training -> serving
   ("H", id, metadata)           the call's initial metadata (Lockstep)
   ("M", id, response bytes)     a message of a call's response stream
@@ -46,6 +45,8 @@ in a few bytes of shared memory (a memfd), written by a step pre-hook that runs 
 lrctl's own: the serving process answers a repeated read from the answer it kept, for
 as long as the version it was computed at is the one in force (and no schedule moves
 rates with the step), with the step brought up to date, without the training process.
+The serving process writes there too: counters of the writes it answered itself
+(count_answered), which the training process adds to lrctl_requests_total.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ CALL, REQUEST, HALF_CLOSE, CANCEL = "S", "m", "h", "C"
 INITIAL_METADATA, RESPONSE, END, QUIT = "H", "M", "E", "Q"
 SNAPSHOT_WANTED, SNAPSHOT = "N", "P"
 WATCH, WATCH_CONFIG, WATCH_START, FEED = "W", "w", "B", "V"
-PLANNED, ACCEPTED, COUNT = "D", "A", "K"
+PLANNED, ACCEPTED = "D", "A"
 WATCH_METHOD = "/lrctl.v1.LearningRateControl/WatchMetrics"
 
 
@@ -121,7 +122,7 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
 # a reader retries while it is odd or changed under it. One writer at a time (a lock
 # in the training process).
 SHARED = struct.Struct("<qqq")  # seq, step, version
-SHARED_BYTES = 64
+SHARED_BYTES = 4096
 # The reads whose answers the serving process may keep for the version they were
 # computed at (their rates do not depend on the step when no schedule is in force), and
 # whether the answer carries a `step` field to bring up to date.
@@ -133,6 +134,40 @@ CACHEABLE = {
 WRITES = ("/lrctl.v1.LearningRateControl/SetLearningRates",
           "/lrctl.v1.LearningRateControl/SetSchedules",
           "/lrctl.v1.LearningRateControl/ClearSchedules")
+
+
+# Calls of the WRITES that the serving process answered itself (lrctl.server.serving_writes),
+# by method and status code: counters at COUNTS_AT, written by the serving process's
+# loop only, read by the training process for lrctl_requests_total. (A frame per call
+# would cost the training process a wakeup of its loop, ~50 us, for a call it never saw.)
+COUNTS_AT = 64
+# gRPC status codes by their value.
+CODE_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+              "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+              "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+              "UNAUTHENTICATED")
+_COUNTER = struct.Struct("<q")
+
+
+def _counter_at(method: str, code: str) -> int:
+    return COUNTS_AT + (WRITES.index(method) * len(CODE_NAMES) + CODE_NAMES.index(code)) * 8
+
+
+def count_answered(buffer: Any, method: str, code: str) -> None:
+    """One more call of `method` (one of WRITES) answered with `code` (a status name)."""
+    at = _counter_at(method, code)
+    _COUNTER.pack_into(buffer, at, _COUNTER.unpack_from(buffer, at)[0] + 1)
+
+
+def read_answered(buffer: Any) -> dict[tuple[str, str], int]:
+    """(method without its leading "/", code name) -> calls, as RequestCounts keys them."""
+    out = {}
+    for m, method in enumerate(WRITES):
+        for c, code in enumerate(CODE_NAMES):
+            n = _COUNTER.unpack_from(buffer, COUNTS_AT + (m * len(CODE_NAMES) + c) * 8)[0]
+            if n:
+                out[(method.lstrip("/"), code)] = n
+    return out
 
 
 def read_shared(buffer: Any) -> tuple[int, int]:

@@ -25,6 +25,8 @@ from lrctl.server.requests import ChangeRequest, Mode, Outcome, RateChange, Sche
 from lrctl.server.subscribers import DEFAULT_REPORTED_CHANGES
 from lrctl.v1 import lrctl_pb2 as pb
 
+_MODE_OF = {m.value: m for m in Mode}
+_TARGET_OF = {t.value: t for t in Target}
 WriteRequest = Any  # pb.SetLearningRatesRequest | pb.SetSchedulesRequest | pb.ClearSchedulesRequest
 
 MODES = {pb.UPDATE_MODE_ABSOLUTE: Mode.ABSOLUTE, pb.UPDATE_MODE_SCALE: Mode.SCALE,
@@ -208,12 +210,12 @@ def planned_from_wire(t: tuple) -> Planned:
     specs = pickle.loads(specs_raw) if specs_raw else []  # from the serving process we started
     n = len(schedule_selectors)
     request = ChangeRequest(
-        updates=tuple(Update(s, v, Mode(m), Target(g)) for s, v, m, g in updates),
+        updates=tuple([Update(s, v, _MODE_OF[m], _TARGET_OF[g]) for s, v, m, g in updates]),
         schedules=tuple(ScheduleUpdate(s, spec) for s, spec in zip(schedule_selectors, specs[:n])),
         at_step=at_step, expected_version=expected_version, reason=reason, peer=peer, user=user,
         role=role, token=token, wait=wait,
     )
-    ops_list = [(None if b is None else (Mode(b[0]), b[1]), None if p is None else (Mode(p[0]), p[1]),
+    ops_list = [(None if b is None else (_MODE_OF[b[0]], b[1]), None if p is None else (_MODE_OF[p[0]], p[1]),
                  None if s is None else specs[s]) for b, p, s in ops_raw]
     positions = array("q")
     positions.frombytes(positions_raw)
