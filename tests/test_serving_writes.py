@@ -300,3 +300,26 @@ def test_a_heavy_set_whose_caller_gives_up_queues_nothing(process: Worker) -> No
     reply = w.stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("head.bias", 0.07)]), timeout=PATIENCE_S)
     w.step()
     assert reply.change_id >= 1 and w.ctl.controller.learning_rates()["head.bias"] == 0.07
+
+
+def test_a_job_with_an_adopted_torch_scheduler_forwards_its_writes_whole() -> None:
+    """Its rates live in torch objects the serving process cannot read: no snapshot,
+    so Sets (dry runs too) are planned by the training process, as before."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    ctl = attach(model, opt, scheduler=sched, address="127.0.0.1:0", serving="process")
+    try:
+        with grpc.insecure_channel(ctl.address) as channel:
+            stub = pb_grpc.LearningRateControlStub(channel)
+            reply = stub.SetLearningRates(pb.SetLearningRatesRequest(
+                updates=[absolute("weight", 0.05)], dry_run=True), timeout=PATIENCE_S)
+            assert [c.new_base for c in reply.changes] == [0.05]
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("nope", 0.05)]), timeout=PATIENCE_S)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        counts = ctl._server.requests.forwarded()
+        assert (counts.get((SET, "OK")), counts.get((SET, "NOT_FOUND"))) == (1, 1)
+    finally:
+        ctl.close(grace=0.5)
