@@ -12,7 +12,10 @@ stream: stop at once), this process stops serving and exits. SIGINT and SIGTERM 
 ignored: a Ctrl-C or a `kill` of the process group is the training process's to handle
 (it closes its link, which stops this one), not a way to leave a job unserved.
 
-WatchMetrics is not forwarded: its streams are kept here (_Watch, on
+Reads of rates, schedules and parameters are answered here from a snapshot
+(lrctl.server.serving_reads); writes are planned here from the same snapshot, dry runs and
+bad requests answered here, valid changes handed over pre-planned
+(lrctl.server.serving_writes). WatchMetrics is not forwarded: its streams are kept here (_Watch, on
 lrctl.server.subscribers), fed once for all of them by the training process
 (lrctl.server.watch_feed).
 """

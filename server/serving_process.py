@@ -6,9 +6,13 @@ server. This module starts it, hands it the configuration, and answers the calls
 forwards (lrctl.server.serving_wire) with the very handlers the in-process server runs:
 LearningRateControlService behind status.py's ErrorStatusInterceptor, as coroutines on
 an event loop thread of this process. So every guarantee of the in-process server
-holds as is: changes are planned, queued and applied by the same controller, a waiting
-Set is acknowledged with its step, a caller that goes away withdraws its change, and
-Lockstep holds in this process's step hook.
+holds as is: changes are queued and applied by the same controller, a waiting Set is
+acknowledged with its step, a caller that goes away withdraws its change, and Lockstep
+holds in this process's step hook. Writes mostly arrive pre-planned (the serving process
+resolved, checked and planned them from its snapshot: lrctl.server.serving_writes); the
+same handler code queues them (LearningRateControlService.submit_planned), with the
+live-state checks only while the config version is the planned one, planning them
+again itself otherwise.
 
 Lifecycle: close() (LRControl.close, after the controller failed what was queued) asks
 the serving process to drain for `grace` s and waits for it to exit. If the serving
