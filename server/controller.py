@@ -290,6 +290,7 @@ class Controller(ControllerState):
         # serving process's published step and version). A tuple, replaced whole: a
         # close() on another thread never mutates what a step is iterating.
         self._after_step: tuple[Callable[[], None], ...] = ()
+        self._on_close: tuple[Callable[[], None], ...] = ()
         # The lockstep controller's gate (lrctl.server.lockstep), if one is attached;
         # without one, the hook's whole cost for lockstep is the test of this attribute.
         self._gate: LockstepGate | None = None
@@ -371,6 +372,11 @@ class Controller(ControllerState):
         cheap and must not raise)."""
         with self._lock:
             self._after_step = (*self._after_step, callback)
+
+    def add_on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` when close() begins (it must be cheap and must not raise)."""
+        with self._lock:
+            self._on_close = (*self._on_close, callback)
 
     def remove_after_step(self, callback: Callable[[], None]) -> None:
         with self._lock:
@@ -738,7 +744,10 @@ class Controller(ControllerState):
 
     def close(self) -> None:
         """Detach from the optimizer; pending changes fail (recorded as failed), none is
-        applied later."""
+        applied later. The on_close callbacks run first (the serving process's dry runs
+        say "shutting down" from then on)."""
+        for callback in self._on_close:
+            callback()
         self._hook.remove()
         gate = self._gate
         if gate is not None:

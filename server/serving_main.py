@@ -75,7 +75,7 @@ class _Link:
         self.reads = SnapshotReads(lambda: wire.read_shared(self.shared),
                                    lambda: self.send((wire.SNAPSHOT_WANTED, 0)))
         # ... and writes planned here from the same snapshot.
-        self.writes = SnapshotWrites(self.reads, None, lambda method, code: wire.count_answered(self.shared, method, code))
+        self.writes = SnapshotWrites(self.reads, None, self.count)
         self.watch: _Watch | None = None
 
     async def start(self, sock: socket.socket) -> None:
@@ -98,6 +98,10 @@ class _Link:
             remaining = -1.0
         self.send((wire.CALL, cid, method, metadata, context.peer(), float(remaining), request))
         return cid, queue
+
+    def count(self, method: str, code: str) -> None:
+        """A write answered here, for the training process's lrctl_requests_total."""
+        wire.count_answered(self.shared, method, code)
 
     def open_planned(self, method: str, context: grpc.aio.ServicerContext, planned: tuple) -> tuple[int, asyncio.Queue]:
         """A write planned here goes to the training process (lrctl.server.serving_writes)."""
@@ -414,7 +418,8 @@ def main(fd: int, shared_fd: int) -> int:
     link = _Link(mmap.mmap(shared_fd, wire.SHARED_BYTES))
     os.close(shared_fd)
     link.watch = _Watch(link, config.pop("watch_limits"), config.get("tokens"))
-    link.writes = SnapshotWrites(link.reads, config.get("tokens"), link.writes._count)
+    link.writes = SnapshotWrites(link.reads, config.get("tokens"), link.count,
+                                 lambda: wire.read_closing(link.shared))
     # Reads and writes answered here are bounded as the attach() call bounds them there.
     link.reads.budget = Budget(*config.pop("budget"))
     try:

@@ -191,6 +191,7 @@ class ServingProcess:
         # changes made. (Not a step hook of our own: removing one at close() from another
         # thread, while a step is held in lockstep, would break that step's iteration.)
         controller.add_after_step(self._publish)
+        controller.add_on_close(self._closing_now)
         self._sock, child = socket.socketpair()
         try:
             # A plain subprocess of this interpreter: multiprocessing's spawn would import
@@ -240,6 +241,13 @@ class ServingProcess:
                     self._loop.call_soon_threadsafe(self._push_snapshot)
                 except RuntimeError:  # the loop is closed: we are stopping
                     pass
+
+    def _closing_now(self) -> None:
+        """The controller closes: the serving process refuses changes (dry runs too)."""
+        try:
+            wire.set_closing(self._shared)
+        except ValueError:  # closed already
+            pass
 
     def _check_published(self) -> None:
         if self._stopped:

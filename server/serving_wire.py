@@ -178,6 +178,18 @@ def read_shared(buffer: Any) -> tuple[int, int]:
             return step, version
 
 
+# The controller is closing (no change is accepted): set once, by the training process.
+CLOSING_AT = 24
+
+
+def set_closing(buffer: Any) -> None:
+    struct.pack_into("<q", buffer, CLOSING_AT, 1)
+
+
+def read_closing(buffer: Any) -> bool:
+    return struct.unpack_from("<q", buffer, CLOSING_AT)[0] != 0
+
+
 def write_shared(buffer: Any, step: int, version: int) -> None:
     seq = SHARED.unpack_from(buffer, 0)[0]
     struct.pack_into("<q", buffer, 0, seq + 1)

@@ -76,8 +76,9 @@ class HandOver:
 class SnapshotWrites:
     """The writes of this serving process (on the server's loop)."""
 
-    def __init__(self, reads: SnapshotReads, tokens: Any, count: Callable[[str, str], None]) -> None:
-        self._reads, self._tokens = reads, tokens
+    def __init__(self, reads: SnapshotReads, tokens: Any, count: Callable[[str, str], None],
+                 closing: Callable[[], bool] = lambda: False) -> None:
+        self._reads, self._tokens, self._closing = reads, tokens, closing
         self._count = count  # tells the training process's lrctl_requests_total
         self.answered = 0  # answered here, without the training process (tests, the bench)
         self.handed_over = 0  # planned here and handed over
@@ -111,7 +112,7 @@ class SnapshotWrites:
             planner = snap.planner()
             ops = planner.resolve_batch(change, check)
             try:
-                check_acceptable(change, closed=False, step=step, version=snap.version,
+                check_acceptable(change, closed=self._closing(), step=step, version=snap.version,
                                  limits=snap.static.queue_limits)
             except LrctlError:
                 raise Forward() from None  # against the live state: the training process decides

@@ -323,3 +323,13 @@ def test_a_job_with_an_adopted_torch_scheduler_forwards_its_writes_whole() -> No
         assert (counts.get((SET, "OK")), counts.get((SET, "NOT_FOUND"))) == (1, 1)
     finally:
         ctl.close(grace=0.5)
+
+
+def test_once_the_controller_closes_dry_runs_say_so_in_both_modes(both: tuple[Worker, Worker]) -> None:
+    request = _set(absolute("encoder.0.weight", 0.02), dry_run=True)
+    for w in both:
+        w.call(*_rates())
+        w.ctl.controller.close()  # as LRControl.close does first, before the server stops
+    answers = [w.call(*request) for w in both]
+    assert answers[0] == answers[1]
+    assert answers[0][0] == grpc.StatusCode.FAILED_PRECONDITION and "shutting down" in answers[0][1]
