@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PATIENCE_S, absolute, scale, wait_for
+from conftest import PATIENCE_S, absolute, in_both_modes, scale, wait_for
 from lrctl.server import attach
 from lrctl.server.auth import ADMIN, READER, Token, Tokens
 from lrctl.server.guardrails import Guardrail, Guardrails
@@ -90,12 +90,8 @@ class Worker:
 
 @pytest.fixture
 def both() -> Iterator[tuple[Worker, Worker]]:
-    made = [Worker("inprocess"), Worker("process")]
-    try:
-        yield made[0], made[1]
-    finally:
-        for w in made:
-            w.close()
+    with in_both_modes(Worker) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -178,8 +174,7 @@ def test_bad_writes_get_the_same_status_and_message_in_both_modes_and_queue_noth
 
 
 def test_a_reader_token_may_not_write_in_either_mode() -> None:
-    made = [Worker("inprocess", tokens=True), Worker("process", tokens=True)]
-    try:
+    with in_both_modes(lambda serving: Worker(serving, tokens=True)) as made:
         answers = [w.call(*_set(absolute("encoder.0.weight", 0.3), dry_run=dry), metadata=READER_MD)
                    for dry in (False, True) for w in made]
         assert answers[0] == answers[1] and answers[2] == answers[3]
@@ -192,9 +187,6 @@ def test_a_reader_token_may_not_write_in_either_mode() -> None:
             (record,) = w.ctl.controller.history(0, 10)[0]
             assert (record.role, record.token) == (ADMIN, "alice")
             assert w.status().pending_changes == 0
-    finally:
-        for w in made:
-            w.close()
 
 
 def test_dry_runs_are_answered_by_the_serving_process_alone(both: tuple[Worker, Worker]) -> None:
