@@ -747,7 +747,10 @@ class Controller(ControllerState):
         applied later. The on_close callbacks run first (the serving process's dry runs
         say "shutting down" from then on)."""
         for callback in self._on_close:
-            callback()
+            try:
+                callback()
+            except Exception:  # closing goes on
+                log.exception("lrctl: a close callback failed")
         self._hook.remove()
         gate = self._gate
         if gate is not None:

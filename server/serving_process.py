@@ -244,9 +244,11 @@ class ServingProcess:
 
     def _closing_now(self) -> None:
         """The controller closes: the serving process refuses changes (dry runs too)."""
+        if self._shared.closed:  # stopped already (or never started)
+            return
         try:
             wire.set_closing(self._shared)
-        except ValueError:  # closed already
+        except (ValueError, TypeError):  # closed meanwhile
             pass
 
     def _check_published(self) -> None:
