@@ -44,7 +44,7 @@ from lrctl.common.errors import (
     LrctlError,
 )
 from lrctl.server.controller_state import ControllerState
-from lrctl.server.guardrails import Guardrail, Guardrails, NameSettings
+from lrctl.server.guardrails import Guardrail, Guardrails
 from lrctl.server.lockstep import GateStatus, LockstepGate
 from lrctl.server.history import (
     DEFAULT_HISTORY_LIMIT,
@@ -53,20 +53,20 @@ from lrctl.server.history import (
     RateChanges,
     Record,
 )
-from lrctl.server.planner import NameOp, PlannedChange, plan_change
-from lrctl.server.queue_limits import QueueLimits, check_horizon, check_room
-from lrctl.server.rates import CONSTANT, RateState, RateTable, ScheduleBook
+from lrctl.server.planner import NameOp, PlannedChange
+from lrctl.server.queue_limits import QueueLimits, check_room
+from lrctl.server.rates import RateState, RateTable, ScheduleBook
 from lrctl.server import read_model
 from lrctl.server.read_model import ParameterRow, RateRow, ScheduleRow, StaticPart, VersionedPart
-from lrctl.server.requests import ChangeRequest, Mode, Outcome, PendingChange, RateChange, Target
-from lrctl.server.selectors import NameIndex, quote
+from lrctl.server.requests import ChangeRequest, Outcome, PendingChange, RateChange
+from lrctl.server.selectors import NameIndex
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 from lrctl.server.telemetry import Telemetry
+from lrctl.server.write_plan import MAX_REASON_CHARS, WritePlanner, check_acceptable  # noqa: F401 (MAX_REASON_CHARS: service's)
 
 log = logging.getLogger("lrctl.controller")
 
 _NEVER = math.inf
-MAX_REASON_CHARS = 4096
 # Queued changes are bounded in number and bytes, in all and per connection and token
 # (lrctl.server.queue_limits.QueueLimits; these are the defaults).
 MAX_PENDING = QueueLimits().max_changes
@@ -138,16 +138,6 @@ def _device_name(device: torch.device) -> str:
     if name is None:
         name = _DEVICE_NAMES[device] = str(device)
     return name
-
-
-def _describe_op(part: int, op: Any) -> str:
-    if part == 2:
-        return f"schedule {op.describe()}"
-    mode, value = op
-    what = "base" if part == 0 else "pin"
-    if mode is Mode.UNPIN:
-        return "unpin"
-    return f"scale {what} by {value!r}" if mode is Mode.SCALE else f"set {what} to {value!r}"
 
 
 @dataclass(frozen=True)
@@ -300,12 +290,15 @@ class Controller(ControllerState):
         # serving process's published step and version). A tuple, replaced whole: a
         # close() on another thread never mutates what a step is iterating.
         self._after_step: tuple[Callable[[], None], ...] = ()
+        self._on_close: tuple[Callable[[], None], ...] = ()
         # The lockstep controller's gate (lrctl.server.lockstep), if one is attached;
         # without one, the hook's whole cost for lockstep is the test of this attribute.
         self._gate: LockstepGate | None = None
         self.lockstep_timeouts = 0  # holds ended by the timeout, this run, all gates
         self._portable, self._portable_checked = True, 1  # read_versioned: schedules seen so far
         self._usable = read_model.Usable(self._held, self._with_grad, self._why_unusable)
+        self._writes = WritePlanner(self.index, self._usable, self._guard, self._strategy,
+                                    lambda i: _dtype_name(self._params[i].dtype))
         self._hook = optimizer.register_step_pre_hook(self._before_step)
 
     def _warn_outside_guardrails(self) -> None:
@@ -379,6 +372,11 @@ class Controller(ControllerState):
         cheap and must not raise)."""
         with self._lock:
             self._after_step = (*self._after_step, callback)
+
+    def add_on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` when close() begins (it must be cheap and must not raise)."""
+        with self._lock:
+            self._on_close = (*self._on_close, callback)
 
     def remove_after_step(self, callback: Callable[[], None]) -> None:
         with self._lock:
@@ -518,7 +516,9 @@ class Controller(ControllerState):
             names=list(self.index.names), shapes=[tuple(p.shape) for p in params],
             numels=[p.numel() for p in params], dtypes=[_dtype_name(p.dtype) for p in params],
             devices=[_device_name(p.device) for p in params],
-            requires_grad=[p.requires_grad for p in params], held=held, hyper_of=hyper_of, hypers=hypers)
+            requires_grad=[p.requires_grad for p in params], held=held, hyper_of=hyper_of, hypers=hypers,
+            max_lr=[self._strategy.limit_of(i) if h else math.inf for i, h in enumerate(held)],
+            safe_lr=self._strategy.safe_lr, guardrails=self.guardrails, queue_limits=self.queue_limits)
 
     def read_versioned(self, book_start: int) -> VersionedPart | None:
         """The table at this (step, version), copied under the lock; None while the
@@ -617,9 +617,7 @@ class Controller(ControllerState):
         return self._changes(record.plan)[:limit]
 
     def _changes(self, plan: PlannedChange) -> RateChanges:
-        schedules = plan.schedules  # ids of a previewed plan may be provisional: its own specs
-        return RateChanges(self.index.names, plan,
-                           lambda sid: "" if sid == 0 else schedules[sid].describe())
+        return self._writes.changes(plan)
 
     def matched_names(self, request: ChangeRequest) -> list[str]:
         """The names `request` would touch, in model order; raises what submit would for
@@ -637,8 +635,9 @@ class Controller(ControllerState):
         return self._expected_outcome(0, request, ops, state, version, step)
 
     def submit(
-        self, request: ChangeRequest, *, deadline: float | None = None, check: Check | None = None
-    ) -> tuple[PendingChange, Outcome]:
+        self, request: ChangeRequest, *, deadline: float | None = None, check: Check | None = None,
+        planned: Any = None,
+    ) -> tuple[PendingChange, Outcome | None]:
         """Validate and queue a change; returns it and its expected outcome.
 
         The per-name work (old -> new, limits) runs on a copy of the table taken under
@@ -648,8 +647,21 @@ class Controller(ControllerState):
         change that fails validation is never queued. `deadline` (time.monotonic): past
         it, the change is dropped at its step, not applied (see PendingChange). `check`:
         see read_page; a change whose caller has gone is never queued.
+
+        `planned` (lrctl.server.write_messages.Planned: `request`'s positions and ops,
+        resolved, checked and planned against config version `planned.version` in the
+        serving process) is queued at once, with the live-state checks only, while the
+        version is still that one; the outcome is then None (the planner has it).
+        Otherwise it is planned again here, as any change.
         """
-        ops = self._resolve_batch(request, check)
+        if planned is not None:
+            ops = planned.ops
+            with self._lock:
+                if self._version == planned.version:
+                    self._check_acceptable(request)
+                    return self._enqueue(request, ops, deadline), None
+        else:
+            ops = self._resolve_batch(request, check)
         if check is not None:
             check()
         for _ in range(2):
@@ -732,7 +744,13 @@ class Controller(ControllerState):
 
     def close(self) -> None:
         """Detach from the optimizer; pending changes fail (recorded as failed), none is
-        applied later."""
+        applied later. The on_close callbacks run first (the serving process's dry runs
+        say "shutting down" from then on)."""
+        for callback in self._on_close:
+            try:
+                callback()
+            except Exception:  # closing goes on
+                log.exception("lrctl: a close callback failed")
         self._hook.remove()
         gate = self._gate
         if gate is not None:
@@ -805,6 +823,8 @@ class Controller(ControllerState):
                 # turn.version) is refused only by a writer that came in during the hold.
                 with self._lock:
                     self._apply_due(self._step, time.monotonic())
+                for after in self._after_step:  # published before the turn names the version
+                    after()
             self._hold(gate)
         with self._lock:
             step = self._step
@@ -1010,143 +1030,28 @@ class Controller(ControllerState):
             changes=self._changes(plan),  # type: ignore[arg-type]
         ), record
 
-    # -- validation (caller's thread) --------------------------------------------------
+    # -- validation (caller's thread; lrctl.server.write_plan, shared with the serving process)
     def _plan(
         self, ops: Mapping[int, NameOp], state: RateState, step: int, *, apply: bool = False
     ) -> PlannedChange:
         """Plan against `state`; only a plan being applied adds schedules to the book."""
-        book = self._book if apply else self._book.scratch()
-        plan = plan_change(ops, state, book, step, self.index.names,
-                           self._first_unrepresentable, self._limit_text)
-        # After planning, on the same state: preview, submit and the step boundary alike.
-        # A refused plan may have added its schedule to the live book (apply=True):
-        # harmless, the book keeps specs by value and is bounded.
-        self._guard.check(plan.step, lambda: self._settings(plan, state, book))
-        return plan
-
-    @staticmethod
-    def _settings(plan: PlannedChange, state: RateState, book: Any) -> NameSettings:
-        """What the guardrails read of a plan: per touched name, pinned or not and the
-        schedule it follows after the change."""
-        indices = plan.indices
-        if plan.new_pin is not None:
-            pinned = [p == p for p in plan.new_pin]  # NaN: no pin
-        else:
-            pins = state.pins
-            pinned = [i in pins for i in indices] if pins else [False] * len(indices)
-        ids = (plan.new_schedule if plan.new_schedule is not None
-               else array("q", map(state.schedule.__getitem__, indices)))
-        return NameSettings(indices, plan.old_lr, plan.new_lr, plan.new_base, pinned, ids,
-                            {sid: book[sid] for sid in set(ids)})
+        return self._writes.plan(ops, state, self._book if apply else self._book.scratch(), step)
 
     def _check_acceptable(self, request: ChangeRequest) -> None:
         """Checks against the live state; call with the lock held."""
-        if self._closed:
-            raise FailedPreconditionError("the worker is shutting down; no change is accepted")
-        if request.at_step is not None and request.at_step < self._step:
-            raise InvalidArgumentError(
-                f"at_step {request.at_step} is already past: the next step is {self._step}"
-            )
-        check_horizon(request.at_step, self._step, self.queue_limits)
-        if request.expected_version is not None and request.expected_version != self._version:
-            raise FailedPreconditionError(
-                f"expected_version {request.expected_version} does not match the config "
-                f"version {self._version}"
-            )
+        check_acceptable(request, closed=self._closed, step=self._step, version=self._version,
+                         limits=self.queue_limits)
 
     def _expected_outcome(
-        self,
-        change_id: int,
-        request: ChangeRequest,
-        ops: Mapping[int, NameOp],
-        state: RateState,
-        version: int,
-        step: int,
+        self, change_id: int, request: ChangeRequest, ops: Mapping[int, NameOp], state: RateState,
+        version: int, step: int,
     ) -> Outcome:
-        """What the change would do to `state` at config `version`; raises if invalid.
-
-        Planned for its due step (the next one when none is given)."""
-        plan = self._plan(ops, state, step if request.at_step is None else request.at_step)
-        return Outcome(
-            change_id=change_id,
-            step=-1 if request.at_step is None else request.at_step,
-            version=version,
-            applied=False,
-            changes=self._changes(plan),  # type: ignore[arg-type]
-        )
+        """What the change would do to `state` at config `version`; raises if invalid."""
+        return self._writes.expected_outcome(change_id, request, ops, state, self._book, version, step)
 
     def _resolve_batch(self, request: ChangeRequest, check: Check | None = None) -> dict[int, NameOp]:
         """Per parameter position (model order), what happens to it; all-or-nothing checks."""
-        if not request.updates and not request.schedules:
-            raise InvalidArgumentError("empty batch: give at least one update")
-        if request.at_step is not None and request.at_step < 0:
-            raise InvalidArgumentError(f"at_step {request.at_step} is negative")
-        if len(request.reason) > MAX_REASON_CHARS:
-            # The history keeps every reason: a bound keeps it from holding megabytes.
-            raise InvalidArgumentError(
-                f"reason of {len(request.reason)} characters is too long (at most {MAX_REASON_CHARS})"
-            )
-        entries: list[tuple[str, NameOp]] = []
-        for update in request.updates:
-            self._check_value(update.selector, update.mode, update.value, update.target)
-            part = (update.mode, update.value)
-            op: NameOp = (part, None, None) if update.target is Target.BASE else (None, part, None)
-            entries.append((update.selector, op))
-        for schedule_update in request.schedules:
-            spec = CONSTANT if schedule_update.schedule is None else schedule_update.schedule
-            entries.append((schedule_update.selector, (None, None, spec)))
-        ops: dict[int, NameOp] = {}
-        resolved: list[tuple[int, ...]] = []
-        for selector, op in entries:
-            if check is not None:
-                check()
-            indices = self._resolve(selector, for_set=True, check=check)
-            resolved.append(indices)
-            if ops.keys().isdisjoint(indices):  # the usual case: one dict update in C
-                ops.update(dict.fromkeys(indices, op))
-                continue
-            for i in indices:
-                previous = ops.setdefault(i, op)
-                if previous is not op:
-                    ops[i] = self._merge(i, previous, op, selector, entries, resolved)
-        if len(resolved) == 1:
-            return ops  # one selector's positions: already in model order
-        order = sorted(ops)
-        return dict(zip(order, map(ops.__getitem__, order)))
-
-    def _merge(
-        self, i: int, previous: NameOp, op: NameOp, selector: str,
-        entries: Sequence[tuple[str, NameOp]], resolved: Sequence[tuple[int, ...]],
-    ) -> NameOp:
-        """Two updates touch parameter i: they must agree on whatever both change."""
-        merged = list(previous)
-        for part, (mine, theirs) in enumerate(zip(op, previous)):
-            if mine is None:
-                continue
-            if theirs is not None and theirs != mine:
-                # The first update that touched i this way (error path: a scan is fine).
-                first = next(s for (s, o), r in zip(entries, resolved) if i in r and o[part] is not None)
-                raise InvalidArgumentError(
-                    f"updates {quote(first)} and {quote(selector)} disagree on "
-                    f"{self.index.names[i]!r}: {_describe_op(part, theirs)} vs "
-                    f"{_describe_op(part, mine)}"
-                )
-            merged[part] = mine
-        return tuple(merged)  # type: ignore[return-value]
-
-    @staticmethod
-    def _check_value(selector: str, mode: Mode, value: float, target: Target = Target.BASE) -> None:
-        if mode is Mode.UNPIN:
-            if target is not Target.PIN:
-                raise InvalidArgumentError(f"unpin of {quote(selector)} must target the pin")
-            return
-        if not math.isfinite(value):
-            raise InvalidArgumentError(f"value {value!r} for {quote(selector)} is not a finite number")
-        if mode is Mode.SCALE and value <= 0:
-            raise InvalidArgumentError(f"scale factor {value!r} for {quote(selector)} must be > 0")
-        # copysign: -0.0 counts as negative too (it would read back as "-0.0").
-        if mode is Mode.ABSOLUTE and math.copysign(1.0, value) < 0:
-            raise InvalidArgumentError(f"learning rate {value!r} for {quote(selector)} is negative")
+        return self._writes.resolve_batch(request, check)
 
     def _resolve(self, selector: str, *, for_set: bool, check: Check | None = None) -> tuple[int, ...]:
         """Positions the selector matches among parameters that can be read (or set)."""
@@ -1156,27 +1061,6 @@ class Controller(ControllerState):
         """The positions (in their order) of parameters the optimizer holds."""
         bases = self._table.base
         return tuple([i for i in positions if bases[i] is not None])
-
-    def _representable(self, i: int, lr: float) -> bool:
-        """A finite rate that the optimizer can apply to parameter i (else step() raises)."""
-        return math.isfinite(lr) and lr <= self._strategy.max_lr((i,))
-
-    def _first_unrepresentable(self, indices: Sequence[int], new: Sequence[float]) -> int | None:
-        """Position j of the first new[j] that parameter indices[j] cannot take, or None."""
-        if not indices:
-            return None
-        if all(map(math.isfinite, new)):
-            top = max(new)
-            if top <= self._strategy.safe_lr or top <= self._strategy.max_lr(indices):
-                return None  # the usual case: no look at each parameter
-        return next(
-            (j for j, (i, lr) in enumerate(zip(indices, new)) if not self._representable(i, lr)),
-            None,
-        )
-
-    def _limit_text(self, i: int) -> str:
-        return (f"above {self._strategy.max_lr((i,)):g}, the largest rate its optimizer can apply "
-                f"to a {_dtype_name(self._params[i].dtype)} parameter")
 
     def _with_grad(self, positions: Sequence[int]) -> tuple[int, ...]:
         params = self._params

@@ -18,13 +18,14 @@ names it is ~1.3 MB and ~4 ms to make (bench/README.md section 3c).
 
 from __future__ import annotations
 
+import math
 import pickle
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from lrctl.common.errors import FailedPreconditionError
-from lrctl.server.rates import ScheduleBook, clamped_rate
+from lrctl.server.rates import SCHEDULED, RateState, ScheduleBook, clamped_rate
 from lrctl.server.selectors import NameIndex, parse_selector, quote
 
 Check = Callable[[], None]
@@ -148,6 +149,13 @@ class StaticPart:
     held: list[bool]
     hyper_of: list[int]  # per name: index into hypers (-1: not held)
     hypers: list[dict[str, float]]
+    # What planning a write needs (lrctl.server.serving_writes): the largest rate the
+    # optimizer can apply per name (inf: not held) and one every name can take, the
+    # worker's guardrails and queue limits.
+    max_lr: list[float] = field(default_factory=list)
+    safe_lr: float = math.inf
+    guardrails: Any = None  # lrctl.server.guardrails.Guardrails
+    queue_limits: Any = None  # lrctl.server.queue_limits.QueueLimits
 
 
 @dataclass
@@ -197,6 +205,8 @@ class ReadSnapshot:
         self._pinned_base: dict[int, float] = {}
         self._pinned_schedule: dict[int, int] = {}
         self._groups = array("q")
+        self._state: list[RateState] = []  # rate_state(), made once per version
+        self._shared: dict[str, Any] = {}  # what every version shares (the write planner)
 
     def update(self, part: VersionedPart) -> "ReadSnapshot":
         """A new snapshot of the newer version, sharing the static part and the book
@@ -205,6 +215,7 @@ class ReadSnapshot:
             raise ValueError(f"schedules from {part.book_start}, the book has {len(self.book)}")
         out = ReadSnapshot(self.static, self.index)
         out.book = self.book
+        out._shared = self._shared
         for schedule in part.new_schedules:
             if self.book.intern(schedule) != len(self.book) - 1:
                 raise ValueError(f"schedule {schedule!r} is in the book twice")  # ids would shift
@@ -223,6 +234,39 @@ class ReadSnapshot:
         out.__dict__.update(self.__dict__)
         out.step = step
         return out
+
+    # -- what planning a write reads (lrctl.server.serving_writes) -------------------
+    def rate_state(self) -> RateState:
+        """Every name's base, schedule id and pin at this version, as the controller's
+        table holds them (made once per version, when a write first needs it)."""
+        if not self._state:
+            classes, class_of = self._classes, self._class_of
+            keys = {c: key for c, (key, _) in classes.items()}
+            base: list[float | None] = [None] * len(class_of)
+            schedule = array("q", bytes(8 * len(class_of)))
+            for i, c in enumerate(class_of):
+                if c >= 0:
+                    key = keys[c]
+                    if key[0] == SCHEDULED:
+                        base[i], schedule[i] = key[1], key[2]
+            for i in self._pins:
+                base[i], schedule[i] = self._pinned_base[i], self._pinned_schedule[i]
+            self._state.append(RateState(base, schedule, dict(self._pins)))
+        return self._state[0]
+
+    def planner(self) -> Any:
+        """The write planner over this job's names (lrctl.server.write_plan), made once."""
+        found = self._shared.get("planner")
+        if found is None:
+            from lrctl.server.guardrails import Guardrails
+            from lrctl.server.write_plan import NameLimits, WritePlanner
+
+            s = self.static
+            guardrails = s.guardrails if s.guardrails is not None else Guardrails()
+            found = self._shared["planner"] = WritePlanner(
+                self.index, self._usable(), guardrails.bind(self.index),
+                NameLimits(s.max_lr, s.safe_lr), s.dtypes.__getitem__)
+        return found
 
     # -- what read_answers asks of a source ----------------------------------------
     def _usable(self) -> Usable:

@@ -31,7 +31,6 @@ from lrctl.common.errors import (
     InvalidArgumentError,
     LrctlError,
 )
-from lrctl.common.schedule_messages import schedule_from_pb, schedule_to_pb
 from lrctl.server.admission import (
     DEFAULT_EXPENSIVE_QUEUED,
     DEFAULT_EXPENSIVE_WORKERS,
@@ -59,15 +58,17 @@ from lrctl.server.read_answers import (
 from lrctl.server.telemetry import Event
 from lrctl.server.subscribers import DEFAULT_REPORTED_CHANGES, MAX_ENTRIES_PER_CHANGE_PAGE, changes_per_record
 from lrctl.server.watch import WatchHub, WatchLimits
-from lrctl.server.requests import (
-    ChangeRequest,
-    Mode,
-    Outcome,
-    PendingChange,
-    RateChange,
-    ScheduleUpdate,
-    Target,
-    Update,
+from lrctl.server.requests import ChangeRequest, Outcome, PendingChange
+from lrctl.server.write_messages import (
+    Planned,
+    check_message,
+    change_request,
+    rate_changes_pb as _rate_changes_pb,
+    reply as _reply,
+    schedules_pb as _schedules_pb,
+    updates_pb as _updates_pb,
+    user_of,
+    waits,
 )
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
@@ -90,76 +91,17 @@ _WAIT_MARGIN_S = 0.1
 _BIG_REPLY = 2000
 # Encoded MetricsEvents kept for the streams that still have to send them.
 _WIRE_CACHE = 256
+# A change planned in the serving process is queued on the loop up to this many names
+# (its estimate of bytes is a pass over them), on the budget's threads past it.
+_CHEAP_PLANNED = 4096
 
 T = TypeVar("T")
 
-_MODES = {pb.UPDATE_MODE_ABSOLUTE: Mode.ABSOLUTE, pb.UPDATE_MODE_SCALE: Mode.SCALE,
-          pb.UPDATE_MODE_UNPIN: Mode.UNPIN}
-_MODE_TO_PB = {mode: code for code, mode in _MODES.items()}
-_TARGETS = {pb.UPDATE_TARGET_UNSPECIFIED: Target.BASE, pb.UPDATE_TARGET_BASE: Target.BASE,
-            pb.UPDATE_TARGET_PIN: Target.PIN}
-# BASE travels as the default (0): records of plain rate changes stay as small as before.
-_TARGET_TO_PB = {Target.BASE: pb.UPDATE_TARGET_UNSPECIFIED, Target.PIN: pb.UPDATE_TARGET_PIN}
 _STATES = {
     "waiting_for_first_step": pb.TRAINING_STATE_WAITING_FOR_FIRST_STEP,
     "training": pb.TRAINING_STATE_TRAINING,
     "closing": pb.TRAINING_STATE_CLOSING,
 }
-
-
-def _rate_changes_pb(changes: Iterable[RateChange]) -> list[pb.RateChange]:
-    return [
-        pb.RateChange(name=c.name, old_lr=c.old_lr, new_lr=c.new_lr, old_base=c.old_base,
-                      new_base=c.new_base, old_pin=c.old_pin, new_pin=c.new_pin,
-                      old_schedule=c.old_schedule, new_schedule=c.new_schedule)
-        for c in changes
-    ]
-
-
-def _updates_pb(updates: Iterable[Update]) -> list[pb.LearningRateUpdate]:
-    return [
-        pb.LearningRateUpdate(selector=u.selector, mode=_MODE_TO_PB[u.mode], value=u.value,
-                              target=_TARGET_TO_PB[u.target])
-        for u in updates
-    ]
-
-
-def _schedules_pb(updates: Iterable[ScheduleUpdate]) -> list[pb.ScheduleAssignment]:
-    return [
-        pb.ScheduleAssignment(selector=u.selector, schedule=schedule_to_pb(u.schedule))
-        for u in updates
-    ]
-
-
-def _schedules_from_pb(assignments: Iterable[pb.ScheduleAssignment]) -> tuple[ScheduleUpdate, ...]:
-    out = []
-    for k, a in enumerate(assignments):
-        try:
-            schedule = schedule_from_pb(a.schedule)
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"schedules[{k}] ({a.selector!r}): {exc}") from None
-        out.append(ScheduleUpdate(a.selector, schedule))
-    return tuple(out)
-
-
-def _updates_from_pb(updates: Iterable[pb.LearningRateUpdate]) -> tuple[Update, ...]:
-    out = []
-    for k, u in enumerate(updates):
-        mode = _MODES.get(u.mode)
-        if mode is None:
-            name = pb.UpdateMode.Name(u.mode) if u.mode in pb.UpdateMode.values() else str(u.mode)
-            raise InvalidArgumentError(
-                f"updates[{k}] ({u.selector!r}) has mode {name}; use UPDATE_MODE_ABSOLUTE, "
-                "UPDATE_MODE_SCALE or UPDATE_MODE_UNPIN"
-            )
-        target = _TARGETS.get(u.target)
-        if target is None:
-            raise InvalidArgumentError(
-                f"updates[{k}] ({u.selector!r}) has target {u.target}; use UPDATE_TARGET_BASE "
-                "or UPDATE_TARGET_PIN"
-            )
-        out.append(Update(u.selector, u.value, mode, target))
-    return tuple(out)
 
 
 def _wake(done: asyncio.Future[None]) -> None:
@@ -283,10 +225,7 @@ def _event_stats_pb(event: Event) -> list[pb.ParameterStats]:
 
 
 def _user(context: grpc.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "lrctl-user":
-            return str(value)
-    return ""
+    return user_of(context.invocation_metadata())
 
 
 class LearningRateControlService(pb_grpc.LearningRateControlServicer):
@@ -434,85 +373,93 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
 
     # -- writes ----------------------------------------------------------------------
     async def SetLearningRates(self, request: pb.SetLearningRatesRequest, context: grpc.aio.ServicerContext) -> pb.SetLearningRatesResponse:
-        return await self._change(request, context, lambda: (
-            _updates_from_pb(request.updates), _schedules_from_pb(request.schedules)))
+        return await self._change(request, context)
 
     async def SetSchedules(self, request: pb.SetSchedulesRequest, context: grpc.aio.ServicerContext) -> pb.SetLearningRatesResponse:
-        if not request.schedules:
-            raise InvalidArgumentError("empty batch: give at least one schedule assignment")
-        return await self._change(request, context, lambda: ((), _schedules_from_pb(request.schedules)))
+        return await self._change(request, context)
 
     async def ClearSchedules(self, request: pb.ClearSchedulesRequest, context: grpc.aio.ServicerContext) -> pb.SetLearningRatesResponse:
-        if not request.selectors:
-            raise InvalidArgumentError("empty batch: give at least one selector")
-        return await self._change(request, context, lambda: (
-            (), tuple(ScheduleUpdate(s, None) for s in request.selectors)))
+        return await self._change(request, context)
 
     async def _change(
         self,
         request: pb.SetLearningRatesRequest | pb.SetSchedulesRequest | pb.ClearSchedulesRequest,
         context: grpc.aio.ServicerContext,
-        parts: Callable[[], tuple[tuple[Update, ...], tuple[ScheduleUpdate, ...]]],
     ) -> pb.SetLearningRatesResponse:
-        """Submit one batch of rate and schedule changes with the request's options.
-
-        Validation and submit (up to ~40 ms for 100k names) run on the budget's threads;
-        a waiting call then awaits its change without a thread. A change whose caller
-        has gone is withdrawn (under the controller's lock) and never applied after
-        its caller was told it failed; one already applied is answered as it is.
-        """
-        if request.max_reported_changes < 0:
-            raise InvalidArgumentError(f"max_reported_changes {request.max_reported_changes} is negative")
+        """Submit one batch of rate and schedule changes with the request's options."""
+        check_message(request)
         identity, peer, user = self._identity(context), context.peer(), _user(context)
-        waiting = request.wait and not request.dry_run
+        reply = await self._submit(
+            lambda: change_request(request, identity, peer, user), context, peer=peer,
+            token=identity.get("token", ""), dry_run=request.dry_run, waiting=waits(request),
+            limit=request.max_reported_changes, cheap=self._cheap_change(request), size=request.ByteSize())
+        assert not isinstance(reply, int)
+        return reply
+
+    async def submit_planned(
+        self, planned: Planned, context: grpc.aio.ServicerContext, size: int
+    ) -> int | pb.SetLearningRatesResponse:
+        """A change the serving process resolved, checked and planned against config
+        version `planned.version` (lrctl.server.serving_writes): queued as planned while
+        the version is still that one, else planned again here. The answer of a call
+        that does not wait is then only the change id (the serving process replies from
+        its own plan); otherwise the reply, as for any Set."""
+        r = planned.request
+        return await self._submit(
+            lambda: r, context, peer=r.peer, token=r.token, dry_run=False, waiting=r.wait,
+            limit=planned.max_reported_changes, cheap=len(planned.ops) <= _CHEAP_PLANNED, size=size,
+            planned=planned)
+
+    async def _submit(
+        self, make: Callable[[], ChangeRequest], context: grpc.aio.ServicerContext, *, peer: str,
+        token: str, dry_run: bool, waiting: bool, limit: int, cheap: bool, size: int,
+        planned: Planned | None = None,
+    ) -> int | pb.SetLearningRatesResponse:
+        """Preview or submit the change `make()` builds, and wait for it if asked.
+
+        Validation and submit (up to ~40 ms for 100k names) run on the budget's threads
+        unless `cheap`; a waiting call then awaits its change without a thread. A change
+        whose caller has gone is withdrawn (under the controller's lock) and never applied
+        after its caller was told it failed; one already applied is answered as it is.
+        """
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining - _WAIT_MARGIN_S
         call = CallCheck(deadline)
-        token = identity.get("token", "")
         if waiting:
             self.waiting.acquire(peer, token)
         try:
-            def work() -> tuple[PendingChange | None, pb.SetLearningRatesResponse | None]:
-                updates, schedules = parts()
-                change = ChangeRequest(
-                    updates=updates,
-                    schedules=schedules,
-                    at_step=request.at_step if request.HasField("at_step") else None,
-                    expected_version=request.expected_version if request.HasField("expected_version") else None,
-                    reason=request.reason,
-                    peer=peer,
-                    user=user,
-                    wait=waiting,
-                    **identity,
-                )
-                if request.dry_run:
-                    return None, self._reply(request, self._controller.preview(change, check=call.check))
+            def work() -> tuple[PendingChange | None, int | pb.SetLearningRatesResponse | None]:
+                change = make()
+                if dry_run:
+                    return None, _reply(limit, self._controller.preview(change, check=call.check))
                 pending, outcome = self._controller.submit(
-                    change, deadline=deadline if waiting else None, check=call.check
+                    change, deadline=deadline if waiting else None, check=call.check, planned=planned
                 )
                 try:
                     call.check()  # its caller left while it was being queued
                 except LrctlError as gone:
                     if self._controller.withdraw(pending, gone):
                         raise
-                return pending, None if waiting else self._reply(request, outcome)
+                if waiting:
+                    return pending, None
+                return pending, pending.change_id if outcome is None else _reply(limit, outcome)
 
             def abandoned(result: tuple[PendingChange | None, Any]) -> None:
                 if result[0] is not None:
                     self._controller.withdraw(result[0], CallerGoneError(
                         f"change {result[0].change_id} withdrawn: its caller cancelled the call"))
 
-            if self._cheap_change(request):
+            if cheap:
                 pending, reply = work()
             else:
-                pending, reply = await self.budget.run(work, call, size=request.ByteSize(), on_abandoned=abandoned)
+                pending, reply = await self.budget.run(work, call, size=size, on_abandoned=abandoned)
             if reply is not None:
                 return reply
             assert pending is not None
             outcome = await self._wait(pending, context)
-            if min(len(outcome.changes), request.max_reported_changes or DEFAULT_REPORTED_CHANGES) > _BIG_REPLY:
-                return await asyncio.get_running_loop().run_in_executor(None, self._reply, request, outcome)
-            return self._reply(request, outcome)
+            if min(len(outcome.changes), limit or DEFAULT_REPORTED_CHANGES) > _BIG_REPLY:
+                return await asyncio.get_running_loop().run_in_executor(None, _reply, limit, outcome)
+            return _reply(limit, outcome)
         finally:
             if waiting:
                 self.waiting.release(peer, token)
@@ -523,21 +470,6 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         if not isinstance(request, pb.SetLearningRatesRequest) or request.schedules:
             return False
         return _cheap_selectors([u.selector for u in request.updates], len(self._controller.index))
-
-    @staticmethod
-    def _reply(
-        request: pb.SetLearningRatesRequest | pb.SetSchedulesRequest | pb.ClearSchedulesRequest,
-        outcome: Outcome,
-    ) -> pb.SetLearningRatesResponse:
-        limit = request.max_reported_changes or DEFAULT_REPORTED_CHANGES
-        return pb.SetLearningRatesResponse(
-            applied=outcome.applied,
-            step=outcome.step,
-            version=outcome.version,
-            changes=_rate_changes_pb(outcome.changes[:limit]),
-            change_id=outcome.change_id,
-            num_changes=len(outcome.changes),
-        )
 
     def _identity(self, context: grpc.ServicerContext) -> dict[str, str]:
         """The role and token name a change is recorded with (empty without tokens)."""

@@ -12,7 +12,10 @@ stream: stop at once), this process stops serving and exits. SIGINT and SIGTERM 
 ignored: a Ctrl-C or a `kill` of the process group is the training process's to handle
 (it closes its link, which stops this one), not a way to leave a job unserved.
 
-WatchMetrics is not forwarded: its streams are kept here (_Watch, on
+Reads of rates, schedules and parameters are answered here from a snapshot
+(lrctl.server.serving_reads); writes are planned here from the same snapshot, dry runs and
+bad requests answered here, valid changes handed over pre-planned
+(lrctl.server.serving_writes). WatchMetrics is not forwarded: its streams are kept here (_Watch, on
 lrctl.server.subscribers), fed once for all of them by the training process
 (lrctl.server.watch_feed).
 """
@@ -35,8 +38,10 @@ import grpc
 
 from lrctl.common.errors import LrctlError
 from lrctl.server import serving_wire as wire
+from lrctl.server.admission import Budget
 from lrctl.server.factory import SERVICE_NAME, build_server
 from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
+from lrctl.server.serving_writes import HandOver, SnapshotWrites
 from lrctl.server.status import _status
 from lrctl.server.subscribers import Subscriber, Subscribers, WatchLimits, changes_per_record
 from lrctl.v1 import lrctl_pb2
@@ -69,6 +74,8 @@ class _Link:
         # Reads answered here from a snapshot of the training process's table.
         self.reads = SnapshotReads(lambda: wire.read_shared(self.shared),
                                    lambda: self.send((wire.SNAPSHOT_WANTED, 0)))
+        # ... and writes planned here from the same snapshot.
+        self.writes = SnapshotWrites(self.reads, None, self.count)
         self.watch: _Watch | None = None
 
     async def start(self, sock: socket.socket) -> None:
@@ -90,6 +97,20 @@ class _Link:
         if remaining is None or remaining > wire.NO_DEADLINE_S:
             remaining = -1.0
         self.send((wire.CALL, cid, method, metadata, context.peer(), float(remaining), request))
+        return cid, queue
+
+    def count(self, method: str, code: str) -> None:
+        """A write answered here, for the training process's lrctl_requests_total."""
+        wire.count_answered(self.shared, method, code)
+
+    def open_planned(self, method: str, context: grpc.aio.ServicerContext, planned: tuple) -> tuple[int, asyncio.Queue]:
+        """A write planned here goes to the training process (lrctl.server.serving_writes)."""
+        cid, queue = self.call_id()
+        if not self.closed:
+            remaining = context.time_remaining()
+            if remaining is None or remaining > wire.NO_DEADLINE_S:
+                remaining = -1.0
+            self.send((wire.PLANNED, cid, method, context.peer(), float(remaining), planned))
         return cid, queue
 
     def cached(self, method: str, request: bytes) -> bytes | None:
@@ -287,6 +308,12 @@ def _unary(link: _Link, method: str) -> Any:
             answer = await link.reads.answer(method, request, context, link.acked)
             if answer is not None:
                 return answer
+        if write:
+            planned = await link.writes.answer(method, request, context, link.acked)
+            if isinstance(planned, bytes):
+                return planned
+            if planned is not None:
+                return await _hand_over(link, method, context, planned)
         if cacheable:
             answer = link.cached(method, request)
             if answer is not None:
@@ -308,6 +335,28 @@ def _unary(link: _Link, method: str) -> Any:
         return body
 
     return call
+
+
+async def _hand_over(link: _Link, method: str, context: grpc.aio.ServicerContext, planned: HandOver) -> bytes:
+    """A write planned here, queued by the training process: the reply from this plan
+    (the training process names the change id), or the training process's own answer
+    (it planned the change again, or it waited for it to apply)."""
+    cid, queue = link.open_planned(method, context, planned.wire)
+    ended = False
+    try:
+        frame = await queue.get()
+        ended = frame is not None
+        if frame is not None and frame[0] == wire.ACCEPTED:
+            body = planned.reply(frame[2])
+            link.acked = max(link.acked, planned.planned.version)
+            return body
+        await _end(context, frame)
+        assert frame is not None
+    finally:
+        link.finish(cid, ended)
+    body = frame[4]
+    link.acked = max(link.acked, lrctl_pb2.SetLearningRatesResponse.FromString(body).version)
+    return body
 
 
 async def _responses(link: _Link, cid: int, queue: asyncio.Queue, context: grpc.aio.ServicerContext,
@@ -369,6 +418,10 @@ def main(fd: int, shared_fd: int) -> int:
     link = _Link(mmap.mmap(shared_fd, wire.SHARED_BYTES))
     os.close(shared_fd)
     link.watch = _Watch(link, config.pop("watch_limits"), config.get("tokens"))
+    link.writes = SnapshotWrites(link.reads, config.get("tokens"), link.count,
+                                 lambda: wire.read_closing(link.shared))
+    # Reads and writes answered here are bounded as the attach() call bounds them there.
+    link.reads.budget = Budget(*config.pop("budget"))
     try:
         built = build_server([lambda s: s.add_generic_rpc_handlers((_handlers(link),))], **config)
     except (ValueError, OSError) as exc:

@@ -6,9 +6,13 @@ server. This module starts it, hands it the configuration, and answers the calls
 forwards (lrctl.server.serving_wire) with the very handlers the in-process server runs:
 LearningRateControlService behind status.py's ErrorStatusInterceptor, as coroutines on
 an event loop thread of this process. So every guarantee of the in-process server
-holds as is: changes are planned, queued and applied by the same controller, a waiting
-Set is acknowledged with its step, a caller that goes away withdraws its change, and
-Lockstep holds in this process's step hook.
+holds as is: changes are queued and applied by the same controller, a waiting Set is
+acknowledged with its step, a caller that goes away withdraws its change, and Lockstep
+holds in this process's step hook. Writes mostly arrive pre-planned (the serving process
+resolved, checked and planned them from its snapshot: lrctl.server.serving_writes); the
+same handler code queues them (LearningRateControlService.submit_planned), with the
+live-state checks only while the config version is the planned one, planning them
+again itself otherwise.
 
 Lifecycle: close() (LRControl.close, after the controller failed what was queued) asks
 the serving process to drain for `grace` s and waits for it to exit. If the serving
@@ -36,9 +40,10 @@ import grpc
 
 from lrctl.server import serving_wire as wire
 from lrctl.server.factory import _start_loop, _stop_loop
-from lrctl.server.status import ErrorStatusInterceptor, RequestCounts, _status
+from lrctl.server.status import ErrorStatusInterceptor, RequestCounts, _failure, _status
 from lrctl.server.watch_feed import WatchFeed
 from lrctl.server.tls import ServerTLS
+from lrctl.server.write_messages import planned_from_wire
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lrctl.server")
@@ -48,6 +53,9 @@ _START_TIMEOUT_S = 120.0  # importing grpc on a loaded 2-core machine can take a
 # How often the published step and version are checked against the controller's (a
 # version changed between steps, e.g. by load_state_dict, is seen within this).
 _CHECK_S = 0.1
+# How long after the serving process last asked for a read snapshot each new version's
+# snapshot is sent to it unasked.
+_PUSH_S = 2.0
 
 
 def serving_mode(value: str | None) -> str:
@@ -108,6 +116,35 @@ class _Details:  # a grpc.HandlerCallDetails
         self.method, self.invocation_metadata = method, ()
 
 
+class _Counts(RequestCounts):
+    """The calls this process answered, plus the writes its serving process answered
+    itself (counted in the shared memory): lrctl_requests_total sees them all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared: Any = None
+        self._last: dict[tuple[str, str], int] = {}
+
+    def answered_there(self) -> dict[tuple[str, str], int]:
+        shared = self.shared
+        if shared is not None:
+            try:
+                self._last = wire.read_answered(shared)
+            except ValueError:  # closed: the last counts read stay
+                pass
+        return self._last
+
+    def forwarded(self) -> dict[tuple[str, str], int]:
+        """Only the calls this process answered."""
+        return super().snapshot()
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        out = super().snapshot()
+        for key, n in self.answered_there().items():
+            out[key] = out.get(key, 0) + n
+        return out
+
+
 class ServingProcess:
     """A started serving process and this process's answering end; the interface of
     factory.BuiltServer that LRControl uses (address, port, tls, requests, stop)."""
@@ -115,7 +152,7 @@ class ServingProcess:
     def __init__(self, service: Any, *, address: str, insecure: bool = False, tokens: Any = None,
                  tls: Optional[ServerTLS] = None, max_workers: int = 8) -> None:
         self.tls = tls
-        self.requests = RequestCounts()
+        self.requests = _Counts()
         self._service = service
         self._calls: dict[int, tuple[asyncio.Task, Optional[asyncio.Queue]]] = {}
         self._closing = False
@@ -123,6 +160,11 @@ class ServingProcess:
         self._link: wire.FrameProtocol | None = None
         self._static_sent = False  # read snapshots: the static part went out
         self._book_sent = 1  # ... and the schedules before this id (0, constant, is known)
+        self._sent_version = -1  # ... and the version of the last one sent
+        # Until when a new version's snapshot is sent unasked (the serving process asked
+        # for one lately: it answers reads and plans writes from it).
+        self._push_until = 0.0
+        self._published_version = -1
         capture = _Capture()
         pb_grpc.add_LearningRateControlServicer_to_server(service, capture)
         status = ErrorStatusInterceptor(self.requests)
@@ -143,11 +185,13 @@ class ServingProcess:
         os.ftruncate(self._shared_fd, wire.SHARED_BYTES)
         self._shared = mmap.mmap(self._shared_fd, wire.SHARED_BYTES)
         self._shared_lock = threading.Lock()
+        self.requests.shared = self._shared
         self._publish()
         # At the end of lrctl's step hook: the step and the version that this boundary's
         # changes made. (Not a step hook of our own: removing one at close() from another
         # thread, while a step is held in lockstep, would break that step's iteration.)
         controller.add_after_step(self._publish)
+        controller.add_on_close(self._closing_now)
         self._sock, child = socket.socketpair()
         try:
             # A plain subprocess of this interpreter: multiprocessing's spawn would import
@@ -158,7 +202,8 @@ class ServingProcess:
                 pass_fds=[child.fileno(), self._shared_fd], stdin=subprocess.DEVNULL)
             child.close()
             config = dict(address=address, insecure=insecure, tokens=tokens, tls=tls, max_workers=max_workers,
-                          watch_limits=service.watchers.limits)
+                          watch_limits=service.watchers.limits,
+                          budget=(service.budget.workers, service.budget.max_queued))
             self._sock.sendall(wire.pack_raw(pickle.dumps(config)))
             self._sock.settimeout(_START_TIMEOUT_S)
             raw = wire.recv_raw_blocking(self._sock)
@@ -178,10 +223,32 @@ class ServingProcess:
         """Write the controller's step and version where the serving process reads them
         (the step hook: ~1 us; and a 0.1 s check, for versions changed between steps)."""
         controller = self._controller
+        version = controller.version
         try:
             with self._shared_lock:
-                wire.write_shared(self._shared, controller.step, controller.version)
+                wire.write_shared(self._shared, controller.step, version)
         except ValueError:  # closed meanwhile (a step racing close()): nothing to publish to
+            return
+        if version != self._published_version:
+            if version < self._published_version:  # load_state_dict: numbers are reused
+                self._sent_version = -1
+            self._published_version = version
+            # A change was applied: while the serving process uses snapshots, it gets the
+            # new one without asking (no frame to wait for and read; the wakeup is often
+            # the one that answers a waiting Set anyway).
+            if self._push_until and time.monotonic() < self._push_until:
+                try:
+                    self._loop.call_soon_threadsafe(self._push_snapshot)
+                except RuntimeError:  # the loop is closed: we are stopping
+                    pass
+
+    def _closing_now(self) -> None:
+        """The controller closes: the serving process refuses changes (dry runs too)."""
+        if self._shared.closed:  # stopped already (or never started)
+            return
+        try:
+            wire.set_closing(self._shared)
+        except (ValueError, TypeError):  # closed meanwhile
             pass
 
     def _check_published(self) -> None:
@@ -238,12 +305,22 @@ class ServingProcess:
             call = self._calls.get(cid)
             if call is not None:
                 call[0].cancel()
+        elif kind == wire.PLANNED:
+            self._begin_planned(cid, *frame[2:])
         elif kind == wire.SNAPSHOT_WANTED:
-            self._send_snapshot()
+            self._push_until = time.monotonic() + _PUSH_S
+            if self._sent_version != self._controller.version or not self._static_sent:
+                self._send_snapshot()
+            # else: the snapshot of this version went out unasked and crossed this
+            # request: the serving process has it (it asks for newer ones only).
         elif kind == wire.WATCH:
             self._feed.start(*frame[1:])
         elif kind == wire.WATCH_CONFIG:
             self._feed.configure(*frame[1:])
+
+    def _push_snapshot(self) -> None:
+        if self._sent_version != self._controller.version and self._static_sent:
+            self._send_snapshot()
 
     def _send_snapshot(self) -> None:
         """A read snapshot for the serving process (lrctl.server.serving_reads): made
@@ -258,6 +335,7 @@ class ServingProcess:
             part = controller.read_versioned(self._book_sent)
             if part is not None:
                 self._book_sent += len(part.new_schedules)
+                self._sent_version = part.version
                 versioned = part.to_wire()
         except Exception:  # a bug: must not end the link (reads are forwarded from now on)
             log.exception("lrctl: a read snapshot could not be made; reads are forwarded from now on")
@@ -299,6 +377,36 @@ class ServingProcess:
                     self._calls[cid] = (task, None)
                 return
         self._calls[cid] = (asyncio.ensure_future(run), requests)
+
+    def _begin_planned(self, cid: int, method: str, peer: str, remaining: float, planned: tuple) -> None:
+        """A write the serving process planned (lrctl.server.serving_writes): queued by
+        the same handler code as any Set (LearningRateControlService.submit_planned)."""
+        context = _Context(self, cid, (), peer, remaining)
+        run = self._planned(cid, method, planned, context)
+        if not planned[10]:  # does not wait: most end without a Task (see _begin)
+            task = _eager(run)
+            if task is not None:
+                self._calls[cid] = (task, None)
+            return
+        self._calls[cid] = (asyncio.ensure_future(run), None)
+
+    async def _planned(self, cid: int, method: str, wired: tuple, context: _Context) -> None:
+        try:
+            planned = planned_from_wire(wired)
+            result = await self._service.submit_planned(planned, context, len(planned.ops))
+        except asyncio.CancelledError:
+            pass  # the caller went away (or the link ended): its change was withdrawn
+        except Exception as exc:  # as status.py's guard answers a forwarded call
+            code, message = _failure(exc, method, self.requests)
+            self._send((wire.END, cid, code.value[0], message, None, -1))
+        else:
+            self.requests.add(method, "OK")
+            if isinstance(result, int):
+                self._send((wire.ACCEPTED, cid, result))
+            else:
+                self._send((wire.END, cid, 0, "", result.SerializeToString(), -1))
+        finally:
+            self._calls.pop(cid, None)
 
     @staticmethod
     async def _requests(queue: asyncio.Queue, handler: Any) -> Any:
@@ -363,6 +471,8 @@ class ServingProcess:
             self._loop.call_soon_threadsafe(close)
             _stop_loop(self._loop, self._thread)
             self._sock.close()
+            self.requests.answered_there()
+            self.requests.shared = None
             self._shared.close()
             os.close(self._shared_fd)
 

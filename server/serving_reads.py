@@ -101,7 +101,7 @@ class SnapshotReads:
         except asyncio.TimeoutError:
             pass
 
-    async def _current(self, acked: int) -> tuple[ReadSnapshot, int] | None:
+    async def current(self, acked: int) -> tuple[ReadSnapshot, int] | None:
         """(a snapshot of the published version, no older than `acked`, and the step to
         answer at), or None: forward."""
         for _ in range(2):
@@ -132,7 +132,7 @@ class SnapshotReads:
         the in-process server's status and message (lrctl.server.status)."""
         if self.off:
             return None
-        found = await self._current(acked)
+        found = await self.current(acked)
         if found is None or self._reads is None:
             return None
         snap, step = found

@@ -17,9 +17,14 @@ serving -> training
                                 a WatchMetrics stream opens: turn the feed on with `config`
                                 (as "w") and send the stream's start ("B", or "E": refused)
   ("w", streams, any wants stats, per-record limits)   the streams changed (0: feed off)
+  ("D", id, method, peer, remaining s or -1.0, planned)   a write planned here
+                                (lrctl.server.serving_writes; `planned` is
+                                lrctl.server.write_messages.planned_to_wire's tuple): queue it
+                                if the version is still the planned one, else plan it again
 training -> serving
   ("H", id, metadata)           the call's initial metadata (Lockstep)
   ("M", id, response bytes)     a message of a call's response stream
+  ("A", id, change id)           a planned write that does not wait was queued as planned
   ("E", id, code, details, response bytes or None, version)   the call ends with status
                                 `code`; `version` >= 0: a CACHEABLE read's answer, valid
                                 while the published version is this one (see below)
@@ -40,6 +45,8 @@ in a few bytes of shared memory (a memfd), written by a step pre-hook that runs 
 lrctl's own: the serving process answers a repeated read from the answer it kept, for
 as long as the version it was computed at is the one in force (and no schedule moves
 rates with the step), with the step brought up to date, without the training process.
+The serving process writes there too: counters of the writes it answered itself
+(count_answered), which the training process adds to lrctl_requests_total.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ CALL, REQUEST, HALF_CLOSE, CANCEL = "S", "m", "h", "C"
 INITIAL_METADATA, RESPONSE, END, QUIT = "H", "M", "E", "Q"
 SNAPSHOT_WANTED, SNAPSHOT = "N", "P"
 WATCH, WATCH_CONFIG, WATCH_START, FEED = "W", "w", "B", "V"
+PLANNED, ACCEPTED = "D", "A"
 WATCH_METHOD = "/lrctl.v1.LearningRateControl/WatchMetrics"
 
 
@@ -114,7 +122,7 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
 # a reader retries while it is odd or changed under it. One writer at a time (a lock
 # in the training process).
 SHARED = struct.Struct("<qqq")  # seq, step, version
-SHARED_BYTES = 64
+SHARED_BYTES = 4096
 # The reads whose answers the serving process may keep for the version they were
 # computed at (their rates do not depend on the step when no schedule is in force), and
 # whether the answer carries a `step` field to bring up to date.
@@ -128,12 +136,58 @@ WRITES = ("/lrctl.v1.LearningRateControl/SetLearningRates",
           "/lrctl.v1.LearningRateControl/ClearSchedules")
 
 
+# Calls of the WRITES that the serving process answered itself (lrctl.server.serving_writes),
+# by method and status code: counters at COUNTS_AT, written by the serving process's
+# loop only, read by the training process for lrctl_requests_total. (A frame per call
+# would cost the training process a wakeup of its loop, ~50 us, for a call it never saw.)
+COUNTS_AT = 64
+# gRPC status codes by their value.
+CODE_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+              "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+              "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+              "UNAUTHENTICATED")
+_COUNTER = struct.Struct("<q")
+
+
+def _counter_at(method: str, code: str) -> int:
+    return COUNTS_AT + (WRITES.index(method) * len(CODE_NAMES) + CODE_NAMES.index(code)) * 8
+
+
+def count_answered(buffer: Any, method: str, code: str) -> None:
+    """One more call of `method` (one of WRITES) answered with `code` (a status name)."""
+    at = _counter_at(method, code)
+    _COUNTER.pack_into(buffer, at, _COUNTER.unpack_from(buffer, at)[0] + 1)
+
+
+def read_answered(buffer: Any) -> dict[tuple[str, str], int]:
+    """(method without its leading "/", code name) -> calls, as RequestCounts keys them."""
+    out = {}
+    for m, method in enumerate(WRITES):
+        for c, code in enumerate(CODE_NAMES):
+            n = _COUNTER.unpack_from(buffer, COUNTS_AT + (m * len(CODE_NAMES) + c) * 8)[0]
+            if n:
+                out[(method.lstrip("/"), code)] = n
+    return out
+
+
 def read_shared(buffer: Any) -> tuple[int, int]:
     """(step, version) as last published."""
     while True:
         seq, step, version = SHARED.unpack_from(buffer, 0)
         if not seq & 1 and SHARED.unpack_from(buffer, 0)[0] == seq:
             return step, version
+
+
+# The controller is closing (no change is accepted): set once, by the training process.
+CLOSING_AT = 24
+
+
+def set_closing(buffer: Any) -> None:
+    struct.pack_into("<q", buffer, CLOSING_AT, 1)
+
+
+def read_closing(buffer: Any) -> bool:
+    return struct.unpack_from("<q", buffer, CLOSING_AT)[0] != 0
 
 
 def write_shared(buffer: Any, step: int, version: int) -> None:

@@ -359,3 +359,17 @@ def assert_error(proc: subprocess.CompletedProcess[str], code: int, *fragments: 
 def table(text: str) -> list[list[str]]:
     """Rows of a human table split on runs of two or more spaces (cells may hold one)."""
     return [re.split(r"\s{2,}", line.strip()) for line in text.strip().splitlines()]
+
+
+@contextlib.contextmanager
+def in_both_modes(make: Callable[[str], Any]) -> Iterator[tuple[Any, Any]]:
+    """Two workers made by make(serving): in-process and with a serving process (the
+    same state, to compare answers); each closed (its close()) afterwards."""
+    made = []
+    try:
+        for serving in ("inprocess", "process"):
+            made.append(make(serving))
+        yield made[0], made[1]
+    finally:
+        for worker in made:
+            worker.close()

@@ -41,6 +41,7 @@ from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server.controller import Controller
 from lrctl.server.guardrails import Guardrails
 from lrctl.server.planner import plan_change
+from lrctl.server.write_plan import WritePlanner
 from lrctl.server.requests import ChangeRequest, Mode, ScheduleUpdate, Target, Update
 from lrctl.server.resume import Resume
 from lrctl.server.strategy import CoalescedGroups

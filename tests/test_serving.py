@@ -51,9 +51,14 @@ def large_named() -> list[tuple[str, torch.Tensor]]:
 
 @pytest.fixture
 def large(large_named: list[tuple[str, torch.Tensor]]) -> Iterator[LRControl]:
-    """The large model served with a budget of one thread and a queue of two."""
+    """The large model served with a budget of one thread and a queue of two.
+
+    In-process whatever $LRCTL_SERVING says: these tests watch the training process's
+    budget object; a serving process runs reads and planned writes on its own budget
+    (tests/test_serving_writes.py)."""
     opt = torch.optim.SGD([p for _, p in large_named], lr=0.1)
-    ctl = attach(large_named, opt, address="127.0.0.1:0", expensive_workers=1, expensive_queued=2)
+    ctl = attach(large_named, opt, address="127.0.0.1:0", expensive_workers=1, expensive_queued=2,
+                 serving="inprocess")
     try:
         yield ctl
     finally:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PATIENCE_S, Trainer, absolute, scale
+from conftest import PATIENCE_S, Trainer, absolute, in_both_modes, scale
 from lrctl.server import attach
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
@@ -91,12 +91,8 @@ class Worker:
 
 @pytest.fixture
 def both() -> Iterator[tuple[Worker, Worker]]:
-    made = [Worker("inprocess"), Worker("process")]
-    try:
-        yield made[0], made[1]
-    finally:
-        for w in made:
-            w.close()
+    with in_both_modes(Worker) as pair:
+        yield pair
 
 
 def _rates(*selectors: str, **kw: Any) -> tuple[str, Any]:
