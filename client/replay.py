@@ -8,8 +8,11 @@ applied change goes out as it was sent (its updates and schedule assignments), w
 at_step = its recorded step, no-wait, and the reason "replay of change N: <reason>";
 at most `window` of them wait in the worker's queue at once (its per-connection share
 is 100), the next one sent as the worker's step passes the earlier ones. Each answer
-is checked against the recording (the number of names it touches, and their names);
-a mismatch, or the worker outrunning the replay, stops it: the replayed changes
+is checked against the recording (the number of names it touches, and their names).
+While the window is full the replay holds the worker with lockstep (every step waits
+for it, at most HOLD_S), so a free-running worker cannot outrun it; a client that may
+not hold the worker (not admin, or another lockstep controller is attached) follows
+its step by polling instead. A mismatch, or the worker outrunning that, stops it: the replayed changes
 still queued are cancelled (none of them applies later), and the error says how many
 were applied. With `wait`, it returns once the last change's step has passed and the
 history shows every replayed change applied.
@@ -29,6 +32,7 @@ from lrctl.client.errors import (
     LrctlError,
     ResourceExhaustedError,
 )
+from lrctl.client.lockstep import LockstepSession
 from lrctl.client.types import ScheduleAssignment, SetResult, Update
 from lrctl.common.replay_file import (
     ReplayChange,
@@ -40,8 +44,12 @@ from lrctl.common.replay_file import (
 )
 
 DEFAULT_WINDOW = 32
-# How often the worker's step is read while the window is full (a status call).
+# How often the worker's step is read while the window is full (a status call), when
+# this client cannot hold the worker.
 POLL_S = 0.05
+# The longest the worker waits at a held step for the replay (a replay that dies
+# releases it at once: its lockstep stream ends).
+HOLD_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,7 @@ def replay(client: LRClient, path: str, *, window: int = DEFAULT_WINDOW, wait: b
     sent: list[tuple[int, int]] = []  # (worker change id, step)
     queued: deque[tuple[int, int]] = deque()
     step = status.step
+    follow = _Steps(client, sleep)
     try:
         for change in changes:
             while True:
@@ -112,19 +121,21 @@ def replay(client: LRClient, path: str, *, window: int = DEFAULT_WINDOW, wait: b
                         raise
                     else:
                         break
-                sleep(POLL_S)
-                step = client.status().step
+                step = follow.next_step()
             sent.append((result.change_id, change.step))
             queued.append((result.change_id, change.step))
             wrong = _check_answer(change, result.num_changes, [c.name for c in result.changes])
             if wrong is not None:
                 raise FailedPreconditionError(f"cannot replay {path!r}: {wrong}; replay stopped")
     except LrctlError as exc:
+        follow.release()
         _stop(client, sent, exc)
         raise
     except BaseException:  # Ctrl-C: leave nothing queued that was meant as part of a whole
+        follow.release()
         _cancel_quietly(client, [cid for cid, _ in sent])
         raise
+    follow.release()
     ids = [cid for cid, _ in sent]
     applied = False
     if wait:
@@ -134,6 +145,48 @@ def replay(client: LRClient, path: str, *, window: int = DEFAULT_WINDOW, wait: b
         _check_applied(client, start_version, ids)
         applied = True
     return ReplayResult(path, run_id, len(sent), ids, first.step, changes[-1].step, applied)
+
+
+class _Steps:
+    """The worker's next step while the replay's window is full: from lockstep turns
+    (the worker holds at each step until the replay has sent what it can) when this
+    client may hold it, else from status polls."""
+
+    def __init__(self, client: LRClient, sleep: Callable[[float], None]) -> None:
+        self._client, self._sleep = client, sleep
+        self._session: Optional[LockstepSession] = None
+        self._turn = None
+        self._tried = False
+
+    def next_step(self) -> int:
+        """Release the step held now (if any) and return the next one the worker is at."""
+        if not self._tried:
+            self._tried = True
+            try:
+                self._session = self._client.lockstep(every=1, timeout=HOLD_S)
+            except LrctlError:  # a writer token, or another lockstep controller: poll
+                self._session = None
+        if self._turn is not None:
+            self._turn.decide()
+            self._turn = None
+        if self._session is not None:
+            try:
+                # At the hold of step S the changes due at S are applied already.
+                self._turn = next(self._session)
+                return self._turn.step
+            except (StopIteration, LrctlError):  # the worker ended lockstep: poll
+                self._session = None
+        self._sleep(POLL_S)
+        return self._client.status().step
+
+    def release(self) -> None:
+        """Let the worker run free again."""
+        if self._turn is not None:
+            self._turn.decide()
+            self._turn = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None
 
 
 def _send(client: LRClient, change: ReplayChange, max_reported_changes: int) -> SetResult:

@@ -26,7 +26,7 @@ from lrctl.common import audit_format
 from lrctl.common.errors import InvalidArgumentError, LrctlError
 from lrctl.common.schedules import Schedule, schedule_from_dict
 
-# The longest reason a worker takes (lrctl.server.controller.MAX_REASON_CHARS).
+# The longest reason a worker takes (lrctl.server.write_plan.MAX_REASON_CHARS).
 _MAX_REASON = 4096
 # Mismatches named in one message (the count says how many more).
 _SHOWN = 3

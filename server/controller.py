@@ -62,7 +62,7 @@ from lrctl.server.requests import ChangeRequest, Outcome, PendingChange, RateCha
 from lrctl.server.selectors import NameIndex
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 from lrctl.server.telemetry import Telemetry
-from lrctl.server.write_plan import MAX_REASON_CHARS, WritePlanner, check_acceptable  # noqa: F401 (MAX_REASON_CHARS: service's)
+from lrctl.server.write_plan import WritePlanner, check_acceptable
 
 log = logging.getLogger("lrctl.controller")
 

@@ -42,7 +42,7 @@ from lrctl.server.admission import (
 )
 from lrctl.server.auth import Tokens
 from lrctl.server.cancel import CallCheck, CallerGoneError
-from lrctl.server.controller import MAX_REASON_CHARS, Check, Controller, PendingView
+from lrctl.server.controller import Check, Controller, PendingView
 from lrctl.server.history import Record
 from lrctl.server.lockstep import LockstepGate, Turn
 from lrctl.server.read_answers import (
@@ -59,6 +59,7 @@ from lrctl.server.telemetry import Event
 from lrctl.server.subscribers import DEFAULT_REPORTED_CHANGES, MAX_ENTRIES_PER_CHANGE_PAGE, changes_per_record
 from lrctl.server.watch import WatchHub, WatchLimits
 from lrctl.server.requests import ChangeRequest, Outcome, PendingChange
+from lrctl.server.write_plan import MAX_REASON_CHARS
 from lrctl.server.write_messages import (
     Planned,
     check_message,
