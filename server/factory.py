@@ -103,13 +103,13 @@ class BuiltServer:
         try:
             asyncio.run_coroutine_threadsafe(stop(), self.loop).result()
         finally:
-            _stop_loop(self.loop, self.thread)
+            stop_event_loop(self.loop, self.thread)
             self.thread_pool.shutdown(wait=False, cancel_futures=True)
             if self.unix is not None:
                 self.unix.remove()
 
 
-def _start_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+def start_event_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
     """A new event loop running on a thread of its own."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -127,7 +127,8 @@ def _start_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
     return loop, thread
 
 
-def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+def stop_event_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Cancel what start_event_loop's loop still runs, stop it and join its thread."""
     async def cancel_rest() -> None:  # tasks grpc left behind (their calls are over)
         rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in rest:
@@ -238,7 +239,7 @@ def build_server(
         unix_socket.check_path(endpoint.path)
     credentials = tls.credentials() if tls is not None else None
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lrctl-grpc")
-    loop, thread = _start_loop()
+    loop, thread = start_event_loop()
     bound: list[unix_socket.BoundSocket] = []
     requests = RequestCounts()
 
@@ -289,7 +290,7 @@ def build_server(
     try:
         server, health_servicer, host, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
     except BaseException:
-        _stop_loop(loop, thread)
+        stop_event_loop(loop, thread)
         pool.shutdown(wait=False)
         for socket_file in bound:
             socket_file.remove()

@@ -51,7 +51,7 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def _fitting(sizes: Iterable[int], budget: int = PAGE_BYTES) -> int | None:
+def rows_fitting(sizes: Iterable[int], budget: int = PAGE_BYTES) -> int | None:
     """How many leading rows of these byte sizes fit in `budget` (at least one); None
     when all of them do."""
     total = list(accumulate(sizes))
@@ -60,13 +60,14 @@ def _fitting(sizes: Iterable[int], budget: int = PAGE_BYTES) -> int | None:
     return max(1, bisect.bisect_right(total, budget))
 
 
-def _page_size(requested: int, default: int, maximum: int) -> int:
+def checked_page_size(requested: int, default: int, maximum: int) -> int:
+    """The page size to use: `default` for 0, at most `maximum`; negative is refused."""
     if requested < 0:
         raise InvalidArgumentError(f"page_size {requested} is negative")
     return min(requested or default, maximum)
 
 
-def _encode_token(kind: str, position: int, context: str, version: int | None = None) -> str:
+def encode_token(kind: str, position: int, context: str, version: int | None = None) -> str:
     """An opaque page token bound to its listing (kind) and filter, and maybe a version."""
     raw = f"{kind}:{position}:{zlib.crc32(context.encode()):08x}"
     if version is not None:
@@ -74,7 +75,7 @@ def _encode_token(kind: str, position: int, context: str, version: int | None = 
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
-def _decode_token(token: str, kind: str, context: str) -> tuple[int, int | None]:
+def decode_token(token: str, kind: str, context: str) -> tuple[int, int | None]:
     """(position, version or None) of a token of this listing; (0, None) for no token."""
     if not token:
         return 0, None
@@ -132,7 +133,7 @@ def _is_exact(selector: str) -> bool:
     return not selector.startswith(REGEX_PREFIX) and not any(c in selector for c in "*?[")
 
 
-def _cheap_selectors(selectors: Iterable[str], num_names: int) -> bool:
+def cheap_selectors(selectors: Iterable[str], num_names: int) -> bool:
     """A few exact names or globs of a small model, or every name of a small model."""
     selectors = list(selectors)
     if not selectors:
@@ -149,9 +150,9 @@ class _VersionedReading:
 
     def __init__(self, request: pb.GetLearningRatesRequest | pb.GetSchedulesRequest, kind: str) -> None:
         self.selectors = list(request.selectors)
-        self.size = _page_size(request.page_size, MAX_RATE_PAGE, MAX_RATE_PAGE) if request.page_size else None
+        self.size = checked_page_size(request.page_size, MAX_RATE_PAGE, MAX_RATE_PAGE) if request.page_size else None
         self.bound_to = "\0".join(self.selectors)
-        self.start, self.first_version = _decode_token(request.page_token, kind, self.bound_to)
+        self.start, self.first_version = decode_token(request.page_token, kind, self.bound_to)
         if request.page_token and self.first_version is None:
             raise InvalidArgumentError(f"page_token {request.page_token!r} is not a token of this listing")
 
@@ -185,10 +186,10 @@ class Reads:
         n = len(self.source.index)
         if isinstance(request, pb.ListParametersRequest):
             if request.filter:
-                return _cheap_selectors([request.filter], n)
+                return cheap_selectors([request.filter], n)
             rows = min(request.page_size or DEFAULT_PARAMETER_PAGE, n)
             return request.view == pb.PARAMETER_VIEW_NAMES or rows <= _CHEAP_ROWS
-        return _cheap_selectors(request.selectors, n)
+        return cheap_selectors(request.selectors, n)
 
     def answer(self, request: Any, check: Check | None = None) -> Any:
         """The answer to a ListParameters, GetLearningRates or GetSchedules request."""
@@ -199,8 +200,8 @@ class Reads:
         return self.list_parameters(request, check)
 
     def list_parameters(self, request: pb.ListParametersRequest, check: Check | None = None) -> pb.ListParametersResponse:
-        size = _page_size(request.page_size, DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE)
-        start, _ = _decode_token(request.page_token, "params", request.filter)
+        size = checked_page_size(request.page_size, DEFAULT_PARAMETER_PAGE, MAX_PARAMETER_PAGE)
+        start, _ = decode_token(request.page_token, "params", request.filter)
         view = request.view
         if view not in _PARAMETER_VIEWS:
             raise InvalidArgumentError(
@@ -211,21 +212,21 @@ class Reads:
         response = pb.ListParametersResponse(total_size=len(matched))
         if view == pb.PARAMETER_VIEW_NAMES:
             names = self.source.names_at(matched[start:end])
-            fit = _fitting(_utf8_len(n) + _NAME_ROW_BYTES for n in names)
+            fit = rows_fitting(_utf8_len(n) + _NAME_ROW_BYTES for n in names)
             if fit is not None:
                 names, end = names[:fit], start + fit
             response.names.extend(names)
         else:
             end = self._add_parameters(response, matched[start:end], start)
         if end < len(matched):
-            response.next_page_token = _encode_token("params", end, request.filter)
+            response.next_page_token = encode_token("params", end, request.filter)
         return response
 
     def _add_parameters(self, response: pb.ListParametersResponse, positions: Sequence[int], start: int) -> int:
         """Fill a FULL page with the parameters at `positions` that fit PAGE_BYTES; returns
         the end of the page (start + rows added)."""
         rows = self.source.parameter_rows(positions)
-        fit = _fitting(
+        fit = rows_fitting(
             _utf8_len(name) + len(dtype) + len(device) + 11 * len(shape) + _PARAMETER_ROW_BYTES
             + self._hyperparameters_pb.size(hypers)
             for name, shape, _, dtype, device, _, _, _, _, hypers in rows
@@ -257,7 +258,7 @@ class Reads:
         rows, version, step, total = self.source.read_page(selectors, start, size, check=check)
         reading.check_version(version, "learning rates")
         if size is not None:  # a paged reading: each page fits a default client
-            fit = _fitting(_utf8_len(r.name) + _utf8_len(r.schedule) + _RATE_ROW_BYTES for r in rows)
+            fit = rows_fitting(_utf8_len(r.name) + _utf8_len(r.schedule) + _RATE_ROW_BYTES for r in rows)
             if fit is not None:
                 rows = rows[:fit]
         end = start + len(rows)
@@ -265,7 +266,7 @@ class Reads:
             version=version,
             step=step,
             total_size=total,
-            next_page_token=_encode_token("rates", end, bound_to, version) if end < total else "",
+            next_page_token=encode_token("rates", end, bound_to, version) if end < total else "",
         )
         add = response.rates.add
         for row in rows:
@@ -295,6 +296,6 @@ class Reads:
             add(name=row.name, base=row.base, pin=row.pin, schedule=cached[0], description=cached[1])
         end = start + len(rows)
         if end < total:
-            response.next_page_token = _encode_token("schedules", end, bound_to, version)
+            response.next_page_token = encode_token("schedules", end, bound_to, version)
         return response
 

@@ -49,11 +49,11 @@ from lrctl.server.read_answers import (
     PAGE_BYTES,
     _NAME_ROW_BYTES,
     Reads,
-    _cheap_selectors,
-    _decode_token,
-    _encode_token,
-    _fitting,
-    _page_size,
+    cheap_selectors,
+    decode_token,
+    encode_token,
+    rows_fitting,
+    checked_page_size,
 )
 from lrctl.server.telemetry import Event
 from lrctl.server.subscribers import DEFAULT_REPORTED_CHANGES, MAX_ENTRIES_PER_CHANGE_PAGE, changes_per_record
@@ -121,7 +121,7 @@ def _pending_pb(view: PendingView) -> pb.PendingChangeInfo:
     )
     room = PAGE_BYTES - message.ByteSize()
     updates, schedules = _updates_pb(r.updates), _schedules_pb(r.schedules)
-    cut = _fitting((m.ByteSize() + _NAME_ROW_BYTES for m in [*updates, *schedules]), room)
+    cut = rows_fitting((m.ByteSize() + _NAME_ROW_BYTES for m in [*updates, *schedules]), room)
     if cut is not None:
         schedules = schedules[:max(cut - len(updates), 0)]
         updates = updates[:cut]
@@ -470,7 +470,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
     ) -> bool:
         if not isinstance(request, pb.SetLearningRatesRequest) or request.schedules:
             return False
-        return _cheap_selectors([u.selector for u in request.updates], len(self._controller.index))
+        return cheap_selectors([u.selector for u in request.updates], len(self._controller.index))
 
     def _identity(self, context: grpc.ServicerContext) -> dict[str, str]:
         """The role and token name a change is recorded with (empty without tokens)."""
@@ -589,7 +589,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         )
 
     def list_changes(self, request: pb.ListChangesRequest) -> pb.ListChangesResponse:
-        size = _page_size(request.page_size, DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE)
+        size = checked_page_size(request.page_size, DEFAULT_CHANGE_PAGE, MAX_CHANGE_PAGE)
         if request.max_changes_per_record < 0:
             raise InvalidArgumentError(
                 f"max_changes_per_record {request.max_changes_per_record} is negative"
@@ -598,7 +598,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                          MAX_ENTRIES_PER_CHANGE_PAGE)
         # The token names the last record sent by its sequence number (several records
         # can share a version: failed ones carry the version in force).
-        after_seq = _decode_token(request.page_token, "records", "")[0]
+        after_seq = decode_token(request.page_token, "records", "")[0]
         page = self._controller.history_page(request.after_version, after_seq, size)
         records, more = page.records, page.more
         used = 0
@@ -620,16 +620,16 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             used += size
         return pb.ListChangesResponse(
             changes=messages,
-            next_page_token=_encode_token("records", records[-1].seq, "") if more else "",
+            next_page_token=encode_token("records", records[-1].seq, "") if more else "",
             dropped=page.dropped,
             oldest_version=page.oldest_version,
             gap=page.gap,
         )
 
     def list_pending(self, request: pb.ListPendingRequest) -> pb.ListPendingResponse:
-        size = _page_size(request.page_size, DEFAULT_PENDING_PAGE, MAX_PENDING_PAGE)
+        size = checked_page_size(request.page_size, DEFAULT_PENDING_PAGE, MAX_PENDING_PAGE)
         # The token is the last change id listed: the queue moves between pages.
-        after, _ = _decode_token(request.page_token, "pending", "")
+        after, _ = decode_token(request.page_token, "pending", "")
         queued = self._controller.pending()
         page = [v for v in queued if v.change_id > after][:size + 1]
         more = len(page) > size
@@ -643,7 +643,7 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                 break
             response.changes.append(message)
         if more:
-            response.next_page_token = _encode_token("pending", response.changes[-1].change_id, "")
+            response.next_page_token = encode_token("pending", response.changes[-1].change_id, "")
         return response
 
     def cancel_changes(self, request: pb.CancelChangesRequest, who: str) -> pb.CancelChangesResponse:

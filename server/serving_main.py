@@ -42,7 +42,7 @@ from lrctl.server.admission import Budget
 from lrctl.server.factory import SERVICE_NAME, build_server
 from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
 from lrctl.server.serving_writes import HandOver, SnapshotWrites
-from lrctl.server.status import _status
+from lrctl.server.status import status_code
 from lrctl.server.subscribers import Subscriber, Subscribers, WatchLimits, changes_per_record
 from lrctl.v1 import lrctl_pb2
 
@@ -232,7 +232,7 @@ class _Watch:
             peer, token = context.peer(), self.token(context)
             self.subscribers.check(peer, token, from_step)
         except LrctlError as exc:
-            await context.abort(_status(exc), str(exc))
+            await context.abort(status_code(exc), str(exc))
         except Exception as exc:  # an undecodable request
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the request to {wire.WATCH_METHOD} could not be decoded: {exc}")

@@ -39,8 +39,8 @@ from typing import Any, Optional
 import grpc
 
 from lrctl.server import serving_wire as wire
-from lrctl.server.factory import _start_loop, _stop_loop
-from lrctl.server.status import ErrorStatusInterceptor, RequestCounts, _failure, _status
+from lrctl.server.factory import start_event_loop, stop_event_loop
+from lrctl.server.status import ErrorStatusInterceptor, RequestCounts, failure_status, status_code
 from lrctl.server.watch_feed import WatchFeed
 from lrctl.server.tls import ServerTLS
 from lrctl.server.write_messages import planned_from_wire
@@ -168,7 +168,7 @@ class ServingProcess:
         capture = _Capture()
         pb_grpc.add_LearningRateControlServicer_to_server(service, capture)
         status = ErrorStatusInterceptor(self.requests)
-        self._loop, self._thread = _start_loop()
+        self._loop, self._thread = start_event_loop()
 
         async def intercepted() -> dict[str, Any]:
             async def found(handler: Any) -> Any:
@@ -179,7 +179,7 @@ class ServingProcess:
 
         self._handlers = asyncio.run_coroutine_threadsafe(intercepted(), self._loop).result()
         # WatchMetrics streams live in the serving process; this feeds them.
-        self._feed = WatchFeed(service, self._loop, self._send, lambda exc: _status(exc).value[0])
+        self._feed = WatchFeed(service, self._loop, self._send, lambda exc: status_code(exc).value[0])
         self._controller = controller = service._controller
         self._shared_fd = os.memfd_create("lrctl-serving")  # close-on-exec: only pass_fds hands it on
         os.ftruncate(self._shared_fd, wire.SHARED_BYTES)
@@ -270,7 +270,7 @@ class ServingProcess:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            _stop_loop(self._loop, self._thread)
+            stop_event_loop(self._loop, self._thread)
             self._shared.close()
             os.close(self._shared_fd)
 
@@ -397,7 +397,7 @@ class ServingProcess:
         except asyncio.CancelledError:
             pass  # the caller went away (or the link ended): its change was withdrawn
         except Exception as exc:  # as status.py's guard answers a forwarded call
-            code, message = _failure(exc, method, self.requests)
+            code, message = failure_status(exc, method, self.requests)
             self._send((wire.END, cid, code.value[0], message, None, -1))
         else:
             self.requests.add(method, "OK")
@@ -469,7 +469,7 @@ class ServingProcess:
                 if self._link is not None and self._link.transport is not None:
                     self._link.transport.close()
             self._loop.call_soon_threadsafe(close)
-            _stop_loop(self._loop, self._thread)
+            stop_event_loop(self._loop, self._thread)
             self._sock.close()
             self.requests.answered_there()
             self.requests.shared = None

@@ -34,7 +34,7 @@ from lrctl.server.admission import Budget
 from lrctl.server.cancel import CallCheck
 from lrctl.server.read_answers import Reads
 from lrctl.server.read_model import ReadSnapshot, VersionedPart
-from lrctl.server.status import RequestCounts, _failure, _lenient, _refuse_undecodable
+from lrctl.server.status import RequestCounts, failure_status, lenient_deserializer, refuse_undecodable
 from lrctl.v1 import lrctl_pb2
 
 log = logging.getLogger("lrctl.serving")
@@ -137,9 +137,9 @@ class SnapshotReads:
             return None
         snap, step = found
         reads = self._reads.of(snap.at(step))
-        request = _lenient(REQUESTS[method].FromString)(body)  # type: ignore[arg-type]
+        request = lenient_deserializer(REQUESTS[method].FromString)(body)  # type: ignore[arg-type]
         try:
-            _refuse_undecodable(request, method)
+            refuse_undecodable(request, method)
             if reads.is_cheap(request):
                 response = reads.answer(request)
             else:
@@ -147,7 +147,7 @@ class SnapshotReads:
                 call = CallCheck(None if remaining is None else time.monotonic() + remaining)
                 response = await self.budget.run(lambda: reads.answer(request, call.check), call, size=len(body))
         except Exception as exc:  # an LrctlError: its status; a bug: INTERNAL, logged
-            code, message = _failure(exc, method, self.requests)
+            code, message = failure_status(exc, method, self.requests)
             self.answered += 1
             await context.abort(code, message)
         self.requests.add(method, "OK")

@@ -36,9 +36,9 @@ import grpc
 
 from lrctl.common.errors import LrctlError
 from lrctl.server.cancel import CallCheck
-from lrctl.server.read_answers import _cheap_selectors
+from lrctl.server.read_answers import cheap_selectors
 from lrctl.server.serving_reads import SnapshotReads
-from lrctl.server.status import _failure, _lenient
+from lrctl.server.status import failure_status, lenient_deserializer
 from lrctl.server.write_messages import (
     Planned,
     change_request,
@@ -96,7 +96,7 @@ class SnapshotWrites:
         reads = self._reads
         if reads.off:
             return None
-        request = _lenient(REQUESTS[method].FromString)(body)  # type: ignore[arg-type]
+        request = lenient_deserializer(REQUESTS[method].FromString)(body)  # type: ignore[arg-type]
         if not isinstance(request, REQUESTS[method]):
             return None  # undecodable: the training process words it
         found = await reads.current(acked)
@@ -132,7 +132,7 @@ class SnapshotWrites:
         except Forward:
             return None
         except Exception as exc:  # an LrctlError: its status; a bug: INTERNAL, logged
-            code, message = _failure(exc, method, reads.requests)
+            code, message = failure_status(exc, method, reads.requests)
             self.answered += 1
             self._count(method, code.name)
             await context.abort(code, message)
@@ -147,4 +147,4 @@ class SnapshotWrites:
     def _cheap(request: Any, names: int) -> bool:
         if not isinstance(request, lrctl_pb2.SetLearningRatesRequest) or request.schedules:
             return False
-        return _cheap_selectors([u.selector for u in request.updates], names)
+        return cheap_selectors([u.selector for u in request.updates], names)

@@ -47,7 +47,8 @@ class RequestCounts:
             return dict(self._counts)
 
 
-def _status(exc: LrctlError) -> grpc.StatusCode:
+def status_code(exc: LrctlError) -> grpc.StatusCode:
+    """The gRPC status code of one of lrctl's errors (the one mapping, for both modes)."""
     return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN)
 
 
@@ -59,7 +60,9 @@ class _Undecodable:
         self.error = error
 
 
-def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def lenient_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserialize` that returns a marker instead of raising on bytes it cannot decode
+    (refuse_undecodable turns it into INVALID_ARGUMENT naming the method)."""
     if deserialize is None:
         return None
 
@@ -72,19 +75,20 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     return decode
 
 
-def _refuse_undecodable(request: Any, method: str) -> None:
+def refuse_undecodable(request: Any, method: str) -> None:
+    """InvalidArgumentError for a request lenient_deserializer could not decode."""
     if isinstance(request, _Undecodable):
         raise InvalidArgumentError(f"the request to {method} could not be decoded: {request.error}")
 
 
-def _failure(exc: Exception, method: str, counts: RequestCounts) -> tuple[grpc.StatusCode, str]:
+def failure_status(exc: Exception, method: str, counts: RequestCounts) -> tuple[grpc.StatusCode, str]:
     """The status an exception from a handler becomes, counted under its code. Raises
     `exc` again when it is not ours to map (an abort that already chose its status)."""
     if isinstance(exc, LrctlError):
         message = str(exc)
         if len(message) > _MAX_MESSAGE:
             message = message[: _MAX_MESSAGE - 20] + " ... (message cut)"
-        code = _status(exc)
+        code = status_code(exc)
     elif isinstance(exc, grpc.aio.AbortError):
         raise exc
     else:
@@ -99,10 +103,10 @@ def _guard(behavior: Callable[[Any, Any], Any], method: str, counts: RequestCoun
 
     def guarded(request: Any, context: Any) -> Any:
         try:
-            _refuse_undecodable(request, method)
+            refuse_undecodable(request, method)
             response = behavior(request, context)
         except Exception as exc:
-            context.abort(*_failure(exc, method, counts))
+            context.abort(*failure_status(exc, method, counts))
         counts.add(method, "OK")
         return response
 
@@ -114,10 +118,10 @@ def _guard_stream(behavior: Callable[[Any, Any], Any], method: str, counts: Requ
 
     def guarded(request: Any, context: Any) -> Any:
         try:
-            _refuse_undecodable(request, method)
+            refuse_undecodable(request, method)
             yield from behavior(request, context)
         except Exception as exc:
-            context.abort(*_failure(exc, method, counts))
+            context.abort(*failure_status(exc, method, counts))
         counts.add(method, "OK")
 
     return guarded
@@ -128,10 +132,10 @@ def _guard_async(behavior: Callable[[Any, Any], Any], method: str, counts: Reque
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            _refuse_undecodable(request, method)
+            refuse_undecodable(request, method)
             response = await behavior(request, context)
         except Exception as exc:  # asyncio.CancelledError is a BaseException: it passes
-            await context.abort(*_failure(exc, method, counts))
+            await context.abort(*failure_status(exc, method, counts))
         counts.add(method, "OK")
         return response
 
@@ -143,11 +147,11 @@ def _guard_async_stream(behavior: Callable[[Any, Any], Any], method: str, counts
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            _refuse_undecodable(request, method)
+            refuse_undecodable(request, method)
             async for response in behavior(request, context):
                 yield response
         except Exception as exc:
-            await context.abort(*_failure(exc, method, counts))
+            await context.abort(*failure_status(exc, method, counts))
         counts.add(method, "OK")
 
     return guarded
@@ -156,7 +160,7 @@ def _guard_async_stream(behavior: Callable[[Any, Any], Any], method: str, counts
 async def _decoded(requests: Any, method: str) -> Any:
     """A request stream whose undecodable message raises INVALID_ARGUMENT."""
     async for request in requests:
-        _refuse_undecodable(request, method)
+        refuse_undecodable(request, method)
         yield request
 
 
@@ -213,14 +217,14 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 _guard_async_bidi(handler.stream_stream, method, self.counts),
-                request_deserializer=_lenient(handler.request_deserializer),
+                request_deserializer=lenient_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
             return grpc.unary_unary_rpc_method_handler(
                 (_guard_async if _is_async(behavior) else _guard)(behavior, method, self.counts),
-                request_deserializer=_lenient(handler.request_deserializer),
+                request_deserializer=lenient_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -233,7 +237,7 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
                 guard = _guard_stream
             return grpc.unary_stream_rpc_method_handler(
                 guard(behavior, method, self.counts),
-                request_deserializer=_lenient(handler.request_deserializer),
+                request_deserializer=lenient_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
