@@ -51,7 +51,7 @@ from lrctl.client.types import MetricsEvent, ScheduleAssignment, Turn, Update
 from lrctl.common.schedules import Schedule
 
 __all__ = ["Action", "Window", "ControlLoop", "LoopSummary", "ConflictError", "Job", "read_job", "run_controller",
-           "add_controller_arguments", "run_from_args"]
+           "add_controller_arguments", "run_from_args", "BlowUpGuard"]
 
 ConflictPolicy = Union[str, Callable[["Window", FailedPreconditionError], bool]]
 _DONE = object()  # the metrics reader's end marker
@@ -138,6 +138,34 @@ class Window:
         """The newest statistics in the window ({} if none)."""
         found = self.stats()
         return found[-1][1] if found else {}
+
+
+class BlowUpGuard:
+    """Spots a blow-up in a window's mean loss: not finite, or more than `jump` x the
+    first loss above the best window so far (an absolute margin: late losses are small
+    and noisy). After one, recovery is judged from the blow-up's own loss, so the
+    windows of the way back down do not count as more blow-ups."""
+
+    def __init__(self, jump: float = 0.25, metric: str = "loss") -> None:
+        self.jump, self.metric = jump, metric
+        self.first_loss = math.nan  # set by the controller if it saw the loss earlier
+        self.best_window = math.inf
+
+    def check(self, window: Window) -> Optional[str]:
+        """A one-line reason when `window` is a blow-up, else None (no loss: None)."""
+        losses = window.values(self.metric)
+        if not losses:
+            return None
+        if self.first_loss != self.first_loss:
+            self.first_loss = losses[0]
+        loss = sum(losses) / len(losses)
+        if not math.isfinite(loss) or loss > self.best_window + self.jump * abs(self.first_loss):
+            why = f"{self.metric} {loss:.4g} vs best {self.best_window:.4g}: blow-up"
+            if math.isfinite(loss):
+                self.best_window = loss
+            return why
+        self.best_window = min(self.best_window, loss)
+        return None
 
 
 @dataclass

@@ -43,7 +43,7 @@ from lrctl.server.factory import start_event_loop, stop_event_loop
 from lrctl.server.status import ErrorStatusInterceptor, RequestCounts, failure_status, status_code
 from lrctl.server.watch_feed import WatchFeed
 from lrctl.server.tls import ServerTLS
-from lrctl.server.write_messages import planned_from_wire
+from lrctl.server.write_messages import planned_from_wire, planned_waits
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lrctl.server")
@@ -383,7 +383,7 @@ class ServingProcess:
         the same handler code as any Set (LearningRateControlService.submit_planned)."""
         context = _Context(self, cid, (), peer, remaining)
         run = self._planned(cid, method, planned, context)
-        if not planned[10]:  # does not wait: most end without a Task (see _begin)
+        if not planned_waits(planned):  # most end without a Task (see _begin)
             task = _eager(run)
             if task is not None:
                 self._calls[cid] = (task, None)

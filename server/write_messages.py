@@ -164,6 +164,14 @@ class Planned:
     max_reported_changes: int
 
 
+_WAIT = 10  # where planned_to_wire puts the request's `wait`
+
+
+def planned_waits(wired: tuple) -> bool:
+    """Whether the change in planned_to_wire's tuple waits to be applied (no decoding)."""
+    return bool(wired[_WAIT])
+
+
 def planned_to_wire(planned: Planned) -> tuple:
     """A marshal-able tuple: updates as plain tuples, the positions as array bytes, each
     distinct op once (schedule specs, objects, pickled only when there are any)."""

@@ -21,8 +21,9 @@ import pytest
 
 from conftest import PATIENCE_S, Served, Trainer, per_parameter_optimizer, seed_model
 from lrctl.client.client import LRClient
-from lrctl.client.control_loop import Action, ConflictError, ControlLoop, Window
+from lrctl.client.control_loop import Action, BlowUpGuard, ConflictError, ControlLoop, Window
 from lrctl.client.errors import InvalidArgumentError, PermissionDeniedError
+from lrctl.client.types import MetricsEvent
 from lrctl.server import attach
 from lrctl.server.auth import ADMIN, READER, Token, Tokens
 
@@ -183,6 +184,21 @@ def test_ratio_warmup_probes_at_step_0_then_sets_the_same_peak_from_a_tenth_and_
     # What the probe measured does not depend on the start (SGD moves in proportion to
     # the rate), so a 100x apart start ends at the same peak.
     assert frozen[0] == pytest.approx(frozen[1], rel=0.1), frozen
+
+
+def test_blow_up_guard_judges_recovery_from_the_blow_up_not_from_the_best_before_it() -> None:
+    def window(*losses: float) -> Window:
+        return Window(step=0, version=0, events=[MetricsEvent(i, 0.0, 0, {"loss": x}) for i, x in enumerate(losses)])
+
+    guard = BlowUpGuard(jump=0.25)
+    assert guard.check(Window(step=0, version=0, events=[])) is None  # no loss reported: no verdict
+    assert guard.check(window(2.0, 1.0)) is None  # first loss 2.0: a jump is 0.5 above the best
+    assert guard.check(window(1.4, 1.4)) is None  # 1.4 <= 1.5 (best 1.5 so far)
+    assert guard.check(window(1.0, 1.0)) is None
+    assert guard.check(window(1.6, 1.6)) == "loss 1.6 vs best 1: blow-up"
+    assert guard.check(window(1.3, 1.3)) is None  # on the way down from 1.6: not another one
+    assert guard.check(window(math.nan)) == "loss nan vs best 1.3: blow-up"
+    assert guard.check(window(1.2)) is None  # a NaN does not move the best
 
 
 def test_a_controller_killed_under_lockstep_does_not_stop_training(tmp_path: Path) -> None:

@@ -38,12 +38,23 @@ def test_an_unknown_service_is_named(served: Served) -> None:
     assert _one_line(result) == "lrctl: error: health: the worker has no service named 'no.such.Service'"
 
 
-def test_not_serving_exits_1(served: Served) -> None:
-    built = served.ctl._server  # the real server's health servicer, as shutdown sets it
-    asyncio.run_coroutine_threadsafe(
-        built.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING), built.loop).result()
-    result = run_cli(served.ctl.address, "health")
-    assert (result.returncode, _one_line(result)) == (1, "NOT_SERVING")
+def test_not_serving_exits_1() -> None:
+    # In-process whatever $LRCTL_SERVING says: the test sets the real server's health
+    # servicer as shutdown sets it, which lives in this process only in that mode.
+    ctl = attach(*_seed(), address="127.0.0.1:0", serving="inprocess")
+    try:
+        built = ctl._server
+        asyncio.run_coroutine_threadsafe(
+            built.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING), built.loop).result()
+        result = run_cli(ctl.address, "health")
+        assert (result.returncode, _one_line(result)) == (1, "NOT_SERVING")
+    finally:
+        ctl.close(grace=0.5)
+
+
+def _seed() -> tuple:
+    model = seed_model()
+    return model, per_parameter_optimizer(model)
 
 
 def test_a_stopped_worker_is_unreachable_exit_3() -> None:

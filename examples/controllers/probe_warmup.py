@@ -59,7 +59,8 @@ import sys
 from typing import Optional
 
 from lrctl.client.client import LRClient
-from lrctl.client.control_loop import Action, Window, add_controller_arguments, read_job, run_from_args
+from lrctl.client.control_loop import (Action, BlowUpGuard, Window, add_controller_arguments, read_job,
+                                       run_from_args)
 from lrctl.common.schedules import Exponential, Schedule, Warmup
 
 RAMP_FROM = 0.01
@@ -98,7 +99,7 @@ class ProbeWarmup:
         self.first_loss = math.nan
         self.edge: Optional[tuple[int, float]] = None  # (step, rate) where the loss rose
         self.peak = math.nan
-        self.best_window = math.inf
+        self.guard = BlowUpGuard(GUARD_JUMP)
         self.last: Optional[tuple[int, Action]] = None
         self.peak0 = math.nan
 
@@ -168,6 +169,7 @@ class ProbeWarmup:
                 continue
             if self.first_loss != self.first_loss:
                 self.first_loss = self.ema = loss
+                self.guard.first_loss = loss
                 self.dev = 0.0
             self.dev = SMOOTH * self.dev + (1 - SMOOTH) * abs(loss - self.ema)
             self.ema = SMOOTH * self.ema + (1 - SMOOTH) * loss
@@ -186,18 +188,11 @@ class ProbeWarmup:
                                  f"{self.edge[0]} (rate {self.edge[1]:.3g})")
 
     def _guard(self, window: Window) -> Optional[Action]:
-        loss = window.mean("loss")
-        if not window.values("loss"):
+        why = self.guard.check(window)
+        if why is None:
             return None
-        # An absolute jump (a share of the first loss): late losses are small and noisy.
-        if not math.isfinite(loss) or loss > self.best_window + GUARD_JUMP * self.first_loss:
-            self.peak *= GUARD_CUT
-            why = f"loss {loss:.4g} vs best {self.best_window:.4g}: blow-up"
-            # Recovery is judged from here, or each window of the way down would cut again.
-            self.best_window = loss if math.isfinite(loss) else self.best_window
-            return self._peak_action(window.step, why)
-        self.best_window = min(self.best_window, loss)
-        return None
+        self.peak *= GUARD_CUT
+        return self._peak_action(window.step, why)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

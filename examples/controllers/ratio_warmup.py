@@ -51,7 +51,8 @@ import math
 import sys
 from typing import Optional
 
-from lrctl.client.control_loop import Action, Job, Window, add_controller_arguments, read_job, run_from_args
+from lrctl.client.control_loop import (Action, BlowUpGuard, Job, Window, add_controller_arguments, read_job,
+                                       run_from_args)
 
 PROBE = 1e-3
 FIT = 0.5
@@ -90,8 +91,7 @@ class RatioWarmup:
         self.log_k: list[tuple[int, float]] = []  # (step, log(model ratio / rate))
         self.seen = -1  # the newest step whose statistics are in log_k
         self.frozen = False
-        self.first_loss = math.nan
-        self.best_window = math.inf
+        self.guard = BlowUpGuard(GUARD_JUMP)
 
     def _warmup(self) -> tuple[int, object]:
         schedule = next((s for s in self.job.schedule.values() if s is not None), None)  # type: ignore[union-attr]
@@ -113,11 +113,11 @@ class RatioWarmup:
             self.job = read_job(window.client)  # type: ignore[arg-type]
             peak = max(self.job.base.values())
             return self._set(window.step, PROBE * peak, "probe")
-        for event in window.events:
-            if "loss" in event.metrics and self.first_loss != self.first_loss:
-                self.first_loss = event.metrics["loss"]
+        if self.guard.first_loss != self.guard.first_loss and window.values("loss"):
+            self.guard.first_loss = window.values("loss")[0]
         if self.frozen:
-            return self._guard(window)
+            why = self.guard.check(window)
+            return None if why is None else self._set(window.step, self.bases[-1][1] * GUARD_CUT, why)
         for step, stats in window.stats():
             ratio = model_ratio(stats)
             rate = self._rate(step) if step > self.seen else math.nan
@@ -136,21 +136,6 @@ class RatioWarmup:
             self.frozen = True
             why = f"end of warmup, {why}"
         return self._set(window.step, U[family] / k, why)
-
-    def _guard(self, window: Window) -> Optional[Action]:
-        losses = window.values("loss")
-        if not losses:
-            return None
-        loss = sum(losses) / len(losses)
-        # An absolute jump (a share of the first loss): late losses are small and noisy.
-        if not math.isfinite(loss) or loss > self.best_window + GUARD_JUMP * self.first_loss:
-            base = self.bases[-1][1] * GUARD_CUT
-            why = f"loss {loss:.4g} vs best {self.best_window:.4g}: blow-up"
-            # Recovery is judged from here, or each window of the way down would cut again.
-            self.best_window = loss if math.isfinite(loss) else self.best_window
-            return self._set(window.step, base, why)
-        self.best_window = min(self.best_window, loss)
-        return None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
