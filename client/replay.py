@@ -10,9 +10,8 @@ at most `window` of them wait in the worker's queue at once (its per-connection 
 is 100), the next one sent as the worker's step passes the earlier ones. Each answer
 is checked against the recording (the number of names it touches, and their names).
 While the window is full the replay holds the worker with lockstep (every step waits
-for it, at most HOLD_S), so a free-running worker cannot outrun it; a client that may
-not hold the worker (not admin, or another lockstep controller is attached) follows
-its step by polling instead. A mismatch, or the worker outrunning that, stops it: the replayed changes
+for it, at most HOLD_S), so a free-running worker cannot outrun it; while another
+lockstep controller is attached it follows the worker's step by polling instead. A mismatch, or the worker outrunning that, stops it: the replayed changes
 still queued are cancelled (none of them applies later), and the error says how many
 were applied. With `wait`, it returns once the last change's step has passed and the
 history shows every replayed change applied.
@@ -164,7 +163,7 @@ class _Steps:
             self._tried = True
             try:
                 self._session = self._client.lockstep(every=1, timeout=HOLD_S)
-            except LrctlError:  # a writer token, or another lockstep controller: poll
+            except LrctlError:  # another lockstep controller is attached: poll
                 self._session = None
         if self._turn is not None:
             self._turn.decide()
