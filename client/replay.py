@@ -11,9 +11,10 @@ is 100), the next one sent as the worker's step passes the earlier ones. Each an
 is checked against the recording (the number of names it touches, and their names).
 While the window is full the replay holds the worker with lockstep (every step waits
 for it, at most HOLD_S), so a free-running worker cannot outrun it; while another
-lockstep controller is attached it follows the worker's step by polling instead. A mismatch, or the worker outrunning that, stops it: the replayed changes
-still queued are cancelled (none of them applies later), and the error says how many
-were applied. With `wait`, it returns once the last change's step has passed and the
+lockstep controller is attached it follows the worker's step by polling instead. A
+mismatch, or the worker outrunning that polling, stops it: the replayed changes still
+queued are cancelled (none of them applies later), and the error says how many were
+applied. With `wait`, it returns once the last change's step has passed and the
 history shows every replayed change applied.
 """
 
