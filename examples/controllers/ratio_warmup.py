@@ -92,6 +92,7 @@ class RatioWarmup:
         self.seen = -1  # the newest step whose statistics are in log_k
         self.frozen = False
         self.guard = BlowUpGuard(GUARD_JUMP)
+        self.last: Optional[tuple[int, Action]] = None
 
     def _warmup(self) -> tuple[int, object]:
         schedule = next((s for s in self.job.schedule.values() if s is not None), None)  # type: ignore[union-attr]
@@ -99,7 +100,7 @@ class RatioWarmup:
 
     def _rate(self, step: int) -> float:
         """The rate the worker ran `step` at: the base in force then times the job's factor."""
-        base = next(b for s, b in reversed(self.bases) if s <= step)
+        base = next((b for s, b in reversed(self.bases) if s <= step), math.nan)  # NaN: before the probe
         _, schedule = self._warmup()
         return base * (schedule.factor(step) if schedule is not None else 1.0)  # type: ignore[attr-defined]
 
@@ -108,6 +109,13 @@ class RatioWarmup:
         return Action(f"{why}: base {base:.4g}").set_bases({"*": base})
 
     def __call__(self, window: Window) -> Optional[Action]:
+        if window.conflict and self.last is not None and self.last[0] == window.step:
+            return self.last[1]  # a writer came in during the hold: this decision still holds
+        action = self._decide(window)
+        self.last = (window.step, action) if action else None
+        return action
+
+    def _decide(self, window: Window) -> Optional[Action]:
         if self.job is None:
             # At the hold of step 0 the job's own step-0 changes (its schedule) are in.
             self.job = read_job(window.client)  # type: ignore[arg-type]
