@@ -205,7 +205,7 @@ class ReadSnapshot:
         self._pinned_base: dict[int, float] = {}
         self._pinned_schedule: dict[int, int] = {}
         self._groups = array("q")
-        self._state: list[RateState] = []  # rate_state(), made once per version
+        self._state: RateState | None = None  # rate_state(), made once per version
         self._shared: dict[str, Any] = {}  # what every version shares (the write planner)
 
     def update(self, part: VersionedPart) -> "ReadSnapshot":
@@ -239,7 +239,7 @@ class ReadSnapshot:
     def rate_state(self) -> RateState:
         """Every name's base, schedule id and pin at this version, as the controller's
         table holds them (made once per version, when a write first needs it)."""
-        if not self._state:
+        if self._state is None:
             classes, class_of = self._classes, self._class_of
             keys = {c: key for c, (key, _) in classes.items()}
             base: list[float | None] = [None] * len(class_of)
@@ -251,8 +251,8 @@ class ReadSnapshot:
                         base[i], schedule[i] = key[1], key[2]
             for i in self._pins:
                 base[i], schedule[i] = self._pinned_base[i], self._pinned_schedule[i]
-            self._state.append(RateState(base, schedule, dict(self._pins)))
-        return self._state[0]
+            self._state = RateState(base, schedule, dict(self._pins))
+        return self._state
 
     def planner(self) -> Any:
         """The write planner over this job's names (lrctl.server.write_plan), made once."""

@@ -74,8 +74,9 @@ class _Link:
         # Reads answered here from a snapshot of the training process's table.
         self.reads = SnapshotReads(lambda: wire.read_shared(self.shared),
                                    lambda: self.send((wire.SNAPSHOT_WANTED, 0)))
-        # ... and writes planned here from the same snapshot.
-        self.writes = SnapshotWrites(self.reads, None, self.count)
+        # ... and writes planned here from the same snapshot, and the streams (main()
+        # makes both, from the configuration).
+        self.writes: SnapshotWrites | None = None
         self.watch: _Watch | None = None
 
     async def start(self, sock: socket.socket) -> None:
@@ -309,6 +310,7 @@ def _unary(link: _Link, method: str) -> Any:
             if answer is not None:
                 return answer
         if write:
+            assert link.writes is not None
             planned = await link.writes.answer(method, request, context, link.acked)
             if isinstance(planned, bytes):
                 return planned
@@ -319,14 +321,7 @@ def _unary(link: _Link, method: str) -> Any:
             if answer is not None:
                 return answer
         cid, queue = link.open(method, context, request)
-        ended = False
-        try:
-            frame = await queue.get()
-            ended = frame is not None
-            await _end(context, frame)
-            assert frame is not None
-        finally:
-            link.finish(cid, ended)
+        frame = await _answer(link, cid, queue, context)
         body = frame[4]
         if cacheable and frame[5] >= 0:
             link.keep(method, request, frame[5], body, message_type)
@@ -337,23 +332,30 @@ def _unary(link: _Link, method: str) -> Any:
     return call
 
 
+async def _answer(link: _Link, cid: int, queue: asyncio.Queue, context: grpc.aio.ServicerContext) -> tuple:
+    """The training process's answer to call `cid`: an ACCEPTED frame, or an END frame
+    that succeeded (the call is aborted as it ended it otherwise, or if it is gone). A
+    call left before its answer is cancelled there (a waiting Set withdraws its change)."""
+    ended = False
+    try:
+        frame = await queue.get()
+        ended = frame is not None
+        if frame is None or frame[0] != wire.ACCEPTED:
+            await _end(context, frame)
+    finally:
+        link.finish(cid, ended)
+    return frame
+
+
 async def _hand_over(link: _Link, method: str, context: grpc.aio.ServicerContext, planned: HandOver) -> bytes:
     """A write planned here, queued by the training process: the reply from this plan
     (the training process names the change id), or the training process's own answer
     (it planned the change again, or it waited for it to apply)."""
     cid, queue = link.open_planned(method, context, planned.wire)
-    ended = False
-    try:
-        frame = await queue.get()
-        ended = frame is not None
-        if frame is not None and frame[0] == wire.ACCEPTED:
-            body = planned.reply(frame[2])
-            link.acked = max(link.acked, planned.planned.version)
-            return body
-        await _end(context, frame)
-        assert frame is not None
-    finally:
-        link.finish(cid, ended)
+    frame = await _answer(link, cid, queue, context)
+    if frame[0] == wire.ACCEPTED:
+        link.acked = max(link.acked, planned.planned.version)
+        return planned.reply(frame[2])
     body = frame[4]
     link.acked = max(link.acked, lrctl_pb2.SetLearningRatesResponse.FromString(body).version)
     return body

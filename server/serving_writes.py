@@ -80,8 +80,6 @@ class SnapshotWrites:
                  closing: Callable[[], bool] = lambda: False) -> None:
         self._reads, self._tokens, self._closing = reads, tokens, closing
         self._count = count  # tells the training process's lrctl_requests_total
-        self.answered = 0  # answered here, without the training process (tests, the bench)
-        self.handed_over = 0  # planned here and handed over
 
     def _identity(self, metadata: Any) -> dict[str, str]:
         if self._tokens is None:
@@ -133,13 +131,10 @@ class SnapshotWrites:
             return None
         except Exception as exc:  # an LrctlError: its status; a bug: INTERNAL, logged
             code, message = failure_status(exc, method, reads.requests)
-            self.answered += 1
             self._count(method, code.name)
             await context.abort(code, message)
         if isinstance(result, HandOver):
-            self.handed_over += 1
             return result
-        self.answered += 1
         self._count(method, "OK")
         return result
 
