@@ -128,14 +128,13 @@ def replay(client: LRClient, path: str, *, window: int = DEFAULT_WINDOW, wait: b
             if wrong is not None:
                 raise FailedPreconditionError(f"cannot replay {path!r}: {wrong}; replay stopped")
     except LrctlError as exc:
-        follow.release()
         _stop(client, sent, exc)
         raise
     except BaseException:  # Ctrl-C: leave nothing queued that was meant as part of a whole
-        follow.release()
         _cancel_quietly(client, [cid for cid, _ in sent])
         raise
-    follow.release()
+    finally:  # after a stop's cancels: the worker stays held while they are made
+        follow.release()
     ids = [cid for cid, _ in sent]
     applied = False
     if wait:
