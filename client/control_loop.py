@@ -16,8 +16,10 @@ with ``__call__``) run by `ControlLoop`:
   with ``expected_version`` = the config version the decision was based on. When
   another writer changed the configuration meanwhile, the change is refused whole and
   the controller is told: `on_conflict` ("retry", the default: re-read the version
-  and call decide again with ``window.conflict`` set; "stop": end the loop, raising
-  `ConflictError`; or a callable ``(window, error) -> bool``, True to decide again);
+  and call decide again with ``window.conflict`` set; "resend": send the same action
+  again against the fresh version, for a decide that keeps state and must not be
+  called twice for one window; "stop": end the loop, raising `ConflictError`; or a
+  callable ``(window, error) -> bool``, True to decide again);
 - events the stream lost because this process read too slowly are counted in
   ``window.dropped`` (and in the decision's log line);
 - the worker going away (training ended, lrctl closed, the process died) ends `run()`
@@ -210,8 +212,8 @@ class ControlLoop:
             raise InvalidArgumentError(f"every {every!r} must be a whole number >= 1")
         if lockstep_timeout is not None and not (0 < lockstep_timeout <= 60):
             raise InvalidArgumentError(f"lockstep_timeout {lockstep_timeout!r} must be in (0, 60] seconds")
-        if not (on_conflict in ("retry", "stop") or callable(on_conflict)):
-            raise InvalidArgumentError(f"on_conflict {on_conflict!r}: 'retry', 'stop' or a callable")
+        if not (on_conflict in ("retry", "resend", "stop") or callable(on_conflict)):
+            raise InvalidArgumentError(f"on_conflict {on_conflict!r}: 'retry', 'resend', 'stop' or a callable")
         self.client, self.decide = client, decide
         self.every, self.stats, self.lockstep_timeout = every, stats, lockstep_timeout
         self.start_file, self.on_conflict, self.max_retries = start_file, on_conflict, max_retries
@@ -346,9 +348,11 @@ class ControlLoop:
         """Decide, act, handle a conflict per the policy. False: stop the loop."""
         self.summary.dropped += window.dropped
         self.summary.last_step = window.step
+        action: Optional[Action] = None
         for attempt in range(self.max_retries + 1):
-            self.summary.decisions += 1
-            action = self.decide(window)
+            if action is None or self.on_conflict != "resend":
+                self.summary.decisions += 1
+                action = self.decide(window)
             lost = f" (lost {window.dropped} event(s))" if window.dropped else ""
             if not action:
                 self.log(f"{self.name}: step {window.step} v{window.version}: no change{lost}")
@@ -389,7 +393,7 @@ class ControlLoop:
 
     def _retry(self, window: Window, exc: FailedPreconditionError) -> bool:
         policy = self.on_conflict
-        if policy == "retry":
+        if policy in ("retry", "resend"):
             return True
         if policy == "stop":
             raise ConflictError(str(exc)) from None
@@ -415,7 +419,8 @@ def add_controller_arguments(parser: argparse.ArgumentParser, every: int = 10) -
 
 
 def run_from_args(prog: str, args: argparse.Namespace, decide: Callable[[Window], Optional[Action]],
-                  setup: Optional[Callable[[LRClient], None]] = None, stats: bool = True) -> int:
+                  setup: Optional[Callable[[LRClient], None]] = None, stats: bool = True,
+                  on_conflict: ConflictPolicy = "retry") -> int:
     """Run an example controller from its parsed arguments: exit 0 when the worker ends,
     1 with one line on stderr for an error."""
     try:
@@ -425,7 +430,7 @@ def run_from_args(prog: str, args: argparse.Namespace, decide: Callable[[Window]
                 setup(client)
             summary = run_controller(client, decide, every=args.every, stats=stats,
                                      lockstep_timeout=args.lockstep_timeout, start_file=args.start_file,
-                                     name=prog)
+                                     name=prog, on_conflict=on_conflict)
     except LrctlError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -306,6 +306,23 @@ def test_racing_controllers_one_is_told_and_nothing_is_overwritten(trained) -> N
             ControlLoop(a, decide_once, every=2, on_conflict="stop", log=lambda line: None).run()
         assert a.get_learning_rates("layer1.bias")["layer1.bias"] == 0.75
 
+        # Policy "resend": decide runs once; its action goes again against the fresh version.
+        calls: list[Optional[str]] = []
+
+        def decide_keeping_state(window: Window) -> Optional[Action]:
+            if calls:
+                raise _Enough  # the next window's decision: the resend is done
+            calls.append(window.conflict)
+            b.set_learning_rates({"layer2.bias": 0.5}, reason="rival a third time")
+            return Action("sent twice").set_bases({"layer1.bias": 0.02})
+
+        loop = ControlLoop(a, decide_keeping_state, every=2, on_conflict="resend", log=lambda line: None)
+        with pytest.raises(_Enough):
+            loop.run()
+        assert calls == [None] and loop.summary.conflicts == 1 and loop.summary.actions == 1
+        rates = a.get_learning_rates()
+        assert rates["layer1.bias"] == 0.02 and rates["layer2.bias"] == 0.5  # both stand
+
 
 def test_the_loop_with_a_reader_token_raises_permission_denied(trained) -> None:  # type: ignore[no-untyped-def]
     served, trainer = trained

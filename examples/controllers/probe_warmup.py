@@ -100,7 +100,6 @@ class ProbeWarmup:
         self.edge: Optional[tuple[int, float]] = None  # (step, rate) where the loss rose
         self.peak = math.nan
         self.guard = BlowUpGuard(GUARD_JUMP)
-        self.last: Optional[tuple[int, Action]] = None
         self.peak0 = math.nan
 
     def setup(self, client: LRClient) -> None:
@@ -133,13 +132,6 @@ class ProbeWarmup:
                 .schedule("*", self._decay_from(step)))
 
     def __call__(self, window: Window) -> Optional[Action]:
-        if window.conflict and self.last is not None and self.last[0] == window.step:
-            return self.last[1]  # a writer came in during the hold: this plan still holds
-        action = self._decide(window)
-        self.last = (window.step, action) if action else None
-        return action
-
-    def _decide(self, window: Window) -> Optional[Action]:
         if self.ramp is None:
             return self._ramp_action(window.step, self.peak0 * RAMP_FROM, "provisional")
         if not self.calibrated:
@@ -200,7 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_controller_arguments(parser, every=10)
     args = parser.parse_args(argv)
     controller = ProbeWarmup()
-    return run_from_args("probe_warmup", args, controller, setup=controller.setup)
+    # Decisions keep state (the ramp, the edge): a conflict resends one, never decides twice.
+    return run_from_args("probe_warmup", args, controller, setup=controller.setup, on_conflict="resend")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,6 @@ class RatioWarmup:
         self.seen = -1  # the newest step whose statistics are in log_k
         self.frozen = False
         self.guard = BlowUpGuard(GUARD_JUMP)
-        self.last: Optional[tuple[int, Action]] = None
 
     def _warmup(self) -> tuple[int, object]:
         schedule = next((s for s in self.job.schedule.values() if s is not None), None)  # type: ignore[union-attr]
@@ -109,13 +108,6 @@ class RatioWarmup:
         return Action(f"{why}: base {base:.4g}").set_bases({"*": base})
 
     def __call__(self, window: Window) -> Optional[Action]:
-        if window.conflict and self.last is not None and self.last[0] == window.step:
-            return self.last[1]  # a writer came in during the hold: this decision still holds
-        action = self._decide(window)
-        self.last = (window.step, action) if action else None
-        return action
-
-    def _decide(self, window: Window) -> Optional[Action]:
         if self.job is None:
             # At the hold of step 0 the job's own step-0 changes (its schedule) are in.
             self.job = read_job(window.client)  # type: ignore[arg-type]
@@ -150,7 +142,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_controller_arguments(parser, every=10)
     args = parser.parse_args(argv)
-    return run_from_args("ratio_warmup", args, RatioWarmup())
+    # Decisions keep state (the bases, the ramp): a conflict resends one, never decides twice.
+    return run_from_args("ratio_warmup", args, RatioWarmup(), on_conflict="resend")
 
 
 if __name__ == "__main__":
