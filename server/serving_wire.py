@@ -162,9 +162,9 @@ def count_answered(buffer: Any, method: str, code: str) -> None:
 def read_answered(buffer: Any) -> dict[tuple[str, str], int]:
     """(method without its leading "/", code name) -> calls, as RequestCounts keys them."""
     out = {}
-    for m, method in enumerate(WRITES):
-        for c, code in enumerate(CODE_NAMES):
-            n = _COUNTER.unpack_from(buffer, COUNTS_AT + (m * len(CODE_NAMES) + c) * 8)[0]
+    for method in WRITES:
+        for code in CODE_NAMES:
+            n = _COUNTER.unpack_from(buffer, _counter_at(method, code))[0]
             if n:
                 out[(method.lstrip("/"), code)] = n
     return out
