@@ -18,6 +18,11 @@ what the load costs:
                    sidecar answers them alone: what its CPU costs this machine)
   other-process    the mixed stream at 100/s to an lrctl server in another process: what
                    the client and the server cost this machine's cores, without the GIL
+  inline           no client: the training loop itself submits the mixed stream's Sets (40/s
+                   at 100/s, through the controller's Python API, just before
+                   optimizer.step) to an idle lrctl: what planning and applying the
+                   changes cost with no serving at all, the floor of any server design that
+                   keeps the optimizer in this process
 
 The client is bench/load_client.py, a separate process on loopback (grpc and the stubs
 only). It sends an open-loop stream (request k at t0 + k/rate, not waiting for the
@@ -65,8 +70,10 @@ from torch import nn
 
 from forwarding_proto import ForwardingServed  # bench/, the script's directory
 from lrctl.server import attach
+from lrctl.server.requests import ChangeRequest, Update
 
 LOAD_CLIENT = Path(__file__).resolve().with_name("load_client.py")
+RATE_A, RATE_B, RATE_SPLIT = 1.0e-4, 2.0e-4, 3.0e-4  # load_client.py's values
 
 
 
@@ -94,6 +101,17 @@ def helper_cpu(ctl: Any) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def inline_sets(model: nn.Module) -> Any:
+    """The load client's Sets, in its order, as the controller's requests, forever."""
+    first = next(name for name, _ in model.named_parameters())
+    cycle = [("*", RATE_A), ("*", RATE_B), (first, RATE_SPLIT), ("*", RATE_A)]
+    k = 0
+    while True:
+        selector, value = cycle[k % len(cycle)]
+        yield ChangeRequest(updates=(Update(selector, value),), reason="bench load")
+        k += 1
 
 
 def make_mlp(width: int, depth: int) -> nn.Module:
@@ -214,6 +232,7 @@ class Config:
     mix: str = "mixed"  # or "echo": health Checks only
     watchers: int = 0  # WatchMetrics streams read meanwhile (the loop reports its loss)
     watch_events: int = 0
+    inline: bool = False  # the loop submits the Sets itself (kind "attach", idle server)
     ratios: list[float] = field(default_factory=list)
     means: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
@@ -268,7 +287,7 @@ class Bench:
         if config.kind in KINDS:
             ctl = KINDS[config.kind](model, opt)
         try:
-            if config.rate:
+            if config.rate and not config.inline:
                 address = ctl.address if ctl is not None else self.sidecar_address()
                 client.ask(cmd="load", address=address, rate=config.rate, mix=config.mix,
                            watchers=config.watchers)
@@ -276,6 +295,8 @@ class Bench:
                 cpu_start = thread_cpu()
                 sidecar_start = helper_cpu(ctl)
             times = []
+            sets = inline_sets(model) if config.inline else None
+            set_every, next_set = (1.0 / (0.4 * config.rate), time.perf_counter()) if config.inline else (0, 0)
             for k in range(args.warmup + args.steps):
                 if k == args.warmup:
                     sched0, wall0 = main_thread_sched(), time.perf_counter()
@@ -286,14 +307,20 @@ class Bench:
                 loss.backward()
                 if config.watchers:
                     ctl.report(loss)
+                while sets is not None and time.perf_counter() >= next_set:
+                    ctl.controller.submit(next(sets))
+                    next_set += set_every
+                    config.sent += k >= args.warmup
                 opt.step()
                 times.append(time.perf_counter() - t0)
             sched1, wall1 = main_thread_sched(), time.perf_counter()
+            if config.inline:
+                config.load_seconds += wall1 - wall0 if args.steps else 0.0
             on_cpu, runq = sched1[0] - sched0[0], sched1[1] - sched0[1]
             per_step = 1e3 / args.steps
             config.split.append((on_cpu * per_step, runq * per_step,
                                  (wall1 - wall0 - on_cpu - runq) * per_step))
-            if config.rate:
+            if config.rate and not config.inline:
                 cpu_end = thread_cpu()
                 config.sidecar_cpu += helper_cpu(ctl) - sidecar_start
                 stats = client.ask(cmd="stop")
@@ -324,6 +351,8 @@ class Bench:
                 configs.append(Config(f"{kind} watch{args.watchers}+100rps", kind, 100.0, watchers=args.watchers))
             if args.echo_rate:
                 configs.append(Config(f"{kind} echo{args.echo_rate:g}", kind, args.echo_rate, "echo"))
+        if args.inline_rate:
+            configs.append(Config(f"inline {args.inline_rate:g}rps", "attach", args.inline_rate, inline=True))
         if args.sidecar_rate:
             configs.append(Config(f"other-process {args.sidecar_rate:g}rps", "sidecar", args.sidecar_rate))
         rng = random.Random(0)
@@ -370,8 +399,8 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
         lo, hi = median_ci(c.ratios)
         rate = c.sent / c.load_seconds if c.load_seconds else 0.0
         per_req = (f"{c.py_cpu / c.sent * 1e6:>9.0f} {c.c_cpu / c.sent * 1e6:>8.0f}"
-                   if c.sent and c.kind in KINDS else f"{'':>9} {'':>8}")
-        target = TARGETS.get(int(c.rate or 0)) if c.kind in KINDS and c.mix == "mixed" else None
+                   if c.sent and c.kind in KINDS and not c.inline else f"{'':>9} {'':>8}")
+        target = TARGETS.get(int(c.rate or 0)) if c.kind in KINDS and c.mix == "mixed" and not c.inline else None
         verdict = ""
         if target is not None:
             verdict = f"<={target:.2f} " + ("ok" if ratio <= target else "MISS")
@@ -391,8 +420,8 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
         print(f"{c.label:<20} {statistics.median(total):>+7.2f} " + " ".join(
             f"{statistics.median(d):>+{w}.2f}" for d, w in zip(deltas, (7, 9, 8))))
     print(f"(base: {base_ms:.2f} ms/step. p99 step: the 99th percentile of single steps, as a ratio to "
-          f"base's. req/s: the rate achieved. py us/req: CPU time of the server's Python threads per "
-          f"request, all of it under the GIL; C us/req: CPU time of gRPC's C threads per request.)")
+          f"base's. req/s: the rate achieved (inline: Sets submitted per second). py us/req: CPU time "
+          f"of the server's Python threads per request, all of it under the GIL; C us/req: CPU time of gRPC's C threads per request.)")
     for c in configs:
         if c.watchers and c.load_seconds:
             steps_per_s = 1e3 / (statistics.median(c.means) * 1e3)
@@ -439,6 +468,9 @@ def main() -> None:
     parser.add_argument("--sidecar-rate", type=float, default=100.0,
                         help="also send the mixed stream at this rate to a server in another "
                         "process (what the load costs through the CPU alone, without the GIL); 0: no")
+    parser.add_argument("--inline-rate", type=float, default=100.0,
+                        help="also run the loop submitting, itself, the Sets of the mixed stream at "
+                        "this rate to an idle lrctl (the floor: planning and applying, no serving); 0: no")
     parser.add_argument("--serve-sidecar", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="print every round's ratios")
     args = parser.parse_args()
