@@ -69,11 +69,11 @@ import torch
 from torch import nn
 
 from forwarding_proto import ForwardingServed  # bench/, the script's directory
+from load_client import RATE_A, RATE_B, RATE_SPLIT
 from lrctl.server import attach
 from lrctl.server.requests import ChangeRequest, Update
 
 LOAD_CLIENT = Path(__file__).resolve().with_name("load_client.py")
-RATE_A, RATE_B, RATE_SPLIT = 1.0e-4, 2.0e-4, 3.0e-4  # load_client.py's values
 
 
 
@@ -310,12 +310,13 @@ class Bench:
                 while sets is not None and time.perf_counter() >= next_set:
                     ctl.controller.submit(next(sets))
                     next_set += set_every
-                    config.sent += k >= args.warmup
+                    if k >= args.warmup:
+                        config.sent += 1
                 opt.step()
                 times.append(time.perf_counter() - t0)
             sched1, wall1 = main_thread_sched(), time.perf_counter()
             if config.inline:
-                config.load_seconds += wall1 - wall0 if args.steps else 0.0
+                config.load_seconds += wall1 - wall0
             on_cpu, runq = sched1[0] - sched0[0], sched1[1] - sched0[1]
             per_step = 1e3 / args.steps
             config.split.append((on_cpu * per_step, runq * per_step,
@@ -421,7 +422,8 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
             f"{statistics.median(d):>+{w}.2f}" for d, w in zip(deltas, (7, 9, 8))))
     print(f"(base: {base_ms:.2f} ms/step. p99 step: the 99th percentile of single steps, as a ratio to "
           f"base's. req/s: the rate achieved (inline: Sets submitted per second). py us/req: CPU time "
-          f"of the server's Python threads per request, all of it under the GIL; C us/req: CPU time of gRPC's C threads per request.)")
+          f"of the server's Python threads per request, all of it under the GIL; C us/req: CPU time "
+          f"of gRPC's C threads per request.)")
     for c in configs:
         if c.watchers and c.load_seconds:
             steps_per_s = 1e3 / (statistics.median(c.means) * 1e3)
