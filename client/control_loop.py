@@ -20,6 +20,10 @@ with ``__call__``) run by `ControlLoop`:
   again against the fresh version, for a decide that keeps state and must not be
   called twice for one window; "stop": end the loop, raising `ConflictError`; or a
   callable ``(window, error) -> bool``, True to decide again);
+- **cadence**: a decision may set ``window.every`` to decide every N steps from then
+  on (for example every step during a warmup, then every K); with lockstep the loop
+  ends its lockstep and opens it again with the new cadence, so the worker runs free
+  for at most the steps until the next N-th;
 - events the stream lost because this process read too slowly are counted in
   ``window.dropped`` (and in the decision's log line);
 - the worker going away (training ended, lrctl closed, the process died) ends `run()`
@@ -112,7 +116,8 @@ class Window:
     step boundary after the newest event, approximately). `version`: the config version
     the action is checked against (expected_version). `dropped`: events lost since the
     previous decision. `conflict`: set when deciding again after a conflict (the
-    worker's message). `turn`: the lockstep turn, if any.
+    worker's message). `turn`: the lockstep turn, if any. `every`: the loop's cadence;
+    a decision that sets it changes how often the loop decides from now on.
     """
 
     step: int
@@ -122,6 +127,7 @@ class Window:
     conflict: Optional[str] = None
     turn: Optional[Turn] = None
     client: Optional[LRClient] = field(default=None, repr=False)
+    every: int = 0
 
     def values(self, metric: str) -> list[float]:
         """The reported `metric` of each event that has it, oldest first."""
@@ -222,6 +228,9 @@ class ControlLoop:
         self.summary = LoopSummary()
         self._version = 0
         self._mine: set[int] = set()  # ids of this loop's changes still to be confirmed (lockstep)
+        # Lockstep: the stream's events not yet in a window, the newest step seen, its end.
+        self._events: list[MetricsEvent] = []
+        self._newest, self._stream_done = -1, False
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> LoopSummary:
@@ -262,10 +271,12 @@ class ControlLoop:
                     next_at = event.step - event.step % self.every + self.every - 1
                 if event.step >= next_at:
                     window = Window(step=event.step + 1, version=self._version, events=events,
-                                    dropped=dropped, client=self.client)
+                                    dropped=dropped, client=self.client, every=self.every)
                     events, dropped = [], 0
+                    go_on = self._decide_and_act(window, at_step=None)
+                    self._set_every(window.every)
                     next_at = event.step + self.every
-                    if not self._decide_and_act(window, at_step=None):
+                    if not go_on:
                         return
         except LrctlError as exc:
             if not _is_gone(exc):
@@ -288,45 +299,65 @@ class ControlLoop:
 
         reader = threading.Thread(target=read, name="lrctl-controller-metrics", daemon=True)
         reader.start()
-        events: list[MetricsEvent] = []
-        newest = -1
-        stream_done = False
+        self._events, self._newest, self._stream_done = [], -1, False
         try:
-            with self.client.lockstep(every=self.every, timeout=self.lockstep_timeout) as session:
-                self._touch_start_file()
-                for turn in session:
-                    # The event of step S-1 is sealed at the boundary of S, after this
-                    # hold: wait (briefly) for S-2, so the window is the whole past.
-                    deadline = time.monotonic() + self.lockstep_timeout / 4
-                    while True:
-                        wait = newest < turn.step - 2 and not stream_done
-                        try:
-                            item = inbox.get(timeout=max(0.0, deadline - time.monotonic()) if wait else 0.0)
-                        except queue.Empty:
-                            break
-                        if item is _DONE:
-                            stream_done = True
-                            continue
-                        events.append(item)
-                        newest = item.step
-                    dropped = sum(e.dropped for e in events) + turn.dropped_turns
-                    conflict = self._turn_outcome(turn)
-                    self._version = turn.version
-                    window = Window(step=turn.step, version=turn.version, events=events,
-                                    dropped=dropped, conflict=conflict, turn=turn, client=self.client)
-                    events = []
-                    try:
-                        go_on = self._decide_and_act(window, at_step=turn.step)
-                    finally:
-                        turn.decide()
-                    if not go_on:
-                        return
+            outcome = "cadence"
+            while outcome == "cadence":
+                outcome = self._lockstep_session(inbox)
         except LrctlError as exc:
             if not _is_gone(exc):
                 raise
             self.summary.ended = f"worker gone: {exc}"
             return
-        self.summary.ended = "worker ended lockstep"
+        if outcome == "ended":
+            self.summary.ended = "worker ended lockstep"
+
+    def _lockstep_session(self, inbox: queue.Queue[Any]) -> str:
+        """Lockstep at the current cadence until a decision changes it ("cadence": open
+        it again; what the stream brings meanwhile waits in `inbox`), a decision stops
+        the loop ("stop") or the worker ends lockstep ("ended")."""
+        with self.client.lockstep(every=self.every, timeout=self.lockstep_timeout) as session:
+            self._touch_start_file()
+            for turn in session:
+                # The event of step S-1 is sealed at the boundary of S, after this
+                # hold: wait (briefly) for S-2, so the window is the whole past.
+                deadline = time.monotonic() + self.lockstep_timeout / 4
+                while True:
+                    wait = self._newest < turn.step - 2 and not self._stream_done
+                    try:
+                        item = inbox.get(timeout=max(0.0, deadline - time.monotonic()) if wait else 0.0)
+                    except queue.Empty:
+                        break
+                    if item is _DONE:
+                        self._stream_done = True
+                        continue
+                    self._events.append(item)
+                    self._newest = item.step
+                events, self._events = self._events, []
+                dropped = sum(e.dropped for e in events) + turn.dropped_turns
+                conflict = self._turn_outcome(turn)
+                self._version = turn.version
+                window = Window(step=turn.step, version=turn.version, events=events, dropped=dropped,
+                                conflict=conflict, turn=turn, client=self.client, every=self.every)
+                try:
+                    go_on = self._decide_and_act(window, at_step=turn.step)
+                finally:
+                    turn.decide()
+                if not go_on:
+                    return "stop"
+                if self._set_every(window.every):
+                    return "cadence"
+        return "ended"
+
+    def _set_every(self, every: int) -> bool:
+        """A decision's new cadence (Window.every); True if it changed."""
+        if every == self.every:
+            return False
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise InvalidArgumentError(f"window.every {every!r} must be a whole number >= 1")
+        self.log(f"{self.name}: deciding every {every} step(s) from now on (was {self.every})")
+        self.every = every
+        return True
 
     def _turn_outcome(self, turn: Turn) -> Optional[str]:
         """A change of ours that failed at the previous held step (another writer got

@@ -355,6 +355,55 @@ def test_lockstep_loop_acts_at_the_held_step_and_ends_when_the_worker_goes(train
     assert records and all(r.step == int(r.reason.split()[-1]) for r in records)
 
 
+def test_a_decision_changes_the_cadence_and_lockstep_follows_it(trained) -> None:  # type: ignore[no-untyped-def]
+    served, _ = trained
+    windows: list[Window] = []
+    with LRClient(served.ctl.address, token=ADMIN_SECRET) as client:
+
+        def decide(window: Window) -> Optional[Action]:
+            windows.append(window)
+            if len(windows) == 3:
+                window.every = 4  # every step so far; every 4th from now on
+            if len(windows) == 6:
+                raise _Enough
+            return Action(f"turn {window.step}").scale("layer2.bias", 0.5)
+
+        loop = ControlLoop(client, decide, every=1, lockstep_timeout=30.0, log=lambda line: None)
+        with pytest.raises(_Enough):
+            loop.run()
+        steps = [w.step for w in windows]
+        assert steps[:3] == [steps[0], steps[0] + 1, steps[0] + 2], steps
+        assert steps[3] > steps[2] and all(s % 4 == 0 for s in steps[3:]), steps
+        assert steps[4:] == [steps[3] + 4, steps[3] + 8], steps
+        assert all(w.turn is not None for w in windows) and loop.every == 4
+        # The switch loses no event: the windows hold consecutive steps, once each.
+        seen = [e.step for w in windows for e in w.events]
+        assert seen == list(range(seen[0], seen[0] + len(seen))), seen
+        records = [r for r in served.controller.history(0, 1000)[0] if r.reason.startswith("controller: turn")]
+        assert len(records) == 5 and all(r.step == int(r.reason.split()[-1]) for r in records)
+
+        # Without lockstep the windows follow the new cadence too.
+        polled: list[int] = []
+
+        def decide_polling(window: Window) -> Optional[Action]:
+            polled.append(window.step)
+            window.every = 3
+            if len(polled) == 3:
+                raise _Enough
+            return None
+
+        with pytest.raises(_Enough):
+            ControlLoop(client, decide_polling, every=1, log=lambda line: None).run()
+        assert polled[2] - polled[1] == 3, polled
+
+        def decide_badly(window: Window) -> Optional[Action]:
+            window.every = 0
+            return None
+
+        with pytest.raises(InvalidArgumentError, match="window.every 0"):
+            ControlLoop(client, decide_badly, every=2, lockstep_timeout=30.0, log=lambda line: None).run()
+
+
 def test_bad_loop_options_are_refused_naming_the_value() -> None:
     with LRClient("127.0.0.1:1") as client:
         for kwargs, fragment in (({"every": 0}, "every 0"), ({"lockstep_timeout": 0}, "lockstep_timeout 0"),
