@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 from lrctl.client.client import LRClient
+from lrctl.client.lockstep import LockstepSession
 from lrctl.client.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -59,6 +60,7 @@ from lrctl.common.schedules import Schedule
 __all__ = ["Action", "Window", "ControlLoop", "LoopSummary", "ConflictError", "Job", "read_job", "run_controller",
            "add_controller_arguments", "run_from_args", "BlowUpGuard"]
 
+REOPEN_S = 5.0  # a cadence change: how long the worker may take to end our previous lockstep
 ConflictPolicy = Union[str, Callable[["Window", FailedPreconditionError], bool]]
 _DONE = object()  # the metrics reader's end marker
 
@@ -301,9 +303,9 @@ class ControlLoop:
         reader.start()
         self._events, self._newest, self._stream_done = [], -1, False
         try:
-            outcome = "cadence"
+            outcome = self._lockstep_session(inbox, reopening=False)
             while outcome == "cadence":
-                outcome = self._lockstep_session(inbox)
+                outcome = self._lockstep_session(inbox, reopening=True)
         except LrctlError as exc:
             if not _is_gone(exc):
                 raise
@@ -312,11 +314,11 @@ class ControlLoop:
         if outcome == "ended":
             self.summary.ended = "worker ended lockstep"
 
-    def _lockstep_session(self, inbox: queue.Queue[Any]) -> str:
+    def _lockstep_session(self, inbox: queue.Queue[Any], reopening: bool) -> str:
         """Lockstep at the current cadence until a decision changes it ("cadence": open
         it again; what the stream brings meanwhile waits in `inbox`), a decision stops
         the loop ("stop") or the worker ends lockstep ("ended")."""
-        with self.client.lockstep(every=self.every, timeout=self.lockstep_timeout) as session:
+        with self._open_lockstep(reopening) as session:
             self._touch_start_file()
             for turn in session:
                 # The event of step S-1 is sealed at the boundary of S, after this
@@ -348,6 +350,19 @@ class ControlLoop:
                 if self._set_every(window.every):
                     return "cadence"
         return "ended"
+
+    def _open_lockstep(self, reopening: bool) -> LockstepSession:
+        """Open lockstep at the current cadence. Reopening, the worker may not have seen
+        our previous session end yet (its stream's cancel is on the way): a refusal for
+        "held by another controller" is tried again for up to REOPEN_S."""
+        deadline = time.monotonic() + (REOPEN_S if reopening else 0.0)
+        while True:
+            try:
+                return self.client.lockstep(every=self.every, timeout=self.lockstep_timeout)
+            except FailedPreconditionError as exc:
+                if "held by another controller" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
     def _set_every(self, every: int) -> bool:
         """A decision's new cadence (Window.every); True if it changed."""
