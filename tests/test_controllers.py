@@ -159,7 +159,9 @@ def test_probe_warmup_ramps_from_step_0_then_decays_from_the_peak_it_found(tmp_p
     assert "probe_warmup: done" in lines[-1]
 
 def test_ratio_warmup_probes_at_step_0_then_sets_the_same_peak_from_a_tenth_and_ten_times(tmp_path: Path) -> None:
-    # 100 steps: the job's warmup is 5 steps, so the decision at step 5 freezes the base.
+    # 100 steps: the job's warmup is 5 steps. The controller holds every step until
+    # the decision at step 5 freezes the base (step 0's statistics come at step 2's
+    # hold), then every 5th.
     frozen = []
     for peak in (0.02, 2.0):
         tmp = tmp_path / str(peak)
@@ -169,10 +171,11 @@ def test_ratio_warmup_probes_at_step_0_then_sets_the_same_peak_from_a_tenth_and_
         assert code == 0, lines
         assert not any(r.failed for r in history), [r.error for r in history if r.failed]
         mine = by_controller(history, "ratio_warmup")
-        assert [r.step for r in mine] == [0, 5], lines
-        probe, peak_set = (r.updates[0].value for r in mine)
+        assert [r.step for r in mine] == [0, 2, 3, 4, 5], lines
+        probe, peak_set = mine[0].updates[0].value, mine[-1].updates[0].value
         assert probe == pytest.approx(1e-3 * peak)
-        assert "end of warmup" in mine[1].reason
+        assert "end of warmup" in mine[-1].reason
+        assert any("deciding every 5 step(s) from now on (was 1)" in line for line in lines), lines
         # The job's own warmup + cosine still shapes every step: the worker ran the
         # frozen base times its factor, exactly.
         shape = {s.name: s.schedule for s in schedules}[result["rate_name"]]

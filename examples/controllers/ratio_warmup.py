@@ -6,18 +6,23 @@ and is what a sweep finds. This controller measures it in the run and sets the p
 that the whole model's update-to-weight ratio ``||w_{t+1} - w_t|| / ||w_t||`` reaches U
 at the end of the job's warmup, then leaves the job's own decay alone:
 
-1. **Probe.** At the hold of step 0 every name's base becomes PROBE x the job's peak:
-   the first steps move the weights by almost nothing, whatever the starting rate was.
-2. **Track, during the job's warmup.** At every decision the controller reads, for each
-   step since the last, the worker's ``update_ratio`` and ``param_norm`` of every name,
+1. **Probe, for one step.** At the hold of step 0 every name's base becomes PROBE x the
+   job's peak: step 0 moves the weights by almost nothing, whatever the starting rate
+   was. One step only: a longer pause at the start is what stalled AdamW runs on the
+   character model's loss plateau (bench/README.md "ratio_warmup": even the swept
+   fixed schedule stalls half the time after a 5-step pause, never after a 1-step one),
+   so the controller holds the worker at every step until it freezes the base.
+2. **Track, during the job's warmup.** At every step the controller reads the worker's
+   ``update_ratio`` and ``param_norm`` of every name,
    makes the whole model's ratio from them, and divides it by the rate that step ran at:
    k, how far one unit of rate moves this network now. k drifts while the network
    warms (Adam's normalized steps shrink as the gradients turn to noise) and is noisy
    step to step (SGD), so its log is fitted by least squares over the last FIT of the
    warmup and read at the newest step. The base becomes U / k: the job's warmup factor
    times that base is the rate the worker runs at, step by step, between decisions.
-3. **Freeze.** The first decision at or after the end of the warmup fixes the base; the
-   job's decay (its cosine and final factor, the worker's own schedule) runs from it.
+3. **Freeze.** The decision at the end of the warmup fixes the base; the job's decay
+   (its cosine and final factor, the worker's own schedule) runs from it, and the
+   controller decides every ``--every`` steps from then on.
 4. **Guard.** Afterwards a window whose mean loss jumps GUARD_JUMP x the first loss
    above the best window, or is not finite, halves the base.
 
@@ -34,6 +39,11 @@ bench/README.md "ratio_warmup"):
       0.03 -> 0.0392 but peaks up to 0.40 and 0.035 -> 0.0507 (peaks 0.46-0.49 lose two
       seeds); the fixed schedule at its swept best 0.0458. chargpt (AdamW), seeds
       100-101 at 1x: U 0.025 -> 2.061, 0.03 -> 2.046, 0.035 -> 2.046; fixed 2.030.
+      Deciding every step during the warmup (the probe one step, the statistics two
+      steps behind, as the worker's events come), simulated on seeds 100-111 (chargpt
+      at 1x) and 100-107 (digits at 0.1x / 1x / 10x): chargpt 2.0296 against the
+      fixed schedule's 2.0349, no seed stalled; digits 0.0441 / 0.0448 / 0.0428
+      against 0.0471.
   GUARD_JUMP = 0.25, GUARD_CUT = 0.5
 
     python examples/controllers/ratio_warmup.py --address 127.0.0.1:PORT --every 10 \\
@@ -85,7 +95,8 @@ def trend_at(points: list[tuple[int, float]], step: int) -> float:
 class RatioWarmup:
     """decide(window): probe, set the base from the measured update ratio, freeze, guard."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_after: int = 10) -> None:
+        self.every_after = every_after  # the cadence once the base is frozen
         self.job: Optional[Job] = None
         self.bases: list[tuple[int, float]] = []  # (from step, base) as installed
         self.log_k: list[tuple[int, float]] = []  # (step, log(model ratio / rate))
@@ -134,6 +145,7 @@ class RatioWarmup:
         why = f"model update ratio {k * self._rate(self.seen):.3g} at rate {self._rate(self.seen):.3g}"
         if window.step >= warmup:
             self.frozen = True
+            window.every = self.every_after
             why = f"end of warmup, {why}"
         return self._set(window.step, U[family] / k, why)
 
@@ -142,8 +154,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_controller_arguments(parser, every=10)
     args = parser.parse_args(argv)
+    # Every step until the base is frozen (decide sets --every then): the probe is one step.
+    decide = RatioWarmup(every_after=args.every)
+    args.every = 1
     # Decisions keep state (the bases, the ramp): a conflict resends one, never decides twice.
-    return run_from_args("ratio_warmup", args, RatioWarmup(), on_conflict="resend")
+    return run_from_args("ratio_warmup", args, decide, on_conflict="resend")
 
 
 if __name__ == "__main__":
