@@ -6,12 +6,13 @@ and is what a sweep finds. This controller measures it in the run and sets the p
 that the whole model's update-to-weight ratio ``||w_{t+1} - w_t|| / ||w_t||`` reaches U
 at the end of the job's warmup, then leaves the job's own decay alone:
 
-1. **Probe, for one step.** At the hold of step 0 every name's base becomes PROBE x the
-   job's peak: step 0 moves the weights by almost nothing, whatever the starting rate
-   was. One step only: a longer pause at the start is what stalled AdamW runs on the
-   character model's loss plateau (bench/README.md "ratio_warmup": even the swept
-   fixed schedule stalls half the time after a 5-step pause, never after a 1-step one),
-   so the controller holds the worker at every step until it freezes the base.
+1. **Probe, for two steps.** At the hold of step 0 every name's base becomes PROBE x
+   the job's peak: steps 0 and 1 move the weights by almost nothing, whatever the
+   starting rate was (step 0's statistics reach the controller at step 2's hold). No
+   longer: a longer pause at the start is what stalled AdamW runs on the character
+   model's loss plateau (bench/README.md "ratio_warmup": even the swept fixed schedule
+   stalls half the time after a 5-step pause, never after a 1-step one), so the
+   controller holds the worker at every step until it freezes the base.
 2. **Track, during the job's warmup.** At every step the controller reads the worker's
    ``update_ratio`` and ``param_norm`` of every name,
    makes the whole model's ratio from them, and divides it by the rate that step ran at:
@@ -39,7 +40,7 @@ bench/README.md "ratio_warmup"):
       0.03 -> 0.0392 but peaks up to 0.40 and 0.035 -> 0.0507 (peaks 0.46-0.49 lose two
       seeds); the fixed schedule at its swept best 0.0458. chargpt (AdamW), seeds
       100-101 at 1x: U 0.025 -> 2.061, 0.03 -> 2.046, 0.035 -> 2.046; fixed 2.030.
-      Deciding every step during the warmup (the probe one step, the statistics two
+      Deciding every step during the warmup (the probe two steps, the statistics two
       steps behind, as the worker's events come), simulated on seeds 100-111 (chargpt
       at 1x) and 100-107 (digits at 0.1x / 1x / 10x): chargpt 2.0296 against the
       fixed schedule's 2.0349, no seed stalled; digits 0.0441 / 0.0448 / 0.0428
