@@ -22,8 +22,9 @@ with ``__call__``) run by `ControlLoop`:
   callable ``(window, error) -> bool``, True to decide again);
 - **cadence**: a decision may set ``window.every`` to decide every N steps from then
   on (for example every step during a warmup, then every K); with lockstep the loop
-  ends its lockstep and opens it again with the new cadence, so the worker runs free
-  for at most the steps until the next N-th;
+  releases the next held step at once (it tells how that decision's change ended),
+  then ends its lockstep and opens it again with the new cadence, so the worker runs
+  free for at most the steps until the next N-th;
 - events the stream lost because this process read too slowly are counted in
   ``window.dropped`` (and in the decision's log line);
 - the worker going away (training ended, lrctl closed, the process died) ends `run()`
@@ -233,6 +234,7 @@ class ControlLoop:
         # Lockstep: the stream's events not yet in a window, the newest step seen, its end.
         self._events: list[MetricsEvent] = []
         self._newest, self._stream_done = -1, False
+        self._carried_conflict: Optional[str] = None  # across a cadence change
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> LoopSummary:
@@ -318,9 +320,19 @@ class ControlLoop:
         """Lockstep at the current cadence until a decision changes it ("cadence": open
         it again; what the stream brings meanwhile waits in `inbox`), a decision stops
         the loop ("stop") or the worker ends lockstep ("ended")."""
+        switching = False
         with self._open_lockstep(reopening) as session:
             self._touch_start_file()
             for turn in session:
+                conflict = self._turn_outcome(turn)
+                if switching:
+                    # This turn only tells how the decision that changed the cadence
+                    # ended (the next session cannot): released at once, its outcome
+                    # goes to the next decision.
+                    turn.decide()
+                    self._carried_conflict = conflict
+                    return "cadence"
+                conflict, self._carried_conflict = conflict or self._carried_conflict, None
                 # The event of step S-1 is sealed at the boundary of S, after this
                 # hold: wait (briefly) for S-2, so the window is the whole past.
                 deadline = time.monotonic() + self.lockstep_timeout / 4
@@ -337,7 +349,6 @@ class ControlLoop:
                     self._newest = item.step
                 events, self._events = self._events, []
                 dropped = sum(e.dropped for e in events) + turn.dropped_turns
-                conflict = self._turn_outcome(turn)
                 self._version = turn.version
                 window = Window(step=turn.step, version=turn.version, events=events, dropped=dropped,
                                 conflict=conflict, turn=turn, client=self.client, every=self.every)
@@ -348,7 +359,9 @@ class ControlLoop:
                 if not go_on:
                     return "stop"
                 if self._set_every(window.every):
-                    return "cadence"
+                    if not self._mine:  # nothing of ours to confirm at the next turn
+                        return "cadence"
+                    switching = True
         return "ended"
 
     def _open_lockstep(self, reopening: bool) -> LockstepSession:
