@@ -651,10 +651,13 @@ class Controller(ControllerState):
         `planned` (lrctl.server.write_messages.Planned: `request`'s positions and ops,
         resolved, checked and planned against config version `planned.version` in the
         serving process) is queued at once, with the live-state checks only, while the
-        version is still that one; the outcome is then None (the planner has it).
-        Otherwise it is planned again here, as any change.
+        version is still that one and every parameter it touches still requires grad;
+        the outcome is then None (the planner has it). Otherwise it is planned again
+        here, as any change.
         """
-        if planned is not None:
+        params = self._params
+        # A parameter frozen since the serving process's snapshot was made: resolved again here.
+        if planned is not None and all(params[i].requires_grad for i in planned.ops):
             ops = planned.ops
             with self._lock:
                 if self._version == planned.version:

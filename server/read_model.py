@@ -70,6 +70,12 @@ def why_unusable(requires_grad: bool, held: bool) -> str:
     return " and ".join(reasons)
 
 
+class NeedsLiveGrad(Exception):
+    """A write matched a parameter that did not require grad when the snapshot was made:
+    whether it does now (a job that unfreezes layers as it trains) only the training
+    process knows, so the write is decided there."""
+
+
 class Usable:
     """Which parameters a read (or a set) may use: bulk filters (one comprehension per
     call, not a function call per name: reads of 100,000 names) and why one may not."""
@@ -264,16 +270,21 @@ class ReadSnapshot:
             s = self.static
             guardrails = s.guardrails if s.guardrails is not None else Guardrails()
             found = self._shared["planner"] = WritePlanner(
-                self.index, self._usable(), guardrails.bind(self.index),
+                self.index, self._usable(for_writes=True), guardrails.bind(self.index),
                 NameLimits(s.max_lr, s.safe_lr), s.dtypes.__getitem__)
         return found
 
     # -- what read_answers asks of a source ----------------------------------------
-    def _usable(self) -> Usable:
+    def _usable(self, for_writes: bool = False) -> Usable:
         s = self.static
         held, grad = s.held, s.requires_grad
-        return Usable(lambda positions: tuple([i for i in positions if held[i]]),
-                      lambda positions: tuple([i for i in positions if grad[i]]),
+
+        def with_grad(positions: Sequence[int]) -> tuple[int, ...]:
+            found = tuple([i for i in positions if grad[i]])
+            if for_writes and len(found) != len(positions):
+                raise NeedsLiveGrad()
+            return found
+        return Usable(lambda positions: tuple([i for i in positions if held[i]]), with_grad,
                       lambda i: why_unusable(grad[i], held[i]))
 
     def filter(self, selector: str, *, check: Check | None = None) -> Sequence[int]:

@@ -16,8 +16,10 @@ process acknowledged). Then:
     from this plan and the change id the training process gave it.
 Whatever cannot be decided here is forwarded whole, as before: a change the live-state
 checks would refuse against the published step and version (the training process
-decides, and says so in its own words), an undecodable request, a job whose snapshot
-is off (an adopted torch scheduler), a snapshot that does not come in time.
+decides, and says so in its own words), a change that matches a parameter which did
+not require grad when the snapshot was made (it may since: a job that unfreezes layers),
+an undecodable request, a job whose snapshot is off (an adopted torch scheduler), a
+snapshot that does not come in time.
 
 Requests answered here are counted in the training process's lrctl_requests_total (a
 frame says which method and status). Authentication and roles ran in this process's
@@ -37,6 +39,7 @@ import grpc
 from lrctl.common.errors import LrctlError
 from lrctl.server.cancel import CallCheck
 from lrctl.server.read_answers import cheap_selectors
+from lrctl.server.read_model import NeedsLiveGrad
 from lrctl.server.serving_reads import SnapshotReads
 from lrctl.server.status import failure_status, lenient_deserializer
 from lrctl.server.write_messages import (
@@ -127,7 +130,7 @@ class SnapshotWrites:
                 remaining = context.time_remaining()
                 call = CallCheck(None if remaining is None else time.monotonic() + remaining)
                 result = await reads.budget.run(lambda: plan(call.check), call, size=len(body))
-        except Forward:
+        except (Forward, NeedsLiveGrad):
             return None
         except Exception as exc:  # an LrctlError: its status; a bug: INTERNAL, logged
             code, message = failure_status(exc, method, reads.requests)
