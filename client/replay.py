@@ -165,9 +165,7 @@ class _Steps:
                 self._session = self._client.lockstep(every=1, timeout=HOLD_S)
             except LrctlError:  # another lockstep controller is attached: poll
                 self._session = None
-        if self._turn is not None:
-            self._turn.decide()
-            self._turn = None
+        self._release_turn()
         if self._session is not None:
             try:
                 # At the hold of step S the changes due at S are applied already.
@@ -180,12 +178,16 @@ class _Steps:
 
     def release(self) -> None:
         """Let the worker run free again."""
-        if self._turn is not None:
-            self._turn.decide()
-            self._turn = None
+        self._release_turn()
         if self._session is not None:
             self._session.close()
             self._session = None
+
+    def _release_turn(self) -> None:
+        """Decided: the step held now (if any) goes on."""
+        if self._turn is not None:
+            self._turn.decide()
+            self._turn = None
 
 
 def _send(client: LRClient, change: ReplayChange, max_reported_changes: int) -> SetResult:
