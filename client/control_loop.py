@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import queue
 import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Union
 
 from lrctl.client.client import LRClient
 from lrctl.client.lockstep import LockstepSession
@@ -59,9 +60,10 @@ from lrctl.client.types import MetricsEvent, ScheduleAssignment, Turn, Update
 from lrctl.common.schedules import Schedule
 
 __all__ = ["Action", "Window", "ControlLoop", "LoopSummary", "ConflictError", "Job", "read_job", "run_controller",
-           "add_controller_arguments", "run_from_args", "BlowUpGuard"]
+           "add_controller_arguments", "run_from_args", "exit_process", "BlowUpGuard"]
 
 REOPEN_S = 5.0  # a cadence change: how long the worker may take to end our previous lockstep
+READER_JOIN_S = 5.0  # the metrics reader, after its stream is cancelled
 ConflictPolicy = Union[str, Callable[["Window", FailedPreconditionError], bool]]
 _DONE = object()  # the metrics reader's end marker
 
@@ -235,6 +237,7 @@ class ControlLoop:
         self._events: list[MetricsEvent] = []
         self._newest, self._stream_done = -1, False
         self._carried_conflict: Optional[str] = None  # across a cadence change
+        self._reader: Optional[threading.Thread] = None  # lockstep: the metrics stream's reader
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> LoopSummary:
@@ -255,6 +258,11 @@ class ControlLoop:
                 self._run_lockstep(stream)
         finally:
             stream.close()
+            # The cancel ends the reader: wait for it, so that no thread of ours is left
+            # inside grpc when the caller closes the channel or the process exits (at
+            # exit Python stops daemon threads wherever they are, a call's lock held).
+            if self._reader is not None:
+                self._reader.join(READER_JOIN_S)
         return self.summary
 
     def _touch_start_file(self) -> None:
@@ -301,8 +309,8 @@ class ControlLoop:
             finally:
                 inbox.put(_DONE)
 
-        reader = threading.Thread(target=read, name="lrctl-controller-metrics", daemon=True)
-        reader.start()
+        self._reader = threading.Thread(target=read, name="lrctl-controller-metrics", daemon=True)
+        self._reader.start()
         self._events, self._newest, self._stream_done = [], -1, False
         try:
             outcome = self._lockstep_session(inbox, reopening=False)
@@ -501,6 +509,14 @@ def run_from_args(prog: str, args: argparse.Namespace, decide: Callable[[Window]
           file=sys.stderr, flush=True)
     return 0
 
+
+def exit_process(code: int) -> NoReturn:
+    """End a controller's process with `code` once its output is flushed, without the
+    interpreter's finalization: grpc's daemon threads can deadlock it (an example
+    controller hung at exit after its "done" line, twice in about ten CI runs)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass

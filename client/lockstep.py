@@ -22,6 +22,22 @@ if TYPE_CHECKING:
     from lrctl.client.client import LRClient
 
 _END = None  # put in the request queue: this side of the stream ends
+_THREAD_END_S = 5.0  # how long a failed open waits for its waiter thread to leave grpc
+
+
+def _outgoing(requests: queue.Queue[Optional[lrctl_pb2.LockstepDecision]]) -> Iterator[lrctl_pb2.LockstepDecision]:
+    """The request stream, as grpc's sending thread pulls it.
+
+    It holds the queue, not the session, so that grpc's sending thread keeps no call of
+    ours alive: at interpreter exit Python stops daemon threads wherever they are,
+    possibly holding a call's lock, and a call freed after that waits for the lock in
+    its __del__.
+    """
+    while True:
+        message = requests.get()
+        if message is _END:
+            return
+        yield message
 
 
 class LockstepSession(Iterator[Turn]):
@@ -44,15 +60,8 @@ class LockstepSession(Iterator[Turn]):
             open=lrctl_pb2.LockstepOpen(every=every, timeout_seconds=timeout)))
         self._closed = False
         self.every, self.timeout = every, timeout
-        self._call = stub.Lockstep(self._outgoing(), metadata=metadata)
+        self._call = stub.Lockstep(_outgoing(self._requests), metadata=metadata)
         self._opened(open_timeout)
-
-    def _outgoing(self) -> Iterator[lrctl_pb2.LockstepDecision]:
-        while True:
-            message = self._requests.get()
-            if message is _END:
-                return
-            yield message
 
     def _opened(self, limit: float) -> None:
         """Wait for the worker's answer to the open: its headers (accepted) or an error."""
@@ -64,9 +73,11 @@ class LockstepSession(Iterator[Turn]):
             finally:
                 answered.set()
 
-        threading.Thread(target=wait, name="lrctl-lockstep-open", daemon=True).start()
+        waiter = threading.Thread(target=wait, name="lrctl-lockstep-open", daemon=True)
+        waiter.start()
         if not answered.wait(limit):
             self.close()
+            waiter.join(_THREAD_END_S)  # the cancel wakes it; see _outgoing for why wait
             raise DeadlineExceededError(
                 f"no answer from {self._client.address} to the lockstep open within {limit:g}s")
         if self._call.done() and self._call.code() != grpc.StatusCode.OK:  # refused, or gone

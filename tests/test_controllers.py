@@ -71,7 +71,19 @@ def start_controller(name: str, worker: Worker, *extra: str,
         [sys.executable, str(EXAMPLES / f"{name}.py"), "--address", worker.address,
          "--start-file", worker.start_file, *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})})
+        env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
+
+
+def wait_for_exit(ctl: subprocess.Popen) -> str:
+    """The controller's stderr once it exited; if it does not, every thread's stack
+    (faulthandler, on SIGABRT) in the failure, so that a hang says where it hangs."""
+    try:
+        return ctl.communicate(timeout=PATIENCE_S)[1]
+    except subprocess.TimeoutExpired:
+        ctl.send_signal(signal.SIGABRT)
+        err = ctl.communicate(timeout=PATIENCE_S)[1]
+        raise AssertionError(f"the controller did not exit within {PATIENCE_S:g}s; "
+                             f"its stderr ends:\n{err[-8000:]}") from None
 
 
 def run_example(tmp: Path, name: str, peak_lr: float, steps: int = 40,
@@ -85,7 +97,7 @@ def run_example(tmp: Path, name: str, peak_lr: float, steps: int = 40,
             history = list(client.iter_changes())
             schedules = client.get_schedules()
         worker.end()
-        _, err = ctl.communicate(timeout=PATIENCE_S)
+        err = wait_for_exit(ctl)
         return result, history, schedules, err.splitlines(), ctl.returncode
     finally:
         worker.end()
@@ -352,6 +364,9 @@ def test_lockstep_loop_acts_at_the_held_step_and_ends_when_the_worker_goes(train
             return Action(f"turn {window.step}").scale("layer2.bias", 0.5)
 
         summary = ControlLoop(client, decide, every=3, lockstep_timeout=30.0, log=lambda line: None).run()
+        # The loop's metrics reader has ended with it (a daemon thread left inside grpc
+        # can hang the process's exit).
+        assert not [t for t in threading.enumerate() if t.name == "lrctl-controller-metrics"]
     assert summary.ended and len(windows) >= 3
     assert all(w.turn is not None and w.step % 3 == 0 for w in windows)
     records = [r for r in served.controller.history(0, 1000)[0] if r.reason.startswith("controller: turn")]

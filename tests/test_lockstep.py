@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import grpc
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from lrctl.client.client import LRClient
-from lrctl.client.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
+from lrctl.client.errors import DeadlineExceededError, FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
 from lrctl.server import attach
 from lrctl.server.auth import ADMIN, READER, Token, Tokens
 from lrctl.v1 import lrctl_pb2 as pb
@@ -439,3 +440,28 @@ def test_a_controller_that_does_not_read_costs_at_most_a_few_turns_of_memory() -
     turns = asyncio.run(scenario())
     assert [t.step for t in turns] == list(range(5, _LOCKSTEP_OUTBOX + 5))
     assert [t.dropped_turns for t in turns] == [5] + [0] * (_LOCKSTEP_OUTBOX - 1)
+
+
+def test_an_open_the_worker_never_answers_times_out_and_leaves_no_thread_behind() -> None:
+    # A server that takes the Lockstep call and never answers it (no headers, no
+    # turn): the client gives up after open_timeout, naming the address, and has ended
+    # its waiting thread (a daemon thread left inside grpc can hang the process's exit).
+    release = threading.Event()
+
+    def never_answers(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        release.wait(PATIENCE_S)
+        return iter(())
+
+    handler = grpc.method_handlers_generic_handler("lrctl.v1.LearningRateControl", {
+        "Lockstep": grpc.stream_stream_rpc_method_handler(never_answers)})
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with LRClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(DeadlineExceededError, match=rf"127\.0\.0\.1:{port}.*lockstep open within 0\.3s"):
+                client.lockstep(every=1, timeout=1.0, open_timeout=0.3)
+            assert not [t for t in threading.enumerate() if t.name == "lrctl-lockstep-open"]
+    finally:
+        release.set()
+        server.stop(None)

@@ -44,10 +44,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from typing import Optional
 
-from lrctl.client.control_loop import Action, Window, add_controller_arguments, read_job, run_from_args
+from lrctl.client.control_loop import Action, Window, add_controller_arguments, read_job, run_from_args, exit_process
 
 R_EPS = 1e-4
 SGD_C = 2.0
@@ -105,4 +104,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

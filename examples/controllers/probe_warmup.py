@@ -55,12 +55,11 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 from typing import Optional
 
 from lrctl.client.client import LRClient
 from lrctl.client.control_loop import (Action, BlowUpGuard, Window, add_controller_arguments, read_job,
-                                       run_from_args)
+                                       run_from_args, exit_process)
 from lrctl.common.schedules import Exponential, Schedule, Warmup
 
 RAMP_FROM = 0.01
@@ -197,4 +196,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -59,11 +59,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from typing import Optional
 
 from lrctl.client.control_loop import (Action, BlowUpGuard, Job, Window, add_controller_arguments, read_job,
-                                       run_from_args)
+                                       run_from_args, exit_process)
 
 PROBE = 1e-3
 FIT = 0.5
@@ -163,4 +162,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
