@@ -18,6 +18,8 @@ what the load costs:
                    sidecar answers them alone: what its CPU costs this machine)
   other-process    the mixed stream at 100/s to an lrctl server in another process: what
                    the client and the server cost this machine's cores, without the GIL
+                   (and `other-process watchW+100rps`: W WatchMetrics streams of that
+                   server's events too, one per its step, ~130/s as the timed loop's)
   inline           no client: the training loop itself submits the mixed stream's Sets (40/s
                    at 100/s, through the controller's Python API, just before
                    optimizer.step) to an idle lrctl: what planning and applying the
@@ -305,7 +307,7 @@ class Bench:
                 opt.zero_grad(set_to_none=True)
                 loss = nn.functional.mse_loss(model(x), y)
                 loss.backward()
-                if config.watchers:
+                if config.watchers and ctl is not None:
                     ctl.report(loss)
                 while sets is not None and time.perf_counter() >= next_set:
                     ctl.controller.submit(next(sets))
@@ -356,6 +358,9 @@ class Bench:
             configs.append(Config(f"inline {args.inline_rate:g}rps", "attach", args.inline_rate, inline=True))
         if args.sidecar_rate:
             configs.append(Config(f"other-process {args.sidecar_rate:g}rps", "sidecar", args.sidecar_rate))
+            if args.watchers:
+                configs.append(Config(f"other-process watch{args.watchers}+100rps", "sidecar", 100.0,
+                                      watchers=args.watchers))
         rng = random.Random(0)
         client = LoadClient()
         try:
@@ -435,8 +440,10 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
 
 
 def serve_sidecar(args: argparse.Namespace) -> None:
-    """The other-process configuration's server: the same model, lrctl attached,
-    stepping (without gradients) every 20 ms so that changes apply; until stdin closes."""
+    """The other-process configurations' server: the same model, lrctl attached,
+    stepping (without gradients) every 7.5 ms, about the timed loop's step, so that
+    changes apply and its WatchMetrics streams get an event (its loss) per step as the
+    timed loop's would; until stdin closes."""
     torch.set_num_threads(1)
     model = make_mlp(args.width, args.depth)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -444,7 +451,8 @@ def serve_sidecar(args: argparse.Namespace) -> None:
     with attach(model, opt, address="127.0.0.1:0") as ctl:
         print(ctl.address, flush=True)
         threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-        while not stop.wait(0.02):
+        while not stop.wait(0.0075):
+            ctl.report(1.0)
             opt.step()
 
 
