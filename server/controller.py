@@ -655,9 +655,8 @@ class Controller(ControllerState):
         the outcome is then None (the planner has it). Otherwise it is planned again
         here, as any change.
         """
-        params = self._params
         # A parameter frozen since the serving process's snapshot was made: resolved again here.
-        if planned is not None and all(params[i].requires_grad for i in planned.ops):
+        if planned is not None and len(self._with_grad(planned.ops)) == len(planned.ops):
             ops = planned.ops
             with self._lock:
                 if self._version == planned.version:
