@@ -512,8 +512,9 @@ def run_from_args(prog: str, args: argparse.Namespace, decide: Callable[[Window]
 
 def exit_process(code: int) -> NoReturn:
     """End a controller's process with `code` once its output is flushed, without the
-    interpreter's finalization: grpc's daemon threads can deadlock it (an example
-    controller hung at exit after its "done" line, twice in about ten CI runs)."""
+    interpreter's finalization or C-level exit: an example controller hung there after
+    its "done" line, twice in about ten CI runs (not reproduced; grpc's daemon threads
+    inside calls at exit are the likely cause)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
