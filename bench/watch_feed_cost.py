@@ -2,9 +2,11 @@
 
 A small model is attached (the serving mode from $LRCTL_SERVING, as attach reads it),
 W streams read every event on threads of this process, and the loop reports a loss
-tensor and steps every ~1 ms. What is measured is the CPU time of the serving event
-loop's thread in the training process (in-process: the server's loop; with
-serving="process": the forwarding thread that feeds the serving process), per step:
+tensor and steps every ~1 ms. What is measured, per step, is the CPU time of the
+serving event loop's thread in the training process (in-process: the server's loop;
+with serving="process": the link's thread, which sends an event only when its tensors
+are on a device) and of the training thread itself (with serving="process" it sends
+each event on the feed; compare with --watchers 0 for the feed's share):
 
     for w in 0 1 4; do LRCTL_SERVING=process python bench/watch_feed_cost.py --watchers $w; done
 """
@@ -62,11 +64,12 @@ def main() -> None:
     def loop_cpu() -> int:
         return asyncio.run_coroutine_threadsafe(cpu(), loop).result()
 
-    start = loop_cpu()
+    start, own = loop_cpu(), time.thread_time_ns()
     for i in range(args.steps):
         ctl.report(torch.tensor(float(i)))
         optimizer.step()
         time.sleep(0.001)
+    own = time.thread_time_ns() - own
     used = loop_cpu() - start
     for stream in streams:
         stream.cancel()
@@ -75,7 +78,8 @@ def main() -> None:
     channel.close()
     ctl.close(0.5)
     print(f"serving {os.environ.get('LRCTL_SERVING') or 'inprocess'}, {args.watchers} streams: "
-          f"{used / args.steps / 1000:.0f} us of the serving loop's CPU per step "
+          f"{used / args.steps / 1000:.0f} us of the serving loop's CPU and "
+          f"{own / args.steps / 1000:.0f} us of the training thread's per step "
           f"(events read per stream: {counts})")
 
 

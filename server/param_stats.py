@@ -74,6 +74,10 @@ class StatsSnapshot:
     def __init__(self, units: Sequence[str], values: dict[str, torch.Tensor]) -> None:
         self.units, self.values = units, values
 
+    def on_device(self) -> bool:
+        """True if the values are on a device other than the CPU (reading them waits for it)."""
+        return any(t.device.type != "cpu" for t in self.values.values())
+
     def resolve(self) -> dict[str, dict[str, float]]:
         columns = {stat: tensor.tolist() for stat, tensor in self.values.items()}
         return {unit: {stat: column[u] for stat, column in columns.items()}

@@ -351,17 +351,17 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
             out.append(change)
         return out
 
-    def event_parts(self, event: Event, per_records: Iterable[int], stats: bool) -> tuple[bytes, dict[int, bytes], bytes]:
-        """An event encoded in parts for the serving process (lrctl.server.watch_feed):
-        the step, time, version and metrics; its change records per per_record; its
-        statistics (b"" unless `stats`). Serialized messages concatenate as they merge,
-        so a stream's message is base + its records + (statistics) + (dropped)."""
-        base = self._event_base_pb(event).SerializeToString()
+    def event_extras(self, event: Event, per_records: Iterable[int], stats: bool) -> tuple[dict[int, bytes], bytes]:
+        """What of an event the serving process cannot encode from plain numbers
+        (lrctl.server.watch_feed): its change records per per_record, and its statistics
+        (b"" unless `stats`), each a serialized MetricsEvent. Serialized messages
+        concatenate as they merge, so a stream's message is the event's step, time,
+        version and metrics + its records + (statistics) + (dropped)."""
         changes = {n: pb.MetricsEvent(changes=self._event_changes_pb(event, n)).SerializeToString()
                    for n in per_records} if event.changes else {}
         extra = (pb.MetricsEvent(stats=_event_stats_pb(event)).SerializeToString()
                  if stats and event.has_stats else b"")
-        return base, changes, extra
+        return changes, extra
 
     def list_parameters(self, request: pb.ListParametersRequest, check: Check | None = None) -> pb.ListParametersResponse:
         return self.reads.list_parameters(request, check)

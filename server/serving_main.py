@@ -1,4 +1,4 @@
-"""The serving process of attach(serving="process"): `python -m lrctl.server.serving_main --fd N`.
+"""The serving process of attach(serving="process"): `python -m lrctl.server.serving_main --fd N ...`.
 
 It owns the gRPC server, built by the one factory (bind, TLS, tokens and roles, health,
 reflection, max concurrent calls), and forwards each LearningRateControl call to the
@@ -16,8 +16,8 @@ Reads of rates, schedules and parameters are answered here from a snapshot
 (lrctl.server.serving_reads); writes are planned here from the same snapshot, dry runs and
 bad requests answered here, valid changes handed over pre-planned
 (lrctl.server.serving_writes). WatchMetrics is not forwarded: its streams are kept here (_Watch, on
-lrctl.server.subscribers), fed once for all of them by the training process
-(lrctl.server.watch_feed).
+lrctl.server.subscribers), fed once for all of them by the training process, on a
+socket of their own (lrctl.server.watch_feed).
 """
 
 from __future__ import annotations
@@ -79,9 +79,12 @@ class _Link:
         self.writes: SnapshotWrites | None = None
         self.watch: _Watch | None = None
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, feed: socket.socket) -> None:
         reader, self.writer = await asyncio.open_connection(sock=sock)
         asyncio.ensure_future(self._read(reader))
+        assert self.watch is not None
+        await asyncio.get_running_loop().create_connection(
+            lambda: wire.FrameProtocol(self.watch.feed, lambda: None), sock=feed)
 
     def send(self, frame: tuple[Any, ...]) -> None:
         if not self.closed and self.writer is not None:
@@ -144,10 +147,6 @@ class _Link:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while (frame := await wire.read_frame(reader)) is not None:
             kind = frame[0]
-            if kind == wire.FEED:
-                assert self.watch is not None
-                self.watch.feed(frame)
-                continue
             if kind == wire.QUIT:
                 self.grace = frame[1]
                 self.quit.set()
@@ -181,16 +180,22 @@ class _Link:
 class _WireEvent:
     """A telemetry event as the training process sent it (lrctl.server.watch_feed)."""
 
-    __slots__ = ("seq", "step", "changes", "has_stats", "size", "base", "parts", "stats")
+    __slots__ = ("seq", "step", "changes", "has_stats", "size", "_base", "parts", "stats")
 
-    def __init__(self, seq: int, step: int, changes: bool, has_stats: bool, size: int,
-                 base: bytes, parts: dict[int, bytes], stats: bytes) -> None:
-        self.seq, self.step, self.changes, self.has_stats, self.size = seq, step, changes, has_stats, size
-        self.base, self.parts, self.stats = base, parts, stats
+    def __init__(self, seq: int, step: int, time: float, version: int, metrics: dict[str, float],
+                 has_stats: bool, size: int, parts: dict[int, bytes], stats: bytes) -> None:
+        self.seq, self.step, self.has_stats, self.size = seq, step, has_stats, size
+        self.changes = bool(parts)
+        self._base: bytes | tuple[float, int, dict[str, float]] = (time, version, metrics)
+        self.parts, self.stats = parts, stats
 
     def body(self, sub: Subscriber, dropped: int) -> bytes:
         """This event's MetricsEvent for `sub` (serialized messages concatenate as they merge)."""
-        body = self.base
+        body = self._base
+        if isinstance(body, tuple):  # built here, once, for every stream
+            time, version, metrics = body
+            body = self._base = lrctl_pb2.MetricsEvent(
+                step=self.step, time=time, version=version, metrics=metrics).SerializeToString()
         if self.changes:
             part = self.parts.get(sub.per_record)
             body += part if part is not None else next(iter(self.parts.values()), b"")
@@ -207,6 +212,8 @@ class _Watch:
     def __init__(self, link: _Link, limits: WatchLimits, tokens: Any) -> None:
         self.link, self.tokens = link, tokens
         self.subscribers = Subscribers(limits)
+        # A new stream's feed events until its start came (bounded as its queue).
+        self._early: dict[Subscriber, Subscriber] = {}
         self.closed = False  # the training process closed its telemetry: streams end OK
 
     def config(self) -> tuple[int, bool, tuple[int, ...]]:
@@ -214,9 +221,31 @@ class _Watch:
         return (len(subs), any(s.include_stats for s in subs), tuple(sorted({s.per_record for s in subs})))
 
     def feed(self, frame: tuple[Any, ...]) -> None:
-        _, events, next_seq, closed = frame
-        self.subscribers.deliver([_WireEvent(*e) for e in events], next_seq, closed)
-        self.closed = self.closed or closed
+        """A frame of the feed: an event, or (next seq,): the telemetry closed."""
+        if len(frame) == 1:
+            self.closed = True
+            self.subscribers.deliver((), frame[0], True)
+            return
+        event = _WireEvent(*frame)
+        self.subscribers.deliver((event,), event.seq, False)
+        for early in self._early.values():
+            early.offer(event)
+
+    def _join(self, sub: Subscriber, start: tuple[Any, ...]) -> None:
+        """Queue a stream's start, then the feed's events after it (those that came
+        before it included: two sockets), counting what is missing between as dropped."""
+        _, _, sub.cursor, dropped, events, ended = start
+        sub.lose(dropped)
+        for event in events:
+            sub.offer(_WireEvent(*event))
+        early = self._early.pop(sub)
+        for event in early.queued():
+            if event.seq > sub.cursor:
+                sub.lose(event.seq - sub.cursor - 1)
+                sub.offer(event)
+        if ended or self.closed or self.link.closed:
+            sub.end()
+        sub.ready = True
 
     def token(self, context: grpc.aio.ServicerContext) -> str:
         if self.tokens is None:
@@ -242,6 +271,9 @@ class _Watch:
                          per_record=per_record)
         sub.ready = False  # no feed events until its start came
         self.subscribers.add(sub)
+        self._early[sub] = Subscriber(peer, token, min_step=None, changes_only=False,
+                                      include_stats=sub.include_stats, cursor=0,
+                                      limits=self.subscribers.limits)
         cid, queue = link.call_id()
         try:
             link.send((wire.WATCH, cid, from_step, request.changes_only, request.include_stats,
@@ -250,13 +282,7 @@ class _Watch:
             link.calls.pop(cid, None)
             if frame is None or frame[0] == wire.END:
                 await _end(context, frame)
-            _, _, sub.cursor, dropped, events, ended = frame
-            sub.lose(dropped)
-            for event in events:
-                sub.offer(_WireEvent(*event))
-            if ended or link.closed:
-                sub.end()
-            sub.ready = True
+            self._join(sub, frame)
             while True:
                 batch = await sub.next_batch()
                 if not batch:
@@ -267,6 +293,7 @@ class _Watch:
                     yield event.body(sub, lost)
         finally:
             link.calls.pop(cid, None)
+            self._early.pop(sub, None)
             if self.subscribers.remove(sub):
                 link.send((wire.WATCH_CONFIG, *self.config()))
 
@@ -409,10 +436,11 @@ def _bidi(link: _Link, method: str) -> Any:
     return call
 
 
-def main(fd: int, shared_fd: int) -> int:
+def main(fd: int, shared_fd: int, feed_fd: int) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
+    feed = socket.socket(fileno=feed_fd)
     raw = wire.recv_raw_blocking(sock)
     if raw is None:
         return 0
@@ -430,7 +458,7 @@ def main(fd: int, shared_fd: int) -> int:
         sock.sendall(wire.pack((wire.FAILED, type(exc).__name__, str(exc))))
         return 1
     try:
-        asyncio.run_coroutine_threadsafe(link.start(sock), built.loop).result()
+        asyncio.run_coroutine_threadsafe(link.start(sock, feed), built.loop).result()
         built.loop.call_soon_threadsafe(link.send, (wire.STARTED, built.host, built.port, built.address))
         link.quit.wait()
     finally:
@@ -438,10 +466,12 @@ def main(fd: int, shared_fd: int) -> int:
         # one answers nothing: stop at once (calls get UNAVAILABLE).
         built.stop(link.grace if link.grace is not None else 0.0)
         sock.close()
+        feed.close()
     return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["--fd"] or sys.argv[3:4] != ["--shared-fd"] or len(sys.argv) != 5:
-        sys.exit("usage: python -m lrctl.server.serving_main --fd N --shared-fd M  (started by attach(serving='process'))")
-    sys.exit(main(int(sys.argv[2]), int(sys.argv[4])))
+    if sys.argv[1::2] != ["--fd", "--shared-fd", "--feed-fd"] or len(sys.argv) != 7:
+        sys.exit("usage: python -m lrctl.server.serving_main --fd N --shared-fd M --feed-fd F"
+                 "  (started by attach(serving='process'))")
+    sys.exit(main(int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[6])))

@@ -56,6 +56,7 @@ _CHECK_S = 0.1
 # How long after the serving process last asked for a read snapshot each new version's
 # snapshot is sent to it unasked.
 _PUSH_S = 2.0
+_FEED_BUFFER = 4 * 1024 * 1024
 
 
 def serving_mode(value: str | None) -> str:
@@ -178,8 +179,15 @@ class ServingProcess:
                     for m, h in capture.handlers.items()}
 
         self._handlers = asyncio.run_coroutine_threadsafe(intercepted(), self._loop).result()
-        # WatchMetrics streams live in the serving process; this feeds them.
-        self._feed = WatchFeed(service, self._loop, self._send, lambda exc: status_code(exc).value[0])
+        # WatchMetrics streams live in the serving process; this feeds them, on a socket
+        # of their own that the training thread writes to (never blocking on it).
+        self._feed_sock, feed_child = socket.socketpair()
+        self._feed_sock.setblocking(False)
+        # Room for many events: the serving process can fall behind by this much before
+        # events wait in the telemetry ring (the kernel caps it at net.core.wmem_max).
+        self._feed_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _FEED_BUFFER)
+        self._feed = WatchFeed(service, self._loop, self._send, lambda exc: status_code(exc).value[0],
+                               self._feed_sock)
         self._controller = controller = service._controller
         self._shared_fd = os.memfd_create("lrctl-serving")  # close-on-exec: only pass_fds hands it on
         os.ftruncate(self._shared_fd, wire.SHARED_BYTES)
@@ -193,14 +201,16 @@ class ServingProcess:
         controller.add_after_step(self._publish)
         controller.add_on_close(self._closing_now)
         self._sock, child = socket.socketpair()
+        children = [child, feed_child]
         try:
             # A plain subprocess of this interpreter: multiprocessing's spawn would import
             # the user's __main__ (the training script) again in the child.
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "lrctl.server.serving_main", "--fd", str(child.fileno()),
-                 "--shared-fd", str(self._shared_fd)],
-                pass_fds=[child.fileno(), self._shared_fd], stdin=subprocess.DEVNULL)
-            child.close()
+                 "--shared-fd", str(self._shared_fd), "--feed-fd", str(feed_child.fileno())],
+                pass_fds=[child.fileno(), self._shared_fd, feed_child.fileno()], stdin=subprocess.DEVNULL)
+            for end in children:
+                end.close()
             config = dict(address=address, insecure=insecure, tokens=tokens, tls=tls, max_workers=max_workers,
                           watch_limits=service.watchers.limits,
                           budget=(service.budget.workers, service.budget.max_queued))
@@ -216,6 +226,8 @@ class ServingProcess:
             _, self.host, self.port, self._address = first
             asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
         except BaseException:
+            for end in children:
+                end.close()
             self._abandon()
             raise
 
@@ -262,6 +274,7 @@ class ServingProcess:
         self._controller.remove_after_step(self._publish)
         try:
             self._sock.close()
+            self._feed_sock.close()
         finally:
             proc = getattr(self, "process", None)
             if proc is not None:
@@ -345,7 +358,7 @@ class ServingProcess:
     def _on_end(self) -> None:
         for task, _ in list(self._calls.values()):
             task.cancel()
-        self._feed.configure(0, False, ())
+        self._feed.stop()
         if not self._closing:
             code = self.process.poll()
             log.error("lrctl: the serving process exited (%s): this job is no longer served "
@@ -471,6 +484,7 @@ class ServingProcess:
             self._loop.call_soon_threadsafe(close)
             stop_event_loop(self._loop, self._thread)
             self._sock.close()
+            self._feed_sock.close()
             self.requests.answered_there()
             self.requests.shared = None
             self._shared.close()

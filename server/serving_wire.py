@@ -34,11 +34,14 @@ training -> serving
                                 tuple (lrctl.server.read_model); versioned None: reads cannot
                                 be answered from a snapshot in this job (forward them)
   ("B", id, cursor seq, dropped, events, ended)   a stream's start (lrctl.server.watch_feed)
-  ("V", events, next seq, closed)   telemetry events, once for all streams; an event is
-                                (seq, step, has changes, has stats, size, base bytes,
-                                {per_record: change records bytes}, statistics bytes)
 The very first frame, training -> serving, is the pickled configuration (address,
 tokens, TLS): it goes over the socket, never through argv or the environment.
+
+The feed, a second socketpair, carries the telemetry events for WatchMetrics, training
+-> serving, in frames of the same form (lrctl.server.watch_feed), once for all streams:
+  (seq, step, time, version, {metric: value}, has stats, size,
+   {per_record: change records bytes}, statistics bytes)   an event (also in "B")
+  (next seq,)                   the telemetry closed: the streams end after the events
 
 Besides the socket, the training process publishes its step counter and config version
 in a few bytes of shared memory (a memfd), written by a step pre-hook that runs after
@@ -67,7 +70,7 @@ STARTED, FAILED = "R", "F"
 CALL, REQUEST, HALF_CLOSE, CANCEL = "S", "m", "h", "C"
 INITIAL_METADATA, RESPONSE, END, QUIT = "H", "M", "E", "Q"
 SNAPSHOT_WANTED, SNAPSHOT = "N", "P"
-WATCH, WATCH_CONFIG, WATCH_START, FEED = "W", "w", "B", "V"
+WATCH, WATCH_CONFIG, WATCH_START = "W", "w", "B"
 PLANNED, ACCEPTED = "D", "A"
 WATCH_METHOD = "/lrctl.v1.LearningRateControl/WatchMetrics"
 

@@ -141,6 +141,16 @@ class Event:
     def has_stats(self) -> bool:
         return self._stats is not None
 
+    def on_device(self, stats: bool) -> bool:
+        """True if converting its metrics (and its statistics, if `stats`) would read a
+        tensor off a device that is not the CPU, i.e. wait for that device."""
+        if not self.lazy:
+            return False
+        if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in self._metrics.values()):
+            return True
+        current = self._stats
+        return stats and current is not None and not isinstance(current, dict) and current.on_device()
+
     def resolve(self) -> None:
         """Convert everything lazy to floats (the device has finished by now)."""
         self.metrics()

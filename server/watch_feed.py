@@ -2,27 +2,45 @@
 
 The serving process (lrctl.server.serving_main) keeps the streams (bounded queues,
 drops, caps: lrctl.server.subscribers). This end sends each telemetry event to it once,
-whatever the number of streams, encoded once (lrctl.server.service's event_parts: the
-change records once per per-name limit some stream asked for, statistics only when a
-stream asked for them), in one frame per wakeup of the loop (so about one per step);
-while no stream is open the telemetry wakes nobody and nothing is sent.
+whatever the number of streams, on a socket of its own (the feed), and sends nothing
+while no stream is open (the telemetry then wakes nobody).
+
+Who sends: the thread that sealed the event, mostly the training thread, right after
+the step hook sealed it. Waking the serving loop for each event instead cost the
+training thread a GIL hand-over per step and ~0.2 ms of the loop's Python under the GIL
+(bench/README.md, "Where the 4 streams' cost is"). So the training thread sends the
+event as plain numbers (marshal: step, time, version, metrics) and the serving process
+builds the protobuf message. Only what it cannot build is encoded here: change records
+(on the steps that have them, once per per-name limit some stream asked for) and
+statistics (on stats steps, while a stream asks for them). An event whose tensors are
+on a device (a CUDA loss) is not read on the training thread (that would wait for the
+device): from it on, the serving loop thread of this process sends, until it has
+caught up; the order stays the seq order.
+
+The send never blocks: when the socket is full (the serving process is behind), the
+rest of the frame is kept and the loop sends it once the socket has room; events sealed
+meanwhile stay in the telemetry ring and are sent after it. Events that leave the ring
+before they were sent are not sent; the streams see the gap in seq numbers and count
+them as dropped. So a serving process that falls behind costs training nothing but
+the ring's bounded memory.
 
 Start-from-step: the serving process asks this process once, when a stream opens, for
 the stream's start (lrctl.server.serving_wire's WATCH frame): the ring's events from
 `from_step` on, cut to the stream's own queue bounds (what the stream would have kept
 of them in-process, its drops counted), and the seq of the last event considered. The
 live part joins by seq: the feed is turned on before the start is taken, so every event
-after that seq comes in a feed frame, and the serving process skips the feed's events
-up to it (no gap, no duplicate). The training process's ring is the one place that
-can answer from_step: a ring in the serving process would hold nothing from the time
-nobody watched (nothing is sent then) and would double the memory bound.
-
-Runs on ServingProcess's event loop thread, never on the training thread.
+after that seq comes on the feed, possibly before the start itself (two sockets): the
+serving process keeps a new stream's feed events until its start came. The training
+process's ring is the one place that can answer from_step: a ring in the serving
+process would hold nothing from the time nobody watched (nothing is sent then) and
+would double the memory bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from lrctl.common.errors import LrctlError
@@ -34,34 +52,49 @@ if TYPE_CHECKING:
 
 
 class WatchFeed:
-    """The events of one worker's telemetry, to its serving process."""
+    """The events of one worker's telemetry, to its serving process.
+
+    `send` sends a frame on the link (the loop thread only); `sock` is the feed, this
+    end non-blocking."""
 
     def __init__(self, service: "LearningRateControlService", loop: asyncio.AbstractEventLoop,
-                 send: Callable[[tuple[Any, ...]], None], code: Callable[[LrctlError], int]) -> None:
+                 send: Callable[[tuple[Any, ...]], None], code: Callable[[LrctlError], int],
+                 sock: socket.socket) -> None:
         self._service = service
         self._hub = service.watchers
         self._telemetry = service.watchers.telemetry
         self._loop, self._send, self._code = loop, send, code
+        self._sock = sock
         self._on = False
-        self._cursor = 0  # seq of the last event sent
         self._stats = False
         self._per_records: tuple[int, ...] = ()
+        # The sending state, under _lock (held by one sending thread at a time).
+        self._lock = threading.Lock()
+        self._again = False  # a thread found the lock held: the holder sends once more
+        self._loop_turn = False  # ... and that thread was the loop's
+        self._cursor = 0  # seq of the last event sent (or being sent: see _tail)
+        self._tail = b""  # the part of a frame the socket has not taken yet
+        self._on_loop = False  # an event on a device came: the loop sends until caught up
+        self._waiting = False  # the loop waits for the socket to have room
+        self._closed_sent = False
+        self.frames = 0  # frames sent (for tests and bench)
 
     def configure(self, count: int, stats: bool, per_records: tuple[int, ...]) -> None:
         """The serving process's streams changed: `count` open, whether any wants
-        statistics, the per-name limits of their change records. 0: the feed stops."""
+        statistics, the per-name limits of their change records. 0: the feed stops.
+        On the loop thread."""
         self._hub.remote = count
         self._stats, self._per_records = stats, tuple(per_records)
         telemetry = self._telemetry
         if count and not self._on:
-            self._on = True
-            self._cursor = telemetry.last_seq
-            loop = self._loop
-            telemetry.wake = lambda: loop.call_soon_threadsafe(self.run)
-            self.run()  # sealed while the wake was being set
+            with self._lock:
+                self._cursor = telemetry.last_seq
+                self._on = True
+            telemetry.wake = self.push
+            self._pump(on_loop=True)  # sealed while the wake was being set
         elif not count and self._on:
             self._on = False
-            telemetry.wake = None  # no listener: the training thread wakes nobody
+            telemetry.wake = None  # no listener: the training thread sends nothing
 
     def start(self, cid: int, from_step: int | None, changes_only: bool, include_stats: bool,
               per_record: int, count: int, stats: bool, per_records: tuple[int, ...]) -> None:
@@ -73,25 +106,109 @@ class WatchFeed:
         except LrctlError as exc:
             self._send((wire.END, cid, self._code(exc), str(exc), None, -1))
             return
-        events = [self._encode(e, (per_record,), include_stats) for e in sub.queued()]
+        events = [self._event(e, (per_record,), include_stats) for e in sub.queued()]
         self._send((wire.WATCH_START, cid, sub.cursor, sub.dropped, events, sub.ended))
 
-    def run(self) -> None:
-        """Send what was sealed since the last run (on the loop, after a wake)."""
-        telemetry = self._telemetry
-        telemetry.woken()  # before reading: an event sealed from now on wakes us again
-        if not self._on:
-            return
-        events, _ = telemetry.after(self._cursor)
-        closed = telemetry.closed
-        if not events and not closed:
-            return
-        next_seq = events[0].seq if events else telemetry.last_seq + 1
-        if events:
-            self._cursor = events[-1].seq
-        per_records, stats = self._per_records, self._stats
-        self._send((wire.FEED, [self._encode(e, per_records, stats) for e in events], next_seq, closed))
+    def stop(self) -> None:
+        """The link ended: send nothing more."""
+        self.configure(0, False, ())
 
-    def _encode(self, event: "Event", per_records: tuple[int, ...], stats: bool) -> tuple[Any, ...]:
-        base, changes, extra = self._service.event_parts(event, per_records, stats)
-        return (event.seq, event.step, bool(event.changes), event.has_stats, event.size, base, changes, extra)
+    # -- sending (any thread; see the module docstring) --------------------------------
+    def push(self) -> None:
+        """Telemetry's wake: send what was sealed (on the thread that sealed it)."""
+        self._telemetry.woken()  # every sealing calls this again: nothing to re-arm later
+        self._pump(on_loop=False)
+
+    def _pump(self, on_loop: bool) -> None:
+        # Never waits for the lock: a thread that finds it held leaves its events to the
+        # holder, which looks again after releasing it (so none is left unsent); a turn
+        # of the loop's (events only the loop may read) is handed back to the loop.
+        while True:
+            self._again = True
+            if on_loop:
+                self._loop_turn = True
+            if not self._lock.acquire(blocking=False):
+                return
+            try:
+                self._again = False
+                if on_loop:
+                    self._loop_turn = False
+                if self._on:
+                    self._send_new(on_loop)
+            finally:
+                self._lock.release()
+            if self._loop_turn and not on_loop:
+                self._loop_turn = False
+                self._call_soon(self._pump, True)
+            if not self._again:
+                return
+
+    def _send_new(self, on_loop: bool) -> None:
+        if self._on_loop and not on_loop:
+            return  # the loop sends until it has caught up
+        if self._tail and not self._write(b""):
+            return  # still full: the loop goes on once there is room
+        telemetry = self._telemetry
+        closed = telemetry.closed  # read first: closed, it has sealed its last event
+        events, _ = telemetry.after(self._cursor)
+        per_records, stats = self._per_records, self._stats
+        for event in events:
+            if not on_loop and event.on_device(stats):
+                self._on_loop = True
+                self._call_soon(self._pump, True)
+                return
+            frame = wire.pack(self._event(event, per_records, stats))
+            self._cursor = event.seq
+            if not self._write(frame):
+                return
+        self._on_loop = False
+        if closed and not self._closed_sent:
+            self._closed_sent = True
+            self._write(wire.pack((self._cursor + 1,)))
+
+    def _write(self, frame: bytes) -> bool:
+        """Send the tail and `frame`; False if the socket did not take all of it (the
+        rest is the tail, and the loop waits for room)."""
+        data = self._tail + frame if self._tail else frame
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the serving process is gone: the link's end stops the feed
+            self._tail = b""
+            self._on = False
+            return False
+        if frame:
+            self.frames += 1
+        if sent == len(data):
+            self._tail = b""
+            return True
+        self._tail = data[sent:]
+        if not self._waiting:
+            self._waiting = True
+            self._call_soon(self._wait_for_room)
+        return False
+
+    def _wait_for_room(self) -> None:
+        try:
+            self._loop.add_writer(self._sock.fileno(), self._room)
+        except (OSError, ValueError):  # the socket was closed: stopping
+            self._waiting = False
+
+    def _room(self) -> None:
+        self._loop.remove_writer(self._sock.fileno())
+        self._waiting = False
+        self._pump(on_loop=True)
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: we are stopping
+            pass
+
+    def _event(self, event: "Event", per_records: tuple[int, ...], stats: bool) -> tuple[Any, ...]:
+        """An event as serving_wire's feed carries it (its metrics read here: on the
+        training thread only when on_device said they are on the CPU)."""
+        changes, extra = self._service.event_extras(event, per_records, stats)
+        return (event.seq, event.step, event.time, event.version, event.metrics(), event.has_stats,
+                event.size, changes, extra)

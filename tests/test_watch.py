@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from typing import Any
 
 import grpc
 import pytest
@@ -24,6 +28,7 @@ from lrctl.client.errors import InvalidArgumentError, OutOfRangeError
 from lrctl.server import attach
 from lrctl.server.auth import ADMIN, READER, Token, Tokens
 from lrctl.server.param_stats import STATS
+from lrctl.server.telemetry import Event
 from lrctl.server.watch import WatchLimits
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
@@ -379,49 +384,179 @@ def test_four_subscribers_see_the_same_events(serving) -> None:  # type: ignore[
 
 
 def test_the_training_process_sends_each_event_once_whatever_the_streams(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """With a serving process: nothing is sent while nobody watches; then one feed frame
-    per wakeup (at most one per step) for all four streams, each event in one frame;
+    """With a serving process: nothing is sent while nobody watches; then each event
+    once for all four streams, by the training thread itself (no wakeup of a loop);
     statistics encoded only while a stream asks for them."""
     monkeypatch.setenv("LRCTL_SERVING", "process")
     model, optimizer = _tiny()
     with attach(model, optimizer, address="127.0.0.1:0", stats_every=1, stats=("grad_norm",)) as ctl:
         feed = ctl._server._feed
-        frames: list[tuple] = []
-        send = feed._send
+        sent: list[tuple] = []
+        threads: set[str] = set()
+        encode = feed._event
 
-        def counting(frame: tuple) -> None:  # on the feed's loop thread
-            if frame[0] == "V":
-                frames.append(frame)
-            send(frame)
+        def counting(*args: Any) -> tuple:
+            event = encode(*args)
+            sent.append(event)
+            threads.add(threading.current_thread().name)
+            return event
 
-        feed._send = counting
+        feed._event = counting
         for _ in range(3):
             _step(model, optimizer, ctl)
-        assert frames == [] and ctl.telemetry.wake is None  # nobody watches: nothing at all
+        assert sent == [] and ctl.telemetry.wake is None  # nobody watches: nothing at all
         channel = grpc.insecure_channel(ctl.address)
         stub = pb_grpc.LearningRateControlStub(channel)
         streams = [stub.WatchMetrics(pb.WatchMetricsRequest(include_stats=k == 0), timeout=PATIENCE_S)
                    for k in range(4)]
         wait_for(lambda: len(ctl.service.watchers) == 4, "four watchers")
+        sent.clear(), threads.clear()
+        frames = feed.frames
         for _ in range(10):
             _step(model, optimizer, ctl)
         seen = [[next(stream) for _ in range(10)] for stream in streams]
         assert [e.step for e in seen[1]] == list(range(2, 12))  # step 2 was still open
-        sent = [event for frame in list(frames) for event in frame[1]]
         seqs = [event[0] for event in sent]
-        assert len(seqs) == len(set(seqs)) and len(frames) <= 10
-        assert all(event[7] for event in sent)  # statistics: one stream asks
+        assert len(seqs) == len(set(seqs)) == feed.frames - frames == 10
+        assert threads == {threading.current_thread().name}  # sent by the training thread
+        assert all(event[8] for event in sent)  # statistics: one stream asks
+        assert all(e.stats for e in seen[0]) and not any(e.stats for e in seen[1])
         streams[0].cancel()
         wait_for(lambda: len(ctl.service.watchers) == 3, "the statistics stream to be forgotten")
-        before = len(frames)
+        before = len(sent)
         for _ in range(3):
             _step(model, optimizer, ctl)
         assert [next(streams[1]).step for _ in range(3)] == [12, 13, 14]
-        later = [event for frame in list(frames)[before:] for event in frame[1]]
-        assert later and not any(event[7] for event in later)  # nobody asks: none encoded
+        later = sent[before:]
+        assert later and not any(event[8] for event in later)  # nobody asks: none encoded
         for stream in streams[1:]:
             stream.cancel()
         wait_for(lambda: ctl.telemetry.wake is None, "the feed to stop")
+        channel.close()
+
+
+def _read_until(stream, step: int) -> list[pb.MetricsEvent]:  # type: ignore[no-untyped-def]
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.step >= step:
+            return seen
+    raise AssertionError(f"the stream ended before step {step}: {[e.step for e in seen]}")
+
+
+def _each_step_once(seen: list[pb.MetricsEvent], first: int, last: int) -> None:
+    """Every step from `first` to `last` was received once or counted as dropped."""
+    steps = [e.step for e in seen]
+    assert steps == sorted(set(steps)) and steps[0] >= first and steps[-1] == last
+    assert len(steps) + sum(e.dropped for e in seen) == last - first + 1
+
+
+def test_a_serving_process_that_falls_behind_costs_training_nothing(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The serving process stopped (SIGSTOP) while a stream is open: the feed's socket
+    fills, training goes on (the send never blocks), events wait in the ring; resumed,
+    the stream gets what the ring kept and counts the rest as dropped."""
+    monkeypatch.setenv("LRCTL_SERVING", "process")
+    monkeypatch.setattr("lrctl.server.serving_process._FEED_BUFFER", 4096)  # the kernel's least
+    model, optimizer = _tiny()
+    padding = {f"metric_{k:02d}": float(k) for k in range(40)}  # ~1 KB an event
+    with attach(model, optimizer, address="127.0.0.1:0", events=64) as ctl:
+        channel = grpc.insecure_channel(ctl.address)
+        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
+        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        _step(model, optimizer, ctl)
+        _step(model, optimizer, ctl)
+        first = next(stream).step
+        feed, pid = ctl._server._feed, ctl._server.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(300):
+                _step(model, optimizer, ctl)
+                ctl.report(**padding)
+            assert feed._tail  # the socket took part of a frame and waits for room
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        _step(model, optimizer, ctl)  # seals the last padded step
+        last = ctl.step - 2
+        seen = _read_until(stream, last)
+        _each_step_once(seen, first + 1, last)
+        assert sum(e.dropped for e in seen) >= 300 - 64 - 50  # the ring kept 64; the socket some
+        _step(model, optimizer, ctl)
+        assert next(stream).step == last + 1 and not feed._tail  # live again
+        channel.close()
+
+
+def test_events_on_a_device_are_sent_by_the_loop_in_order(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An event whose tensors are on a device (forced here: no GPU) is not read on the
+    training thread; the loop thread sends it and what follows until it has caught up,
+    and the stream still gets every step once, in order."""
+    monkeypatch.setenv("LRCTL_SERVING", "process")
+    monkeypatch.setattr(Event, "on_device", lambda self, stats: self.step % 3 == 0)
+    model, optimizer = _tiny()
+    with attach(model, optimizer, address="127.0.0.1:0") as ctl:
+        feed = ctl._server._feed
+        threads: list[str] = []
+        encode = feed._event
+
+        def noting(*args: Any) -> tuple:
+            threads.append(threading.current_thread().name)
+            return encode(*args)
+
+        feed._event = noting
+        channel = grpc.insecure_channel(ctl.address)
+        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
+        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        first = ctl.step
+        for _ in range(60):
+            _step(model, optimizer, ctl)
+        seen = _read_until(stream, ctl.step - 2)
+        _each_step_once(seen, first, ctl.step - 2)
+        assert not any(e.dropped for e in seen)
+        assert threading.current_thread().name in threads and len(set(threads)) == 2
+        channel.close()
+
+
+def test_streams_opened_while_training_runs_get_each_step_once(serving) -> None:  # type: ignore[no-untyped-def]
+    """Streams open (from now, and from a kept step) while another thread trains without
+    pause: each sees every step from its start once, nothing dropped (the start and the
+    live events join by seq, whichever comes first)."""
+    model, optimizer = _tiny()
+    with attach(model, optimizer, address="127.0.0.1:0") as ctl:
+        if serving == "process":  # a start that comes late: the feed's events go first
+            feed = ctl._server._feed
+            send = feed._send
+
+            def late(frame: tuple) -> None:
+                if frame[0] == "B":
+                    time.sleep(0.02)
+                send(frame)
+
+            feed._send = late
+        stop = threading.Event()
+
+        def train() -> None:
+            while not stop.is_set():
+                _step(model, optimizer, ctl)
+                time.sleep(0.0005)
+
+        trainer = threading.Thread(target=train, daemon=True)
+        channel = grpc.insecure_channel(ctl.address)
+        stub = pb_grpc.LearningRateControlStub(channel)
+        trainer.start()
+        try:
+            for k in range(6):
+                wait_for(lambda: ctl.step > 20 * (k + 1), "training to go on")
+                from_step = ctl.step - 10 if k % 2 else None
+                request = pb.WatchMetricsRequest() if from_step is None else pb.WatchMetricsRequest(from_step=from_step)
+                stream = stub.WatchMetrics(request, timeout=PATIENCE_S)
+                seen = [next(stream) for _ in range(30)]
+                stream.cancel()
+                steps = [e.step for e in seen]
+                assert steps == list(range(steps[0], steps[0] + 30)), steps
+                assert from_step is None or steps[0] == from_step
+                assert not any(e.dropped for e in seen)
+        finally:
+            stop.set()
+            trainer.join()
         channel.close()
 
 
