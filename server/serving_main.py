@@ -42,7 +42,7 @@ from lrctl.server.admission import Budget
 from lrctl.server.factory import SERVICE_NAME, build_server
 from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
 from lrctl.server.serving_writes import HandOver, SnapshotWrites
-from lrctl.server.status import status_code
+from lrctl.server.status import RequestCounts, status_code
 from lrctl.server.subscribers import Subscriber, Subscribers, WatchLimits, changes_per_record
 from lrctl.v1 import lrctl_pb2
 
@@ -54,6 +54,22 @@ _STEPPED = {
     "/lrctl.v1.LearningRateControl/GetLearningRates": lrctl_pb2.GetLearningRatesResponse,
     "/lrctl.v1.LearningRateControl/GetSchedules": lrctl_pb2.GetSchedulesResponse,
 }
+
+
+class _SharedCounts(RequestCounts):
+    """The calls answered here, counted where the training process reads them for its
+    lrctl_requests_total (lrctl.server.serving_wire.count_answered) as well."""
+
+    def __init__(self, shared: Any) -> None:
+        super().__init__()
+        self._shared = shared
+
+    def add(self, method: str, code: str) -> None:
+        super().add(method, code)
+        method = "/" + method.lstrip("/")
+        if method in wire.ANSWERED:
+            with self._lock:  # reads may finish on the budget's threads
+                wire.count_answered(self._shared, method, code)
 
 
 class _Link:
@@ -103,10 +119,6 @@ class _Link:
         self.send((wire.CALL, cid, method, metadata, context.peer(), float(remaining), request))
         return cid, queue
 
-    def count(self, method: str, code: str) -> None:
-        """A write answered here, for the training process's lrctl_requests_total."""
-        wire.count_answered(self.shared, method, code)
-
     def open_planned(self, method: str, context: grpc.aio.ServicerContext, planned: tuple) -> tuple[int, asyncio.Queue]:
         """A write planned here goes to the training process (lrctl.server.serving_writes)."""
         cid, queue = self.call_id()
@@ -129,6 +141,7 @@ class _Link:
         if version != published or version < self.acked:
             return None
         self.hits += 1
+        self.reads.requests.add(method, "OK")
         if message_type is None:
             return body
         message = message_type.FromString(body)
@@ -254,6 +267,19 @@ class _Watch:
         return "" if found is None else found.name
 
     async def stream(self, body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """A WatchMetrics call, counted as the in-process interceptor counts it: with the
+        status it ended with (OK or an error's code); a call the client left, not at all."""
+        counts = self.link.reads.requests
+        try:
+            async for message in self._stream(body, context):
+                yield message
+        except grpc.aio.AbortError:
+            code = context.code()
+            counts.add(wire.WATCH_METHOD, code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN")
+            raise
+        counts.add(wire.WATCH_METHOD, "OK")
+
+    async def _stream(self, body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         link = self.link
         try:
             request = lrctl_pb2.WatchMetricsRequest.FromString(body)
@@ -448,7 +474,8 @@ def main(fd: int, shared_fd: int, feed_fd: int) -> int:
     link = _Link(mmap.mmap(shared_fd, wire.SHARED_BYTES))
     os.close(shared_fd)
     link.watch = _Watch(link, config.pop("watch_limits"), config.get("tokens"))
-    link.writes = SnapshotWrites(link.reads, config.get("tokens"), link.count,
+    link.reads.requests = _SharedCounts(link.shared)
+    link.writes = SnapshotWrites(link.reads, config.get("tokens"),
                                  lambda: wire.read_closing(link.shared))
     # Reads and writes answered here are bounded as the attach() call bounds them there.
     link.reads.budget = Budget(*config.pop("budget"))

@@ -118,8 +118,9 @@ class _Details:  # a grpc.HandlerCallDetails
 
 
 class _Counts(RequestCounts):
-    """The calls this process answered, plus the writes its serving process answered
-    itself (counted in the shared memory): lrctl_requests_total sees them all."""
+    """The calls this process answered, plus those its serving process answered itself
+    (reads, writes, WatchMetrics; counted in the shared memory): lrctl_requests_total
+    sees them all."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -48,7 +48,7 @@ in a few bytes of shared memory (a memfd), written by a step pre-hook that runs 
 lrctl's own: the serving process answers a repeated read from the answer it kept, for
 as long as the version it was computed at is the one in force (and no schedule moves
 rates with the step), with the step brought up to date, without the training process.
-The serving process writes there too: counters of the writes it answered itself
+The serving process writes there too: counters of the calls it answered itself
 (count_answered), which the training process adds to lrctl_requests_total.
 """
 
@@ -139,10 +139,14 @@ WRITES = ("/lrctl.v1.LearningRateControl/SetLearningRates",
           "/lrctl.v1.LearningRateControl/ClearSchedules")
 
 
-# Calls of the WRITES that the serving process answered itself (lrctl.server.serving_writes),
-# by method and status code: counters at COUNTS_AT, written by the serving process's
-# loop only, read by the training process for lrctl_requests_total. (A frame per call
-# would cost the training process a wakeup of its loop, ~50 us, for a call it never saw.)
+# The methods the serving process may answer itself: snapshot reads
+# (lrctl.server.serving_reads), writes planned or refused there
+# (lrctl.server.serving_writes), and WatchMetrics (its streams live there).
+ANSWERED = (*WRITES, *CACHEABLE, WATCH_METHOD)
+# Calls of ANSWERED that the serving process answered itself, by method and status
+# code: counters at COUNTS_AT, written by the serving process only (one writer at a
+# time), read by the training process for lrctl_requests_total. (A frame per call would
+# cost the training process a wakeup of its loop, ~50 us, for a call it never saw.)
 COUNTS_AT = 64
 # gRPC status codes by their value.
 CODE_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -150,14 +154,15 @@ CODE_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEED
               "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
               "UNAUTHENTICATED")
 _COUNTER = struct.Struct("<q")
+assert COUNTS_AT + len(ANSWERED) * len(CODE_NAMES) * _COUNTER.size <= SHARED_BYTES
 
 
 def _counter_at(method: str, code: str) -> int:
-    return COUNTS_AT + (WRITES.index(method) * len(CODE_NAMES) + CODE_NAMES.index(code)) * 8
+    return COUNTS_AT + (ANSWERED.index(method) * len(CODE_NAMES) + CODE_NAMES.index(code)) * 8
 
 
 def count_answered(buffer: Any, method: str, code: str) -> None:
-    """One more call of `method` (one of WRITES) answered with `code` (a status name)."""
+    """One more call of `method` (one of ANSWERED) answered with `code` (a status name)."""
     at = _counter_at(method, code)
     _COUNTER.pack_into(buffer, at, _COUNTER.unpack_from(buffer, at)[0] + 1)
 
@@ -165,7 +170,7 @@ def count_answered(buffer: Any, method: str, code: str) -> None:
 def read_answered(buffer: Any) -> dict[tuple[str, str], int]:
     """(method without its leading "/", code name) -> calls, as RequestCounts keys them."""
     out = {}
-    for method in WRITES:
+    for method in ANSWERED:
         for code in CODE_NAMES:
             n = _COUNTER.unpack_from(buffer, _counter_at(method, code))[0]
             if n:

@@ -21,8 +21,8 @@ not require grad when the snapshot was made (it may since: a job that unfreezes 
 an undecodable request, a job whose snapshot is off (an adopted torch scheduler), a
 snapshot that does not come in time.
 
-Requests answered here are counted in the training process's lrctl_requests_total (a
-frame says which method and status). Authentication and roles ran in this process's
+Requests answered here are counted in the training process's lrctl_requests_total
+(through the reads' counts: lrctl.server.serving_wire.count_answered). Authentication and roles ran in this process's
 interceptors before the handler, as for every call.
 
 Imports neither torch nor the controller.
@@ -79,10 +79,8 @@ class HandOver:
 class SnapshotWrites:
     """The writes of this serving process (on the server's loop)."""
 
-    def __init__(self, reads: SnapshotReads, tokens: Any, count: Callable[[str, str], None],
-                 closing: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, reads: SnapshotReads, tokens: Any, closing: Callable[[], bool] = lambda: False) -> None:
         self._reads, self._tokens, self._closing = reads, tokens, closing
-        self._count = count  # tells the training process's lrctl_requests_total
 
     def _identity(self, metadata: Any) -> dict[str, str]:
         if self._tokens is None:
@@ -133,12 +131,11 @@ class SnapshotWrites:
         except (Forward, NeedsLiveGrad):
             return None
         except Exception as exc:  # an LrctlError: its status; a bug: INTERNAL, logged
-            code, message = failure_status(exc, method, reads.requests)
-            self._count(method, code.name)
+            code, message = failure_status(exc, method, reads.requests)  # counted there
             await context.abort(code, message)
         if isinstance(result, HandOver):
             return result
-        self._count(method, "OK")
+        reads.requests.add(method, "OK")
         return result
 
     @staticmethod

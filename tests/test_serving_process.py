@@ -149,7 +149,7 @@ def test_the_serving_process_dies_with_the_training_process() -> None:
 
 def _forwarded(s: Served, method: str) -> int:
     """Calls of `method` the training process answered (OK) so far."""
-    return s.ctl._server.requests.snapshot().get((f"lrctl.v1.LearningRateControl/{method}", "OK"), 0)
+    return s.ctl._server.requests.forwarded().get((f"lrctl.v1.LearningRateControl/{method}", "OK"), 0)
 
 
 def _both_served() -> tuple[Served, Served]:

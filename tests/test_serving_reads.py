@@ -62,7 +62,8 @@ class Worker:
 
     def forwarded(self) -> int:
         """Reads the training process answered, whatever their status."""
-        counts = self.ctl._server.requests.snapshot()
+        requests = self.ctl._server.requests
+        counts = requests.forwarded() if hasattr(requests, "forwarded") else requests.snapshot()
         return sum(n for (method, _), n in counts.items() if method.rsplit("/", 1)[1] in READS)
 
     def call(self, method: str, request: Any) -> Any:
@@ -164,6 +165,17 @@ def test_a_corpus_of_reads_gets_the_in_process_answers_without_the_training_proc
         w.step()
     _compare(inproc, proc)
     assert proc.forwarded() == before, "a read reached the training process"
+    # Streams refused (WatchMetrics is served in the serving process).
+    for w in both:
+        for request in (pb.WatchMetricsRequest(from_step=-1), pb.WatchMetricsRequest(max_changes_per_record=-2)):
+            with pytest.raises(grpc.RpcError):
+                next(w.stub.WatchMetrics(request, timeout=10))
+    # Every call counted in lrctl_requests_total as in-process, wherever it was answered.
+    counts = [w.ctl._server.requests.snapshot() for w in both]
+    assert {k: n for k, n in counts[1].items() if "GetStatus" not in k[0]} == \
+        {k: n for k, n in counts[0].items() if "GetStatus" not in k[0]}
+    assert counts[1][("lrctl.v1.LearningRateControl/WatchMetrics", "INVALID_ARGUMENT")] == 2
+    assert counts[1][("lrctl.v1.LearningRateControl/GetLearningRates", "OK")] > 20
     assert inproc.call("GetLearningRates", pb.GetLearningRatesRequest(selectors=["head.weight"])).step == 9
 
 
