@@ -520,6 +520,11 @@ class Controller(ControllerState):
             max_lr=[self._strategy.limit_of(i) if h else math.inf for i, h in enumerate(held)],
             safe_lr=self._strategy.safe_lr, guardrails=self.guardrails, queue_limits=self.queue_limits)
 
+    def grad_flags(self) -> bytes:
+        """Each parameter's requires_grad now, in model order (read_static's copy goes
+        stale when a job freezes or unfreezes layers)."""
+        return bytes([p.requires_grad for p in self._params])
+
     def read_versioned(self, book_start: int) -> VersionedPart | None:
         """The table at this (step, version), copied under the lock; None while the
         reads cannot be answered from a copy (an adopted torch scheduler: its rates and

@@ -165,6 +165,8 @@ class _Link:
                 self.quit.set()
                 continue
             if kind == wire.SNAPSHOT:
+                if frame[1] is not None:  # a new static part: kept answers may be stale
+                    self.cache.clear()
                 version = self.reads.received(frame[1], frame[2])
                 if version is not None and version < self.acked:
                     # Made after every answer before it on this link, yet older than

@@ -56,6 +56,9 @@ _CHECK_S = 0.1
 # How long after the serving process last asked for a read snapshot each new version's
 # snapshot is sent to it unasked.
 _PUSH_S = 2.0
+# How often the parameters' requires_grad flags are compared with those of the read
+# snapshot's static part (a job that unfreezes layers: reads show it within this).
+_GRADS_S = 1.0
 _FEED_BUFFER = 4 * 1024 * 1024
 
 
@@ -161,6 +164,8 @@ class ServingProcess:
         self._stopped = False
         self._link: wire.FrameProtocol | None = None
         self._static_sent = False  # read snapshots: the static part went out
+        self._grads = service._controller.grad_flags()  # ... with these requires_grad flags
+        self._grads_checked = 0.0
         self._book_sent = 1  # ... and the schedules before this id (0, constant, is known)
         self._sent_version = -1  # ... and the version of the last one sent
         # Until when a new version's snapshot is sent unasked (the serving process asked
@@ -269,6 +274,15 @@ class ServingProcess:
             return
         if wire.read_shared(self._shared) != (self._controller.step, self._controller.version):
             self._publish()
+        now = time.monotonic()
+        if now - self._grads_checked >= _GRADS_S:
+            self._grads_checked = now
+            if self._controller.grad_flags() != self._grads:
+                # The static part and the answers the serving process keeps are stale:
+                # a new static part, with the whole book (the serving process starts its
+                # snapshot over from it, and forgets the answers it kept).
+                self._static_sent, self._book_sent = False, 1
+                self._send_snapshot()
         self._loop.call_later(_CHECK_S, self._check_published)
 
     def _abandon(self) -> None:
@@ -344,6 +358,7 @@ class ServingProcess:
         static, versioned = None, None
         try:
             if not self._static_sent:
+                self._grads = controller.grad_flags()
                 static = pickle.dumps(controller.read_static(), pickle.HIGHEST_PROTOCOL)
                 self._static_sent = True
             part = controller.read_versioned(self._book_sent)

@@ -30,7 +30,8 @@ training -> serving
                                 while the published version is this one (see below)
   ("Q", grace s)                stop serving: drain for `grace` s, then exit
   ("P", static or None, versioned or None)   a read snapshot: the pickled static part
-                                (the first time only) and the versioned part as a plain
+                                (the first time, and again when a parameter's
+                                requires_grad changed) and the versioned part as a plain
                                 tuple (lrctl.server.read_model); versioned None: reads cannot
                                 be answered from a snapshot in this job (forward them)
   ("B", id, cursor seq, dropped, events, ended)   a stream's start (lrctl.server.watch_feed)
@@ -128,7 +129,9 @@ SHARED = struct.Struct("<qqq")  # seq, step, version
 SHARED_BYTES = 4096
 # The reads whose answers the serving process may keep for the version they were
 # computed at (their rates do not depend on the step when no schedule is in force), and
-# whether the answer carries a `step` field to bring up to date.
+# whether the answer carries a `step` field to bring up to date. (A parameter's
+# requires_grad can change without a new version: the training process then sends a
+# snapshot with a new static part, which empties the kept answers too.)
 CACHEABLE = {
     "/lrctl.v1.LearningRateControl/GetLearningRates": True,
     "/lrctl.v1.LearningRateControl/GetSchedules": True,

@@ -10,6 +10,7 @@ link and its training thread are both held.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Iterator
 
 import grpc
@@ -65,6 +66,9 @@ class Worker:
         requests = self.ctl._server.requests
         counts = requests.forwarded() if hasattr(requests, "forwarded") else requests.snapshot()
         return sum(n for (method, _), n in counts.items() if method.rsplit("/", 1)[1] in READS)
+
+    def rates(self) -> dict[str, float]:
+        return {r.name: r.lr for r in self.stub.GetLearningRates(pb.GetLearningRatesRequest(), timeout=10).rates}
 
     def call(self, method: str, request: Any) -> Any:
         try:
@@ -287,3 +291,30 @@ def test_an_adopted_torch_scheduler_keeps_reads_forwarded() -> None:
     finally:
         channel.close()
         ctl.close(grace=0.5)
+
+
+def test_a_layer_unfrozen_while_training_shows_in_reads_in_both_modes(both: tuple[Worker, Worker]) -> None:
+    """requires_grad is not part of a config version: the serving process's snapshot
+    notices it changed (within a second) and answers as in-process again."""
+    reads = [_params(filter="frozen"), _params(view=pb.PARAMETER_VIEW_NAMES)]
+    inproc, proc = both
+    before = [inproc.call(*r) for r in reads]
+    assert [proc.call(*r) for r in reads] == before
+    assert not before[0].parameters[0].requires_grad and not before[0].parameters[0].settable
+    for w in both:
+        w.model.frozen.requires_grad_(True)
+        w.step()
+    want = [inproc.call(*r) for r in reads]
+    assert want[0].parameters[0].requires_grad and want[0].parameters[0].settable
+    answered = proc.forwarded()
+    deadline = time.monotonic() + PATIENCE_S
+    while [proc.call(*r) for r in reads] != want:
+        assert time.monotonic() < deadline, "the serving process still answers with requires_grad=False"
+        time.sleep(0.05)
+    assert proc.forwarded() == answered  # from the new snapshot, not forwarded
+    # It takes changes now, in both modes.
+    for w in both:
+        reply = w.stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("frozen", 0.3)]), timeout=10)
+        assert [c.name for c in reply.changes] == ["frozen"]
+        w.step()
+        assert w.rates()["frozen"] == 0.3
