@@ -10,11 +10,11 @@ schedule text) are written once, here, for both.
 A snapshot is two parts. The static one (names, shapes, dtypes, devices, numel,
 requires_grad, whether the optimizer holds each, their non-lr hyperparameters) is sent
 once, and again when a parameter's requires_grad changed (a job that unfreezes layers;
-checked every second). The versioned one is made once per config version, not per request: the rate
-class of every name (an array), each class's key and limit, pins (and the bases and
-schedules of pinned names: an unpinned name's base and schedule are its class key's),
-physical groups, and the schedules the book added since the last one. For 100,000
-names it is ~1.3 MB and ~4 ms to make (bench/README.md section 3c).
+checked every second). The versioned one is made once per config version, not per
+request: the rate class of every name (an array), each class's key and limit, pins
+(and the bases and schedules of pinned names: an unpinned name's base and schedule are
+its class key's), physical groups, and the schedules the book added since the last one.
+For 100,000 names it is ~1.3 MB and ~4 ms to make (bench/README.md section 3c).
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ an undecodable request, a job whose snapshot is off (an adopted torch scheduler)
 snapshot that does not come in time.
 
 Requests answered here are counted in the training process's lrctl_requests_total
-(through the reads' counts: lrctl.server.serving_wire.count_answered). Authentication and roles ran in this process's
-interceptors before the handler, as for every call.
+(through the reads' counts: lrctl.server.serving_wire.count_answered). Authentication
+and roles ran in this process's interceptors before the handler, as for every call.
 
 Imports neither torch nor the controller.
 """

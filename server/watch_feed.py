@@ -209,6 +209,9 @@ class WatchFeed:
     def _event(self, event: "Event", per_records: tuple[int, ...], stats: bool) -> tuple[Any, ...]:
         """An event as serving_wire's feed carries it (its metrics read here: on the
         training thread only when on_device said they are on the CPU)."""
-        changes, extra = self._service.event_extras(event, per_records, stats)
+        if event.changes or (stats and event.has_stats):
+            changes, extra = self._service.event_extras(event, per_records, stats)
+        else:  # most steps: numbers only
+            changes, extra = {}, b""
         return (event.seq, event.step, event.time, event.version, event.metrics(), event.has_stats,
                 event.size, changes, extra)
