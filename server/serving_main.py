@@ -253,11 +253,8 @@ class _Watch:
         sub.lose(dropped)
         for event in events:
             sub.offer(_WireEvent(*event))
-        early = self._early.pop(sub)
-        for event in early.queued():
-            if event.seq > sub.cursor:
-                sub.lose(event.seq - sub.cursor - 1)
-                sub.offer(event)
+        for event in self._early.pop(sub).queued():  # each with its own gap (drops between)
+            sub.take((event,), event.seq)
         if ended or self.closed or self.link.closed:
             sub.end()
         sub.ready = True

@@ -95,6 +95,16 @@ class Subscriber:
             self.lost += 1
         self._signal.set()
 
+    def take(self, events: Iterable[Any], next_seq: int) -> None:
+        """`events` in seq order, the first of them (or else the next to come) numbered
+        `next_seq`: the events between this stream's cursor and it were lost; those
+        already considered are skipped."""
+        self.lose(max(0, next_seq - self.cursor - 1))
+        self.cursor = max(self.cursor, next_seq - 1)
+        for event in events:
+            if event.seq > self.cursor:
+                self.offer(event)
+
     def lose(self, n: int) -> None:
         """`n` events left the ring before they reached this stream."""
         if n:
@@ -192,11 +202,7 @@ class Subscribers:
         for sub in self._subscribers:
             if not sub.ready:
                 continue
-            sub.lose(max(0, next_seq - sub.cursor - 1))
-            sub.cursor = max(sub.cursor, next_seq - 1)
-            for event in events:
-                if event.seq > sub.cursor:
-                    sub.offer(event)
+            sub.take(events, next_seq)
             if closed:
                 sub.end()
 
