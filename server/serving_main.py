@@ -40,6 +40,7 @@ from lrctl.common.errors import LrctlError
 from lrctl.server import serving_wire as wire
 from lrctl.server.admission import Budget
 from lrctl.server.factory import SERVICE_NAME, build_server
+from lrctl.server.feed_reader import FeedReader
 from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
 from lrctl.server.serving_writes import HandOver, SnapshotWrites
 from lrctl.server.status import RequestCounts, status_code
@@ -94,13 +95,13 @@ class _Link:
         # makes both, from the configuration).
         self.writes: SnapshotWrites | None = None
         self.watch: _Watch | None = None
+        self.feed: FeedReader | None = None  # the streams' events (start() makes it)
 
     async def start(self, sock: socket.socket, feed: socket.socket) -> None:
         reader, self.writer = await asyncio.open_connection(sock=sock)
         asyncio.ensure_future(self._read(reader))
         assert self.watch is not None
-        await asyncio.get_running_loop().create_connection(
-            lambda: wire.FrameProtocol(self.watch.feed, lambda: None), sock=feed)
+        self.feed = FeedReader(asyncio.get_running_loop(), feed, self.watch.feed)
 
     def send(self, frame: tuple[Any, ...]) -> None:
         if not self.closed and self.writer is not None:
@@ -177,6 +178,8 @@ class _Link:
             if queue is not None:
                 queue.put_nowait(frame)
         self.closed = True
+        if self.feed is not None:
+            self.feed.close()
         for queue in self.calls.values():
             queue.put_nowait(None)
         if self.watch is not None:
@@ -296,6 +299,7 @@ class _Watch:
                          per_record=per_record)
         sub.ready = False  # no feed events until its start came
         self.subscribers.add(sub)
+        self._count_streams()
         self._early[sub] = Subscriber(peer, token, min_step=None, changes_only=False,
                                       include_stats=sub.include_stats, cursor=0,
                                       limits=self.subscribers.limits)
@@ -321,6 +325,11 @@ class _Watch:
             self._early.pop(sub, None)
             if self.subscribers.remove(sub):
                 link.send((wire.WATCH_CONFIG, *self.config()))
+                self._count_streams()
+
+    def _count_streams(self) -> None:
+        if self.link.feed is not None:
+            self.link.feed.streams(len(self.subscribers))
 
 
 async def _end(context: grpc.aio.ServicerContext, frame: tuple[Any, ...] | None) -> None:
@@ -451,12 +460,16 @@ def _bidi(link: _Link, method: str) -> Any:
             link.send((wire.HALF_CLOSE, cid))
 
         pumping = asyncio.ensure_future(pump())
+        if link.feed is not None:  # Lockstep: a controller may wait for each step's event
+            link.feed.lockstep(1)
         try:
             async for response in _responses(link, cid, queue, context, ended):
                 yield response
         finally:
             pumping.cancel()
             link.finish(cid, ended[0])
+            if link.feed is not None:
+                link.feed.lockstep(-1)
 
     return call
 

@@ -232,9 +232,11 @@ class FrameProtocol(asyncio.Protocol):
         pos, end = 0, len(buffer)
         while end - pos >= LEN.size:
             (n,) = LEN.unpack_from(buffer, pos)
-            if n > MAX_FRAME:
-                assert self.transport is not None
-                self.transport.close()  # a corrupt stream: end the link
+            if n > MAX_FRAME:  # a corrupt stream: end the link
+                if self.transport is not None:
+                    self.transport.close()
+                else:  # read by hand (lrctl.server.feed_reader)
+                    self._on_end()
                 return
             if end - pos - LEN.size < n:
                 break

@@ -28,7 +28,7 @@ from lrctl.client.errors import InvalidArgumentError, OutOfRangeError
 from lrctl.server import attach
 from lrctl.server.auth import ADMIN, READER, Token, Tokens
 from lrctl.server.param_stats import STATS
-from lrctl.server.telemetry import Event
+from lrctl.server.telemetry import Event, Telemetry
 from lrctl.server.watch import WatchLimits
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
@@ -102,6 +102,28 @@ def test_events_leaving_the_raw_window_are_converted() -> None:
         events, _ = ctl.telemetry.after(0)
         assert all(isinstance(v, float) for e in events[:-2] for v in e._metrics.values())
         assert isinstance(events[-1]._metrics["loss"], torch.Tensor)
+
+
+def test_tensors_are_converted_in_batches_of_any_dtype_to_the_values_item_reads() -> None:
+    """Past the raw window, the older half is converted at once (one stack per device
+    and dtype): the values are those .item() reads, and at most raw_window events hold
+    tensors."""
+    telemetry = Telemetry(raw_window=4)
+    reported = []
+    for step in range(11):
+        metrics = {"loss": torch.tensor(step / 3), "f64": torch.tensor(step / 7, dtype=torch.float64),
+                   "flag": torch.tensor(step % 2 == 0), "n": torch.tensor(step), "plain": step * 0.5}
+        reported.append({k: float(v.item()) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()})
+        telemetry.report(step, metrics)
+        held = sum(1 for e in telemetry.after(0)[0]
+                   if any(isinstance(v, torch.Tensor) for v in e._metrics.values()))
+        assert held <= telemetry.raw_window
+    events, _ = telemetry.after(0)
+    assert [e.step for e in events] == list(range(10))  # step 10's is still open
+    converted = [e for e in events if all(isinstance(v, float) for v in e._metrics.values())]
+    assert len(converted) >= len(events) - telemetry.raw_window
+    for event in events:
+        assert event.metrics() == reported[event.step]
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
