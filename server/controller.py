@@ -380,7 +380,8 @@ class Controller(ControllerState):
 
     def remove_after_step(self, callback: Callable[[], None]) -> None:
         with self._lock:
-            self._after_step = tuple(c for c in self._after_step if c is not callback)
+            # ==, not `is`: a bound method is a new object each time it is read.
+            self._after_step = tuple(c for c in self._after_step if c != callback)
 
     @property
     def rates_move_with_step(self) -> bool:

@@ -73,6 +73,15 @@ def test_environment_selects_the_serving_process(monkeypatch: pytest.MonkeyPatch
     assert _gone(pid)
 
 
+def test_close_takes_the_publishing_hook_out_of_the_controller() -> None:
+    """The step hook's publisher of step and version is removed at close (a bound
+    method compared by identity never was)."""
+    model = seed_model()
+    with attach(model, per_parameter_optimizer(model), address="127.0.0.1:0", serving="process") as ctl:
+        assert len(ctl.controller._after_step) == 1
+    assert ctl.controller._after_step == ()
+
+
 def test_the_serving_process_imports_no_torch(process_served: Served) -> None:
     pid = process_served.ctl._server.process.pid
     with open(f"/proc/{pid}/maps") as f:
