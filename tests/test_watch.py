@@ -29,6 +29,7 @@ from lrctl.server import attach
 from lrctl.server.auth import ADMIN, READER, Token, Tokens
 from lrctl.server.param_stats import STATS
 from lrctl.server.telemetry import Event, Telemetry
+from lrctl.server.subscribers import Subscriber
 from lrctl.server.watch import WatchLimits
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
@@ -580,6 +581,76 @@ def test_streams_opened_while_training_runs_get_each_step_once(serving) -> None:
             stop.set()
             trainer.join()
         channel.close()
+
+
+def test_a_late_start_keeps_at_most_a_queue_of_bytes_and_counts_the_rest_dropped() -> None:
+    """serving=process: while a new stream's start is on its way (held for 200 steps of
+    60 metrics each, ~10 KB an event, against a queue of 64 KiB), the stream loses the
+    oldest events, counts them as dropped on its first event, and goes on with every
+    step. (The early buffer's own bound is the next test's.)"""
+    model, optimizer = _tiny()
+    limits = WatchLimits(queue_bytes=64 * 1024)
+    with attach(model, optimizer, address="127.0.0.1:0", serving="process", watch_limits=limits) as ctl:
+        feed = ctl._server._feed
+        send, asked = feed._send, threading.Event()
+        wide_until = ctl.step + 200
+
+        def late(frame: tuple) -> None:  # on the link's thread: the start waits for 200 steps
+            if frame[0] == "B":
+                asked.set()
+                wait_for(lambda: ctl.step >= wide_until, "200 steps before the start goes out")
+            send(frame)
+
+        feed._send = late
+        channel = grpc.insecure_channel(ctl.address)
+        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
+        seen: list[pb.MetricsEvent] = []
+
+        def read() -> None:
+            try:
+                for event in stream:
+                    seen.append(event)
+            except grpc.RpcError:  # cancelled at the end
+                pass
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert asked.wait(PATIENCE_S)
+        wide = {f"m{i:03d}": float(i) for i in range(60)}  # ~10 KB an event, as estimated
+        while ctl.step < wide_until:
+            _step(model, optimizer)
+            ctl.report(**wide, step=ctl.step - 1)
+        for _ in range(40):  # small events now: the stream's queue holds them all
+            _step(model, optimizer, ctl)
+            time.sleep(0.002)
+        wait_for(lambda: len(seen) >= 30, "the stream to go on")
+        stream.cancel()
+        reader.join(PATIENCE_S)
+        channel.close()
+    kept = 64 * 1024 // (60 * (160 + 4))  # events the buffer's bytes hold, about
+    assert seen[0].dropped >= 200 - 2 * kept
+    assert seen[0].step >= wide_until - 2 * kept
+    steps = [e.step for e in seen]
+    assert steps == list(range(steps[0], steps[0] + len(steps)))
+    assert not any(e.dropped for e in seen[1:])
+
+
+def test_the_feed_events_kept_for_a_starting_stream_are_bounded_in_bytes() -> None:
+    """The serving process keeps a starting stream's feed events until its start comes,
+    within the stream's queue bounds, bytes included: 200 events of ~10 KB against 64 KiB
+    keep the newest few, the rest counted as lost."""
+    from lrctl.server.serving_main import _Watch
+
+    limits = WatchLimits(queue_bytes=64 * 1024)
+    watch = _Watch(None, limits, None)  # type: ignore[arg-type]  # feed() needs no link
+    early = Subscriber("peer", "", min_step=None, changes_only=False, include_stats=False,
+                       cursor=0, limits=limits)
+    watch._early[object()] = early  # as a stream does while its start is on the way
+    for seq in range(1, 201):
+        watch.feed((seq, seq, 0.0, 1, {}, False, 10_000, {}, b""))
+    kept = early.queued()
+    assert sum(e.size for e in kept) <= 64 * 1024 and len(kept) == 64 * 1024 // 10_000
+    assert [e.seq for e in kept] == list(range(201 - len(kept), 201)) and early.lost == 200 - len(kept)
 
 
 # -- CLI -----------------------------------------------------------------------------
