@@ -173,7 +173,6 @@ class Event:
         return stats and current is not None and not isinstance(current, dict) and current.on_device()
 
 
-
 def _resolve_all(events: list[Event]) -> None:
     """Convert the events' tensors to floats (the device has finished by now): one
     stack and read per device and dtype for all of them."""
@@ -206,9 +205,10 @@ class Telemetry:
     """The ring of sealed events and the open one (see the module docstring).
 
     Bounds: `max_events` events and `max_bytes` of them (estimated, from above; the
-    newest is always kept). `raw_window`: how many sealed events may keep
-    unconverted tensors (the newest ones: the older half is converted past it). `wake`, when set, is called (from the training thread) once
-    after events were sealed and not again until the serving side calls `woken()`.
+    newest is always kept). `raw_window`: how many sealed events may keep unconverted
+    tensors (the newest ones: past it, the older half is converted at once). `wake`,
+    when set, is called (from the training thread) once after events were sealed and
+    not again until the serving side calls `woken()`.
     """
 
     def __init__(self, max_events: int = DEFAULT_RING_EVENTS, max_bytes: int = DEFAULT_RING_BYTES,
@@ -239,15 +239,11 @@ class Telemetry:
             if event is None or event.step != step:
                 event = self._event_for(step)
             current = event._metrics
-            if current:
-                merged = {**current, **metrics}
-                if len(merged) > MAX_METRICS_PER_EVENT:
-                    raise ValueError(f"step {step} would have {len(merged)} metrics; at most "
-                                     f"{MAX_METRICS_PER_EVENT} a step")
-                event.size += sum(_METRIC_BYTES + len(k) for k in metrics if k not in current)
-            else:  # the usual case: the step's first report (at most 64 names: checked)
-                merged = dict(metrics)
-                event.size += sum(_METRIC_BYTES + len(k) for k in metrics)
+            merged = {**current, **metrics} if current else dict(metrics)
+            if len(merged) > MAX_METRICS_PER_EVENT:
+                raise ValueError(f"step {step} would have {len(merged)} metrics; at most "
+                                 f"{MAX_METRICS_PER_EVENT} a step")
+            event.size += sum(_METRIC_BYTES + len(k) for k in metrics if k not in current)
             event._metrics = merged
             if not event.lazy:
                 for v in metrics.values():
