@@ -7,7 +7,8 @@ the training thread's time per step (a `send` costs ~10 us when nobody waits on 
 socket; bench/README.md section 3c, "The feed, read on a timer"). So this end does not
 wait on the feed while it only fans events out to WatchMetrics streams: it reads what
 has come every `poll_s` (2 ms: an event reaches the streams up to that much later; the
-serving process's timer wakes it on its own core). While a Lockstep call is open (a
+serving process's timer wakes it on its own core), and every 50 ms once the feed has
+been quiet for 0.1 s (a paused job: its next event comes up to 50 ms late). While a Lockstep call is open (a
 controller that decides at each step boundary, and may wait for that step's event), it
 reads on readiness again, as soon as an event comes.
 """
@@ -21,6 +22,9 @@ from typing import Any, Callable
 from lrctl.server import serving_wire as wire
 
 POLL_S = 0.002
+# A feed quiet for QUIET_S (a paused job, an evaluation) is read every IDLE_POLL_S: a
+# stream open on a job that does not step wakes this process 20 times a second, not 500.
+QUIET_S, IDLE_POLL_S = 0.1, 0.05
 _CHUNK = 1 << 18
 
 
@@ -36,6 +40,8 @@ class FeedReader:
         self._eager = 0  # Lockstep calls open
         self._timer: asyncio.TimerHandle | None = None
         self._reading = False  # registered with the loop (readiness)
+        self._last_data = 0.0  # loop time of the last read that got something
+        self.period = poll_s  # of the timer's reads now
         self.ended = False
 
     @property
@@ -45,6 +51,11 @@ class FeedReader:
 
     def streams(self, count: int) -> None:
         """The number of open streams changed (0: stop once what came is read)."""
+        if count > self._streams:  # a new stream: its first events come soon
+            self._last_data = self._loop.time()
+            if self._timer is not None:  # maybe a quiet feed's long wait: read sooner
+                self._timer.cancel()
+                self._timer = None
         self._streams = count
         self._arm()
 
@@ -74,7 +85,9 @@ class FeedReader:
         if not self.ended and not ready and self._timer is None:
             # Also with no stream open: what was sent before the last one closed is read,
             # then the timer stops (the training process sends nothing more then).
-            self._timer = self._loop.call_later(self._poll_s, self._tick)
+            quiet = self._loop.time() - self._last_data > QUIET_S
+            self.period = max(self._poll_s, IDLE_POLL_S) if quiet else self._poll_s
+            self._timer = self._loop.call_later(self.period, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
@@ -97,4 +110,6 @@ class FeedReader:
                 break
             got = True
             self._frames.data_received(data)
+        if got:
+            self._last_data = self._loop.time()
         return got

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import PATIENCE_S
 from lrctl.server import serving_wire as wire
-from lrctl.server.feed_reader import FeedReader
+from lrctl.server.feed_reader import IDLE_POLL_S, POLL_S, QUIET_S, FeedReader
 
 
 class _Fixture:
@@ -100,3 +100,17 @@ def test_the_feed_ending_or_a_corrupt_frame_stops_the_reader(feed: _Fixture) -> 
         assert other.reader.ended
     finally:
         other.close()
+
+
+def test_a_quiet_feed_is_read_less_often_and_at_once_again_when_events_come(feed: _Fixture) -> None:
+    """A job that does not step (an evaluation, a pause) with a stream open: after
+    QUIET_S without an event the feed is read every IDLE_POLL_S, not every POLL_S; the
+    first event read brings the short period back."""
+    feed.reader.streams(1)
+    assert feed.reader.period == POLL_S
+    feed.run_for(QUIET_S + 2 * IDLE_POLL_S)
+    assert feed.reader.period == IDLE_POLL_S
+    feed.send((1, 0, 0.0, 1, {}, False, 400, {}, b""))
+    feed.run_until(lambda: len(feed.frames) == 1)
+    feed.run_for(POLL_S / 2)
+    assert feed.reader.period == POLL_S
