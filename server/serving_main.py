@@ -66,11 +66,12 @@ class _SharedCounts(RequestCounts):
         self._shared = shared
 
     def add(self, method: str, code: str) -> None:
-        super().add(method, code)
-        method = "/" + method.lstrip("/")
-        if method in wire.ANSWERED:
-            with self._lock:  # reads may finish on the budget's threads
-                wire.count_answered(self._shared, method, code)
+        name = method.lstrip("/")
+        shared = "/" + name in wire.ANSWERED
+        with self._lock:  # reads may finish on the budget's threads
+            self._counts[(name, code)] = self._counts.get((name, code), 0) + 1
+            if shared:
+                wire.count_answered(self._shared, "/" + name, code)
 
 
 class _Link:
