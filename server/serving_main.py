@@ -66,12 +66,11 @@ class _SharedCounts(RequestCounts):
         self._shared = shared
 
     def add(self, method: str, code: str) -> None:
-        name = method.lstrip("/")
-        shared = "/" + name in wire.ANSWERED
-        with self._lock:  # reads may finish on the budget's threads
-            self._counts[(name, code)] = self._counts.get((name, code), 0) + 1
-            if shared:
-                wire.count_answered(self._shared, "/" + name, code)
+        super().add(method, code)
+        method = "/" + method.lstrip("/")
+        if method in wire.ANSWERED:
+            with self._lock:  # reads may finish on the budget's threads
+                wire.count_answered(self._shared, method, code)
 
 
 class _Link:
@@ -250,6 +249,14 @@ class _Watch:
         for early in self._early.values():
             early.offer(event)
 
+    def keep_early(self, sub: Subscriber) -> None:
+        """Keep the feed's events for `sub` until its start comes, within its queue's
+        bounds (events and bytes): every event, whatever the stream's filter, because
+        the start's cursor decides which of them follow it."""
+        self._early[sub] = Subscriber(sub.peer, sub.token, min_step=None, changes_only=False,
+                                      include_stats=sub.include_stats, cursor=0,
+                                      limits=self.subscribers.limits)
+
     def _join(self, sub: Subscriber, start: tuple[Any, ...]) -> None:
         """Queue a stream's start, then the feed's events after it (those that came
         before it included: two sockets), counting what is missing between as dropped."""
@@ -301,9 +308,7 @@ class _Watch:
         sub.ready = False  # no feed events until its start came
         self.subscribers.add(sub)
         self._count_streams()
-        self._early[sub] = Subscriber(peer, token, min_step=None, changes_only=False,
-                                      include_stats=sub.include_stats, cursor=0,
-                                      limits=self.subscribers.limits)
+        self.keep_early(sub)
         cid, queue = link.call_id()
         try:
             link.send((wire.WATCH, cid, from_step, request.changes_only, request.include_stats,

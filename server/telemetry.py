@@ -109,12 +109,7 @@ def check_metrics(scalars: Mapping[str, Any]) -> dict[str, float | torch.Tensor]
             check_metric_name(name)
             if len(known) < _KNOWN_NAMES_MAX:
                 known.add(name)
-        if type(value) is float:
-            out[name] = value
-        elif type(value) is torch.Tensor and value.ndim == 0 and not value.is_complex():
-            out[name] = value.detach()
-        else:
-            out[name] = check_metric_value(name, value)
+        out[name] = check_metric_value(name, value)
     return out
 
 
@@ -250,8 +245,7 @@ class Telemetry:
                     if isinstance(v, torch.Tensor):
                         event.lazy = True
                         break
-            if event is not self._open:
-                self._seal(event)
+            self._done(event)
             last = self.last_metrics
             if len(last) + len(metrics) <= MAX_METRICS_PER_EVENT or last.keys() >= metrics.keys():
                 last.update(metrics)

@@ -643,9 +643,10 @@ def test_the_feed_events_kept_for_a_starting_stream_are_bounded_in_bytes() -> No
 
     limits = WatchLimits(queue_bytes=64 * 1024)
     watch = _Watch(None, limits, None)  # type: ignore[arg-type]  # feed() needs no link
-    early = Subscriber("peer", "", min_step=None, changes_only=False, include_stats=False,
-                       cursor=0, limits=limits)
-    watch._early[object()] = early  # as a stream does while its start is on the way
+    sub = Subscriber("peer", "", min_step=None, changes_only=False, include_stats=False,
+                     cursor=0, limits=limits)
+    watch.keep_early(sub)  # as a stream does while its start is on the way
+    early = watch._early[sub]
     for seq in range(1, 201):
         watch.feed((seq, seq, 0.0, 1, {}, False, 10_000, {}, b""))
     kept = early.queued()
