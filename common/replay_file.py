@@ -8,7 +8,9 @@ changed nothing). Given the same starting state, the same requests at the same s
 make the same per-name values, bit for bit (a pin scaled by 0.5 is 0.5 x the same
 double). So the checks here make sure the state is the same where it matters: every
 name the run changed exists, and each name's base (and pin and schedule, where the
-record shows them) before the first change that touched it is what the new run has.
+record shows them) where the replay starts is what the new run has: before the first
+change that touched it, or, for a job resumed from a checkpoint at step S, its value
+at S (after the last change before S, or before the first from S on).
 
 Both replays use this module: the worker's own (attach(replay=...),
 lrctl.server.replay) and `lrctl replay FILE` against a running worker
@@ -161,30 +163,46 @@ _UNSET = object()
 
 @dataclass(frozen=True)
 class StartState:
-    """A name's values before the first recorded change that touched it (pin and
-    schedule where a record shows them; _UNSET where none does)."""
+    """A name's recorded values where a replay starts: before the first recorded change
+    at or after that step that touched it, or (`after`) after the last one before it
+    (pin and schedule where a record shows them; _UNSET where none does)."""
 
     change_id: int
     step: int
     base: float
     pin: Any = _UNSET
     schedule: Any = _UNSET
+    after: bool = False
 
 
-def start_states(changes: Sequence[ReplayChange]) -> dict[str, StartState]:
-    """Per name the run touched: its recorded values before it was first touched."""
-    first: dict[str, dict[str, Any]] = {}
+def start_states(changes: Sequence[ReplayChange], step: int = 0) -> dict[str, StartState]:
+    """Per name the run touched: its recorded values at the boundary of `step`, where a
+    replay that starts there (a job resumed from a checkpoint) takes over. `changes` in
+    the order they were applied."""
+    at: dict[str, dict[str, Any]] = {}
     for change in changes:
+        later = change.step >= step
         for c in change.changes:
-            state = first.get(c.name)
-            if state is None:
-                state = first[c.name] = {"change_id": change.change_id, "step": change.step,
-                                         "base": c.old_base}
+            state = at.get(c.name)
+            if later and (state is None or state["after"]):
+                # Its first touch from `step` on: its old values are the ones at `step`.
+                known = {} if state is None else {k: state[k] for k in ("pin", "schedule") if k in state}
+                state = at[c.name] = {"change_id": change.change_id, "step": change.step,
+                                      "base": c.old_base, "after": False, **known}
+            elif not later:  # before `step`: the values it left (the last such change wins)
+                known = {} if state is None else {k: state[k] for k in ("pin", "schedule") if k in state}
+                state = at[c.name] = {"change_id": change.change_id, "step": change.step,
+                                      "base": c.new_base, "after": True, **known}
+                if c.pin is not None:
+                    state["pin"] = c.pin[1]
+                if c.schedule is not None:
+                    state["schedule"] = c.schedule[1]
+                continue
             if c.pin is not None:
                 state.setdefault("pin", c.pin[0])
             if c.schedule is not None:
                 state.setdefault("schedule", c.schedule[0])
-    return {name: StartState(**state) for name, state in first.items()}
+    return {name: StartState(**state) for name, state in at.items()}
 
 
 def _same(a: Optional[float], b: Optional[float]) -> bool:
@@ -206,16 +224,17 @@ def start_mismatches(
                        "run's optimizer holds")
             continue
         base, pin, schedule = have
+        when = f"{'after' if want.after else 'before'} change {want.change_id}"
         if not _same(base, want.base):
             out.append(f"{name!r} starts with base rate {base!r}, the recorded run had "
-                       f"{want.base!r} before change {want.change_id}")
+                       f"{want.base!r} {when}")
         if want.pin is not _UNSET and not _same(pin, want.pin):
             out.append(f"{name!r} starts {'unpinned' if pin is None else f'pinned at {pin!r}'}, the "
                        f"recorded run had {'no pin' if want.pin is None else f'a pin at {want.pin!r}'} "
-                       f"before change {want.change_id}")
+                       f"{when}")
         if want.schedule is not _UNSET and schedule != want.schedule:
             out.append(f"{name!r} starts with schedule {schedule or 'constant'!r}, the recorded run "
-                       f"had {want.schedule or 'constant'!r} before change {want.change_id}")
+                       f"had {want.schedule or 'constant'!r} {when}")
     return out
 
 

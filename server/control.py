@@ -474,6 +474,7 @@ def attach(
         if replay is not None:
             replayer = Replayer(controller, os.fspath(replay), window=replay_window)
             feeders.append(replayer)
+            checkpoints.replayer = replayer
     except BaseException:
         # Leave everything as it was: no hooks, the scheduler on the optimizer, the state.
         if checkpoints is not None:

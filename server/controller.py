@@ -713,6 +713,12 @@ class Controller(ControllerState):
         )
         return True
 
+    def queued(self) -> list[PendingChange]:
+        """The queued changes themselves, in order of acceptance (for the worker's own
+        feeders: lrctl.server.replay)."""
+        with self._lock:
+            return list(self._pending)
+
     def pending(self) -> list[PendingView]:
         """A snapshot of the queued changes, in order of acceptance."""
         with self._lock:

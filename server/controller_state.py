@@ -13,7 +13,7 @@ from array import array
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from lrctl.common.errors import InvalidArgumentError
+from lrctl.common.errors import AbortedError, InvalidArgumentError
 from lrctl.server import state
 from lrctl.server.checkpoint import listing
 from lrctl.server.history import History, Record
@@ -23,6 +23,7 @@ from lrctl.server.requests import ChangeRequest, PendingChange
 log = logging.getLogger("lrctl.controller")
 
 RESUME_POLICIES = ("checkpoint", "code")
+_NEVER = math.inf  # as lrctl.server.controller's: no change waits
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class ControllerState:
 
         def _commit(self, indices: Any, bases: Any, schedules: Any, pins: Any, step: int) -> None: ...
         def _reinstall(self) -> None: ...
+        def _fail(self, pending: PendingChange, step: int, error: Any) -> None: ...
 
     def export_state(self) -> dict[str, Any]:
         """This controller's state as plain data keyed by name (lrctl.server.state):
@@ -208,10 +210,24 @@ class ControllerState:
         )
 
     def apply_state(self, parsed: "ParsedState", *, policy: str = "checkpoint") -> list[str]:
-        """Install a parse_state() result (see import_state)."""
+        """Install a parse_state() result (see import_state).
+
+        Changes this run queued before the load are withdrawn, never applied: they were
+        checked against a state (step, version, rates) the load replaces, their steps
+        may have gone by, and their ids would collide with the checkpoint's. Each is
+        recorded as failed (ABORTED, naming the load: the audit log has it) and a
+        waiting caller is told at once. The checkpoint's own waiting changes take
+        their place."""
         if policy not in RESUME_POLICIES:
             raise ValueError(f"resume policy {policy!r} is not one of {', '.join(RESUME_POLICIES)}")
         with self._lock:
+            withdrawn, self._pending = self._pending, []
+            self._next_due = _NEVER
+            for pending in withdrawn:
+                self._fail(pending, self._step, AbortedError(
+                    f"change {pending.change_id} was withdrawn, NOT applied: the job loaded a "
+                    f"checkpoint (step {parsed.step}, version {parsed.version}) before its step; "
+                    "send it again"))
             book = self._book
             if policy == "checkpoint" and parsed.rates:
                 indices, bases, specs, pins = map(list, zip(*parsed.rates))
@@ -236,6 +252,9 @@ class ControllerState:
             for pending in parsed.pending:
                 self._pending.append(pending)
                 self._next_due = min(self._next_due, pending.due)
+        for pending in withdrawn:
+            log.warning("lrctl: change %d withdrawn, not applied: the job loaded a checkpoint "
+                        "before its step", pending.change_id)
         for line in parsed.report:
             log.warning("lrctl: resuming: %s", line)
         log.info("lrctl: resumed at step %d, version %d (%s's rates win)", self._step, self._version,

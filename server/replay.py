@@ -2,15 +2,22 @@
 changes at the steps they were applied at, with no client.
 
 Everything is checked before the first step (attach raises ValueError naming the name
-and value): the file reads whole (lrctl.common.replay_file), no change is due before
-this run's next step, every name the run changed exists here with the same starting
-base (pin, schedule), and each change's selectors match exactly the names they
-matched then. Then the changes go through the controller's own queue, as a client's
-would (same validation, same step boundary, recorded in the history and the audit
-log), fed a window at a time from the step hook so that a long run never fills the
-queue: the queue holds at most `window` replayed changes, each at most
+and value): the file reads whole (lrctl.common.replay_file), every name the run
+changed exists here with the same base (pin, schedule) as the recorded run had at this
+run's next step (at step 0: its start), and each change's selectors match exactly the
+names they matched then. Then the changes go through the controller's own queue, as a
+client's would (same validation, same step boundary, recorded in the history and the
+audit log), fed a window at a time from the step hook so that a long run never fills
+the queue: the queue holds at most `window` replayed changes, each at most
 `max_steps_ahead` steps ahead. A replayed change is recorded with peer
 "replay:FILE", the recorded user, and the reason "replay of change N: <reason>".
+
+A job resumed from a checkpoint (of the recorded run, or of its replay) replays from
+its step: the changes before it are in its state (checked name by name), the ones its
+checkpoint brought back queued are taken as queued, the rest are fed. A checkpoint
+loaded after attach does the same from the loaded step (lrctl.server.resume calls
+before_load/after_load): the changes queued before it are withdrawn by the load, and
+a state that differs from the recording there stops the replay (in `report`).
 
 A replayed change that fails at its step, or whose per-name result differs from the
 recording (it cannot, after the checks above, unless the job itself differs), is
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import deque
 from typing import Callable
 
@@ -40,6 +48,8 @@ log = logging.getLogger("lrctl.replay")
 
 ENV = "LRCTL_REPLAY"
 DEFAULT_WINDOW = 32
+# The reason a replayed change is recorded with (ReplayChange.replay_reason).
+_REPLAYED = re.compile(r"replay of change (\d+)(?::|$)")
 
 
 def replay_request(change: ReplayChange, peer: str) -> ChangeRequest:
@@ -55,7 +65,8 @@ class Replayer:
     """Feeds a recorded run's changes to `controller` (see the module docstring).
 
     Raises ValueError, before anything is queued, if the file cannot be replayed on
-    this run. Call `feed()` before every step (attach puts it in the step hook).
+    this run. Call `feed()` before every step (attach puts it in the step hook), and
+    `before_load()` / `after_load()` around a checkpoint load (lrctl.server.resume).
     """
 
     def __init__(self, controller: Controller, path: str, *, window: int = DEFAULT_WINDOW) -> None:
@@ -69,27 +80,33 @@ class Replayer:
         self._controller = controller
         self._peer = f"replay:{path}"
         self._window = window
-        self._check(changes)
-        self._todo: deque[ReplayChange] = deque(changes)
+        self._changes = changes
+        self._todo: deque[ReplayChange] = deque()
         self._queued: deque[int] = deque()  # steps of the changes queued, in order
+        # Bumped by a checkpoint load: what a change queued before it says is not news.
+        self._generation = 0
         self.total = len(changes)
         self.report: list[str] = []
+        self._start(self._check(controller.step))
         self.feed()
 
-    def _check(self, changes: list[ReplayChange]) -> None:
-        controller = self._controller
-        if changes and changes[0].step < controller.step:
-            first = changes[0]
-            raise ValueError(
-                f"cannot replay {self.path!r}: change {first.change_id} was applied at step "
-                f"{first.step}, and this run's next step is already {controller.step}")
+    def _check(self, step: int) -> list[ReplayChange]:
+        """The changes still to replay from `step` on; ValueError if this run's state
+        there is not the recorded run's (nothing queued)."""
+        controller, changes = self._controller, self._changes
         rows, _, _, _ = controller.schedules([])
         current = {r.name: (r.base, r.pin, "" if r.schedule_id == 0 else r.schedule.describe())
                    for r in rows}
-        mismatches = start_mismatches(start_states(changes), current)
+        mismatches = start_mismatches(start_states(changes, step), current)
         if mismatches:
-            raise ValueError(mismatch_message(self.path, mismatches))
-        for change in changes:
+            message = mismatch_message(self.path, mismatches)
+            if changes and changes[0].step < step:
+                message += (f" (this run is at step {step}: the changes before it must be in its "
+                            "state, as in a job resumed from a checkpoint of the recorded run or "
+                            "of its replay)")
+            raise ValueError(message)
+        later = [c for c in changes if c.step >= step]
+        for change in later:
             try:
                 names = controller.matched_names(replay_request(change, self._peer))
             except LrctlError as exc:
@@ -98,6 +115,40 @@ class Replayer:
             wrong = names_mismatch(change, names)
             if wrong is not None:
                 raise ValueError(f"cannot replay {self.path!r}: {wrong}")
+        return later
+
+    def _start(self, later: list[ReplayChange]) -> None:
+        """Replay `later` from here: the ones a checkpoint brought back queued (a replay's
+        own, for their recorded steps) are taken as queued, the rest fed from the file."""
+        recorded = {c.change_id: c for c in later}
+        taken: dict[int, ReplayChange] = {}
+        for pending in self._controller.queued():
+            request = pending.request
+            match = _REPLAYED.match(request.reason) if request.peer.startswith("replay:") else None
+            change = None if match is None else recorded.get(int(match[1]))
+            if change is not None and change.step == request.at_step and change.change_id not in taken:
+                taken[change.change_id] = change
+                pending.add_done_callback(self._on_done(change))
+        self._queued = deque(sorted(c.step for c in taken.values()))
+        self._todo = deque(c for c in later if c.change_id not in taken)
+
+    def before_load(self) -> None:
+        """A checkpoint is about to replace the controller's state: the changes queued
+        so far are withdrawn by it (lrctl.server.controller_state), not failures."""
+        self._generation += 1
+
+    def after_load(self) -> None:
+        """Go on from the loaded step. A state that is not the recorded run's there stops
+        the replay (logged at ERROR, in `report`): nothing more of it is queued."""
+        try:
+            later = self._check(self._controller.step)
+        except ValueError as exc:
+            self._todo.clear()
+            self._queued.clear()
+            self.report.append(f"replay stopped after a checkpoint load: {exc}")
+            log.error("lrctl: replay stopped after a checkpoint load: %s", exc)
+            return
+        self._start(later)
 
     @property
     def remaining(self) -> int:
@@ -141,7 +192,11 @@ class Replayer:
         log.error("lrctl: %s", text)
 
     def _on_done(self, change: ReplayChange) -> Callable[[PendingChange], None]:
+        generation = self._generation
+
         def done(pending: PendingChange) -> None:
+            if generation != self._generation:
+                return  # withdrawn by a checkpoint load: replayed from the loaded step on
             outcome = pending.outcome
             if pending.error is not None or outcome is None:
                 self._failed(change, str(pending.error))

@@ -30,6 +30,7 @@ from lrctl.server.adopt import AdoptedScheduler
 from lrctl.server.checkpoint import Layout, NameReport, remap_by_name, to_layout
 from lrctl.server.controller import Controller
 from lrctl.server.controller_state import RESUME_POLICIES
+from lrctl.server.replay import Replayer
 from lrctl.server.state import FORMAT
 from lrctl.server.strategy import lr_value
 
@@ -71,6 +72,8 @@ class Resume:
         self._loaded: Optional[dict[str, Any]] = None
         self.loaded_before_attach = False  # set by attach when it found lrctl's state in the groups
         self.report: list[str] = []  # what the last resume could not match
+        # attach(replay=...)'s: told of a load, to go on replaying from the loaded step.
+        self.replayer: Optional[Replayer] = None
         self._handles = [
             optimizer.register_state_dict_post_hook(self._after_save),
             optimizer.register_load_state_dict_pre_hook(self._before_load),
@@ -126,7 +129,14 @@ class Resume:
                     "(load it after attach, or adopt a scheduler, to keep the code's)")
             parsed = dataclasses.replace(parsed, rates=rest)
             policy = "checkpoint"
-        report += self._controller.apply_state(parsed, policy=policy)
+        replayer = self.replayer
+        if replayer is not None:
+            replayer.before_load()
+        try:
+            report += self._controller.apply_state(parsed, policy=policy)
+        finally:
+            if replayer is not None:  # from the loaded step (or, had it failed, the same one)
+                replayer.after_load()
         self.report = report
         return report
 

@@ -1,18 +1,23 @@
 """A deterministic training job for the replay tests (run as a subprocess).
 
-    python tests/replay_worker.py DIR [STEPS]
+    python tests/replay_worker.py DIR [STEPS] [--window W] [--save-at N]
+                                  [--resume FILE [--load before|after]]
 
 Trains a small MLP with AdamW on CPU with fixed seeds, under lrctl served on a free
 loopback port (first stdout line: "serving on ADDRESS"). $LRCTL_REPLAY and
-$LRCTL_AUDIT_LOG work as for any job (attach reads them). Gates, files in DIR: it
-takes its first step once DIR/go exists; without STEPS it trains until DIR/release
-exists, with STEPS exactly that many steps. It then writes DIR/rates.json (per step,
-name -> the rate that step used, read from the optimizer's param groups),
+$LRCTL_AUDIT_LOG work as for any job (attach reads them); --window is attach's
+replay_window. Gates, files in DIR: it takes its first step once DIR/go exists;
+without STEPS it trains until DIR/release exists, with STEPS until that many steps
+are done. --save-at N stops after N steps and saves DIR/checkpoint.pt (model,
+optimizer, the data generator, the step); --resume FILE starts from one, its optimizer
+state loaded after attach (default) or before. It then writes DIR/rates.json (per step
+it took, name -> the rate that step used, read from the optimizer's param groups),
 DIR/weights.pt and DIR/steps, and keeps serving until DIR/exit exists.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -37,8 +42,15 @@ def wait_file(path: str) -> None:
 
 
 def main() -> int:
-    out = sys.argv[1]
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dir")
+    parser.add_argument("steps", type=int, nargs="?")
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--save-at", type=int)
+    parser.add_argument("--resume")
+    parser.add_argument("--load", choices=("before", "after"), default="after")
+    args = parser.parse_args()
+    out, steps = args.dir, args.steps if args.save_at is None else args.save_at
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
     optimizer = torch.optim.AdamW([
@@ -47,12 +59,21 @@ def main() -> int:
         {"params": model[4].parameters(), "lr": 0.005},
     ], weight_decay=0.01)
     data = torch.Generator().manual_seed(1)
-    ctl = attach(model, optimizer, address="127.0.0.1:0")
+    step = 0
+    checkpoint = None if args.resume is None else torch.load(args.resume)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        data.set_state(checkpoint["data"])
+        step = checkpoint["step"]
+        if args.load == "before":
+            optimizer.load_state_dict(checkpoint["optimizer"])
+    ctl = attach(model, optimizer, address="127.0.0.1:0", replay_window=args.window)
+    if checkpoint is not None and args.load == "after":
+        optimizer.load_state_dict(checkpoint["optimizer"])
     print(f"serving on {ctl.address}", flush=True)
     table = []
     with ctl:
         wait_file(os.path.join(out, "go"))
-        step = 0
         while (steps is None and not os.path.exists(os.path.join(out, "release"))) or (
                 steps is not None and step < steps):
             x = torch.randn(32, 8, generator=data)
@@ -63,6 +84,9 @@ def main() -> int:
             table.append(used_rates(model, optimizer))
             step += 1
             time.sleep(0.002)  # pacing only: live changes land somewhere in the run
+        if args.save_at is not None:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "data": data.get_state(), "step": step}, os.path.join(out, "checkpoint.pt"))
         with open(os.path.join(out, "rates.json"), "w") as f:
             json.dump(table, f)
         torch.save(model.state_dict(), os.path.join(out, "weights.pt"))

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +28,7 @@ from conftest import (
     LRCTL,
     PATIENCE_S,
     Served,
+    Trainer,
     assert_error,
     ok,
     per_parameter_optimizer,
@@ -161,6 +163,42 @@ def test_replay_in_a_fresh_process_is_bit_identical(tmp_path: Path, jobs: list[J
     assert [r["changes"] for r in new] == [r["changes"] for r in applied]
 
 
+def test_a_replay_resumed_from_a_checkpoint_goes_on_bit_identical(tmp_path: Path, jobs: list[Job]) -> None:
+    """A replayed job checkpointed at step 30 and resumed in a new process with the same
+    replay, its optimizer loaded after attach or before: every step from 30 on and the
+    final weights bit-identical with the recorded run; the changes the checkpoint brought
+    back queued apply once, the rest come from the file (a window of 2 splits them)."""
+    job, export, history = _record(tmp_path, jobs)
+    rates, weights, steps = job.results()
+    job.finish()
+    later = [(r["step"], f"replay of change {r['change_id']}" + (f": {r['reason']}" if r["reason"] else ""))
+             for r in history if not r["status"] and r["step"] >= 30]
+    assert len(later) >= 3  # some queued in the checkpoint (the window), some still in the file
+    replay = {"LRCTL_REPLAY": str(export)}
+    first = Job(tmp_path / "first", str(steps), "--window", "2", "--save-at", "30", env=replay)
+    jobs.append(first)
+    first.touch("go")
+    rates1, _, _ = first.results()
+    first.finish()
+    assert rates1 == rates[:30]
+    for load in ("after", "before"):
+        audit = tmp_path / f"resumed-{load}.jsonl"
+        resumed = Job(tmp_path / f"resumed-{load}", str(steps), "--window", "2", "--resume",
+                      str(first.dir / "checkpoint.pt"), "--load", load,
+                      env={**replay, "LRCTL_AUDIT_LOG": str(audit)})
+        jobs.append(resumed)
+        resumed.touch("go")
+        rates2, weights2, steps2 = resumed.results()
+        assert "replay report: []" in resumed.finish(), load
+        assert steps2 == steps and rates2 == rates[30:], load
+        for name in weights:
+            assert torch.equal(weights[name], weights2[name]), (load, name)
+        lines = [json.loads(line) for line in audit.read_text().splitlines()]
+        assert [(r["step"], r["reason"]) for r in lines if not r["status"]] == later, load
+        # Loaded after attach: what the replay had queued at step 0 was withdrawn by the load.
+        assert [r["status"] for r in lines if r["status"]] == (["ABORTED"] * 2 if load == "after" else [])
+
+
 def test_lrctl_replay_against_a_running_worker(tmp_path: Path, jobs: list[Job]) -> None:
     job, export, history = _record(tmp_path, jobs)
     rates, weights, steps = job.results()
@@ -182,6 +220,40 @@ def test_lrctl_replay_against_a_running_worker(tmp_path: Path, jobs: list[Job]) 
     for name in weights:
         assert torch.equal(weights[name], weights2[name]), name
     target.finish()
+
+
+def test_lrctl_replay_follows_by_polling_while_another_controller_holds_lockstep(
+        served: Served, recorded: Path) -> None:
+    """`lrctl replay --window 1` cannot hold the worker while another controller holds
+    lockstep: it follows the worker's step by status polls instead, and still queues
+    each change before its step (the holder lets a step go every 0.3 s)."""
+    address = served.ctl.address
+    trainer = Trainer(served.model, served.optimizer)
+    held: list[int] = []
+    try:
+        with LRClient(address, timeout=PATIENCE_S) as holder, holder.lockstep(every=1, timeout=60) as session:
+            trainer.start()  # its first step waits for the holder
+            proc = subprocess.Popen([*LRCTL, "--address", address, "replay", str(recorded), "--window", "1"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for turn in session:
+                held.append(turn.step)
+                if turn.step == 0:  # the replay's checks need the worker before the first change
+                    wait_for(lambda: served.controller.pending_count == 1 or proc.poll() is not None,
+                             "the replay's first change to be queued")
+                time.sleep(0.3)
+                turn.decide()
+                if proc.poll() is not None or turn.step > 40:
+                    break
+            out, err = proc.communicate(timeout=PATIENCE_S)
+            assert holder.status().lockstep.peer  # the holder held lockstep throughout
+    finally:
+        if trainer.thread.ident is not None:  # started
+            trainer.stop()
+    assert proc.returncode == 0, err
+    assert re.match(r"replayed 2 change\(s\) of run [0-9a-f]+: applied at their recorded steps 2\.\.4", out), out
+    assert held[:6] == list(range(6))
+    assert [(r.step, r.reason) for r in served.controller.history(0, 10)[0]] == [
+        (2, "replay of change 1"), (4, "replay of change 2")]
 
 
 # -- bad files and mismatching runs (a real server in this process, stepped by the test) --
@@ -276,6 +348,56 @@ def test_attach_replay_checks_before_training(recorded: Path, tmp_path: Path) ->
         assert ctl.controller.learning_rates()["layer2.bias"] == 0.25
         assert [(r.step, r.reason) for r in ctl.controller.history(0, 10)[0]] == [
             (2, "replay of change 1"), (4, "replay of change 2")]
+
+
+def test_attach_replay_from_a_checkpoint_checks_the_state_there(recorded: Path) -> None:
+    """Replaying from a checkpoint at step 3 (the recording: a scale at step 2, a pin at
+    step 4): one of the replayed run goes on (the pin once, at step 4); one of a run
+    without the step-2 scale is refused by attach (loaded before) or stops the replay
+    (loaded after), naming the name, and training goes on."""
+    def checkpoint(replay: Path | None) -> dict[str, Any]:
+        model = seed_model()
+        optimizer = per_parameter_optimizer(model)
+        with attach(model, optimizer, serve=False, replay=None if replay is None else str(replay)):
+            for _ in range(3):
+                train_step(model, optimizer)
+            return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+    def resumed(state: dict[str, Any], before: bool) -> tuple[Any, Any, Any]:
+        model = seed_model()
+        model.load_state_dict(state["model"])
+        optimizer = per_parameter_optimizer(model)
+        if before:
+            optimizer.load_state_dict(state["optimizer"])
+        ctl = attach(model, optimizer, serve=False, replay=str(recorded))
+        if not before:
+            optimizer.load_state_dict(state["optimizer"])
+        return model, optimizer, ctl
+
+    replayed, plain = checkpoint(recorded), checkpoint(None)
+    for before in (True, False):
+        model, optimizer, ctl = resumed(replayed, before)
+        with ctl:
+            assert ctl.step == 3 and ctl.controller.pending_count == 1  # the pin, from the checkpoint
+            for _ in range(3):
+                train_step(model, optimizer)
+            assert ctl.replay_report == []
+            assert [(r.step, r.reason) for r in ctl.controller.history(0, 10)[0]] == [
+                (2, "replay of change 1"), (4, "replay of change 2")]
+            assert ctl.controller.learning_rates()["layer2.bias"] == 0.25
+
+    with pytest.raises(ValueError, match=r"'layer1.weight' starts with base rate .* the recorded run had "
+                                         r".* after change 1 \(this run is at step 3"):
+        resumed(plain, before=True)
+    model, optimizer, ctl = resumed(plain, before=False)
+    with ctl:
+        assert ctl.controller.pending_count == 0  # the replay's first window was withdrawn
+        assert len(ctl.replay_report) == 1 and ctl.replay_report[0].startswith(
+            "replay stopped after a checkpoint load: cannot replay")
+        assert "'layer1.weight'" in ctl.replay_report[0]
+        for _ in range(3):
+            train_step(model, optimizer)
+        assert ctl.step == 6 and ctl.controller.history(0, 10)[0] == []
 
 
 def test_export_refuses_a_history_that_dropped_changes(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 
+from conftest import wait_for
 from lrctl.common.errors import InvalidArgumentError
 from lrctl.server import attach
 
@@ -645,6 +646,42 @@ def test_control_state_dict_round_trip(job: Any) -> None:
         assert (last.version, last.step, last.reason) == (version + 1, 20, "later")
         assert job.rates_by_name(fresh_model, fresh_optimizer)["fc3.weight"] == pytest.approx(
             4e-3 * job.WARMUP.factor(20))
+
+
+def test_changes_queued_before_a_load_are_withdrawn(job: Any, tmp_path: Path) -> None:
+    """A checkpoint loaded while this run has changes queued (a client's, sent before
+    the script loaded it): they are withdrawn, never applied, the waiting caller told
+    ABORTED naming the load, the audit log has them; the checkpoint's change waits."""
+    from concurrent.futures import ThreadPoolExecutor as Pool
+
+    from lrctl.client.client import LRClient
+    from lrctl.client.errors import AbortedError
+
+    model, optimizer, ctl = _configured(job)
+    try:
+        state, history = ctl.state_dict(), _history(ctl)
+    finally:
+        ctl.close()
+    fresh_model = job.make_model()
+    fresh_optimizer = job.make_optimizer(fresh_model)
+    audit = tmp_path / "audit.jsonl"
+    with attach(fresh_model, fresh_optimizer, address="127.0.0.1:0", audit_log=audit) as fresh, \
+            LRClient(fresh.address, timeout=60) as client, Pool(1) as pool:
+        waiting = pool.submit(client.set_learning_rates, {"fc1.*": 0.5}, at_step=3, reason="waits")
+        client.set_learning_rates({"fc2.*": 0.25}, at_step=2, wait=False, reason="queued")
+        wait_for(lambda: fresh.controller.pending_count == 2, "both changes to be queued")
+        assert fresh.load_state_dict(state) == []
+        with pytest.raises(AbortedError, match=r"change 1 was withdrawn, NOT applied: the job loaded "
+                                               r"a checkpoint \(step 12, version 3\) before its step"):
+            waiting.result(timeout=60)
+        assert [p.request.reason for p in fresh.controller.pending()] == ["later"]  # the checkpoint's
+        assert _history(fresh) == history  # ids as the checkpoint numbered them, no others
+        _train(job, fresh_model, fresh_optimizer, range(12, 21))
+        applied = fresh.controller.history(0, 100)[0][len(history) - 1:]
+        assert [(r.step, r.reason) for r in applied] == [(20, "later")]
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    withdrawn = [(r["change_id"], r["status"], r["reason"]) for r in lines if r["status"]]
+    assert withdrawn == [(1, "ABORTED", "waits"), (2, "ABORTED", "queued")]
 
 
 # ------------------------------------------------------------------------------------
