@@ -278,6 +278,9 @@ class Controller(ControllerState):
         self._next_due: float = _NEVER
         self._step = start_step
         self._version = 0
+        # Checkpoint loads so far: a load may bring back a version number this run used
+        # for another state, so a number names one state only between two loads.
+        self.loads = 0
         self._next_change_id = 1
         self._closed = False
         self._started = time.monotonic()
@@ -368,8 +371,8 @@ class Controller(ControllerState):
         return self._version
 
     def add_after_step(self, callback: Callable[[], None]) -> None:
-        """Call `callback()` at the end of every step hook (training thread; it must be
-        cheap and must not raise)."""
+        """Call `callback()` at the end of every step hook (training thread), and after
+        a checkpoint load (the loading thread): it must be cheap and must not raise."""
         with self._lock:
             self._after_step = (*self._after_step, callback)
 
@@ -540,7 +543,7 @@ class Controller(ControllerState):
                 return None
             pins = dict(table.pins)
             return VersionedPart(
-                version=self._version, step=self._step, class_of=table.class_of.tobytes(),
+                version=self._version, loads=self.loads, step=self._step, class_of=table.class_of.tobytes(),
                 classes=table.classes(), pins=pins,
                 pinned_base={i: table.base[i] for i in pins},  # type: ignore[misc]
                 pinned_schedule={i: table.schedule[i] for i in pins},
@@ -665,7 +668,7 @@ class Controller(ControllerState):
         if planned is not None and len(self._with_grad(planned.ops)) == len(planned.ops):
             ops = planned.ops
             with self._lock:
-                if self._version == planned.version:
+                if self._version == planned.version and self.loads == planned.loads:
                     self._check_acceptable(request)
                     return self._enqueue(request, ops, deadline), None
         else:

@@ -71,8 +71,10 @@ class ControllerState:
         _next_due: float
         _step: int
         _version: int
+        loads: int
         _next_change_id: int
         _installed: dict[int, float]
+        _after_step: tuple[Any, ...]
         _strategy: Any
         index: Any
         run_id: str
@@ -232,6 +234,7 @@ class ControllerState:
             if policy == "checkpoint" and parsed.rates:
                 indices, bases, specs, pins = map(list, zip(*parsed.rates))
                 self._commit(indices, bases, [book.intern(s) for s in specs], pins, parsed.step)
+            self.loads += 1  # first: a reader without the lock sees it move (ServingProcess._stamp)
             self._step, self._version = parsed.step, parsed.version
             self._next_change_id = parsed.next_change_id
             self.lineage = parsed.lineage
@@ -252,6 +255,8 @@ class ControllerState:
             for pending in parsed.pending:
                 self._pending.append(pending)
                 self._next_due = min(self._next_due, pending.due)
+        for after in self._after_step:  # the new state is published before the load returns
+            after()
         for pending in withdrawn:
             log.warning("lrctl: change %d withdrawn, not applied: the job loaded a checkpoint "
                         "before its step", pending.change_id)

@@ -170,6 +170,7 @@ class VersionedPart:
     """The table at one (step, version), as the controller holds it under its lock."""
 
     version: int
+    loads: int  # the controller's checkpoint loads: (loads, version) names one state
     step: int
     class_of: bytes  # array("q")
     classes: dict[int, tuple[tuple, float]]  # class -> (key, limit)
@@ -183,15 +184,15 @@ class VersionedPart:
     def to_wire(self) -> tuple:
         """A plain tuple that marshal encodes (C speed, no pickling of the table): the
         schedules, objects, are pickled, and only when the book grew."""
-        return (self.version, self.step, self.class_of, self.classes, self.pins, self.pinned_base,
-                self.pinned_schedule, self.groups,
+        return (self.version, self.loads, self.step, self.class_of, self.classes, self.pins,
+                self.pinned_base, self.pinned_schedule, self.groups,
                 pickle.dumps(self.new_schedules, pickle.HIGHEST_PROTOCOL) if self.new_schedules else b"",
                 self.book_start)
 
     @classmethod
     def from_wire(cls, t: tuple) -> "VersionedPart":
-        schedules = pickle.loads(t[8]) if t[8] else []  # from our parent, over a socketpair
-        return cls(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], schedules, t[9])
+        schedules = pickle.loads(t[9]) if t[9] else []  # from our parent, over a socketpair
+        return cls(*t[:9], schedules, t[10])
 
 
 class ReadSnapshot:
@@ -204,6 +205,7 @@ class ReadSnapshot:
         self.index = index if index is not None else NameIndex(static.names)
         self.book = ScheduleBook()
         self.version = -1
+        self.loads = 0
         self.taken_at_step = 0
         self.step = 0  # the step reads are answered at (set by the server per read)
         self._class_of = array("q")
@@ -226,7 +228,7 @@ class ReadSnapshot:
         for schedule in part.new_schedules:
             if self.book.intern(schedule) != len(self.book) - 1:
                 raise ValueError(f"schedule {schedule!r} is in the book twice")  # ids would shift
-        out.version, out.taken_at_step = part.version, part.step
+        out.version, out.loads, out.taken_at_step = part.version, part.loads, part.step
         out._class_of = array("q")
         out._class_of.frombytes(part.class_of)
         out._groups = array("q")

@@ -78,9 +78,11 @@ class _Link:
 
     def __init__(self, shared: Any) -> None:
         self.shared = shared  # the training process's published step and version
-        # (method, request bytes) -> (version, response bytes, message type to set the step of)
+        # (method, request bytes) -> (version stamp, response bytes, message type to set the step of)
         self.cache: dict[tuple[str, bytes], tuple[int, bytes, Any]] = {}
-        self.acked = 0  # the newest version a write's answer named: never answer older
+        # The newest version a write's answer named: never answer older. Versions here
+        # are stamps (serving_wire.stamp), as published.
+        self.acked = 0
         self.hits = 0
         self._ids = itertools.count(1)
         self.calls: dict[int, asyncio.Queue[tuple[Any, ...] | None]] = {}
@@ -149,6 +151,13 @@ class _Link:
         message.step = step
         return message.SerializeToString()
 
+    def ack(self, version: int) -> None:
+        """A write's answer named `version`: taken as of the loads published now (one
+        that crossed a load may be counted too new: its reads are forwarded, which is
+        always right, until the versions pass it or a snapshot says otherwise)."""
+        _, published = wire.read_shared(self.shared)
+        self.acked = max(self.acked, wire.stamp(wire.stamp_loads(published), version))
+
     def keep(self, method: str, request: bytes, version: int, body: bytes, message_type: Any) -> None:
         if len(self.cache) >= _CACHE_ENTRIES:
             self.cache.clear()  # entries of old versions, mostly: start again
@@ -171,7 +180,8 @@ class _Link:
                 version = self.reads.received(frame[1], frame[2])
                 if version is not None and version < self.acked:
                     # Made after every answer before it on this link, yet older than
-                    # one: the version went back (load_state_dict). It is the truth now.
+                    # one: an answer that crossed a checkpoint load was counted as of
+                    # the newer load (ack). The snapshot is the truth.
                     self.acked = version
                 continue
             queue = self.calls.get(frame[1])
@@ -393,7 +403,7 @@ def _unary(link: _Link, method: str) -> Any:
         if cacheable and frame[5] >= 0:
             link.keep(method, request, frame[5], body, message_type)
         elif write:
-            link.acked = max(link.acked, lrctl_pb2.SetLearningRatesResponse.FromString(body).version)
+            link.ack(lrctl_pb2.SetLearningRatesResponse.FromString(body).version)
         return body
 
     return call
@@ -421,10 +431,10 @@ async def _hand_over(link: _Link, method: str, context: grpc.aio.ServicerContext
     cid, queue = link.open_planned(method, context, planned.wire)
     frame = await _answer(link, cid, queue, context)
     if frame[0] == wire.ACCEPTED:
-        link.acked = max(link.acked, planned.planned.version)
+        link.acked = max(link.acked, wire.stamp(planned.planned.loads, planned.planned.version))
         return planned.reply(frame[2])
     body = frame[4]
-    link.acked = max(link.acked, lrctl_pb2.SetLearningRatesResponse.FromString(body).version)
+    link.ack(lrctl_pb2.SetLearningRatesResponse.FromString(body).version)
     return body
 
 

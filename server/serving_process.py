@@ -11,8 +11,8 @@ acknowledged with its step, a caller that goes away withdraws its change, and Lo
 holds in this process's step hook. Writes mostly arrive pre-planned (the serving process
 resolved, checked and planned them from its snapshot: lrctl.server.serving_writes); the
 same handler code queues them (LearningRateControlService.submit_planned), with the
-live-state checks only while the config version is the planned one, planning them
-again itself otherwise.
+live-state checks only while the config version (and the count of checkpoint loads)
+is the planned one, planning them again itself otherwise.
 
 Lifecycle: close() (LRControl.close, after the controller failed what was queued) asks
 the serving process to drain for `grace` s and waits for it to exit. If the serving
@@ -51,7 +51,7 @@ ENV = "LRCTL_SERVING"
 MODES = ("inprocess", "process")
 _START_TIMEOUT_S = 120.0  # importing grpc on a loaded 2-core machine can take a while
 # How often the published step and version are checked against the controller's (a
-# version changed between steps, e.g. by load_state_dict, is seen within this).
+# version changed between steps is seen within this; a checkpoint load publishes at once).
 _CHECK_S = 0.1
 # How long after the serving process last asked for a read snapshot each new version's
 # snapshot is sent to it unasked.
@@ -167,11 +167,11 @@ class ServingProcess:
         self._grads = service._controller.grad_flags()  # ... with these requires_grad flags
         self._grads_checked = 0.0
         self._book_sent = 1  # ... and the schedules before this id (0, constant, is known)
-        self._sent_version = -1  # ... and the version of the last one sent
+        self._sent_version = -1  # ... and the version stamp of the last one sent
         # Until when a new version's snapshot is sent unasked (the serving process asked
         # for one lately: it answers reads and plans writes from it).
         self._push_until = 0.0
-        self._published_version = -1
+        self._published_version = -1  # a stamp (serving_wire.stamp), as published
         capture = _Capture()
         pb_grpc.add_LearningRateControlServicer_to_server(service, capture)
         status = ErrorStatusInterceptor(self.requests)
@@ -239,18 +239,17 @@ class ServingProcess:
 
     def _publish(self) -> None:
         """Write the controller's step and version where the serving process reads them
-        (the step hook: ~1 us; and a 0.1 s check, for versions changed between steps)."""
+        (the step hook: ~1 us; a checkpoint load; and a 0.1 s check, for versions changed
+        between steps)."""
         controller = self._controller
-        version = controller.version
+        stamp = self._stamp()
         try:
             with self._shared_lock:
-                wire.write_shared(self._shared, controller.step, version)
+                wire.write_shared(self._shared, controller.step, stamp)
         except ValueError:  # closed meanwhile (a step racing close()): nothing to publish to
             return
-        if version != self._published_version:
-            if version < self._published_version:  # load_state_dict: numbers are reused
-                self._sent_version = -1
-            self._published_version = version
+        if stamp != self._published_version:
+            self._published_version = stamp
             # A change was applied: while the serving process uses snapshots, it gets the
             # new one without asking (no frame to wait for and read; the wakeup is often
             # the one that answers a waiting Set anyway).
@@ -272,7 +271,7 @@ class ServingProcess:
     def _check_published(self) -> None:
         if self._stopped:
             return
-        if wire.read_shared(self._shared) != (self._controller.step, self._controller.version):
+        if wire.read_shared(self._shared) != (self._controller.step, self._stamp()):
             self._publish()
         now = time.monotonic()
         if now - self._grads_checked >= _GRADS_S:
@@ -337,7 +336,7 @@ class ServingProcess:
             self._begin_planned(cid, *frame[2:])
         elif kind == wire.SNAPSHOT_WANTED:
             self._push_until = time.monotonic() + _PUSH_S
-            if self._sent_version != self._controller.version or not self._static_sent:
+            if self._sent_version != self._stamp() or not self._static_sent:
                 self._send_snapshot()
             # else: the snapshot of this version went out unasked and crossed this
             # request: the serving process has it (it asks for newer ones only).
@@ -347,8 +346,19 @@ class ServingProcess:
             self._feed.configure(*frame[1:])
 
     def _push_snapshot(self) -> None:
-        if self._sent_version != self._controller.version and self._static_sent:
+        if self._sent_version != self._stamp() and self._static_sent:
             self._send_snapshot()
+
+    def _stamp(self) -> int:
+        """The controller's version as published (serving_wire.stamp), without its lock:
+        a load counts itself before it sets the version, so loads that did not move
+        across the version's read name that version's state."""
+        controller = self._controller
+        while True:
+            loads = controller.loads
+            version = controller.version
+            if controller.loads == loads:
+                return wire.stamp(loads, version)
 
     def _send_snapshot(self) -> None:
         """A read snapshot for the serving process (lrctl.server.serving_reads): made
@@ -364,7 +374,7 @@ class ServingProcess:
             part = controller.read_versioned(self._book_sent)
             if part is not None:
                 self._book_sent += len(part.new_schedules)
-                self._sent_version = part.version
+                self._sent_version = wire.stamp(part.loads, part.version)
                 versioned = part.to_wire()
         except Exception:  # a bug: must not end the link (reads are forwarded from now on)
             log.exception("lrctl: a read snapshot could not be made; reads are forwarded from now on")
@@ -446,10 +456,10 @@ class ServingProcess:
         controller = self._controller
         # A read computed with no change applied meanwhile, and no schedule in force,
         # is the answer for as long as its version is: the serving process keeps it.
-        before = -1 if not cacheable or controller.rates_move_with_step else controller.version
+        before = -1 if not cacheable or controller.rates_move_with_step else self._stamp()
         try:
             response = await handler.unary_unary(request, context)
-            version = before if before >= 0 and controller.version == before else -1
+            version = before if before >= 0 and self._stamp() == before else -1
             self._send((wire.END, cid, 0, "", handler.response_serializer(response), version))
         except asyncio.CancelledError:
             pass  # the caller went away (or the link ended): nobody to answer

@@ -9,7 +9,9 @@ read first needs it, never by the training thread).
 
 Consistency: a read is answered from a snapshot whose version is the published one,
 and no older than the newest version a write's answer named to this process (the
-`acked` rule of serving_main._Link: read-your-writes). A read that needs a newer
+`acked` rule of serving_main._Link: read-your-writes). Versions are compared as stamps
+(lrctl.server.serving_wire.stamp: with the checkpoint loads, since a load may bring
+back a number this run used for another state). A read that needs a newer
 snapshot asks for one (one request in flight for all waiting reads) and waits for it,
 bounded; past the bound, or while the job's schedules cannot be evaluated here (an
 adopted torch scheduler), the read is forwarded as before. Authentication, roles and
@@ -30,6 +32,7 @@ from typing import Callable
 
 import grpc
 
+from lrctl.server import serving_wire as wire
 from lrctl.server.admission import Budget
 from lrctl.server.cancel import CallCheck
 from lrctl.server.read_answers import Reads
@@ -70,7 +73,7 @@ class SnapshotReads:
         self.asked = 0
 
     def received(self, static: bytes | None, versioned: tuple | None) -> int | None:
-        """A snapshot frame from the training process; its version (None: none)."""
+        """A snapshot frame from the training process; its version stamp (None: none)."""
         version = None
         try:
             if static is not None:
@@ -81,7 +84,7 @@ class SnapshotReads:
             elif self._base is not None:
                 self.snapshot = self._base.update(VersionedPart.from_wire(versioned))
                 self._received = time.monotonic()
-                version = self.snapshot.version
+                version = wire.stamp(self.snapshot.loads, self.snapshot.version)
         except Exception:  # a bug: reads go back to being forwarded, the link lives on
             log.exception("lrctl: a read snapshot could not be used; reads are forwarded from now on")
             self.off = True
@@ -103,12 +106,12 @@ class SnapshotReads:
 
     async def current(self, acked: int) -> tuple[ReadSnapshot, int] | None:
         """(a snapshot of the published version, no older than `acked`, and the step to
-        answer at), or None: forward."""
+        answer at), or None: forward. Versions here are stamps."""
         for _ in range(2):
             step, published = self._read_shared()
             need = max(published, acked)
             snap = self.snapshot
-            if snap is None or snap.version < need:
+            if snap is None or wire.stamp(snap.loads, snap.version) < need:
                 await self._fresh()
                 if self.off:
                     return None
@@ -116,13 +119,14 @@ class SnapshotReads:
                 snap = self.snapshot
                 if snap is None:
                     return None
+            have = wire.stamp(snap.loads, snap.version)
             deadline = self._received + _CATCH_UP_S
-            while snap.version > published and time.monotonic() < deadline:
+            while have > published and time.monotonic() < deadline:
                 await asyncio.sleep(_POLL_S)  # the hook that applied it publishes next
                 step, published = self._read_shared()
-            if snap.version == published and snap.version >= acked:
+            if have == published and have >= acked:
                 return snap, max(step, snap.taken_at_step)
-            if snap.version < published:
+            if have < published:
                 continue  # a newer version came meanwhile: once more
             return None
         return None

@@ -124,8 +124,23 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
 # -- the published step and version (shared memory, written by the training process) --
 # A seqlock: the writer makes `seq` odd, writes step and version, makes it even again;
 # a reader retries while it is odd or changed under it. One writer at a time (a lock
-# in the training process).
-SHARED = struct.Struct("<qqq")  # seq, step, version
+# in the training process). The version published is a stamp (below).
+SHARED = struct.Struct("<qqq")  # seq, step, version stamp
+_LOADS_SHIFT = 40
+
+
+def stamp(loads: int, version: int) -> int:
+    """A config version as the two processes compare it: the controller's checkpoint
+    loads in the high bits. A load may bring back a number this run used for another
+    state (the checkpoint's version), so a number alone names one state only between
+    two loads; a stamp names one for the whole run, and only grows."""
+    return (loads << _LOADS_SHIFT) | version
+
+
+def stamp_loads(value: int) -> int:
+    """The loads of a stamp."""
+    return value >> _LOADS_SHIFT
+
 SHARED_BYTES = 4096
 # The reads whose answers the serving process may keep for the version they were
 # computed at (their rates do not depend on the step when no schedule is in force), and
@@ -182,7 +197,7 @@ def read_answered(buffer: Any) -> dict[tuple[str, str], int]:
 
 
 def read_shared(buffer: Any) -> tuple[int, int]:
-    """(step, version) as last published."""
+    """(step, version stamp) as last published."""
     while True:
         seq, step, version = SHARED.unpack_from(buffer, 0)
         if not seq & 1 and SHARED.unpack_from(buffer, 0)[0] == seq:

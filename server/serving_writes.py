@@ -118,7 +118,7 @@ class SnapshotWrites:
             outcome = planner.expected_outcome(0, change, ops, snap.rate_state(), snap.book, snap.version, step)
             if request.dry_run:
                 return reply(request.max_reported_changes, outcome).SerializeToString()
-            planned = Planned(change, ops, snap.version, request.max_reported_changes)
+            planned = Planned(change, ops, snap.version, request.max_reported_changes, snap.loads)
             return HandOver(planned_to_wire(planned), planned, outcome)
 
         try:

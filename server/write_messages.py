@@ -155,13 +155,15 @@ def user_of(metadata: Iterable[tuple[str, Any]] | None) -> str:
 
 @dataclass(frozen=True)
 class Planned:
-    """A change planned against config `version` (lrctl.server.serving_writes): the
-    training process queues it as is while its version is still `version`."""
+    """A change planned against config `version` after `loads` checkpoint loads
+    (lrctl.server.serving_writes): the training process queues it as is while both are
+    still those (a load may bring back the number with another state)."""
 
     request: ChangeRequest
     ops: dict[int, NameOp]
     version: int
     max_reported_changes: int
+    loads: int = 0
 
 
 _WAIT = 10  # where planned_to_wire puts the request's `wait`
@@ -199,7 +201,7 @@ def planned_to_wire(planned: Planned) -> tuple:
         tuple(u.selector for u in r.schedules),
         r.at_step, r.expected_version, r.reason, r.peer, r.user, r.role, r.token, r.wait,
         planned.version, planned.max_reported_changes,
-        positions, b"" if len(ops_out) == 1 else which.tobytes(), tuple(ops_out),
+        positions, b"" if len(ops_out) == 1 else which.tobytes(), tuple(ops_out), planned.loads,
     )
 
 
@@ -214,7 +216,7 @@ def _spec_ref(spec: Any, ids: dict[int, int], specs: list[Any]) -> int:
 
 def planned_from_wire(t: tuple) -> Planned:
     (updates, specs_raw, schedule_selectors, at_step, expected_version, reason, peer, user, role,
-     token, wait, version, max_reported, positions_raw, which_raw, ops_raw) = t
+     token, wait, version, max_reported, positions_raw, which_raw, ops_raw, loads) = t
     specs = pickle.loads(specs_raw) if specs_raw else []  # from the serving process we started
     n = len(schedule_selectors)
     request = ChangeRequest(
@@ -233,4 +235,4 @@ def planned_from_wire(t: tuple) -> Planned:
         which = array("q")
         which.frombytes(which_raw)
         ops = dict(zip(positions, map(ops_list.__getitem__, which)))
-    return Planned(request, ops, version, max_reported)
+    return Planned(request, ops, version, max_reported, loads)

@@ -323,3 +323,58 @@ def test_a_layer_unfrozen_while_training_shows_in_reads_in_both_modes(both: tupl
         assert [c.name for c in reply.changes] == ["frozen"]
         w.step()
         assert w.rates()["frozen"] == 0.3
+
+
+def test_reads_and_planned_answers_after_a_checkpoint_load_brings_back_a_version(
+        both: tuple[Worker, Worker]) -> None:
+    """A checkpoint load may bring back a version number this run used for another
+    state: the serving process's snapshot, kept answers and planned writes of that
+    number must not be taken for the loaded state's. Checkpoint at version 1 (head
+    0.07), version 2 (head 0.09) read, the checkpoint loaded (version 1), a change
+    (version 2 again, head 0.11): reads and the change's answer as in-process."""
+    def head(reply: Any) -> list[tuple[str, float, float]]:
+        return [(c.name, c.old_lr, c.new_lr) for c in reply.changes]
+
+    def set_head(w: Worker, value: float) -> Any:
+        return w.stub.SetLearningRates(pb.SetLearningRatesRequest(
+            updates=[absolute("head.*", value)], wait=False, max_reported_changes=10), timeout=10)
+
+    answers = []
+    for w in both:
+        set_head(w, 0.07)
+        w.step()
+        checkpoint = w.optimizer.state_dict()
+        set_head(w, 0.09)
+        w.step()
+        assert w.rates()["head.weight"] == 0.09 and w.call(*_rates("head.*")).version == 2
+        w.optimizer.load_state_dict(checkpoint)
+        reply = set_head(w, 0.11)  # planned against version 1: the loaded state's
+        w.step()
+        answers.append((head(reply), w.rates(), w.call(*_rates("head.*")), w.ctl.controller.version))
+    inproc, proc = answers
+    assert inproc[0] == [("head.weight", 0.07, 0.11), ("head.bias", 0.07, 0.11)]
+    assert inproc[1]["head.weight"] == 0.11 and inproc[3] == 2
+    assert proc == inproc
+
+
+def test_reads_after_resuming_at_version_0_show_the_checkpoint_rates(both: tuple[Worker, Worker]) -> None:
+    """The common resume: a checkpoint of a run without changes (version 0, its code's
+    rates) loaded into a run that already served a read at its own version 0."""
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD([  # Worker's, every rate x10
+        {"params": [*model.encoder.parameters(), model.frozen], "lr": 1.0, "momentum": 0.9},
+        {"params": list(model.head.parameters()), "lr": 0.5, "weight_decay": 0.01},
+    ], lr=1.0)
+    with attach(model, optimizer, serve=False):
+        model(torch.randn(3, 10)).sum().backward()
+        optimizer.step()
+        checkpoint = optimizer.state_dict()  # version 0
+    inproc, proc = both
+    cached = _rates("head.*")
+    for w in both:
+        assert w.rates()["head.weight"] == 0.05 and w.call(*cached).rates[0].lr == 0.05
+        w.optimizer.load_state_dict(checkpoint)
+    for w in both:
+        assert w.ctl.controller.version == 0
+        assert w.rates()["head.weight"] == 0.5 and w.call(*cached) == inproc.call(*cached)
