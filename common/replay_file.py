@@ -184,13 +184,13 @@ def start_states(changes: Sequence[ReplayChange], step: int = 0) -> dict[str, St
         later = change.step >= step
         for c in change.changes:
             state = at.get(c.name)
+            # A pin or schedule an earlier record showed, still in force.
+            known = {} if state is None else {k: state[k] for k in ("pin", "schedule") if k in state}
             if later and (state is None or state["after"]):
                 # Its first touch from `step` on: its old values are the ones at `step`.
-                known = {} if state is None else {k: state[k] for k in ("pin", "schedule") if k in state}
                 state = at[c.name] = {"change_id": change.change_id, "step": change.step,
                                       "base": c.old_base, "after": False, **known}
             elif not later:  # before `step`: the values it left (the last such change wins)
-                known = {} if state is None else {k: state[k] for k in ("pin", "schedule") if k in state}
                 state = at[c.name] = {"change_id": change.change_id, "step": change.step,
                                       "base": c.new_base, "after": True, **known}
                 if c.pin is not None:
