@@ -12,16 +12,25 @@ what it spends beside.
 
     python bench/bench_set_cost.py                 # ~2 minutes
     python bench/bench_set_cost.py --batch 32      # bench_server_load's default step (~7-9 ms)
+    python bench/bench_set_cost.py --profile       # one loaded window under cProfile (thread CPU)
     python bench/bench_set_cost.py --quick         # a smoke run (CI), numbers not meaningful
+
+--profile prints, for one loaded window, where the optimizer's step spends its CPU in
+lrctl's code (the step hook and what it calls) and where the link thread spends its
+own, both as cProfile's cumulative thread CPU (inflated by the profiler, so read the
+shares, not the microseconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import threading
 import time
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -49,6 +58,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per window")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (CI)")
+    parser.add_argument("--profile", action="store_true", help="one loaded window under cProfile")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.width, args.seconds, args.rounds = 8, 64, 1.0, 1
@@ -63,7 +73,9 @@ def main() -> None:
     # Registered after attach's: runs right after lrctl's hook, as the optimizer's own step begins.
     optimizer.register_step_pre_hook(lambda *_: mark.__setitem__(slice(0, 2), [wall(), cpu()]))
 
-    def window(seconds: float) -> tuple[dict[str, tuple[float, float]], int]:
+    step_profile = cProfile.Profile(time.thread_time)
+
+    def window(seconds: float, profiled: bool = False) -> tuple[dict[str, tuple[float, float]], int]:
         """Per phase, (CPU us, off-CPU us) per step, and the steps taken."""
         sums = {p: [0, 0] for p in PHASES}
         steps, end = 0, time.perf_counter() + seconds
@@ -73,7 +85,11 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             nn.functional.mse_loss(model(x), y).backward()
             w1, c1 = wall(), cpu()
+            if profiled:
+                step_profile.enable()
             optimizer.step()
+            if profiled:
+                step_profile.disable()
             w3, c3 = wall(), cpu()
             w2, c2 = mark
             for phase, (dw, dc) in zip(PHASES, ((w1 - w0, c1 - c0), (w2 - w1, c2 - c1), (w3 - w2, c3 - c2))):
@@ -86,6 +102,9 @@ def main() -> None:
     rows: list[dict[str, float]] = []
     try:
         window(0.2 if args.quick else 2.0)  # warm-up
+        if args.profile:
+            _profile(ctl, client, args, lambda: window(args.seconds, profiled=True), step_profile)
+            return
         for _ in range(args.rounds):
             idle, idle_steps = window(args.seconds)
             client.ask(cmd="load", address=ctl.address, rate=args.rate, mix="mixed", watchers=0)
@@ -119,6 +138,24 @@ def main() -> None:
     per_set = {p: med[f"{p}_cpu"] / med["sets_per_step"] for p in PHASES}
     print(f"per Set: the hook's CPU {per_set['hook']:.0f} us; the link thread's CPU "
           f"{med['link_user_us']:.0f} us user + {med['link_sys_us']:.0f} us system (10 ms ticks: coarse)")
+
+
+def _profile(ctl: Any, client: LoadClient, args: argparse.Namespace, loaded: Callable[[], Any],
+             step_profile: cProfile.Profile) -> None:
+    """One loaded window with the optimizer's step and the link thread under cProfile."""
+    loop = ctl._server._loop  # the link thread's event loop (ServingProcess)
+    link_profile = cProfile.Profile(time.thread_time)
+    client.ask(cmd="load", address=ctl.address, rate=args.rate, mix="mixed", watchers=0)
+    loop.call_soon_threadsafe(link_profile.enable)
+    _, steps = loaded()
+    done = threading.Event()
+    loop.call_soon_threadsafe(lambda: (link_profile.disable(), done.set()))
+    done.wait(5)
+    stats = client.ask(cmd="stop")
+    print(f"{steps} steps, {sum(stats['sent'].values())} requests; the optimizer's step, lrctl's part:")
+    pstats.Stats(step_profile).sort_stats("cumulative").print_stats(r"lrctl|/server/", 25)
+    print("the link thread:")
+    pstats.Stats(link_profile).sort_stats("cumulative").print_stats(25)
 
 
 if __name__ == "__main__":

@@ -90,8 +90,8 @@ def replay(client: LRClient, path: str, *, window: int = DEFAULT_WINDOW, wait: b
     if first.step < status.step:
         raise FailedPreconditionError(
             f"cannot replay {path!r}: change {first.change_id} was applied at step {first.step} "
-            f"and the worker is already at step {status.step}; replay a run from its start "
-            "(attach(replay=FILE) or LRCTL_REPLAY=FILE in the new job)")
+            f"and the worker is already at step {status.step}; replay in the job instead "
+            "(attach(replay=FILE) or LRCTL_REPLAY=FILE), from its start or from a checkpoint's step")
     current = {r.name: (r.base, r.pin, r.description) for r in client.get_schedules()}
     mismatches = start_mismatches(start_states(changes), current)
     if mismatches:
