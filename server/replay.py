@@ -14,7 +14,8 @@ the queue: the queue holds at most `window` replayed changes, each at most
 
 A job resumed from a checkpoint (of the recorded run, or of its replay) replays from
 its step: the changes before it are in its state (checked name by name), the ones its
-checkpoint brought back queued are taken as queued, the rest are fed. A checkpoint
+checkpoint brought back queued are taken as queued (a replay's by their reason, the
+recorded run's own by their ids), the rest are fed. A checkpoint
 loaded after attach does the same from the loaded step (lrctl.server.resume calls
 before_load/after_load): the changes queued before it are withdrawn by the load, and
 a state that differs from the recording there stops the replay (in `report`).
@@ -118,14 +119,20 @@ class Replayer:
         return later
 
     def _start(self, later: list[ReplayChange]) -> None:
-        """Replay `later` from here: the ones a checkpoint brought back queued (a replay's
-        own, for their recorded steps) are taken as queued, the rest fed from the file."""
+        """Replay `later` from here: the ones a checkpoint brought back queued are taken as
+        queued, the rest fed from the file. Those are a replay's own (by their reason) or,
+        in a checkpoint of the recorded run itself (its lineage), the recorded changes
+        themselves (by their ids), each for its recorded step."""
         recorded = {c.change_id: c for c in later}
+        own_run = bool(later) and later[0].run_id in self._controller.lineage
         taken: dict[int, ReplayChange] = {}
         for pending in self._controller.queued():
             request = pending.request
-            match = _REPLAYED.match(request.reason) if request.peer.startswith("replay:") else None
-            change = None if match is None else recorded.get(int(match[1]))
+            if own_run and not request.peer.startswith("replay:"):
+                change = recorded.get(pending.change_id)
+            else:
+                match = _REPLAYED.match(request.reason) if request.peer.startswith("replay:") else None
+                change = None if match is None else recorded.get(int(match[1]))
             if change is not None and change.step == request.at_step and change.change_id not in taken:
                 taken[change.change_id] = change
                 pending.add_done_callback(self._on_done(change))

@@ -355,7 +355,7 @@ RESUME = textwrap.dedent("""
     records, _, _ = cb.control.controller.history(0, 100)
     rows, _, _ = cb.control.controller.read([t.C_FC, t.WTE])
     seen.update(history=[[r.step, r.reason] for r in records], final_step=cb.control.step,
-                final_bases={r.name: r.base for r in rows})
+                final_bases={r.name: r.base for r in rows}, replay_report=cb.control.replay_report)
     (out / "seen.json").write_text(json.dumps(seen))
 """)
 
@@ -376,14 +376,16 @@ class SubmitAtBegin(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two plain runs, and a run with changes at 10 and 30 that saves checkpoint-20."""
+    """Two plain runs, and a run with changes at 10 and 30 that saves checkpoint-20
+    (and an audit log, to replay)."""
     root = tmp_path_factory.mktemp("hf_resume")
     out: dict[str, Path] = {"root": root}
     for key in ("plain_a", "plain_b"):
         trainer = make_trainer(root / key, [], save_strategy="steps", save_steps=20)
         trainer.train()
         out[key] = final_weights(trainer, root / key / "final")
-    cb = LRControlCallback("127.0.0.1:0")
+    out["audit"] = root / "changed-audit.jsonl"
+    cb = LRControlCallback("127.0.0.1:0", audit_log=str(out["audit"]))
     trainer = make_trainer(root / "changed", [cb, SubmitAtBegin(cb)], save_strategy="steps", save_steps=20)
     trainer.train()
     out["changed"] = final_weights(trainer, root / "changed" / "final")
@@ -394,11 +396,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def resume_in_new_process(runs: dict[str, Path], policy: str) -> tuple[dict[str, Any], Path]:
-    out = runs["root"] / f"resumed_{policy}"
+def resume_in_new_process(runs: dict[str, Path], policy: str, name: str = "",
+                          env: dict[str, str] | None = None) -> tuple[dict[str, Any], Path]:
+    out = runs["root"] / f"resumed_{name or policy}"
     out.mkdir()
     done = subprocess.run([sys.executable, "-c", RESUME, str(runs["checkpoint"]), str(out), policy],
-                          env=python_env(), capture_output=True, text=True, timeout=PATIENCE_S)
+                          env={**python_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=PATIENCE_S)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((out / "seen.json").read_text()), out / "final" / "model.safetensors"
 
@@ -418,6 +422,19 @@ def test_resume_in_new_process_is_bit_identical(runs: dict[str, Path]) -> None:
     # The change queued for step 30 before the checkpoint rode in it and landed at 30.
     assert seen["history"] == [[10, "at 10"], [30, "at 30"]]
     assert seen["final_step"] == MAX_STEPS
+    assert seen["final_bases"] == {C_FC: 3e-3, WTE: 4e-3}
+    assert_bit_identical(final, runs["changed"])
+
+
+def test_resume_with_replay_goes_on_from_the_checkpoint(runs: dict[str, Path]) -> None:
+    """The recorded run's own checkpoint-20 resumed by the Trainer with LRCTL_REPLAY set
+    to its audit log: the change at step 10 is in the checkpoint's state, the one queued
+    for 30 rode in it and is taken as the recorded change (applied once, not fed again),
+    and the weights are the recorded run's, bit for bit."""
+    seen, final = resume_in_new_process(runs, "checkpoint", "replay", {"LRCTL_REPLAY": str(runs["audit"])})
+    assert seen["global_step"] == 20 and seen["step"] == 20
+    assert seen["history"] == [[10, "at 10"], [30, "at 30"]]
+    assert seen["replay_report"] == []
     assert seen["final_bases"] == {C_FC: 3e-3, WTE: 4e-3}
     assert_bit_identical(final, runs["changed"])
 
