@@ -126,21 +126,6 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
 # a reader retries while it is odd or changed under it. One writer at a time (a lock
 # in the training process). The version published is a stamp (below).
 SHARED = struct.Struct("<qqq")  # seq, step, version stamp
-_LOADS_SHIFT = 40
-
-
-def stamp(loads: int, version: int) -> int:
-    """A config version as the two processes compare it: the controller's checkpoint
-    loads in the high bits. A load may bring back a number this run used for another
-    state (the checkpoint's version), so a number alone names one state only between
-    two loads; a stamp names one for the whole run, and only grows."""
-    return (loads << _LOADS_SHIFT) | version
-
-
-def stamp_loads(value: int) -> int:
-    """The loads of a stamp."""
-    return value >> _LOADS_SHIFT
-
 SHARED_BYTES = 4096
 # The reads whose answers the serving process may keep for the version they were
 # computed at (their rates do not depend on the step when no schedule is in force), and
@@ -194,6 +179,22 @@ def read_answered(buffer: Any) -> dict[tuple[str, str], int]:
             if n:
                 out[(method.lstrip("/"), code)] = n
     return out
+
+
+_LOADS_SHIFT = 40  # versions stay far below 2**40
+
+
+def stamp(loads: int, version: int) -> int:
+    """A config version as the two processes compare it: the controller's checkpoint
+    loads in the high bits. A load may bring back a number this run used for another
+    state (the checkpoint's version), so a number alone names one state only between
+    two loads; a stamp names one for the whole run, and only grows."""
+    return (loads << _LOADS_SHIFT) | version
+
+
+def stamp_loads(value: int) -> int:
+    """The loads of a stamp."""
+    return value >> _LOADS_SHIFT
 
 
 def read_shared(buffer: Any) -> tuple[int, int]:
