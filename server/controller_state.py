@@ -75,6 +75,7 @@ class ControllerState:
         _next_change_id: int
         _installed: dict[int, float]
         _after_step: tuple[Any, ...]
+        telemetry: Any
         _strategy: Any
         index: Any
         run_id: str
@@ -255,6 +256,7 @@ class ControllerState:
             for pending in parsed.pending:
                 self._pending.append(pending)
                 self._next_due = min(self._next_due, pending.due)
+        self.telemetry.seal_open()  # the events of the loaded steps are new ones
         for after in self._after_step:  # the new state is published before the load returns
             after()
         for pending in withdrawn:

@@ -290,6 +290,16 @@ class Telemetry:
             self._done(event)
         self._maybe_wake()
 
+    def seal_open(self) -> None:
+        """A checkpoint load: seal the open event, so that the loaded step's events start
+        afresh. (A load to an earlier step would otherwise make every later step's event a
+        late one, twice, and leave the open one to take reports of two timelines.)"""
+        with self._lock:
+            if self._open is not None:
+                self._seal(self._open)
+                self._open = None
+        self._maybe_wake()
+
     def close(self) -> None:
         """Seal the open event; the stream ends after it."""
         with self._lock:

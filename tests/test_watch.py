@@ -265,6 +265,34 @@ def test_watch_carries_changes_and_version_and_changes_only(job) -> None:  # typ
         wait_for(lambda: client.status().watchers == 0, "the closed streams to be forgotten")
 
 
+def test_a_checkpoint_load_to_an_earlier_step_starts_its_events_afresh(job) -> None:  # type: ignore[no-untyped-def]
+    """A job that loads an earlier checkpoint (a rollback, PBT's exploit): the stream
+    gets each step once on each side of the load, with the values reported there; the
+    event open at the load is sealed with its own values, not merged with later ones."""
+    model, optimizer, ctl, stub = job
+    checkpoint = None
+    for k in range(8):
+        if k == 4:
+            checkpoint = optimizer.state_dict()  # at step 4
+        ctl.report(float(k))
+        _step(model, optimizer)
+    optimizer.load_state_dict(checkpoint)
+    assert ctl.step == 4
+    for k in range(3):
+        ctl.report(100.0 + k)
+        _step(model, optimizer)
+    ctl.report(200.0)  # step 7's, after the load
+    _step(model, optimizer)
+    stream = stub.WatchMetrics(pb.WatchMetricsRequest(from_step=0), timeout=PATIENCE_S)
+    seen = []
+    for event in stream:
+        seen.append((event.step, event.metrics["loss"]))
+        if len(seen) == 11:
+            break
+    stream.cancel()
+    assert seen == [*((k, float(k)) for k in range(8)), (4, 100.0), (5, 101.0), (6, 102.0)]
+
+
 def test_bad_watch_requests_and_the_watcher_caps(serving) -> None:  # type: ignore[no-untyped-def]
     model, optimizer = _tiny()
     limits = WatchLimits(max_watchers=3, max_watchers_per_connection=2)
