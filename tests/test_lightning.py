@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -420,6 +421,7 @@ def _fit_resumed(root: Path, ckpt: str) -> dict[str, Any]:
         "weights": weights(module), "rates": rec.rates, "groups": rec.groups, "step": control.step,
         "global_step": trainer.global_step, "version": control.controller.version,
         "history": [r.step for r in history], "report": control.resume_report,
+        "replay_report": control.replay_report,
     }
 
 
@@ -432,11 +434,22 @@ RESUME_SCRIPT = textwrap.dedent("""
     root, ckpt, out = Path(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.save({"plain": t._fit_plain(root / "plain-b"), "resumed": t._fit_resumed(root / "run2", ckpt)}, out)
 """)
+# The same resume with LRCTL_REPLAY set: the recorded run's own checkpoint replays on.
+REPLAY_RESUME_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    import test_lightning as t
+    root, ckpt, out = Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.save({"resumed": t._fit_resumed(root / "run3", ckpt)}, out)
+""")
 
 
 def test_resume_from_checkpoint_in_a_new_process_is_bit_identical(tmp_path: Path) -> None:
     ModelCheckpoint = L.pytorch.callbacks.ModelCheckpoint
-    cb = LRControlCallback("127.0.0.1:0")
+    audit = tmp_path / "run1-audit.jsonl"  # to replay
+    cb = LRControlCallback("127.0.0.1:0", audit_log=str(audit))
     rec = Recorder()
     ckdir = tmp_path / "ck"
     saver = ModelCheckpoint(dirpath=ckdir, every_n_train_steps=20, save_top_k=-1)
@@ -470,6 +483,19 @@ def test_resume_from_checkpoint_in_a_new_process_is_bit_identical(tmp_path: Path
     assert resumed["step"] == resumed["global_step"] == STEPS
     assert resumed["version"] == 2 and resumed["history"] == [10, 30]
     assert resumed["report"] == []
+
+    # Resumed again with LRCTL_REPLAY set to run 1's audit log: the step-30 change (a pin
+    # and a x2 scale) that waited inside the checkpoint is the recorded one, applied once.
+    script = tmp_path / "replay_resume.py"
+    script.write_text(REPLAY_RESUME_SCRIPT)
+    out = tmp_path / "replayed.pt"
+    proc = subprocess.run([sys.executable, str(script), str(TESTS_DIR), str(tmp_path), str(ckpt), str(out)],
+                          capture_output=True, text=True, timeout=PATIENCE_S,
+                          env={**os.environ, "LRCTL_REPLAY": str(audit)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    replayed = torch.load(out, weights_only=False)["resumed"]
+    assert replayed["replay_report"] == [] and replayed["history"] == [10, 30]
+    assert_bit_identical(replayed["weights"], run1)
 
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
