@@ -20,6 +20,7 @@ lrctl.server.replay) and `lrctl replay FILE` against a running worker
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -78,6 +79,15 @@ class ReplayChange:
         if not self.reason:
             return prefix
         return f"{prefix}: {self.reason}"[:_MAX_REASON]
+
+
+_REPLAY_REASON = re.compile(r"replay of change (\d+)(?::|$)")
+
+
+def replayed_change_id(reason: str) -> Optional[int]:
+    """The recorded change id a replay_reason names; None for any other reason."""
+    match = _REPLAY_REASON.match(reason)
+    return None if match is None else int(match[1])
 
 
 def _bad(path: str, name: str, number: int, why: str) -> InvalidArgumentError:

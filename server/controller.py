@@ -370,6 +370,17 @@ class Controller(ControllerState):
     def version(self) -> int:
         return self._version
 
+    def loads_and_version(self) -> tuple[int, int]:
+        """(checkpoint loads, config version) of one state, without the lock (a step hook
+        reads it every step): a load counts itself before it sets the version
+        (ControllerState.apply_state), so loads that did not move across the version's
+        read name that version's state."""
+        while True:
+            loads = self.loads
+            version = self._version
+            if self.loads == loads:
+                return loads, version
+
     def add_after_step(self, callback: Callable[[], None]) -> None:
         """Call `callback()` at the end of every step hook (training thread), and after
         a checkpoint load (the loading thread): it must be cheap and must not raise."""

@@ -235,7 +235,7 @@ class ControllerState:
             if policy == "checkpoint" and parsed.rates:
                 indices, bases, specs, pins = map(list, zip(*parsed.rates))
                 self._commit(indices, bases, [book.intern(s) for s in specs], pins, parsed.step)
-            self.loads += 1  # first: a reader without the lock sees it move (ServingProcess._stamp)
+            self.loads += 1  # before the version: see Controller.loads_and_version
             self._step, self._version = parsed.step, parsed.version
             self._next_change_id = parsed.next_change_id
             self.lineage = parsed.lineage

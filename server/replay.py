@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import deque
 from typing import Callable
 
@@ -39,6 +38,7 @@ from lrctl.common.replay_file import (
     mismatch_message,
     names_mismatch,
     read_replay,
+    replayed_change_id,
     start_mismatches,
     start_states,
 )
@@ -49,8 +49,7 @@ log = logging.getLogger("lrctl.replay")
 
 ENV = "LRCTL_REPLAY"
 DEFAULT_WINDOW = 32
-# The reason a replayed change is recorded with (ReplayChange.replay_reason).
-_REPLAYED = re.compile(r"replay of change (\d+)(?::|$)")
+_PEER_PREFIX = "replay:"  # a replayed change's peer: "replay:FILE"
 
 
 def replay_request(change: ReplayChange, peer: str) -> ChangeRequest:
@@ -79,7 +78,7 @@ class Replayer:
             raise ValueError(str(exc)) from None
         self.path = path
         self._controller = controller
-        self._peer = f"replay:{path}"
+        self._peer = f"{_PEER_PREFIX}{path}"
         self._window = window
         self._changes = changes
         self._todo: deque[ReplayChange] = deque()
@@ -128,11 +127,11 @@ class Replayer:
         taken: dict[int, ReplayChange] = {}
         for pending in self._controller.queued():
             request = pending.request
-            if own_run and not request.peer.startswith("replay:"):
-                change = recorded.get(pending.change_id)
+            if request.peer.startswith(_PEER_PREFIX):
+                cid = replayed_change_id(request.reason)
+                change = None if cid is None else recorded.get(cid)
             else:
-                match = _REPLAYED.match(request.reason) if request.peer.startswith("replay:") else None
-                change = None if match is None else recorded.get(int(match[1]))
+                change = recorded.get(pending.change_id) if own_run else None
             if change is not None and change.step == request.at_step and change.change_id not in taken:
                 taken[change.change_id] = change
                 pending.add_done_callback(self._on_done(change))

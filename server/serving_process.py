@@ -167,11 +167,11 @@ class ServingProcess:
         self._grads = service._controller.grad_flags()  # ... with these requires_grad flags
         self._grads_checked = 0.0
         self._book_sent = 1  # ... and the schedules before this id (0, constant, is known)
-        self._sent_version = -1  # ... and the version stamp of the last one sent
+        self._sent_stamp = -1  # ... and the version stamp (serving_wire.stamp) of the last one sent
         # Until when a new version's snapshot is sent unasked (the serving process asked
         # for one lately: it answers reads and plans writes from it).
         self._push_until = 0.0
-        self._published_version = -1  # a stamp (serving_wire.stamp), as published
+        self._published_stamp = -1
         capture = _Capture()
         pb_grpc.add_LearningRateControlServicer_to_server(service, capture)
         status = ErrorStatusInterceptor(self.requests)
@@ -248,8 +248,8 @@ class ServingProcess:
                 wire.write_shared(self._shared, controller.step, stamp)
         except ValueError:  # closed meanwhile (a step racing close()): nothing to publish to
             return
-        if stamp != self._published_version:
-            self._published_version = stamp
+        if stamp != self._published_stamp:
+            self._published_stamp = stamp
             # A change was applied: while the serving process uses snapshots, it gets the
             # new one without asking (no frame to wait for and read; the wakeup is often
             # the one that answers a waiting Set anyway).
@@ -336,7 +336,7 @@ class ServingProcess:
             self._begin_planned(cid, *frame[2:])
         elif kind == wire.SNAPSHOT_WANTED:
             self._push_until = time.monotonic() + _PUSH_S
-            if self._sent_version != self._stamp() or not self._static_sent:
+            if self._sent_stamp != self._stamp() or not self._static_sent:
                 self._send_snapshot()
             # else: the snapshot of this version went out unasked and crossed this
             # request: the serving process has it (it asks for newer ones only).
@@ -346,19 +346,12 @@ class ServingProcess:
             self._feed.configure(*frame[1:])
 
     def _push_snapshot(self) -> None:
-        if self._sent_version != self._stamp() and self._static_sent:
+        if self._sent_stamp != self._stamp() and self._static_sent:
             self._send_snapshot()
 
     def _stamp(self) -> int:
-        """The controller's version as published (serving_wire.stamp), without its lock:
-        a load counts itself before it sets the version, so loads that did not move
-        across the version's read name that version's state."""
-        controller = self._controller
-        while True:
-            loads = controller.loads
-            version = controller.version
-            if controller.loads == loads:
-                return wire.stamp(loads, version)
+        """The controller's version as published (serving_wire.stamp)."""
+        return wire.stamp(*self._controller.loads_and_version())
 
     def _send_snapshot(self) -> None:
         """A read snapshot for the serving process (lrctl.server.serving_reads): made
@@ -374,7 +367,7 @@ class ServingProcess:
             part = controller.read_versioned(self._book_sent)
             if part is not None:
                 self._book_sent += len(part.new_schedules)
-                self._sent_version = wire.stamp(part.loads, part.version)
+                self._sent_stamp = wire.stamp(part.loads, part.version)
                 versioned = part.to_wire()
         except Exception:  # a bug: must not end the link (reads are forwarded from now on)
             log.exception("lrctl: a read snapshot could not be made; reads are forwarded from now on")

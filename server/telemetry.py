@@ -295,17 +295,13 @@ class Telemetry:
         afresh. (A load to an earlier step would otherwise make every later step's event a
         late one, twice, and leave the open one to take reports of two timelines.)"""
         with self._lock:
-            if self._open is not None:
-                self._seal(self._open)
-                self._open = None
+            self._seal_open()
         self._maybe_wake()
 
     def close(self) -> None:
         """Seal the open event; the stream ends after it."""
         with self._lock:
-            if self._open is not None:
-                self._seal(self._open)
-                self._open = None
+            self._seal_open()
             self.closed = True
             self._wake_pending = False
         self._maybe_wake(force=True)
@@ -323,6 +319,11 @@ class Telemetry:
             self._seal(event)
         self._open = event = Event(step, self._version)
         return event
+
+    def _seal_open(self) -> None:
+        if self._open is not None:
+            self._seal(self._open)
+            self._open = None
 
     def _done(self, event: Event) -> None:
         """Seal a late event (not the open one) once its caller has filled it."""
