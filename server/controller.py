@@ -24,6 +24,7 @@ methods (measured), and cProfile overstates Python loops, so time before changin
 from __future__ import annotations
 
 import logging
+import marshal
 import math
 import threading
 import time
@@ -54,6 +55,7 @@ from lrctl.server.history import (
     Record,
 )
 from lrctl.server.planner import NameOp, PlannedChange
+from lrctl.server.posted_writes import TAKE_WAIT_S, PostedRing
 from lrctl.server.queue_limits import QueueLimits, check_room
 from lrctl.server.rates import RateState, RateTable, ScheduleBook
 from lrctl.server import read_model
@@ -62,6 +64,7 @@ from lrctl.server.requests import ChangeRequest, Outcome, PendingChange, RateCha
 from lrctl.server.selectors import NameIndex
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 from lrctl.server.telemetry import Telemetry
+from lrctl.server.planned_wire import planned_from_wire
 from lrctl.server.write_plan import WritePlanner, check_acceptable
 
 log = logging.getLogger("lrctl.controller")
@@ -282,6 +285,12 @@ class Controller(ControllerState):
         # for another state, so a number names one state only between two loads.
         self.loads = 0
         self._next_change_id = 1
+        # While a serving process queues changes itself (lrctl.server.posted_writes):
+        # its ring, whose counter gives the change ids meanwhile.
+        self._posted: PostedRing | None = None
+        # Set when a change from the ring touched a parameter frozen since the serving
+        # process's snapshot: it then gets a new static part at once (it looks every second).
+        self.grads_changed = False
         self._closed = False
         self._started = time.monotonic()
         # Start times of the latest steps, the last one the latest step's (status, the
@@ -406,7 +415,9 @@ class Controller(ControllerState):
 
     @property
     def pending_count(self) -> int:
-        return len(self._pending)
+        with self._lock:
+            self._take_posted()
+            return len(self._pending)
 
     def learning_rates(self) -> dict[str, float]:
         """Every held parameter's rate for the next step, in model order."""
@@ -563,6 +574,7 @@ class Controller(ControllerState):
 
     def status(self) -> StatusView:
         with self._lock:
+            self._take_posted()
             step, version, pending = self._step, self._version, len(self._pending)
             rates = set(self._table.rates(step).values())
             last = self._step_times[-1] if self._step_times else None
@@ -601,6 +613,7 @@ class Controller(ControllerState):
         """What the metrics endpoint shows, copied under the lock: O(groups + rate
         classes) Python work plus one memcpy of the class array; no formatting."""
         with self._lock:
+            self._take_posted()
             step = self._step
             return MetricsSnapshot(
                 step=step,
@@ -668,7 +681,7 @@ class Controller(ControllerState):
         it, the change is dropped at its step, not applied (see PendingChange). `check`:
         see read_page; a change whose caller has gone is never queued.
 
-        `planned` (lrctl.server.write_messages.Planned: `request`'s positions and ops,
+        `planned` (lrctl.server.planned_wire.Planned: `request`'s positions and ops,
         resolved, checked and planned against config version `planned.version` in the
         serving process) is queued at once, with the live-state checks only, while the
         version is still that one and every parameter it touches still requires grad;
@@ -698,21 +711,119 @@ class Controller(ControllerState):
                     return pending, replace(outcome, change_id=pending.change_id)
         with self._lock:  # changes keep landing meanwhile: all of it under the lock
             self._check_acceptable(request)
-            outcome = self._expected_outcome(
-                self._next_change_id, request, ops, self._table, self._version, self._step
-            )
-            return self._enqueue(request, ops, deadline), outcome
+            outcome = self._expected_outcome(0, request, ops, self._table, self._version, self._step)
+            pending = self._enqueue(request, ops, deadline)
+            return pending, replace(outcome, change_id=pending.change_id)
 
     def _enqueue(
         self, request: ChangeRequest, ops: dict[int, NameOp], deadline: float | None = None
     ) -> PendingChange:
         """Queue a validated change (lock held), within the queue's bounds and shares."""
-        pending = PendingChange(self._next_change_id, request, ops, time.time(), deadline=deadline)
-        check_room(self._pending, pending, self.queue_limits)  # O(queue): at most max_changes
-        self._next_change_id += 1
+        pending = PendingChange(0, request, ops, time.time(), deadline=deadline)
+        ring = self._posted
+        if ring is None:
+            check_room(self._pending, pending, self.queue_limits)  # O(queue): at most max_changes
+            pending.change_id = self._next_change_id
+            self._next_change_id += 1
+            self._queue(pending)
+            return pending
+        with ring.locked() as header:  # what the serving process queued comes first
+            self._adopt_posted(ring.take(header))
+            check_room(self._pending, pending, self.queue_limits)
+            pending.change_id = ring.claim(header)
+            self._queue(pending)
+            ring.set_queue(header, len(self._pending), self._queued_bytes())
+        return pending
+
+    def _queue(self, pending: PendingChange) -> None:
         self._pending.append(pending)
         self._next_due = min(self._next_due, pending.due)
-        return pending
+
+    def _claim_id(self) -> int:
+        """The next change id (lock held), after what the serving process queued."""
+        ring = self._posted
+        if ring is None:
+            change_id = self._next_change_id
+            self._next_change_id += 1
+            return change_id
+        with ring.locked() as header:
+            self._adopt_posted(ring.take(header))
+            return ring.claim(header)
+
+    def _peek_change_id(self) -> int:
+        """The id the next change will get (lock held)."""
+        ring = self._posted
+        if ring is None:
+            return self._next_change_id
+        with ring.locked() as header:
+            return ring.next_id(header)
+
+    def _queued_bytes(self) -> int:
+        return sum(p.size for p in self._pending)
+
+    # -- changes the serving process queued itself (lrctl.server.posted_writes) ----------
+    def attach_posted(self, ring: PostedRing) -> None:
+        """Let a serving process queue changes through `ring`; its counter gives the
+        change ids from now on."""
+        with self._lock:
+            with ring.locked() as header:
+                ring.set_next_id(header, self._next_change_id)
+                ring.set_loads(header, self.loads)
+                ring.set_queue(header, len(self._pending), self._queued_bytes())
+                ring.set_closed(header, self._closed)
+            self._posted = ring
+
+    def detach_posted(self) -> None:
+        """Stop taking changes from the ring (its serving process stopped): what it
+        holds is queued, and the ids count on here."""
+        with self._lock:
+            ring = self._posted
+            if ring is None:
+                return
+            with ring.locked() as header:
+                self._adopt_posted(ring.take(header))
+                ring.set_closed(header)
+                self._next_change_id = ring.next_id(header)
+            self._posted = None
+
+    def _take_posted(self, wait: bool = True) -> None:
+        """Queue what the serving process put in the ring (lock held). The step hook
+        does not wait long for the ring's lock (`wait` False): the ring then waits for
+        the next boundary."""
+        ring = self._posted
+        if ring is None or not ring.waiting():
+            return
+        held = ring.locked() if wait else ring.try_locked(TAKE_WAIT_S)
+        if held is None:
+            return
+        with held as header:
+            taken = ring.take(header)
+        self._adopt_posted(taken)  # the ring's lock is free meanwhile: the serving process posts on
+
+    def _adopt_posted(self, entries: Sequence[tuple[int, float, bytes]]) -> None:
+        """Queue changes taken from the ring (lock held), with the checks that need the
+        live state; one that fails them is recorded as failed (its caller was answered)."""
+        for change_id, requested_at, body in entries:
+            try:
+                planned = planned_from_wire(marshal.loads(body))
+            except Exception:  # a bug: the serving process wrote what it planned
+                log.exception("lrctl: change %d from the serving process could not be read; "
+                              "it was not applied", change_id)
+                continue
+            pending = PendingChange(change_id, planned.request, planned.ops, requested_at)
+            try:
+                frozen = [i for i in planned.ops if not self._params[i].requires_grad]
+                if frozen:
+                    self.grads_changed = True  # the serving process's static part is stale
+                    raise FailedPreconditionError(
+                        f"parameter {self.index.names[frozen[0]]!r} no longer requires grad; "
+                        f"change {change_id} was not applied")
+                check_room(self._pending, pending, self.queue_limits)
+            except LrctlError as exc:
+                log.warning("lrctl: change %d was not applied: %s", change_id, exc)
+                self._fail(pending, self._step, exc)
+                continue
+            self._queue(pending)
 
     def withdraw(self, pending: PendingChange, error: LrctlError | None = None) -> bool:
         """Take a change back if it has not been applied; True when it was withdrawn."""
@@ -731,11 +842,13 @@ class Controller(ControllerState):
         """The queued changes themselves, in order of acceptance (for the worker's own
         feeders: lrctl.server.replay)."""
         with self._lock:
+            self._take_posted()
             return list(self._pending)
 
     def pending(self) -> list[PendingView]:
         """A snapshot of the queued changes, in order of acceptance."""
         with self._lock:
+            self._take_posted()
             queued = list(self._pending)
         views = [
             PendingView(p.change_id, p.request, p.requested_at,
@@ -756,6 +869,7 @@ class Controller(ControllerState):
         wanted = dict.fromkeys(change_ids)  # in the order given, without repeats
         why = f": {reason}" if reason else ""
         with self._lock:
+            self._take_posted()
             taken = [p for p in self._pending if p.change_id in wanted]
             if taken:
                 gone = {id(p) for p in taken}
@@ -785,6 +899,11 @@ class Controller(ControllerState):
             self.detach_lockstep(gate)
         with self._lock:
             self._closed = True
+            ring = self._posted
+            if ring is not None:
+                with ring.locked() as header:  # nothing is queued there from now on
+                    self._adopt_posted(ring.take(header))
+                    ring.set_closed(header)
             pending, self._pending, self._next_due = self._pending, [], _NEVER
             step = self._step
             for p in pending:
@@ -845,6 +964,9 @@ class Controller(ControllerState):
             on_step()
         gate = self._gate
         if gate is not None:
+            if self._posted is not None:
+                with self._lock:
+                    self._take_posted(wait=False)
             if self._next_due <= self._step and gate.holds_at(self._step):
                 # Changes already due at a held step are applied before the hold, so the
                 # turn's version includes them: a decision taken on it (expected_version =
@@ -855,6 +977,8 @@ class Controller(ControllerState):
                     after()
             self._hold(gate)
         with self._lock:
+            if self._posted is not None:
+                self._take_posted(wait=False)
             step = self._step
             self._step = step + 1
             self._step_times.append(time.monotonic())
@@ -897,8 +1021,7 @@ class Controller(ControllerState):
             describe = getattr(moves[0].group, "move_reason", None)
             reason = describe() if callable(describe) else "the schedule moved the rate"
             self._version += 1
-            change_id = self._next_change_id
-            self._next_change_id += 1
+            change_id = self._claim_id()
             now = time.time()
             record = self._history.append(Record(
                 change_id=change_id, version=self._version, step=step, applied_at=now,

@@ -73,6 +73,7 @@ class ControllerState:
         _version: int
         loads: int
         _next_change_id: int
+        _posted: Any
         _installed: dict[int, float]
         _after_step: tuple[Any, ...]
         telemetry: Any
@@ -84,6 +85,9 @@ class ControllerState:
         def _commit(self, indices: Any, bases: Any, schedules: Any, pins: Any, step: int) -> None: ...
         def _reinstall(self) -> None: ...
         def _fail(self, pending: PendingChange, step: int, error: Any) -> None: ...
+        def _take_posted(self, wait: bool = True) -> None: ...
+        def _peek_change_id(self) -> int: ...
+        def _adopt_posted(self, entries: Any) -> None: ...
 
     def export_state(self) -> dict[str, Any]:
         """This controller's state as plain data keyed by name (lrctl.server.state):
@@ -91,6 +95,7 @@ class ControllerState:
         changes still waiting for their step."""
         names, table, book = self.index.names, self._table, self._book
         with self._lock:
+            self._take_posted()
             held = [i for i, b in enumerate(table.base) if b is not None]
             tail: list[Record] = []
             entries = 0
@@ -108,7 +113,7 @@ class ControllerState:
                 "lineage": [*self.lineage, self.run_id],
                 "step": self._step,
                 "version": self._version,
-                "next_change_id": self._next_change_id,
+                "next_change_id": self._peek_change_id(),
                 "schedules": [[sid, state.schedule_to_state(book[sid])] for sid in range(1, len(book))],
                 "rates": {
                     "names": [names[i] for i in held],
@@ -224,6 +229,16 @@ class ControllerState:
         if policy not in RESUME_POLICIES:
             raise ValueError(f"resume policy {policy!r} is not one of {', '.join(RESUME_POLICIES)}")
         with self._lock:
+            ring = self._posted
+            if ring is not None:
+                # What the serving process queued goes with the rest; changes planned
+                # before the load are not queued there again, and the ids go on from
+                # the checkpoint's.
+                with ring.locked() as header:
+                    self._adopt_posted(ring.take(header))
+                    ring.set_loads(header, self.loads + 1)
+                    ring.set_next_id(header, parsed.next_change_id)
+                    ring.set_queue(header, len(parsed.pending), sum(p.size for p in parsed.pending))
             withdrawn, self._pending = self._pending, []
             self._next_due = _NEVER
             for pending in withdrawn:

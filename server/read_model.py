@@ -189,6 +189,11 @@ class VersionedPart:
                 pickle.dumps(self.new_schedules, pickle.HIGHEST_PROTOCOL) if self.new_schedules else b"",
                 self.book_start)
 
+    @staticmethod
+    def book_start_of(t: tuple) -> int:
+        """The book_start of a to_wire() tuple, without decoding the rest."""
+        return t[10]
+
     @classmethod
     def from_wire(cls, t: tuple) -> "VersionedPart":
         schedules = pickle.loads(t[9]) if t[9] else []  # from our parent, over a socketpair

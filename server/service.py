@@ -60,8 +60,8 @@ from lrctl.server.subscribers import DEFAULT_REPORTED_CHANGES, MAX_ENTRIES_PER_C
 from lrctl.server.watch import WatchHub, WatchLimits
 from lrctl.server.requests import ChangeRequest, Outcome, PendingChange
 from lrctl.server.write_plan import MAX_REASON_CHARS
+from lrctl.server.planned_wire import Planned
 from lrctl.server.write_messages import (
-    Planned,
     check_message,
     change_request,
     rate_changes_pb as _rate_changes_pb,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import marshal
 import mmap
 import os
 import pickle
@@ -41,6 +42,7 @@ from lrctl.server import serving_wire as wire
 from lrctl.server.admission import Budget
 from lrctl.server.factory import SERVICE_NAME, build_server
 from lrctl.server.feed_reader import FeedReader
+from lrctl.server.posted_writes import PostedRing
 from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
 from lrctl.server.serving_writes import HandOver, SnapshotWrites
 from lrctl.server.status import RequestCounts, status_code
@@ -92,12 +94,15 @@ class _Link:
         self.grace: float | None = None  # None: the training process died
         # Reads answered here from a snapshot of the training process's table.
         self.reads = SnapshotReads(lambda: wire.read_shared(self.shared),
-                                   lambda: self.send((wire.SNAPSHOT_WANTED, 0)))
+                                   lambda: self.send((wire.SNAPSHOT_WANTED, 0)),
+                                   lambda newer_than: wire.read_snapshot(self.shared, newer_than))
         # ... and writes planned here from the same snapshot, and the streams (main()
         # makes both, from the configuration).
         self.writes: SnapshotWrites | None = None
         self.watch: _Watch | None = None
         self.feed: FeedReader | None = None  # the streams' events (start() makes it)
+        # Where Sets that do not wait are queued without the training process's loop.
+        self.posted: PostedRing | None = None
 
     async def start(self, sock: socket.socket, feed: socket.socket) -> None:
         reader, self.writer = await asyncio.open_connection(sock=sock)
@@ -131,6 +136,19 @@ class _Link:
                 remaining = -1.0
             self.send((wire.PLANNED, cid, method, context.peer(), float(remaining), planned))
         return cid, queue
+
+    def post(self, planned: HandOver) -> int | None:
+        """Queue a change that does not wait and is due at the next boundary in the
+        ring (lrctl.server.posted_writes): its change id, or None (it takes the link)."""
+        request = planned.planned.request
+        if (self.posted is None or self.closed or request.wait or request.at_step is not None
+                or request.expected_version is not None):
+            return None
+        change_id = self.posted.post(marshal.dumps(planned.wire), loads=planned.planned.loads,
+                                     size=planned.size, limits=planned.limits)
+        if change_id is not None:
+            self.acked = max(self.acked, wire.stamp(planned.planned.loads, planned.planned.version))
+        return change_id
 
     def cached(self, method: str, request: bytes) -> bytes | None:
         """The kept answer to this exact request if the version it was computed at is
@@ -428,6 +446,10 @@ async def _hand_over(link: _Link, method: str, context: grpc.aio.ServicerContext
     """A write planned here, queued by the training process: the reply from this plan
     (the training process names the change id), or the training process's own answer
     (it planned the change again, or it waited for it to apply)."""
+    change_id = link.post(planned)
+    if change_id is not None:
+        link.reads.requests.add(method, "OK")
+        return planned.reply(change_id)
     cid, queue = link.open_planned(method, context, planned.wire)
     frame = await _answer(link, cid, queue, context)
     if frame[0] == wire.ACCEPTED:
@@ -490,7 +512,7 @@ def _bidi(link: _Link, method: str) -> Any:
     return call
 
 
-def main(fd: int, shared_fd: int, feed_fd: int) -> int:
+def main(fd: int, shared_fd: int, feed_fd: int, posted_fd: int) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
@@ -501,6 +523,7 @@ def main(fd: int, shared_fd: int, feed_fd: int) -> int:
     config: dict[str, Any] = pickle.loads(raw)  # from our parent only (a socketpair)
     link = _Link(mmap.mmap(shared_fd, wire.SHARED_BYTES))
     os.close(shared_fd)
+    link.posted = PostedRing(posted_fd)  # its fd stays open: the ring's lock is taken on it
     link.watch = _Watch(link, config.pop("watch_limits"), config.get("tokens"))
     link.reads.requests = _SharedCounts(link.shared)
     link.writes = SnapshotWrites(link.reads, config.get("tokens"),
@@ -526,7 +549,7 @@ def main(fd: int, shared_fd: int, feed_fd: int) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1::2] != ["--fd", "--shared-fd", "--feed-fd"] or len(sys.argv) != 7:
-        sys.exit("usage: python -m lrctl.server.serving_main --fd N --shared-fd M --feed-fd F"
+    if sys.argv[1::2] != ["--fd", "--shared-fd", "--feed-fd", "--posted-fd"] or len(sys.argv) != 9:
+        sys.exit("usage: python -m lrctl.server.serving_main --fd N --shared-fd M --feed-fd F --posted-fd P"
                  "  (started by attach(serving='process'))")
-    sys.exit(main(int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[6])))
+    sys.exit(main(int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[6]), int(sys.argv[8])))

@@ -12,7 +12,10 @@ holds in this process's step hook. Writes mostly arrive pre-planned (the serving
 resolved, checked and planned them from its snapshot: lrctl.server.serving_writes); the
 same handler code queues them (LearningRateControlService.submit_planned), with the
 live-state checks only while the config version (and the count of checkpoint loads)
-is the planned one, planning them again itself otherwise.
+is the planned one, planning them again itself otherwise. Most Sets do not come here at
+all: one that does not wait and is due at the next boundary is queued by the serving
+process itself, in shared memory, and taken into the controller's queue by the step
+hook (lrctl.server.posted_writes: no wakeup of this process per Set).
 
 Lifecycle: close() (LRControl.close, after the controller failed what was queued) asks
 the serving process to drain for `grace` s and waits for it to exit. If the serving
@@ -40,10 +43,11 @@ import grpc
 
 from lrctl.server import serving_wire as wire
 from lrctl.server.factory import start_event_loop, stop_event_loop
+from lrctl.server.posted_writes import PostedRing
 from lrctl.server.status import ErrorStatusInterceptor, RequestCounts, failure_status, status_code
 from lrctl.server.watch_feed import WatchFeed
 from lrctl.server.tls import ServerTLS
-from lrctl.server.write_messages import planned_from_wire, planned_waits
+from lrctl.server.planned_wire import planned_from_wire, planned_waits
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
 log = logging.getLogger("lrctl.server")
@@ -60,6 +64,9 @@ _PUSH_S = 2.0
 # snapshot's static part (a job that unfreezes layers: reads show it within this).
 _GRADS_S = 1.0
 _FEED_BUFFER = 4 * 1024 * 1024
+# Jobs of at most this many names get each new version's read snapshot written by the
+# thread that applied it (_write_snapshot); bigger ones from the link thread.
+_HERE_NAMES = 4096
 
 
 def serving_mode(value: str | None) -> str:
@@ -195,11 +202,14 @@ class ServingProcess:
         self._feed = WatchFeed(service, self._loop, self._send, lambda exc: status_code(exc).value[0],
                                self._feed_sock)
         self._controller = controller = service._controller
+        self._names = len(controller.index)
         self._shared_fd = os.memfd_create("lrctl-serving")  # close-on-exec: only pass_fds hands it on
         os.ftruncate(self._shared_fd, wire.SHARED_BYTES)
         self._shared = mmap.mmap(self._shared_fd, wire.SHARED_BYTES)
         self._shared_lock = threading.Lock()
         self.requests.shared = self._shared
+        # Sets that do not wait, queued by the serving process itself (lrctl.server.posted_writes).
+        self._posted = PostedRing.create()
         self._publish()
         # At the end of lrctl's step hook: the step and the version that this boundary's
         # changes made. (Not a step hook of our own: removing one at close() from another
@@ -213,8 +223,10 @@ class ServingProcess:
             # the user's __main__ (the training script) again in the child.
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "lrctl.server.serving_main", "--fd", str(child.fileno()),
-                 "--shared-fd", str(self._shared_fd), "--feed-fd", str(feed_child.fileno())],
-                pass_fds=[child.fileno(), self._shared_fd, feed_child.fileno()], stdin=subprocess.DEVNULL)
+                 "--shared-fd", str(self._shared_fd), "--feed-fd", str(feed_child.fileno()),
+                 "--posted-fd", str(self._posted.fd)],
+                pass_fds=[child.fileno(), self._shared_fd, feed_child.fileno(), self._posted.fd],
+                stdin=subprocess.DEVNULL)
             for end in children:
                 end.close()
             config = dict(address=address, insecure=insecure, tokens=tokens, tls=tls, max_workers=max_workers,
@@ -231,6 +243,7 @@ class ServingProcess:
                 raise (ValueError if first[1] == "ValueError" else OSError)(first[2])
             _, self.host, self.port, self._address = first
             asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
+            controller.attach_posted(self._posted)
         except BaseException:
             for end in children:
                 end.close()
@@ -243,21 +256,36 @@ class ServingProcess:
         between steps)."""
         controller = self._controller
         stamp = self._stamp()
+        fresh = stamp != self._published_stamp
+        # A change was applied: while the serving process uses snapshots, it gets the
+        # new one without asking, in the shared memory, before the version it is of.
+        wanted = fresh and self._push_until and time.monotonic() < self._push_until
         try:
             with self._shared_lock:
+                written = wanted and self._write_snapshot()
                 wire.write_shared(self._shared, controller.step, stamp)
         except ValueError:  # closed meanwhile (a step racing close()): nothing to publish to
             return
-        if stamp != self._published_stamp:
+        if fresh:
             self._published_stamp = stamp
-            # A change was applied: while the serving process uses snapshots, it gets the
-            # new one without asking (no frame to wait for and read; the wakeup is often
-            # the one that answers a waiting Set anyway).
-            if self._push_until and time.monotonic() < self._push_until:
+            if wanted and not written:  # through the link (no frame to wait for and read there)
                 try:
                     self._loop.call_soon_threadsafe(self._push_snapshot)
                 except RuntimeError:  # the loop is closed: we are stopping
                     pass
+
+    def _write_snapshot(self) -> bool:
+        """The new version's read snapshot into the shared memory, on this thread (the
+        step hook's, mostly): for a job of at most _HERE_NAMES names whose schedule book
+        did not grow since the link last sent it. A wakeup of the link thread, which
+        the training thread would wait for as for the GIL, costs more than this."""
+        controller = self._controller
+        if not self._static_sent or self._names > _HERE_NAMES:
+            return False
+        part = controller.read_versioned(self._book_sent)
+        if part is None or part.new_schedules:
+            return False
+        return wire.write_snapshot(self._shared, wire.stamp(part.loads, part.version), part.to_wire())
 
     def _closing_now(self) -> None:
         """The controller closes: the serving process refuses changes (dry runs too)."""
@@ -274,8 +302,9 @@ class ServingProcess:
         if wire.read_shared(self._shared) != (self._controller.step, self._stamp()):
             self._publish()
         now = time.monotonic()
-        if now - self._grads_checked >= _GRADS_S:
+        if now - self._grads_checked >= _GRADS_S or self._controller.grads_changed:
             self._grads_checked = now
+            self._controller.grads_changed = False
             if self._controller.grad_flags() != self._grads:
                 # The static part and the answers the serving process keeps are stale:
                 # a new static part, with the whole book (the serving process starts its
@@ -286,6 +315,7 @@ class ServingProcess:
 
     def _abandon(self) -> None:
         self._controller.remove_after_step(self._publish)
+        self._controller.detach_posted()
         try:
             self._sock.close()
             self._feed_sock.close()
@@ -300,6 +330,7 @@ class ServingProcess:
             stop_event_loop(self._loop, self._thread)
             self._shared.close()
             os.close(self._shared_fd)
+            self._posted.close()
 
     @property
     def address(self) -> str:
@@ -506,8 +537,10 @@ class ServingProcess:
             self._feed_sock.close()
             self.requests.answered_there()
             self.requests.shared = None
+            self._controller.detach_posted()  # the serving process is gone: it queues nothing more
             self._shared.close()
             os.close(self._shared_fd)
+            self._posted.close()
 
 
 def _eager(coro: Any) -> Optional[asyncio.Task]:

@@ -58,9 +58,13 @@ _POLL_S = 0.001
 class SnapshotReads:
     """This process's snapshot and the reads answered from it (on the server's loop)."""
 
-    def __init__(self, read_shared: Callable[[], tuple[int, int]], ask: Callable[[], None]) -> None:
+    def __init__(self, read_shared: Callable[[], tuple[int, int]], ask: Callable[[], None],
+                 written: Callable[[int], tuple[int, tuple] | None] = lambda newer_than: None) -> None:
         self._read_shared = read_shared
         self._ask = ask  # sends the training process a request for a snapshot
+        # A newer versioned part the training process wrote in the shared memory
+        # unasked (serving_wire.read_snapshot), if there is one.
+        self._written = written
         self.snapshot: ReadSnapshot | None = None
         self._received = 0.0
         self._base: ReadSnapshot | None = None  # holds the static part and the book
@@ -93,6 +97,17 @@ class SnapshotReads:
             wanted.set_result(None)
         return version
 
+    def _take_written(self, have: int) -> None:
+        """Take the snapshot the training process wrote in the shared memory, if it is
+        newer than `have` and follows the schedules this process has."""
+        found = self._written(have)
+        if found is None or self._base is None:
+            return
+        versioned = found[1]
+        if VersionedPart.book_start_of(versioned) != len(self._base.book):
+            return  # schedules this process has not been sent yet: ask
+        self.received(None, versioned)
+
     async def _fresh(self) -> None:
         """Ask for a snapshot (once for every read waiting meanwhile) and wait for it."""
         if self._wanted is None:
@@ -111,6 +126,9 @@ class SnapshotReads:
             step, published = self._read_shared()
             need = max(published, acked)
             snap = self.snapshot
+            if snap is not None and wire.stamp(snap.loads, snap.version) < need:
+                self._take_written(wire.stamp(snap.loads, snap.version))
+                snap = self.snapshot
             if snap is None or wire.stamp(snap.loads, snap.version) < need:
                 await self._fresh()
                 if self.off:

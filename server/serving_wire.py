@@ -19,7 +19,7 @@ serving -> training
   ("w", streams, any wants stats, per-record limits)   the streams changed (0: feed off)
   ("D", id, method, peer, remaining s or -1.0, planned)   a write planned here
                                 (lrctl.server.serving_writes; `planned` is
-                                lrctl.server.write_messages.planned_to_wire's tuple): queue it
+                                lrctl.server.planned_wire.planned_to_wire's tuple): queue it
                                 if the version is still the planned one, else plan it again
 training -> serving
   ("H", id, metadata)           the call's initial metadata (Lockstep)
@@ -50,7 +50,9 @@ lrctl's own: the serving process answers a repeated read from the answer it kept
 as long as the version it was computed at is the one in force (and no schedule moves
 rates with the step), with the step brought up to date, without the training process.
 The serving process writes there too: counters of the calls it answered itself
-(count_answered), which the training process adds to lrctl_requests_total.
+(count_answered), which the training process adds to lrctl_requests_total. A second
+memfd holds the changes the serving process queued itself, and the change id counter
+(lrctl.server.posted_writes).
 """
 
 from __future__ import annotations
@@ -126,7 +128,11 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
 # a reader retries while it is odd or changed under it. One writer at a time (a lock
 # in the training process). The version published is a stamp (below).
 SHARED = struct.Struct("<qqq")  # seq, step, version stamp
-SHARED_BYTES = 4096
+# A read snapshot's versioned part, written by the training process itself (see
+# write_snapshot) from SNAPSHOT_AT on: the rest of the shared memory.
+SNAPSHOT_AT = 4096
+SNAPSHOT_HEAD = struct.Struct("<qqq")  # seq, version stamp, body length
+SHARED_BYTES = SNAPSHOT_AT + 512 * 1024
 # The reads whose answers the serving process may keep for the version they were
 # computed at (their rates do not depend on the step when no schedule is in force), and
 # whether the answer carries a `step` field to bring up to date. (A parameter's
@@ -157,7 +163,7 @@ CODE_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEED
               "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
               "UNAUTHENTICATED")
 _COUNTER = struct.Struct("<q")
-assert COUNTS_AT + len(ANSWERED) * len(CODE_NAMES) * _COUNTER.size <= SHARED_BYTES
+assert COUNTS_AT + len(ANSWERED) * len(CODE_NAMES) * _COUNTER.size <= SNAPSHOT_AT
 
 
 def _counter_at(method: str, code: str) -> int:
@@ -222,6 +228,36 @@ def write_shared(buffer: Any, step: int, version: int) -> None:
     struct.pack_into("<q", buffer, 0, seq + 1)
     struct.pack_into("<qq", buffer, 8, step, version)
     struct.pack_into("<q", buffer, 0, seq + 2)
+
+
+def write_snapshot(buffer: Any, version: int, versioned: tuple) -> bool:
+    """Put a read snapshot's versioned part (read_model.VersionedPart.to_wire()) of
+    version stamp `version` where the serving process finds it without asking (a
+    seqlock, as the step's; one writer at a time); False if it does not fit."""
+    body = marshal.dumps(versioned)
+    start = SNAPSHOT_AT + SNAPSHOT_HEAD.size
+    if start + len(body) > len(buffer):
+        return False
+    seq = SNAPSHOT_HEAD.unpack_from(buffer, SNAPSHOT_AT)[0]
+    struct.pack_into("<q", buffer, SNAPSHOT_AT, seq + 1)
+    buffer[start:start + len(body)] = body
+    struct.pack_into("<qq", buffer, SNAPSHOT_AT + 8, version, len(body))
+    struct.pack_into("<q", buffer, SNAPSHOT_AT, seq + 2)
+    return True
+
+
+def read_snapshot(buffer: Any, newer_than: int) -> tuple[int, tuple] | None:
+    """(version stamp, versioned part) written by write_snapshot, if one newer than
+    `newer_than` is there; else None."""
+    start = SNAPSHOT_AT + SNAPSHOT_HEAD.size
+    for _ in range(100):  # a writer stopped half-way: ask instead
+        seq, version, n = SNAPSHOT_HEAD.unpack_from(buffer, SNAPSHOT_AT)
+        if version <= newer_than or seq == 0:
+            return None
+        body = bytes(buffer[start:start + n])
+        if not seq & 1 and SNAPSHOT_HEAD.unpack_from(buffer, SNAPSHOT_AT)[0] == seq:
+            return version, marshal.loads(body)
+    return None
 
 
 class FrameProtocol(asyncio.Protocol):

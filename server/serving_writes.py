@@ -8,11 +8,15 @@ process acknowledged). Then:
   - a bad request (message, selector, value, guardrails, a rate the optimizer cannot
     take) is answered here, with the in-process server's status and message;
   - a dry run is answered here;
-  - a valid change is handed to the training process pre-planned (its request, its
-    ops per position, the version it was planned against: lrctl.server.write_messages'
-    compact tuple), which only makes the live-state checks and queues it while its
-    version is still that one, and plans it again itself otherwise
-    (Controller.submit(planned=...)); a change that does not wait is answered here
+  - a valid change that does not wait and is due at the next boundary is queued here,
+    in shared memory, and answered from this plan (lrctl.server.posted_writes; the
+    step hook takes it into the controller's queue), while the queue's bounds leave
+    room for it;
+  - any other valid change is handed to the training process pre-planned (its request,
+    its ops per position, the version it was planned against:
+    lrctl.server.planned_wire's compact tuple), which only makes the live-state checks
+    and queues it while its version is still that one, and plans it again itself
+    otherwise (Controller.submit(planned=...)); one that does not wait is answered here
     from this plan and the change id the training process gave it.
 Whatever cannot be decided here is forwarded whole, as before: a change the live-state
 checks would refuse against the published step and version (the training process
@@ -38,18 +42,13 @@ import grpc
 
 from lrctl.common.errors import LrctlError
 from lrctl.server.cancel import CallCheck
+from lrctl.server.queue_limits import QueueLimits, estimate_bytes
 from lrctl.server.read_answers import cheap_selectors
 from lrctl.server.read_model import NeedsLiveGrad
 from lrctl.server.serving_reads import SnapshotReads
 from lrctl.server.status import failure_status, lenient_deserializer
-from lrctl.server.write_messages import (
-    Planned,
-    change_request,
-    check_message,
-    planned_to_wire,
-    reply,
-    user_of,
-)
+from lrctl.server.planned_wire import Planned, planned_to_wire
+from lrctl.server.write_messages import change_request, check_message, reply, user_of
 from lrctl.server.write_plan import check_acceptable
 from lrctl.v1 import lrctl_pb2
 
@@ -65,11 +64,13 @@ class Forward(Exception):
 
 
 class HandOver:
-    """A valid change, planned: its compact form for the training process, and what
-    to reply once it says the change id (a call that does not wait)."""
+    """A valid change, planned: its compact form for the training process, what to
+    reply once it has a change id (a call that does not wait), and what the queue's
+    bounds need of it (lrctl.server.posted_writes)."""
 
-    def __init__(self, wire: tuple, planned: Planned, outcome: Any) -> None:
-        self.wire, self.planned, self.outcome = wire, planned, outcome
+    def __init__(self, wire: tuple, planned: Planned, outcome: Any, limits: QueueLimits) -> None:
+        self.wire, self.planned, self.outcome, self.limits = wire, planned, outcome, limits
+        self.size = estimate_bytes(planned.request, planned.ops)
 
     def reply(self, change_id: int) -> bytes:
         outcome = replace(self.outcome, change_id=change_id)
@@ -119,7 +120,7 @@ class SnapshotWrites:
             if request.dry_run:
                 return reply(request.max_reported_changes, outcome).SerializeToString()
             planned = Planned(change, ops, snap.version, request.max_reported_changes, snap.loads)
-            return HandOver(planned_to_wire(planned), planned, outcome)
+            return HandOver(planned_to_wire(planned), planned, outcome, snap.static.queue_limits)
 
         try:
             if self._cheap(request, len(snap.index)):

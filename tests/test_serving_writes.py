@@ -220,17 +220,33 @@ def test_parameters_frozen_or_unfrozen_after_the_snapshot_are_written_as_in_proc
         w.step()
         w.model.frozen.requires_grad_(True)
         w.model.encoder[0].weight.requires_grad_(False)
+    # A Set that does not wait, sent before the serving process has seen the change of
+    # requires_grad (it looks every second): queued there from its plan, then recorded
+    # as failed at its step, naming the parameter; in-process it is refused at once.
+    refused = here.call(*_set(absolute("encoder.0.weight", 0.2)))
+    assert refused[0] == grpc.StatusCode.FAILED_PRECONDITION and "'encoder.0.weight'" in refused[1]
+    queued = there.call(*_set(absolute("encoder.0.weight", 0.2)))
+    if not isinstance(queued, tuple):  # (the serving process may have seen it: refused as here)
+        for w in both:
+            w.step()
+        (record,) = [r for r in there.ctl.controller.history(0, 100)[0] if r.change_id == queued.change_id]
+        assert record.failed
+        assert "'encoder.0.weight' no longer requires grad" in record.error
+    else:
+        assert queued == refused
+    # Changes for a later step go to the training process, which checks them live.
+    later = there.status().step + 100
     for method, request in (
-        _set(absolute("frozen", 0.3)),  # unfrozen: settable now
-        _set(absolute("encoder.0.weight", 0.2)),  # frozen now: refused, naming it
-        _set(scale("encoder.*", 0.5)),  # frozen now: left out of a glob
+        _set(absolute("frozen", 0.3), at_step=later),  # unfrozen: settable now
+        _set(absolute("encoder.0.weight", 0.2), at_step=later),  # frozen now: refused, naming it
+        _set(scale("encoder.*", 0.5), at_step=later),  # frozen now: left out of a glob
         _set(absolute("frozen", 0.4), dry_run=True),
     ):
         a, b = here.call(method, request), there.call(method, request)
+        if isinstance(a, pb.SetLearningRatesResponse):  # the change ids differ by the one above
+            a.change_id = b.change_id = 0
         assert a == b, f"{request}: {a} vs {b}"
     assert isinstance(a, pb.SetLearningRatesResponse)
-    refused = here.call(*_set(absolute("encoder.0.weight", 0.2)))
-    assert refused[0] == grpc.StatusCode.FAILED_PRECONDITION and "'encoder.0.weight'" in refused[1]
     for w in both:
         w.step()
     assert here.call(*_rates()) == there.call(*_rates())
@@ -243,7 +259,9 @@ def _rates(*selectors: str) -> tuple[str, Any]:
 def test_a_set_planned_against_an_older_version_is_planned_again(process: Worker) -> None:
     """The training process's loop is held until the planned Set is on its socket; then
     another writer's change is applied (version 0 -> 1) before the loop reads it: the
-    Set is planned again against version 1, and applied as version 1 says."""
+    Set is planned again against version 1, and applied as version 1 says. (A Set due
+    at a given step takes the socket; one due at the next boundary that does not wait
+    is queued by the serving process itself: see test_posted_writes.py.)"""
     w = process
     name = "encoder.0.weight"
     w.call(*_rates(name))  # the serving process has the snapshot of version 0
@@ -258,7 +276,8 @@ def test_a_set_planned_against_an_older_version_is_planned_again(process: Worker
         on_socket.set()
 
     server._loop.call_soon_threadsafe(hold)
-    reply = w.stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[scale(name, 0.5)]), timeout=PATIENCE_S)
+    reply = w.stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[scale(name, 0.5)], at_step=1),
+                                    timeout=PATIENCE_S)
     assert on_socket.is_set()
     assert reply.version == 1 and reply.change_id == 2  # planned again, against version 1
     assert [(c.old_lr, c.new_lr) for c in reply.changes] == [(0.5, 0.25)]

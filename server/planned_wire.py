@@ -1,0 +1,105 @@
+"""A change planned in the serving process (attach(serving="process")), on its way to
+the training process: `Planned`, and its compact form (`planned_to_wire` /
+`planned_from_wire`: marshal-able tuples of plain values, no protobuf to decode).
+
+Imports neither grpc nor protobuf nor torch: the controller decodes the changes the
+serving process queued itself (lrctl.server.posted_writes) with it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from lrctl.server.planner import NameOp
+from lrctl.server.requests import ChangeRequest, Mode, ScheduleUpdate, Target, Update
+
+_MODE_OF = {m.value: m for m in Mode}
+_TARGET_OF = {t.value: t for t in Target}
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A change planned against config `version` after `loads` checkpoint loads
+    (lrctl.server.serving_writes): the training process queues it as is while both are
+    still those (a load may bring back the number with another state)."""
+
+    request: ChangeRequest
+    ops: dict[int, NameOp]
+    version: int
+    max_reported_changes: int
+    loads: int = 0
+
+
+_WAIT = 10  # where planned_to_wire puts the request's `wait`
+
+
+def planned_waits(wired: tuple) -> bool:
+    """Whether the change in planned_to_wire's tuple waits to be applied (no decoding)."""
+    return bool(wired[_WAIT])
+
+
+def planned_to_wire(planned: Planned) -> tuple:
+    """A marshal-able tuple: updates as plain tuples, the positions as array bytes, each
+    distinct op once (schedule specs, objects, pickled only when there are any)."""
+    r = planned.request
+    distinct: dict[int, int] = {}
+    ops_out: list[tuple] = []
+    which = array("q")
+    specs: list[Any] = [u.schedule for u in r.schedules]
+    spec_ids = {id(s): k for k, s in enumerate(specs)}
+    for op in planned.ops.values():
+        k = distinct.get(id(op))
+        if k is None:
+            k = distinct[id(op)] = len(ops_out)
+            base, pin, sched = op
+            ops_out.append((
+                None if base is None else (base[0].value, base[1]),
+                None if pin is None else (pin[0].value, pin[1]),
+                None if sched is None else _spec_ref(sched, spec_ids, specs),
+            ))
+        which.append(k)
+    positions = array("q", planned.ops).tobytes()
+    return (
+        tuple((u.selector, u.value, u.mode.value, u.target.value) for u in r.updates),
+        pickle.dumps(specs, pickle.HIGHEST_PROTOCOL) if specs else b"",
+        tuple(u.selector for u in r.schedules),
+        r.at_step, r.expected_version, r.reason, r.peer, r.user, r.role, r.token, r.wait,
+        planned.version, planned.max_reported_changes,
+        positions, b"" if len(ops_out) == 1 else which.tobytes(), tuple(ops_out), planned.loads,
+    )
+
+
+def _spec_ref(spec: Any, ids: dict[int, int], specs: list[Any]) -> int:
+    """The index of `spec` among the specs sent (CONSTANT for a cleared schedule is added)."""
+    k = ids.get(id(spec))
+    if k is None:
+        k = ids[id(spec)] = len(specs)
+        specs.append(spec)
+    return k
+
+
+def planned_from_wire(t: tuple) -> Planned:
+    (updates, specs_raw, schedule_selectors, at_step, expected_version, reason, peer, user, role,
+     token, wait, version, max_reported, positions_raw, which_raw, ops_raw, loads) = t
+    specs = pickle.loads(specs_raw) if specs_raw else []  # from the serving process we started
+    n = len(schedule_selectors)
+    request = ChangeRequest(
+        updates=tuple([Update(s, v, _MODE_OF[m], _TARGET_OF[g]) for s, v, m, g in updates]),
+        schedules=tuple(ScheduleUpdate(s, spec) for s, spec in zip(schedule_selectors, specs[:n])),
+        at_step=at_step, expected_version=expected_version, reason=reason, peer=peer, user=user,
+        role=role, token=token, wait=wait,
+    )
+    ops_list = [(None if b is None else (_MODE_OF[b[0]], b[1]), None if p is None else (_MODE_OF[p[0]], p[1]),
+                 None if s is None else specs[s]) for b, p, s in ops_raw]
+    positions = array("q")
+    positions.frombytes(positions_raw)
+    if not which_raw:
+        ops = dict.fromkeys(positions, ops_list[0])
+    else:
+        which = array("q")
+        which.frombytes(which_raw)
+        ops = dict(zip(positions, map(ops_list.__getitem__, which)))
+    return Planned(request, ops, version, max_reported, loads)

@@ -1,0 +1,197 @@
+"""Sets the serving process queues itself (lrctl.server.posted_writes).
+
+With serving="process", a Set that does not wait and is due at the next boundary is put
+in a ring in shared memory and answered there; the step hook queues it. These tests
+hold that path to the guarantees of a change queued by the training process: ids in
+the order of acceptance whoever took them, the order of application, cancel, the
+queue's bounds, a checkpoint load, close, and a hook that never waits on a stopped
+serving process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from typing import Iterator
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from conftest import PATIENCE_S, absolute
+from lrctl.server import attach
+from lrctl.server.queue_limits import QueueLimits
+from lrctl.server.requests import ChangeRequest, Update
+from lrctl.v1 import lrctl_pb2 as pb
+from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
+
+SET = "lrctl.v1.LearningRateControl/SetLearningRates"
+
+
+class Worker:
+    """A small model under attach(serving="process"), stepped by the test itself."""
+
+    def __init__(self, queue_limits: QueueLimits | None = None) -> None:
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.ctl = attach(self.model, self.optimizer, address="127.0.0.1:0", serving="process",
+                          queue_limits=queue_limits)
+        self.channel = grpc.insecure_channel(self.ctl.address)
+        self.stub = pb_grpc.LearningRateControlStub(self.channel)
+        self.stub.GetLearningRates(pb.GetLearningRatesRequest(), timeout=PATIENCE_S)  # a snapshot there
+
+    def set(self, selector: str, value: float, **kw: object) -> pb.SetLearningRatesResponse:
+        return self.stub.SetLearningRates(
+            pb.SetLearningRatesRequest(updates=[absolute(selector, value)], **kw), timeout=PATIENCE_S)
+
+    def forwarded_sets(self) -> int:
+        """Sets the training process answered (over the link), whatever their status."""
+        return sum(n for (method, _), n in self.ctl._server.requests.forwarded().items() if method == SET)
+
+    def history(self) -> list:
+        return self.ctl.controller.history(-1, 1000)[0]
+
+    def close(self) -> None:
+        self.channel.close()
+        self.ctl.close(grace=0.5)
+
+
+@pytest.fixture
+def worker() -> Iterator[Worker]:
+    w = Worker()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def test_sets_that_do_not_wait_are_queued_without_the_training_process(worker: Worker) -> None:
+    w = worker
+    ids = [w.set("0.weight", 0.01 * (k + 1)).change_id for k in range(3)]
+    assert ids == [1, 2, 3] and w.forwarded_sets() == 0
+    # The training process's own change takes the next id, after them, and a Set due
+    # at a later step (over the link) the one after.
+    local, _ = w.ctl.controller.submit(ChangeRequest((Update("0.bias", 0.5),)))
+    later = w.set("1.weight", 0.2, at_step=w.ctl.controller.step + 5)
+    assert (local.change_id, later.change_id) == (4, 5) and w.forwarded_sets() == 1
+    pending = w.stub.ListPending(pb.ListPendingRequest(), timeout=PATIENCE_S)
+    assert [c.change_id for c in pending.changes] == [1, 2, 3, 4, 5]
+    w.optimizer.step()
+    applied = [(r.change_id, r.version, r.step) for r in w.history()]
+    assert applied == [(1, 1, 0), (2, 2, 0), (3, 3, 0), (4, 4, 0)]  # in the order accepted
+    rates = w.ctl.controller.learning_rates()
+    assert rates["0.weight"] == pytest.approx(0.03) and rates["0.bias"] == 0.5  # the last one wins
+    counts = w.ctl._server.requests.snapshot()  # counted in lrctl_requests_total all the same
+    assert counts[(SET, "OK")] == 4
+
+
+def test_a_queued_set_is_cancelled_by_its_id_before_its_step(worker: Worker) -> None:
+    w = worker
+    first, second = w.set("0.weight", 0.3), w.set("0.bias", 0.4)
+    answer = w.stub.CancelChanges(pb.CancelChangesRequest(change_ids=[first.change_id], reason="changed my mind"),
+                                  timeout=PATIENCE_S)
+    assert list(answer.cancelled) == [first.change_id]
+    w.optimizer.step()
+    records = {r.change_id: r for r in w.history()}
+    assert records[first.change_id].failed and "changed my mind" in records[first.change_id].error
+    assert not records[second.change_id].failed
+    assert w.ctl.controller.learning_rates()["0.weight"] == 0.1
+
+
+def test_a_full_ring_hands_sets_to_the_link_in_order() -> None:
+    w = Worker()
+    try:
+        ids = [w.set("0.weight", 0.001 * (k + 1)).change_id for k in range(40)]
+        assert ids == list(range(1, 41))
+        # The ring holds 32: the 33rd took the link, and the training process, queueing
+        # it, moved the ring into its queue first (so the ring had room again).
+        assert w.forwarded_sets() == 1
+        assert [c.change_id for c in w.stub.ListPending(pb.ListPendingRequest(), timeout=PATIENCE_S).changes] == ids
+        w.optimizer.step()
+        assert [r.change_id for r in w.history()] == ids
+        assert w.ctl.controller.learning_rates()["0.weight"] == pytest.approx(0.04)
+    finally:
+        w.close()
+
+
+def test_the_queue_bounds_hold_for_sets_queued_in_the_ring() -> None:
+    w = Worker(QueueLimits(max_changes_per_connection=3))
+    try:
+        for k in range(3):
+            w.set("0.weight", 0.1 + k)
+        with pytest.raises(grpc.RpcError) as refused:
+            w.set("0.weight", 0.5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "already has 3 queued changes" in refused.value.details()
+        assert w.forwarded_sets() == 1  # the training process decided, with the exact shares
+        w.optimizer.step()
+        assert [r.change_id for r in w.history()] == [1, 2, 3] and not any(r.failed for r in w.history())
+        w.set("0.weight", 0.7)  # room again
+        w.optimizer.step()
+        assert w.ctl.controller.learning_rates()["0.weight"] == 0.7
+    finally:
+        w.close()
+
+
+def test_a_checkpoint_load_withdraws_sets_queued_in_the_ring(worker: Worker) -> None:
+    w = worker
+    w.set("0.weight", 0.2)
+    w.optimizer.step()
+    saved = w.ctl.state_dict()  # version 1, next id 2
+    w.set("0.weight", 0.3)
+    w.set("0.weight", 0.4)
+    queued = w.set("0.bias", 0.5)
+    w.ctl.load_state_dict(saved)
+    assert w.stub.ListPending(pb.ListPendingRequest(), timeout=PATIENCE_S).changes == []
+    assert queued.change_id == 4
+    after = w.set("0.weight", 0.6)
+    assert after.change_id == 2  # the ids go on from the checkpoint's
+    w.optimizer.step()
+    assert w.ctl.controller.learning_rates()["0.weight"] == 0.6 and w.ctl.controller.learning_rates()["0.bias"] == 0.1
+
+
+def test_close_fails_sets_queued_in_the_ring() -> None:
+    w = Worker()
+    queued = w.set("0.weight", 0.3)
+    controller = w.ctl.controller
+    w.close()
+    (record,) = [r for r in controller.history(-1, 10)[0] if r.change_id == queued.change_id]
+    assert record.failed and "shut down" in record.error
+    assert controller.learning_rates()["0.weight"] == 0.1
+
+
+_HOLD = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_step_hook_does_not_wait_for_a_ring_another_process_holds(worker: Worker) -> None:
+    # A serving process stopped while it holds the ring's lock (here: another process
+    # holding it) costs a step nothing: the hook leaves the ring for the next boundary.
+    w = worker
+    queued = w.set("0.weight", 0.3)
+    ring = w.ctl._server._posted
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, f"/proc/{os.getpid()}/fd/{ring.fd}"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        stepped = threading.Thread(target=w.optimizer.step)
+        stepped.start()
+        stepped.join(PATIENCE_S)
+        assert not stepped.is_alive()
+        assert w.ctl.controller.learning_rates()["0.weight"] == 0.1  # not this step
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(PATIENCE_S)
+    w.optimizer.step()
+    (record,) = [r for r in w.history() if r.change_id == queued.change_id]
+    assert record.step == 1 and w.ctl.controller.learning_rates()["0.weight"] == 0.3
