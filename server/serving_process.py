@@ -179,6 +179,9 @@ class ServingProcess:
         # for one lately: it answers reads and plans writes from it).
         self._push_until = 0.0
         self._published_stamp = -1
+        # Read snapshots sent over the link, and written into the shared memory by the
+        # thread that applied a change (_write_snapshot): tests and benchmarks.
+        self.snapshots_sent = self.snapshots_written = 0
         capture = _Capture()
         pb_grpc.add_LearningRateControlServicer_to_server(service, capture)
         status = ErrorStatusInterceptor(self.requests)
@@ -285,7 +288,10 @@ class ServingProcess:
         part = controller.read_versioned(self._book_sent)
         if part is None or part.new_schedules:
             return False
-        return wire.write_snapshot(self._shared, wire.stamp(part.loads, part.version), part.to_wire())
+        if not wire.write_snapshot(self._shared, wire.stamp(part.loads, part.version), part.to_wire()):
+            return False
+        self.snapshots_written += 1
+        return True
 
     def _closing_now(self) -> None:
         """The controller closes: the serving process refuses changes (dry runs too)."""
@@ -403,6 +409,7 @@ class ServingProcess:
         except Exception:  # a bug: must not end the link (reads are forwarded from now on)
             log.exception("lrctl: a read snapshot could not be made; reads are forwarded from now on")
             static, versioned = None, None
+        self.snapshots_sent += 1
         self._send((wire.SNAPSHOT, static, versioned))
 
     def _on_end(self) -> None:

@@ -195,3 +195,29 @@ def test_the_step_hook_does_not_wait_for_a_ring_another_process_holds(worker: Wo
     w.optimizer.step()
     (record,) = [r for r in w.history() if r.change_id == queued.change_id]
     assert record.step == 1 and w.ctl.controller.learning_rates()["0.weight"] == 0.3
+
+
+def test_reads_after_each_change_need_no_snapshot_from_the_link(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The thread that applied a change writes the new version's read snapshot into the
+    # shared memory; the serving process reads it there instead of asking the link.
+    w = worker
+    server = w.ctl._server
+    sent = server.snapshots_sent
+    for k in range(5):
+        w.set("0.weight", 0.01 * (k + 1))
+        w.optimizer.step()
+        rates = w.stub.GetLearningRates(pb.GetLearningRatesRequest(selectors=["0.weight"]), timeout=PATIENCE_S)
+        assert rates.version == k + 1 and rates.rates[0].lr == pytest.approx(0.01 * (k + 1))
+    assert server.snapshots_sent == sent and server.snapshots_written >= 5
+    # A change that adds a schedule to the book goes through the link (the schedules
+    # travel there), and so does every version of a job past the size limit.
+    w.stub.SetSchedules(pb.SetSchedulesRequest(schedules=[pb.ScheduleAssignment(
+        selector="1.*", schedule=pb.Schedule(step=pb.StepSchedule(step_size=2, gamma=0.5)))]), timeout=PATIENCE_S)
+    w.optimizer.step()
+    got = w.stub.GetSchedules(pb.GetSchedulesRequest(selectors=["1.weight"]), timeout=PATIENCE_S)
+    assert got.version == 6 and server.snapshots_sent == sent + 1
+    monkeypatch.setattr("lrctl.server.serving_process._HERE_NAMES", 1)
+    w.set("0.bias", 0.3)
+    w.optimizer.step()
+    rates = w.stub.GetLearningRates(pb.GetLearningRatesRequest(selectors=["0.bias"]), timeout=PATIENCE_S)
+    assert rates.version == 7 and rates.rates[0].lr == 0.3 and server.snapshots_sent == sent + 2
