@@ -4,8 +4,9 @@ GetLearningRates, GetSchedules and ListParameters are answered here, with the sa
 as the in-process handlers (lrctl.server.read_answers over a
 lrctl.server.read_model.ReadSnapshot instead of the Controller), at the step the
 training process publishes in shared memory: the training process pays nothing per
-read, only once per config version for the snapshot (made by its link thread when a
-read first needs it, never by the training thread).
+read, only once per config version for the snapshot (written into the shared memory
+by the thread that applied the change, for a job of a few thousand names while reads
+come, else made by its link thread when a read needs it: serving_process._write_snapshot).
 
 Consistency: a read is answered from a snapshot whose version is the published one,
 and no older than the newest version a write's answer named to this process (the
