@@ -31,8 +31,9 @@ What keeps every guarantee of a queued change:
     (where the load withdraws, and close fails, what is queued) and set `loads` or
     `closed` there, so a change planned before the load, or sent after close, is
     never queued here;
-  - the step hook never waits long for the lock (a serving process stopped while it
-    holds it): it tries for up to TAKE_WAIT_S, then leaves the ring for the next boundary.
+  - neither side waits long for the lock held by a process stopped while it holds it:
+    the step hook tries for up to TAKE_WAIT_S, then leaves the ring for the next
+    boundary; the serving process, then sends the Set over the link.
 
 Imports neither grpc nor torch.
 """
@@ -173,7 +174,10 @@ class PostedRing:
         take the link (see the module's docstring)."""
         if len(body) > SLOT - SLOT_HEAD.size:
             return None
-        with self.locked() as header:
+        held = self.try_locked(TAKE_WAIT_S)  # a training process stopped holding it: the link
+        if held is None:
+            return None
+        with held as header:
             ring = header[_TAIL] - header[_HEAD]
             if header[_CLOSED] or header[_LOADS] != loads or ring >= SLOTS:
                 return None

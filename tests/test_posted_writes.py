@@ -4,8 +4,8 @@ With serving="process", a Set that does not wait and is due at the next boundary
 in a ring in shared memory and answered there; the step hook queues it. These tests
 hold that path to the guarantees of a change queued by the training process: ids in
 the order of acceptance whoever took them, the order of application, cancel, the
-queue's bounds, a checkpoint load, close, and a hook that never waits on a stopped
-serving process.
+queue's bounds, a checkpoint load, close, the reads' snapshots, and neither process
+waiting on a ring that a stopped process holds.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PATIENCE_S, absolute
+from conftest import PATIENCE_S, absolute, wait_for
 from lrctl.server import attach
 from lrctl.server.queue_limits import QueueLimits
 from lrctl.server.requests import ChangeRequest, Update
@@ -221,3 +221,36 @@ def test_reads_after_each_change_need_no_snapshot_from_the_link(worker: Worker, 
     w.optimizer.step()
     rates = w.stub.GetLearningRates(pb.GetLearningRatesRequest(selectors=["0.bias"]), timeout=PATIENCE_S)
     assert rates.version == 7 and rates.rates[0].lr == 0.3 and server.snapshots_sent == sent + 2
+
+
+_FCNTL = {"x86_64": "72", "aarch64": "25"}  # the fcntl syscall's number (/proc/.../syscall)
+
+
+def _blocked_in_fcntl(tid: int) -> bool:
+    with open(f"/proc/self/task/{tid}/syscall") as f:
+        return f.read().split()[0] == _FCNTL[os.uname().machine]
+
+
+@pytest.mark.skipif(os.uname().machine not in _FCNTL, reason="reads a syscall number from /proc")
+def test_the_serving_process_sends_a_set_over_the_link_while_the_ring_is_held(worker: Worker) -> None:
+    # Nor does the serving process wait on a ring held by a stopped process: reads go on,
+    # and a Set takes the link (whose thread waits for the lock: the training process
+    # takes ids only under it).
+    w = worker
+    ring, link_thread = w.ctl._server._posted, w.ctl._server._thread
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, f"/proc/{os.getpid()}/fd/{ring.fd}"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        answer = w.stub.SetLearningRates.future(pb.SetLearningRatesRequest(updates=[absolute("0.weight", 0.3)]),
+                                                timeout=PATIENCE_S)
+        wait_for(lambda: _blocked_in_fcntl(link_thread.native_id), "the link thread waiting for the ring's lock")
+        rates = w.stub.GetLearningRates(pb.GetLearningRatesRequest(selectors=["0.weight"]), timeout=PATIENCE_S)
+        assert rates.rates[0].lr == 0.1 and not answer.done()
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(PATIENCE_S)
+    assert answer.result().change_id == 1 and w.forwarded_sets() == 1
+    w.optimizer.step()
+    assert w.ctl.controller.learning_rates()["0.weight"] == 0.3
