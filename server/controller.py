@@ -54,6 +54,7 @@ from lrctl.server.history import (
     RateChanges,
     Record,
 )
+from lrctl.server.planned_wire import planned_from_wire
 from lrctl.server.planner import NameOp, PlannedChange
 from lrctl.server.posted_writes import TAKE_WAIT_S, PostedRing
 from lrctl.server.queue_limits import QueueLimits, check_room
@@ -64,7 +65,6 @@ from lrctl.server.requests import ChangeRequest, Outcome, PendingChange, RateCha
 from lrctl.server.selectors import NameIndex
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 from lrctl.server.telemetry import Telemetry
-from lrctl.server.planned_wire import planned_from_wire
 from lrctl.server.write_plan import WritePlanner, check_acceptable
 
 log = logging.getLogger("lrctl.controller")
@@ -416,7 +416,7 @@ class Controller(ControllerState):
     @property
     def pending_count(self) -> int:
         with self._lock:
-            self._take_posted()
+            self._take_posted(wait=False)
             return len(self._pending)
 
     def learning_rates(self) -> dict[str, float]:
@@ -574,7 +574,7 @@ class Controller(ControllerState):
 
     def status(self) -> StatusView:
         with self._lock:
-            self._take_posted()
+            self._take_posted(wait=False)
             step, version, pending = self._step, self._version, len(self._pending)
             rates = set(self._table.rates(step).values())
             last = self._step_times[-1] if self._step_times else None
@@ -613,7 +613,7 @@ class Controller(ControllerState):
         """What the metrics endpoint shows, copied under the lock: O(groups + rate
         classes) Python work plus one memcpy of the class array; no formatting."""
         with self._lock:
-            self._take_posted()
+            self._take_posted(wait=False)
             step = self._step
             return MetricsSnapshot(
                 step=step,
@@ -787,9 +787,9 @@ class Controller(ControllerState):
             self._posted = None
 
     def _take_posted(self, wait: bool = True) -> None:
-        """Queue what the serving process put in the ring (lock held). The step hook
-        does not wait long for the ring's lock (`wait` False): the ring then waits for
-        the next boundary."""
+        """Queue what the serving process put in the ring (lock held). The step hook and
+        the counts do not wait long for the ring's lock (`wait` False): the ring then
+        waits for the next boundary, or read."""
         ring = self._posted
         if ring is None or not ring.waiting():
             return
