@@ -11,9 +11,9 @@ what the ring holds into the controller's queue at the next boundary (one compar
 step when it is empty), where it is applied as any queued change.
 
 The shared memory is a memfd of its own (POSTED_BYTES): a header of eight 8-byte
-fields, then SLOTS slots of SLOT bytes, each a change: (change id, requested_at, its
-estimated bytes, body length) and the body (planned_wire.planned_to_wire's tuple,
-marshal-encoded). Both processes change the header only under a POSIX record lock
+fields (the header also counts the estimated bytes the ring holds), then SLOTS slots
+of SLOT bytes, each a change: (change id, requested_at, body length) and the body
+(planned_wire.planned_to_wire's tuple, marshal-encoded). Both processes change the header only under a POSIX record lock
 (lockf) on its first byte: one process at a time (threads of one process are kept
 apart by the controller's lock, which the training process always holds first).
 
@@ -52,7 +52,7 @@ from typing import Any, Iterator, Optional
 from lrctl.server.queue_limits import QueueLimits
 
 HEADER = struct.Struct("<qqqqqqqq")  # next id, head, tail, loads, closed, queued, queued bytes, ring bytes
-SLOT_HEAD = struct.Struct("<qdqI")  # change id, requested_at (time.time), estimated bytes, body length
+SLOT_HEAD = struct.Struct("<qdI")  # change id, requested_at (time.time), body length
 SLOTS = 32
 SLOT = 4096
 POSTED_BYTES = HEADER.size + SLOTS * SLOT
@@ -130,7 +130,7 @@ class PostedRing:
         buffer = self.buffer
         for k in range(header[_HEAD], header[_TAIL]):
             at = HEADER.size + (k % SLOTS) * SLOT
-            change_id, requested_at, _size, n = SLOT_HEAD.unpack_from(buffer, at)
+            change_id, requested_at, n = SLOT_HEAD.unpack_from(buffer, at)
             start = at + SLOT_HEAD.size
             out.append((change_id, requested_at, bytes(buffer[start:start + n])))
         header[_QUEUED] += len(out)
@@ -188,7 +188,7 @@ class PostedRing:
                 return None
             change_id = self.claim(header)
             at = HEADER.size + (header[_TAIL] % SLOTS) * SLOT
-            SLOT_HEAD.pack_into(self.buffer, at, change_id, time.time(), size, len(body))
+            SLOT_HEAD.pack_into(self.buffer, at, change_id, time.time(), len(body))
             start = at + SLOT_HEAD.size
             self.buffer[start:start + len(body)] = body
             header[_TAIL] += 1

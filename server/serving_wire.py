@@ -50,9 +50,10 @@ lrctl's own: the serving process answers a repeated read from the answer it kept
 as long as the version it was computed at is the one in force (and no schedule moves
 rates with the step), with the step brought up to date, without the training process.
 The serving process writes there too: counters of the calls it answered itself
-(count_answered), which the training process adds to lrctl_requests_total. A second
-memfd holds the changes the serving process queued itself, and the change id counter
-(lrctl.server.posted_writes).
+(count_answered), which the training process adds to lrctl_requests_total. Past
+those, the training process writes each new version's read snapshot (write_snapshot)
+for the serving process to take without asking. A second memfd holds the changes the
+serving process queued itself, and the change id counter (lrctl.server.posted_writes).
 """
 
 from __future__ import annotations
