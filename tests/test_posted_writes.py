@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from typing import Iterator
 
 import grpc
@@ -173,25 +174,31 @@ sys.stdin.readline()
 """
 
 
+@contextmanager
+def _ring_held_elsewhere(w: Worker) -> Iterator[None]:
+    """Another process holds the ring's lock meanwhile (as a stopped process would)."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, f"/proc/{os.getpid()}/fd/{w.ctl._server._posted.fd}"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(PATIENCE_S)
+
+
 def test_the_step_hook_does_not_wait_for_a_ring_another_process_holds(worker: Worker) -> None:
     # A serving process stopped while it holds the ring's lock (here: another process
     # holding it) costs a step nothing: the hook leaves the ring for the next boundary.
     w = worker
     queued = w.set("0.weight", 0.3)
-    ring = w.ctl._server._posted
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, f"/proc/{os.getpid()}/fd/{ring.fd}"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _ring_held_elsewhere(w):
         stepped = threading.Thread(target=w.optimizer.step)
         stepped.start()
         stepped.join(PATIENCE_S)
         assert not stepped.is_alive()
         assert w.ctl.controller.learning_rates()["0.weight"] == 0.1  # not this step
-    finally:
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        holder.wait(PATIENCE_S)
     w.optimizer.step()
     (record,) = [r for r in w.history() if r.change_id == queued.change_id]
     assert record.step == 1 and w.ctl.controller.learning_rates()["0.weight"] == 0.3
@@ -237,20 +244,13 @@ def test_the_serving_process_sends_a_set_over_the_link_while_the_ring_is_held(wo
     # and a Set takes the link (whose thread waits for the lock: the training process
     # takes ids only under it).
     w = worker
-    ring, link_thread = w.ctl._server._posted, w.ctl._server._thread
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, f"/proc/{os.getpid()}/fd/{ring.fd}"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    link_thread = w.ctl._server._thread
+    with _ring_held_elsewhere(w):
         answer = w.stub.SetLearningRates.future(pb.SetLearningRatesRequest(updates=[absolute("0.weight", 0.3)]),
                                                 timeout=PATIENCE_S)
         wait_for(lambda: _blocked_in_fcntl(link_thread.native_id), "the link thread waiting for the ring's lock")
         rates = w.stub.GetLearningRates(pb.GetLearningRatesRequest(selectors=["0.weight"]), timeout=PATIENCE_S)
         assert rates.rates[0].lr == 0.1 and not answer.done()
-    finally:
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        holder.wait(PATIENCE_S)
     assert answer.result().change_id == 1 and w.forwarded_sets() == 1
     w.optimizer.step()
     assert w.ctl.controller.learning_rates()["0.weight"] == 0.3
