@@ -42,12 +42,12 @@ import grpc
 
 from lrctl.common.errors import LrctlError
 from lrctl.server.cancel import CallCheck
+from lrctl.server.planned_wire import Planned, planned_to_wire
 from lrctl.server.queue_limits import QueueLimits, estimate_bytes
 from lrctl.server.read_answers import cheap_selectors
 from lrctl.server.read_model import NeedsLiveGrad
 from lrctl.server.serving_reads import SnapshotReads
 from lrctl.server.status import failure_status, lenient_deserializer
-from lrctl.server.planned_wire import Planned, planned_to_wire
 from lrctl.server.write_messages import change_request, check_message, reply, user_of
 from lrctl.server.write_plan import check_acceptable
 from lrctl.v1 import lrctl_pb2
