@@ -32,7 +32,8 @@ import uuid
 from array import array
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -727,8 +728,7 @@ class Controller(ControllerState):
             self._next_change_id += 1
             self._queue(pending)
             return pending
-        with ring.locked() as header:  # what the serving process queued comes first
-            self._adopt_posted(ring.take(header))
+        with self._ring_emptied(ring) as header:
             check_room(self._pending, pending, self.queue_limits)
             pending.change_id = ring.claim(header)
             self._queue(pending)
@@ -746,8 +746,7 @@ class Controller(ControllerState):
             change_id = self._next_change_id
             self._next_change_id += 1
             return change_id
-        with ring.locked() as header:
-            self._adopt_posted(ring.take(header))
+        with self._ring_emptied(ring) as header:
             return ring.claim(header)
 
     def _peek_change_id(self) -> int:
@@ -780,11 +779,19 @@ class Controller(ControllerState):
             ring = self._posted
             if ring is None:
                 return
-            with ring.locked() as header:
-                self._adopt_posted(ring.take(header))
+            with self._ring_emptied(ring) as header:
                 ring.set_closed(header)
                 self._next_change_id = ring.next_id(header)
             self._posted = None
+
+    @contextmanager
+    def _ring_emptied(self, ring: PostedRing) -> Iterator[list[int]]:
+        """The ring's header under its lock, once what the ring held is in the queue
+        (lock held): whatever the block queues or numbers comes after it, in the order
+        the ids were given."""
+        with ring.locked() as header:
+            self._adopt_posted(ring.take(header))
+            yield header
 
     def _take_posted(self, wait: bool = True) -> None:
         """Queue what the serving process put in the ring (lock held). The step hook and
@@ -901,8 +908,7 @@ class Controller(ControllerState):
             self._closed = True
             ring = self._posted
             if ring is not None:
-                with ring.locked() as header:  # nothing is queued there from now on
-                    self._adopt_posted(ring.take(header))
+                with self._ring_emptied(ring) as header:  # nothing is queued there from now on
                     ring.set_closed(header)
             pending, self._pending, self._next_due = self._pending, [], _NEVER
             step = self._step

@@ -87,7 +87,7 @@ class ControllerState:
         def _fail(self, pending: PendingChange, step: int, error: Any) -> None: ...
         def _take_posted(self, wait: bool = True) -> None: ...
         def _peek_change_id(self) -> int: ...
-        def _adopt_posted(self, entries: Any) -> None: ...
+        def _ring_emptied(self, ring: Any) -> Any: ...
 
     def export_state(self) -> dict[str, Any]:
         """This controller's state as plain data keyed by name (lrctl.server.state):
@@ -234,8 +234,7 @@ class ControllerState:
                 # What the serving process queued goes with the rest; changes planned
                 # before the load are not queued there again, and the ids go on from
                 # the checkpoint's.
-                with ring.locked() as header:
-                    self._adopt_posted(ring.take(header))
+                with self._ring_emptied(ring) as header:
                     ring.set_loads(header, self.loads + 1)
                     ring.set_next_id(header, parsed.next_change_id)
                     ring.set_queue(header, len(parsed.pending), sum(p.size for p in parsed.pending))

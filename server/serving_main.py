@@ -43,6 +43,7 @@ from lrctl.server.admission import Budget
 from lrctl.server.factory import SERVICE_NAME, build_server
 from lrctl.server.feed_reader import FeedReader
 from lrctl.server.posted_writes import PostedRing
+from lrctl.server.queue_limits import estimate_bytes
 from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
 from lrctl.server.serving_writes import HandOver, SnapshotWrites
 from lrctl.server.status import RequestCounts, status_code
@@ -145,7 +146,7 @@ class _Link:
                 or request.expected_version is not None):
             return None
         change_id = self.posted.post(marshal.dumps(planned.wire), loads=planned.planned.loads,
-                                     size=planned.size, limits=planned.limits)
+                                     size=estimate_bytes(request, planned.planned.ops), limits=planned.limits)
         if change_id is not None:
             self.acked = max(self.acked, wire.stamp(planned.planned.loads, planned.planned.version))
         return change_id

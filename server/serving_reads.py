@@ -60,7 +60,7 @@ class SnapshotReads:
     """This process's snapshot and the reads answered from it (on the server's loop)."""
 
     def __init__(self, read_shared: Callable[[], tuple[int, int]], ask: Callable[[], None],
-                 written: Callable[[int], tuple[int, tuple] | None] = lambda newer_than: None) -> None:
+                 written: Callable[[int], tuple | None] = lambda newer_than: None) -> None:
         self._read_shared = read_shared
         self._ask = ask  # sends the training process a request for a snapshot
         # A newer versioned part the training process wrote in the shared memory
@@ -101,10 +101,9 @@ class SnapshotReads:
     def _take_written(self, have: int) -> None:
         """Take the snapshot the training process wrote in the shared memory, if it is
         newer than `have` and follows the schedules this process has."""
-        found = self._written(have)
-        if found is None or self._base is None:
+        versioned = self._written(have)
+        if versioned is None or self._base is None:
             return
-        versioned = found[1]
         if VersionedPart.book_start_of(versioned) != len(self._base.book):
             return  # schedules this process has not been sent yet: ask
         self.received(None, versioned)

@@ -247,9 +247,9 @@ def write_snapshot(buffer: Any, version: int, versioned: tuple) -> bool:
     return True
 
 
-def read_snapshot(buffer: Any, newer_than: int) -> tuple[int, tuple] | None:
-    """(version stamp, versioned part) written by write_snapshot, if one newer than
-    `newer_than` is there; else None."""
+def read_snapshot(buffer: Any, newer_than: int) -> tuple | None:
+    """The versioned part written by write_snapshot, if its version stamp is newer than
+    `newer_than`; else None."""
     start = SNAPSHOT_AT + SNAPSHOT_HEAD.size
     for _ in range(100):  # a writer stopped half-way: ask instead
         seq, version, n = SNAPSHOT_HEAD.unpack_from(buffer, SNAPSHOT_AT)
@@ -257,7 +257,7 @@ def read_snapshot(buffer: Any, newer_than: int) -> tuple[int, tuple] | None:
             return None
         body = bytes(buffer[start:start + n])
         if not seq & 1 and SNAPSHOT_HEAD.unpack_from(buffer, SNAPSHOT_AT)[0] == seq:
-            return version, marshal.loads(body)
+            return marshal.loads(body)
     return None
 
 

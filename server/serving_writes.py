@@ -43,7 +43,7 @@ import grpc
 from lrctl.common.errors import LrctlError
 from lrctl.server.cancel import CallCheck
 from lrctl.server.planned_wire import Planned, planned_to_wire
-from lrctl.server.queue_limits import QueueLimits, estimate_bytes
+from lrctl.server.queue_limits import QueueLimits
 from lrctl.server.read_answers import cheap_selectors
 from lrctl.server.read_model import NeedsLiveGrad
 from lrctl.server.serving_reads import SnapshotReads
@@ -70,7 +70,6 @@ class HandOver:
 
     def __init__(self, wire: tuple, planned: Planned, outcome: Any, limits: QueueLimits) -> None:
         self.wire, self.planned, self.outcome, self.limits = wire, planned, outcome, limits
-        self.size = estimate_bytes(planned.request, planned.ops)
 
     def reply(self, change_id: int) -> bytes:
         outcome = replace(self.outcome, change_id=change_id)
