@@ -15,8 +15,10 @@ Properties, for every call:
   * OK, or a status in ALLOWED with a non-empty message (never UNKNOWN or INTERNAL,
     which the README reserves for lrctl's own bugs);
   * a failed call changes nothing: same config version, same rates (a call that
-    returns OK may change them); no history record ever names a failed call (each call
-    carries a unique "lrctl-user", which the history records);
+    returns OK may change them); no applied history record ever names a failed call (each
+    call carries a unique "lrctl-user", which the history records; a change accepted and
+    then failed at its step, say on an expected_version that a change queued ahead of it
+    moved, is recorded as failed, with the status its caller got);
   * the worker stays healthy (health Check SERVING), training keeps advancing, and no
     "lrctl" or "grpc" logger reports an error.
 
@@ -227,7 +229,7 @@ def worker() -> Iterator[Worker]:
             counts = ", ".join(f"{code} {n}" for (m, code), n in sorted(w.statuses.items()) if m == name)
             print(f"  {name}: {counts}")
         # A rejected call must never show up later (a withdrawn change applied anyway).
-        users = {r.user for r in _history(w)}
+        users = {r.user for r in _history(w) if not r.status}
         assert not users & w.failed_calls, f"rejected calls in the history: {sorted(users & w.failed_calls)}"
         assert not w.errors, f"the training loop raised: {w.errors!r}"
         assert not log.records, f"the worker logged errors:\n{log.text()}"
@@ -368,10 +370,13 @@ def check_call(w: Worker, method: _descriptor.MethodDescriptor, payload: bytes, 
             if after_version == version:
                 assert after_rates == rates, f"{method.name} failed ({result.code.name}) but rates changed"
             else:  # earlier accepted changes landed meanwhile: none of them may be this call
-                applied = _history(w, after=version)
+                records = _history(w, after=version)
+                applied = [r for r in records if not r.status]
                 assert user not in {r.user for r in applied}, (
                     f"{method.name} failed ({result.code.name}: {result.details}) but was applied"
                 )
+                told = {r.status for r in records if r.user == user}
+                assert told <= {result.code.name}, f"{method.name} failed ({result.code.name}) but recorded {told}"
                 strangers = {r.user for r in applied} - w.ok_calls - w.unknown_calls
                 assert not strangers, f"changes applied that no call was told of: {strangers}"
     reply = w.health.Check(health_pb2.HealthCheckRequest(service=SERVICE.full_name), timeout=CALL_TIMEOUT_S)
@@ -683,7 +688,7 @@ def test_rejected_writes_never_land_and_training_advanced(worker: Worker) -> Non
     """Run last in this module: every call so far was answered, training advanced past them."""
     start = worker.steps
     _advancing(worker, start)
-    users = {r.user for r in _history(worker)}
+    users = {r.user for r in _history(worker) if not r.status}
     assert not users & worker.failed_calls
     assert users <= worker.ok_calls | worker.unknown_calls | {""}, users - worker.ok_calls - worker.unknown_calls
     assert worker.steps > 0
