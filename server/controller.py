@@ -790,7 +790,7 @@ class Controller(ControllerState):
         (lock held): whatever the block queues or numbers comes after it, in the order
         the ids were given."""
         with ring.locked() as header:
-            self._adopt_posted(ring.take(header))
+            self._adopt_posted(ring.take(header, len(self._pending), self._queued_bytes()))
             yield header
 
     def _take_posted(self, wait: bool = True) -> None:
@@ -804,20 +804,20 @@ class Controller(ControllerState):
         if held is None:
             return
         with held as header:
-            taken = ring.take(header)
+            taken = ring.take(header, len(self._pending), self._queued_bytes())
         self._adopt_posted(taken)  # the ring's lock is free meanwhile: the serving process posts on
 
-    def _adopt_posted(self, entries: Sequence[tuple[int, float, bytes]]) -> None:
+    def _adopt_posted(self, entries: Sequence[tuple[int, float, int, bytes]]) -> None:
         """Queue changes taken from the ring (lock held), with the checks that need the
         live state; one that fails them is recorded as failed (its caller was answered)."""
-        for change_id, requested_at, body in entries:
+        for change_id, requested_at, size, body in entries:
             try:
                 planned = planned_from_wire(marshal.loads(body))
             except Exception:  # a bug: the serving process wrote what it planned
                 log.exception("lrctl: change %d from the serving process could not be read; "
                               "it was not applied", change_id)
                 continue
-            pending = PendingChange(change_id, planned.request, planned.ops, requested_at)
+            pending = PendingChange(change_id, planned.request, planned.ops, requested_at, size=size)
             try:
                 frozen = [i for i in planned.ops if not self._params[i].requires_grad]
                 if frozen:
@@ -1059,6 +1059,17 @@ class Controller(ControllerState):
             except BaseException:  # KeyboardInterrupt & co. in the training thread
                 self._abandon(due[k:], step)
                 raise
+        if self._posted is not None:
+            self._leave_room(self._posted)
+
+    def _leave_room(self, ring: PostedRing) -> None:
+        """Tell the ring the queue's count and bytes once changes left it at a boundary
+        (lock held), so that the serving process queues the next ones there and not over
+        the link. Never waits: a ring held now keeps its (higher) count until the next."""
+        held = ring.try_locked(0.0)
+        if held is not None:
+            with held as header:
+                ring.set_queue(header, len(self._pending), self._queued_bytes())
 
     def _tick(self, step: int) -> None:
         """Install this step's rate of every scheduled class whose rate moved."""

@@ -106,6 +106,7 @@ class Record:
     status: str = ""  # "" applied; else e.g. "FAILED_PRECONDITION"
     error: str = ""
     seq: int = 0  # the history's own sequence number (History.append sets it)
+    size: int = 0  # record_bytes, once (History.append sets it; the stream's bound reads it)
 
     @property
     def num_changes(self) -> int:
@@ -175,7 +176,6 @@ class History:
         if limit < 1 or max_bytes < 1:
             raise ValueError(f"history bounds must be at least 1, got {limit}, {max_bytes}")
         self._records: deque[Record] = deque()
-        self._sizes: deque[int] = deque()
         self._limit, self._max_bytes = limit, max_bytes
         self.bytes = 0
         self.dropped = 0
@@ -192,20 +192,18 @@ class History:
         """Add `record` (numbered here) and drop the oldest past the bounds; returns it.
 
         `count` False: a record restored from a checkpoint, not one this process made."""
-        record = replace(record, seq=self._next_seq)
+        record = replace(record, seq=self._next_seq, size=record_bytes(record))
         if count:
             status = record.status or "OK"
             self.counts[status] = self.counts.get(status, 0) + 1
         self._next_seq += 1
-        size = record_bytes(record)
         self._records.append(record)
-        self._sizes.append(size)
-        self.bytes += size
+        self.bytes += record.size
         while len(self._records) > 1 and (
             len(self._records) > self._limit or self.bytes > self._max_bytes
         ):
             old = self._records.popleft()
-            self.bytes -= self._sizes.popleft()
+            self.bytes -= old.size
             self.dropped += 1
             self.last_dropped = (old.version, old.failed, old.seq)
         return record

@@ -12,10 +12,11 @@ step when it is empty), where it is applied as any queued change.
 
 The shared memory is a memfd of its own (POSTED_BYTES): a header of eight 8-byte
 fields (the header also counts the estimated bytes the ring holds), then SLOTS slots
-of SLOT bytes, each a change: (change id, requested_at, body length) and the body
-(planned_wire.planned_to_wire's tuple, marshal-encoded). Both processes change the header only under a POSIX record lock
-(lockf) on its first byte: one process at a time (threads of one process are kept
-apart by the controller's lock, which the training process always holds first).
+of SLOT bytes, each a change: (change id, requested_at, estimated bytes, body
+length) and the body (planned_wire.planned_to_wire's tuple, marshal-encoded). Both
+processes change the header only under a POSIX record lock (lockf) on its first byte:
+one process at a time (threads of one process are kept apart by the controller's lock,
+which the training process always holds first).
 
 What keeps every guarantee of a queued change:
   - ids: the counter in the header is the controller's own while a ring is attached;
@@ -23,10 +24,12 @@ What keeps every guarantee of a queued change:
     ring holds into its queue, so ids follow the order changes were accepted in, and
     so does the queue;
   - the queue's bounds: the training process keeps its queue's count and bytes in the
-    header (never lower than they are), and the serving process queues here only
-    while the ring, the queue and this change fit under the smallest of the bounds
-    (every change here could be one connection's); otherwise the change takes the
-    link, where Controller.submit applies the exact shares;
+    header, never lower than they are (made exact when it takes the ring, queues a
+    change itself, or applied changes at a boundary while the lock was free), and the
+    serving process queues here only while the ring, the queue and this change fit
+    under the smallest of the bounds (every change here could be one connection's);
+    otherwise the change takes the link, where Controller.submit applies the exact
+    shares;
   - a checkpoint load and close: both move the ring into the queue under the lock
     (where the load withdraws, and close fails, what is queued) and set `loads` or
     `closed` there, so a change planned before the load, or sent after close, is
@@ -52,7 +55,7 @@ from typing import Any, Iterator, Optional
 from lrctl.server.queue_limits import QueueLimits
 
 HEADER = struct.Struct("<qqqqqqqq")  # next id, head, tail, loads, closed, queued, queued bytes, ring bytes
-SLOT_HEAD = struct.Struct("<qdI")  # change id, requested_at (time.time), body length
+SLOT_HEAD = struct.Struct("<qdqI")  # change id, requested_at (time.time), estimated bytes, body length
 SLOTS = 32
 SLOT = 4096
 POSTED_BYTES = HEADER.size + SLOTS * SLOT
@@ -121,20 +124,21 @@ class PostedRing:
         head, tail = _EMPTY_HEAD_TAIL.unpack_from(self.buffer, 8)
         return head != tail
 
-    def take(self, header: list[int]) -> list[tuple[int, float, bytes]]:
+    def take(self, header: list[int], queued: int, queued_bytes: int) -> list[tuple[int, float, int, bytes]]:
         """Under the lock: what the ring holds, oldest first, as (change id,
-        requested_at, body); the ring is then empty, and the queue's count and bytes
-        include what it held (the caller queues it, after the lock if it likes: the
-        count is never lower than the queue)."""
+        requested_at, estimated bytes, body); the ring is then empty. The header's
+        queue is then the caller's (`queued` changes of `queued_bytes`) and what the
+        ring held: the caller queues it, after the lock if it likes (the count is never
+        lower than the queue)."""
         out = []
         buffer = self.buffer
         for k in range(header[_HEAD], header[_TAIL]):
             at = HEADER.size + (k % SLOTS) * SLOT
-            change_id, requested_at, n = SLOT_HEAD.unpack_from(buffer, at)
+            change_id, requested_at, size, n = SLOT_HEAD.unpack_from(buffer, at)
             start = at + SLOT_HEAD.size
-            out.append((change_id, requested_at, bytes(buffer[start:start + n])))
-        header[_QUEUED] += len(out)
-        header[_QUEUED_BYTES] += header[_RING_BYTES]
+            out.append((change_id, requested_at, size, bytes(buffer[start:start + n])))
+        header[_QUEUED] = queued + len(out)
+        header[_QUEUED_BYTES] = queued_bytes + header[_RING_BYTES]
         header[_HEAD] = header[_TAIL]
         header[_RING_BYTES] = 0
         return out
@@ -188,7 +192,7 @@ class PostedRing:
                 return None
             change_id = self.claim(header)
             at = HEADER.size + (header[_TAIL] % SLOTS) * SLOT
-            SLOT_HEAD.pack_into(self.buffer, at, change_id, time.time(), len(body))
+            SLOT_HEAD.pack_into(self.buffer, at, change_id, time.time(), size, len(body))
             start = at + SLOT_HEAD.size
             self.buffer[start:start + len(body)] = body
             header[_TAIL] += 1

@@ -102,7 +102,8 @@ class PendingChange:
     change is applied, rejected at its step, or withdrawn. `deadline` (time.monotonic)
     is when its waiting caller will have been told it failed: a step boundary that
     comes later (a paused or overloaded worker) drops it instead of applying it.
-    `size` estimates the bytes it holds (lrctl.server.queue_limits).
+    `size` estimates the bytes it holds (lrctl.server.queue_limits; given when the
+    serving process estimated it already).
     """
 
     change_id: int
@@ -118,10 +119,11 @@ class PendingChange:
     handed_over: bool = False
     _callbacks: list[Callable[["PendingChange"], None]] = field(default_factory=list, repr=False)
     _callbacks_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    size: int = field(init=False, default=0)
+    size: int = -1
 
     def __post_init__(self) -> None:
-        self.size = estimate_bytes(self.request, self.ops)
+        if self.size < 0:
+            self.size = estimate_bytes(self.request, self.ops)
 
     @property
     def due(self) -> int:

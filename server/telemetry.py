@@ -286,7 +286,7 @@ class Telemetry:
             event = self._event_for(record.step)
             event.changes.append(record)
             event.version = max(event.version, record.version)
-            event.size += _REF_BYTES + record_bytes(record)
+            event.size += _REF_BYTES + (record.size or record_bytes(record))
             self._done(event)
         self._maybe_wake()
 

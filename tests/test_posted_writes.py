@@ -138,6 +138,23 @@ def test_the_queue_bounds_hold_for_sets_queued_in_the_ring() -> None:
         w.close()
 
 
+def test_applied_sets_leave_room_in_the_ring_without_the_link() -> None:
+    """The queue's count in the ring's header is made exact each time the step hook takes
+    the ring: a steady stream, applied as it comes, never fills the bound there."""
+    w = Worker(QueueLimits(max_changes_per_connection=3))
+    try:
+        for k in range(4 * 3):
+            w.set("0.weight", 0.01 * (k + 1))
+            if k % 2:
+                w.optimizer.step()
+        w.optimizer.step()
+        assert w.forwarded_sets() == 0
+        assert len(w.history()) == 12 and not any(r.failed for r in w.history())
+        assert w.ctl.controller.learning_rates()["0.weight"] == pytest.approx(0.12)
+    finally:
+        w.close()
+
+
 def test_a_checkpoint_load_withdraws_sets_queued_in_the_ring(worker: Worker) -> None:
     w = worker
     w.set("0.weight", 0.2)
