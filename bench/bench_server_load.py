@@ -240,6 +240,10 @@ class Config:
     step_times: list[float] = field(default_factory=list)
     # Per round, the main thread's ms per step: (on a CPU, on a run queue, blocked).
     split: list[tuple[float, float, float]] = field(default_factory=list)
+    # Per round, the main thread's CPU ms per step inside lrctl's own code: the step hook,
+    # report() and (inline) submit. What lrctl itself takes from the training thread,
+    # measured directly, beside what the step's time says with the machine's noise in it.
+    own: list[float] = field(default_factory=list)
     sent: int = 0
     errors: int = 0
     py_cpu: float = 0.0  # server Python threads' CPU seconds during the loads
@@ -285,9 +289,20 @@ class Bench:
         args = self.args
         model = copy.deepcopy(self.base_model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        cpu_ns = time.thread_time_ns
+        own = [0, 0, 0]  # ns in lrctl's code while timed, the hook's start, timing (0/1)
+
+        def hook_starts(*_: Any) -> None:  # registered before attach's hook: runs just before it
+            own[1] = cpu_ns()
+
+        def hook_ends(*_: Any) -> None:  # ... and this one just after (every config has both)
+            own[0] += (cpu_ns() - own[1]) * own[2]
+
+        opt.register_step_pre_hook(hook_starts)
         ctl = None
         if config.kind in KINDS:
             ctl = KINDS[config.kind](model, opt)
+        opt.register_step_pre_hook(hook_ends)
         try:
             if config.rate and not config.inline:
                 address = ctl.address if ctl is not None else self.sidecar_address()
@@ -302,11 +317,13 @@ class Bench:
             for k in range(args.warmup + args.steps):
                 if k == args.warmup:
                     sched0, wall0 = main_thread_sched(), time.perf_counter()
+                    own[2] = 1
                 x, y = self.batches[k % len(self.batches)]
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 loss = nn.functional.mse_loss(model(x), y)
                 loss.backward()
+                t_own = cpu_ns()
                 if config.watchers and ctl is not None:
                     ctl.report(loss)
                 while sets is not None and time.perf_counter() >= next_set:
@@ -314,6 +331,7 @@ class Bench:
                     next_set += set_every
                     if k >= args.warmup:
                         config.sent += 1
+                own[0] += (cpu_ns() - t_own) * own[2]
                 opt.step()
                 times.append(time.perf_counter() - t0)
             sched1, wall1 = main_thread_sched(), time.perf_counter()
@@ -323,6 +341,7 @@ class Bench:
             per_step = 1e3 / args.steps
             config.split.append((on_cpu * per_step, runq * per_step,
                                  (wall1 - wall0 - on_cpu - runq) * per_step))
+            config.own.append(own[0] / 1e6 / args.steps)
             if config.rate and not config.inline:
                 cpu_end = thread_cpu()
                 config.sidecar_cpu += helper_cpu(ctl) - sidecar_start
@@ -418,13 +437,16 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
     print()
     print("where a step's extra time goes: the training thread's ms per step on a CPU, waiting on a "
           "run queue (cores busy), and blocked (waiting for the GIL), each minus base's in the same round "
-          "(median over rounds)")
-    print(f"{'config':<20} {'step':>7} {'on CPU':>7} {'run queue':>9} {'GIL wait':>8}")
+          "(median over rounds); and of its CPU, the ms per step inside lrctl's own code (the step "
+          "hook, report(), inline submits), measured directly, with its share of base's step")
+    print(f"{'config':<20} {'step':>7} {'on CPU':>7} {'run queue':>9} {'GIL wait':>8} {'lrctl code':>16}")
     for c in configs:
         deltas = [[c.split[r][j] - base.split[r][j] for r in range(len(c.split))] for j in range(3)]
         total = [(m - b) * 1e3 for m, b in zip(c.means, base.means)]
+        own = statistics.median(c.own) - statistics.median(base.own)
         print(f"{c.label:<20} {statistics.median(total):>+7.2f} " + " ".join(
-            f"{statistics.median(d):>+{w}.2f}" for d, w in zip(deltas, (7, 9, 8))))
+            f"{statistics.median(d):>+{w}.2f}" for d, w in zip(deltas, (7, 9, 8)))
+            + f" {own:>7.2f} ({own / base_ms * 100:>4.1f}%)")
     print(f"(base: {base_ms:.2f} ms/step. p99 step: the 99th percentile of single steps, as a ratio to "
           f"base's. req/s: the rate achieved (inline: Sets submitted per second). py us/req: CPU time "
           f"of the server's Python threads per request, all of it under the GIL; C us/req: CPU time "
