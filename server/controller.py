@@ -732,7 +732,7 @@ class Controller(ControllerState):
             check_room(self._pending, pending, self.queue_limits)
             pending.change_id = ring.claim(header)
             self._queue(pending)
-            ring.set_queue(header, len(self._pending), self._queued_bytes())
+            ring.set_queue(header, *self._queue_load())
         return pending
 
     def _queue(self, pending: PendingChange) -> None:
@@ -757,8 +757,9 @@ class Controller(ControllerState):
         with ring.locked() as header:
             return ring.next_id(header)
 
-    def _queued_bytes(self) -> int:
-        return sum(p.size for p in self._pending)
+    def _queue_load(self) -> tuple[int, int]:
+        """The queue's count and estimated bytes, as the ring's header holds them (lock held)."""
+        return len(self._pending), sum(p.size for p in self._pending)
 
     # -- changes the serving process queued itself (lrctl.server.posted_writes) ----------
     def attach_posted(self, ring: PostedRing) -> None:
@@ -768,7 +769,7 @@ class Controller(ControllerState):
             with ring.locked() as header:
                 ring.set_next_id(header, self._next_change_id)
                 ring.set_loads(header, self.loads)
-                ring.set_queue(header, len(self._pending), self._queued_bytes())
+                ring.set_queue(header, *self._queue_load())
                 ring.set_closed(header, self._closed)
             self._posted = ring
 
@@ -790,7 +791,7 @@ class Controller(ControllerState):
         (lock held): whatever the block queues or numbers comes after it, in the order
         the ids were given."""
         with ring.locked() as header:
-            self._adopt_posted(ring.take(header, len(self._pending), self._queued_bytes()))
+            self._adopt_posted(ring.take(header, *self._queue_load()))
             yield header
 
     def _take_posted(self, wait: bool = True) -> None:
@@ -804,7 +805,7 @@ class Controller(ControllerState):
         if held is None:
             return
         with held as header:
-            taken = ring.take(header, len(self._pending), self._queued_bytes())
+            taken = ring.take(header, *self._queue_load())
         self._adopt_posted(taken)  # the ring's lock is free meanwhile: the serving process posts on
 
     def _adopt_posted(self, entries: Sequence[tuple[int, float, int, bytes]]) -> None:
@@ -1069,7 +1070,7 @@ class Controller(ControllerState):
         held = ring.try_locked(0.0)
         if held is not None:
             with held as header:
-                ring.set_queue(header, len(self._pending), self._queued_bytes())
+                ring.set_queue(header, *self._queue_load())
 
     def _tick(self, step: int) -> None:
         """Install this step's rate of every scheduled class whose rate moved."""

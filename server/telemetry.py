@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from lrctl.server.history import Record, record_bytes
+from lrctl.server.history import Record
 
 MAX_METRIC_NAME = 64
 MAX_METRICS_PER_REPORT = 64
@@ -280,13 +280,14 @@ class Telemetry:
         self._maybe_wake()
 
     def add_change(self, record: Record) -> None:
-        """A change record (applied, or failed) of record.step; from any thread."""
+        """A change record (applied, or failed) of record.step, as History.append
+        returned it (its size counted there); from any thread."""
         with self._lock:
             self._version = max(self._version, record.version)
             event = self._event_for(record.step)
             event.changes.append(record)
             event.version = max(event.version, record.version)
-            event.size += _REF_BYTES + (record.size or record_bytes(record))
+            event.size += _REF_BYTES + record.size
             self._done(event)
         self._maybe_wake()
 

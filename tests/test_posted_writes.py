@@ -139,8 +139,9 @@ def test_the_queue_bounds_hold_for_sets_queued_in_the_ring() -> None:
 
 
 def test_applied_sets_leave_room_in_the_ring_without_the_link() -> None:
-    """The queue's count in the ring's header is made exact each time the step hook takes
-    the ring: a steady stream, applied as it comes, never fills the bound there."""
+    """The queue's count in the ring's header is made exact once a boundary applied
+    changes (and whenever the step hook takes the ring): a steady stream, applied as it
+    comes, never fills the bound there."""
     w = Worker(QueueLimits(max_changes_per_connection=3))
     try:
         for k in range(4 * 3):
