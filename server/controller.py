@@ -695,7 +695,7 @@ class Controller(ControllerState):
             with self._lock:
                 if self._version == planned.version and self.loads == planned.loads:
                     self._check_acceptable(request)
-                    return self._enqueue(request, ops, deadline), None
+                    return self._enqueue(request, ops, deadline, planned), None
         else:
             ops = self._resolve_batch(request, check)
         if check is not None:
@@ -717,10 +717,11 @@ class Controller(ControllerState):
             return pending, replace(outcome, change_id=pending.change_id)
 
     def _enqueue(
-        self, request: ChangeRequest, ops: dict[int, NameOp], deadline: float | None = None
+        self, request: ChangeRequest, ops: dict[int, NameOp], deadline: float | None = None,
+        planned: Any = None,
     ) -> PendingChange:
         """Queue a validated change (lock held), within the queue's bounds and shares."""
-        pending = PendingChange(0, request, ops, time.time(), deadline=deadline)
+        pending = PendingChange(0, request, ops, time.time(), deadline=deadline, planned=planned)
         ring = self._posted
         if ring is None:
             check_room(self._pending, pending, self.queue_limits)  # O(queue): at most max_changes
@@ -757,9 +758,11 @@ class Controller(ControllerState):
         with ring.locked() as header:
             return ring.next_id(header)
 
-    def _queue_load(self) -> tuple[int, int]:
-        """The queue's count and estimated bytes, as the ring's header holds them (lock held)."""
-        return len(self._pending), sum(p.size for p in self._pending)
+    def _queue_load(self, past: int | None = None) -> tuple[int, int]:
+        """The queue's count and estimated bytes, as the ring's header holds them (lock
+        held); with `past`, of the changes that stay queued past step boundary `past`."""
+        staying = self._pending if past is None else [p for p in self._pending if p.due > past]
+        return len(staying), sum(p.size for p in staying)
 
     # -- changes the serving process queued itself (lrctl.server.posted_writes) ----------
     def attach_posted(self, ring: PostedRing) -> None:
@@ -794,19 +797,26 @@ class Controller(ControllerState):
             self._adopt_posted(ring.take(header, *self._queue_load()))
             yield header
 
-    def _take_posted(self, wait: bool = True) -> None:
-        """Queue what the serving process put in the ring (lock held). The step hook and
-        the counts do not wait long for the ring's lock (`wait` False): the ring then
-        waits for the next boundary, or read."""
+    def _take_posted(self, wait: bool = True, boundary: int | None = None) -> bool:
+        """Queue what the serving process put in the ring (lock held); True if it took
+        the ring. The step hook and the counts do not wait long for the ring's lock
+        (`wait` False): the ring then waits for the next boundary, or read. At step
+        `boundary`, the step hook's, the ring's header is told the queue as it will be
+        past that boundary: every change in the ring is due there (posted_writes), and
+        no change is queued before the boundary's changes are applied."""
         ring = self._posted
         if ring is None or not ring.waiting():
-            return
-        held = ring.locked() if wait else ring.try_locked(TAKE_WAIT_S)
-        if held is None:
-            return
-        with held as header:
-            taken = ring.take(header, *self._queue_load())
+            return False
+        load, stays = (self._queue_load(), True) if boundary is None else (self._queue_load(boundary), False)
+        taken = ring.take_now(*load, ring_stays=stays)
+        if taken is None:
+            held = ring.locked() if wait else ring.try_locked(TAKE_WAIT_S)
+            if held is None:
+                return False
+            with held as header:
+                taken = ring.take(header, *load, ring_stays=stays)
         self._adopt_posted(taken)  # the ring's lock is free meanwhile: the serving process posts on
+        return True
 
     def _adopt_posted(self, entries: Sequence[tuple[int, float, int, bytes]]) -> None:
         """Queue changes taken from the ring (lock held), with the checks that need the
@@ -818,7 +828,8 @@ class Controller(ControllerState):
                 log.exception("lrctl: change %d from the serving process could not be read; "
                               "it was not applied", change_id)
                 continue
-            pending = PendingChange(change_id, planned.request, planned.ops, requested_at, size=size)
+            pending = PendingChange(change_id, planned.request, planned.ops, requested_at, size=size,
+                                    planned=planned)
             try:
                 frozen = [i for i in planned.ops if not self._params[i].requires_grad]
                 if frozen:
@@ -860,7 +871,7 @@ class Controller(ControllerState):
             queued = list(self._pending)
         views = [
             PendingView(p.change_id, p.request, p.requested_at,
-                        p.request.wait and not p.finished.is_set(), len(p.ops), p.size)
+                        p.request.wait and not p.done, len(p.ops), p.size)
             for p in queued
         ]
         return sorted(views, key=lambda v: v.change_id)
@@ -984,16 +995,15 @@ class Controller(ControllerState):
                     after()
             self._hold(gate)
         with self._lock:
-            if self._posted is not None:
-                self._take_posted(wait=False)
             step = self._step
+            room_left = self._posted is not None and self._take_posted(wait=False, boundary=step)
             self._step = step + 1
             self._step_times.append(time.monotonic())
             self.telemetry.step(step, self._version)
             if self._schedule_moves is not None:
                 self._record_moves(step)
             if self._next_due <= step:
-                self._apply_due(step)
+                self._apply_due(step, room_left=room_left)
             if self._table.scheduled or self._table.driven:
                 self._tick(step)
         for after in self._after_step:
@@ -1041,7 +1051,9 @@ class Controller(ControllerState):
         except Exception:  # a bug here must not cost the step
             log.exception("lrctl: recording the schedule's rate change at step %d failed", step)
 
-    def _apply_due(self, step: int, now: float | None = None) -> None:
+    def _apply_due(self, step: int, now: float | None = None, room_left: bool = False) -> None:
+        """Apply the changes due at `step` (lock held); `room_left`: the ring's header
+        already counts them gone (_take_posted at this boundary)."""
         due = [p for p in self._pending if p.due <= step]
         self._pending = [p for p in self._pending if p.due > step]
         self._next_due = min((p.due for p in self._pending), default=_NEVER)
@@ -1060,7 +1072,7 @@ class Controller(ControllerState):
             except BaseException:  # KeyboardInterrupt & co. in the training thread
                 self._abandon(due[k:], step)
                 raise
-        if self._posted is not None:
+        if self._posted is not None and not room_left:
             self._leave_room(self._posted)
 
     def _leave_room(self, ring: PostedRing) -> None:
@@ -1084,7 +1096,7 @@ class Controller(ControllerState):
     def _abandon(self, changes: Sequence[PendingChange], step: int) -> None:
         """Finish changes that an interrupt left half-way, so no caller waits forever."""
         for pending in changes:
-            if not pending.finished.is_set() and not pending.handed_over:
+            if not pending.done and not pending.handed_over:
                 self._fail(pending, step, InternalError(
                     f"step {step} was interrupted while applying changes; change "
                     f"{pending.change_id} may not have been applied: the history tells"
@@ -1161,10 +1173,13 @@ class Controller(ControllerState):
                 f"expected_version {request.expected_version} does not match config version "
                 f"{self._version} at step {step}; change {pending.change_id} was not applied"
             )
-        try:
-            plan = self._plan(pending.ops, self._table, step, apply=True)
-        except (InvalidArgumentError, FailedPreconditionError) as exc:
-            raise type(exc)(f"{exc}; change {pending.change_id} was not applied") from None
+        planned = pending.planned
+        plan = None if planned is None else planned.plan_for(self._version, self.loads, step)
+        if plan is None:
+            try:
+                plan = self._plan(pending.ops, self._table, step, apply=True)
+            except (InvalidArgumentError, FailedPreconditionError) as exc:
+                raise type(exc)(f"{exc}; change {pending.change_id} was not applied") from None
         try:
             self._install(plan, forward=True)
         except BaseException:

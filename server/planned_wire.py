@@ -13,7 +13,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-from lrctl.server.planner import NameOp
+from lrctl.server.planner import NameOp, PlannedChange
 from lrctl.server.requests import ChangeRequest, Mode, ScheduleUpdate, Target, Update
 
 _MODE_OF = {m.value: m for m in Mode}
@@ -31,9 +31,22 @@ class Planned:
     version: int
     max_reported_changes: int
     loads: int = 0
+    # The plan made there, for its due step, when it touches no schedule (its ids would
+    # be provisional): applied as is at that step while version and loads are still
+    # these, so the step hook need not plan it again (Controller._apply).
+    plan: PlannedChange | None = None
+
+    def plan_for(self, version: int, loads: int, step: int) -> PlannedChange | None:
+        """The plan, if it is what planning it again at `step`, config `version`
+        after `loads` loads would give (the same inputs to the same code)."""
+        plan = self.plan
+        if plan is None or plan.step != step or version != self.version or loads != self.loads:
+            return None
+        return plan
 
 
 _WAIT = 10  # where planned_to_wire puts the request's `wait`
+_PLAN = -1  # ... and the plan (None when it is not sent)
 
 
 def planned_waits(wired: tuple) -> bool:
@@ -43,7 +56,8 @@ def planned_waits(wired: tuple) -> bool:
 
 def planned_to_wire(planned: Planned) -> tuple:
     """A marshal-able tuple: updates as plain tuples, the positions as array bytes, each
-    distinct op once (schedule specs, objects, pickled only when there are any)."""
+    distinct op once (schedule specs, objects, pickled only when there are any), the
+    plan's per-name arrays as bytes."""
     r = planned.request
     distinct: dict[int, int] = {}
     ops_out: list[tuple] = []
@@ -69,6 +83,38 @@ def planned_to_wire(planned: Planned) -> tuple:
         r.at_step, r.expected_version, r.reason, r.peer, r.user, r.role, r.token, r.wait,
         planned.version, planned.max_reported_changes,
         positions, b"" if len(ops_out) == 1 else which.tobytes(), tuple(ops_out), planned.loads,
+        _plan_to_wire(planned.plan),
+    )
+
+
+def without_plan(wired: tuple) -> tuple:
+    """planned_to_wire's tuple without the plan (smaller; the receiver plans again)."""
+    return wired[:_PLAN] + (None,)
+
+
+def _plan_to_wire(plan: PlannedChange | None) -> tuple | None:
+    if plan is None or plan.old_schedule is not None:
+        return None
+    pins = None if plan.old_pin is None else (plan.old_pin.tobytes(), plan.new_pin.tobytes())  # type: ignore[union-attr]
+    return (plan.step, plan.old_lr.tobytes(), plan.new_lr.tobytes(), plan.old_base.tobytes(),
+            plan.new_base.tobytes(), pins)
+
+
+def _doubles(raw: bytes) -> array:
+    out = array("d")
+    out.frombytes(raw)
+    return out
+
+
+def _plan_from_wire(t: tuple | None, indices: array) -> PlannedChange | None:
+    if t is None:
+        return None
+    step, old_lr, new_lr, old_base, new_base, pins = t
+    return PlannedChange(
+        step=step, indices=indices, old_lr=_doubles(old_lr), new_lr=_doubles(new_lr),
+        old_base=_doubles(old_base), new_base=_doubles(new_base),
+        old_pin=None if pins is None else _doubles(pins[0]), new_pin=None if pins is None else _doubles(pins[1]),
+        old_schedule=None, new_schedule=None, schedules={},
     )
 
 
@@ -83,7 +129,7 @@ def _spec_ref(spec: Any, ids: dict[int, int], specs: list[Any]) -> int:
 
 def planned_from_wire(t: tuple) -> Planned:
     (updates, specs_raw, schedule_selectors, at_step, expected_version, reason, peer, user, role,
-     token, wait, version, max_reported, positions_raw, which_raw, ops_raw, loads) = t
+     token, wait, version, max_reported, positions_raw, which_raw, ops_raw, loads, plan) = t
     specs = pickle.loads(specs_raw) if specs_raw else []  # from the serving process we started
     n = len(schedule_selectors)
     request = ChangeRequest(
@@ -102,4 +148,4 @@ def planned_from_wire(t: tuple) -> Planned:
         which = array("q")
         which.frombytes(which_raw)
         ops = dict(zip(positions, map(ops_list.__getitem__, which)))
-    return Planned(request, ops, version, max_reported, loads)
+    return Planned(request, ops, version, max_reported, loads, _plan_from_wire(plan, positions))

@@ -24,8 +24,10 @@ What keeps every guarantee of a queued change:
     ring holds into its queue, so ids follow the order changes were accepted in, and
     so does the queue;
   - the queue's bounds: the training process keeps its queue's count and bytes in the
-    header, never lower than they are (made exact when it takes the ring, queues a
-    change itself, or applied changes at a boundary while the lock was free), and the
+    header, never lower than they are when a change is counted against them (made
+    exact when it takes the ring, queues a change itself, or applied changes at a
+    boundary while the lock was free; the step hook's take counts the queue as it will
+    be past its boundary, whose changes nothing can queue before: one lock a Set), and the
     serving process queues here only while the ring, the queue and this change fit
     under the smallest of the bounds (every change here could be one connection's);
     otherwise the change takes the link, where Controller.submit applies the exact
@@ -58,6 +60,7 @@ HEADER = struct.Struct("<qqqqqqqq")  # next id, head, tail, loads, closed, queue
 SLOT_HEAD = struct.Struct("<qdqI")  # change id, requested_at (time.time), estimated bytes, body length
 SLOTS = 32
 SLOT = 4096
+BODY_MAX = SLOT - SLOT_HEAD.size  # the longest body a slot holds
 POSTED_BYTES = HEADER.size + SLOTS * SLOT
 TAKE_WAIT_S = 0.002
 _NEXT, _HEAD, _TAIL, _LOADS, _CLOSED, _QUEUED, _QUEUED_BYTES, _RING_BYTES = range(8)
@@ -105,6 +108,22 @@ class PostedRing:
                 continue
             return self._held()
 
+    def take_now(self, queued: int, queued_bytes: int, *, ring_stays: bool = True
+                 ) -> Optional[list[tuple[int, float, int, bytes]]]:
+        """take() if the lock is free at once (the step hook's common case, in one
+        lock and unlock); else None, and the caller tries try_locked."""
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        except OSError:
+            return None
+        try:
+            header = list(HEADER.unpack_from(self.buffer, 0))
+            taken = self.take(header, queued, queued_bytes, ring_stays=ring_stays)
+            HEADER.pack_into(self.buffer, 0, *header)
+            return taken
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+
     @contextmanager
     def _held(self) -> Iterator[list[int]]:
         try:
@@ -124,12 +143,14 @@ class PostedRing:
         head, tail = _EMPTY_HEAD_TAIL.unpack_from(self.buffer, 8)
         return head != tail
 
-    def take(self, header: list[int], queued: int, queued_bytes: int) -> list[tuple[int, float, int, bytes]]:
+    def take(self, header: list[int], queued: int, queued_bytes: int, *,
+             ring_stays: bool = True) -> list[tuple[int, float, int, bytes]]:
         """Under the lock: what the ring holds, oldest first, as (change id,
         requested_at, estimated bytes, body); the ring is then empty. The header's
-        queue is then the caller's (`queued` changes of `queued_bytes`) and what the
-        ring held: the caller queues it, after the lock if it likes (the count is never
-        lower than the queue)."""
+        queue is then the caller's (`queued` changes of `queued_bytes`) and, unless
+        the caller applies it before it queues anything else (`ring_stays` False: the
+        step hook), what the ring held: the caller queues it, after the lock if it likes
+        (the count is never lower than the queue when the next change is counted)."""
         out = []
         buffer = self.buffer
         for k in range(header[_HEAD], header[_TAIL]):
@@ -137,8 +158,8 @@ class PostedRing:
             change_id, requested_at, size, n = SLOT_HEAD.unpack_from(buffer, at)
             start = at + SLOT_HEAD.size
             out.append((change_id, requested_at, size, bytes(buffer[start:start + n])))
-        header[_QUEUED] = queued + len(out)
-        header[_QUEUED_BYTES] = queued_bytes + header[_RING_BYTES]
+        header[_QUEUED] = queued + len(out) if ring_stays else queued
+        header[_QUEUED_BYTES] = queued_bytes + header[_RING_BYTES] if ring_stays else queued_bytes
         header[_HEAD] = header[_TAIL]
         header[_RING_BYTES] = 0
         return out
@@ -176,7 +197,7 @@ class PostedRing:
         """Queue a planned change (its marshal-encoded wire tuple) planned after `loads`
         checkpoint loads, of about `size` bytes: its change id, or None when it must
         take the link (see the module's docstring)."""
-        if len(body) > SLOT - SLOT_HEAD.size:
+        if len(body) > BODY_MAX:
             return None
         held = self.try_locked(TAKE_WAIT_S)  # a training process stopped holding it: the link
         if held is None:

@@ -107,7 +107,6 @@ def check_room(queued: Iterable[Any], new: Any, limits: QueueLimits) -> None:
         if token and p.request.token == token:
             token_count += 1
             token_size += p.size
-    this = f"this change (about {mib(new.size)})"
     if peer_count >= limits.max_changes_per_connection:
         raise ResourceExhaustedError(
             f"connection {peer} already has {peer_count} queued changes, its quota "
@@ -122,15 +121,15 @@ def check_room(queued: Iterable[Any], new: Any, limits: QueueLimits) -> None:
             f"(max_changes {limits.max_changes}); {_CANCEL_HINT}")
     if peer_count and peer_size + new.size > limits.max_bytes_per_connection:
         raise ResourceExhaustedError(
-            f"{this} would take connection {peer}'s queued changes to about "
+            f"this change (about {mib(new.size)}) would take connection {peer}'s queued changes to about "
             f"{mib(peer_size + new.size)}, over its quota (max_bytes_per_connection "
             f"{mib(limits.max_bytes_per_connection)}); {_CANCEL_HINT}")
     if token_count and token_size + new.size > limits.max_bytes_per_token:
         raise ResourceExhaustedError(
-            f"{this} would take token {token!r}'s queued changes to about "
+            f"this change (about {mib(new.size)}) would take token {token!r}'s queued changes to about "
             f"{mib(token_size + new.size)}, over its quota (max_bytes_per_token "
             f"{mib(limits.max_bytes_per_token)}); {_CANCEL_HINT}")
     if count and size + new.size > limits.max_bytes:
         raise ResourceExhaustedError(
-            f"{this} would take the queue to about {mib(size + new.size)}, over its bound "
+            f"this change (about {mib(new.size)}) would take the queue to about {mib(size + new.size)}, over its bound "
             f"(max_bytes {mib(limits.max_bytes)}); {_CANCEL_HINT}")

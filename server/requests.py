@@ -98,8 +98,8 @@ class Outcome:
 class PendingChange:
     """An accepted change waiting for its step boundary.
 
-    `ops` maps a parameter position to what happens to it; `finished` is set once the
-    change is applied, rejected at its step, or withdrawn. `deadline` (time.monotonic)
+    `ops` maps a parameter position to what happens to it; `finished` is set (and
+    `done` true) once the change is applied, rejected at its step, or withdrawn. `deadline` (time.monotonic)
     is when its waiting caller will have been told it failed: a step boundary that
     comes later (a paused or overloaded worker) drops it instead of applying it.
     `size` estimates the bytes it holds (lrctl.server.queue_limits; given when the
@@ -110,7 +110,6 @@ class PendingChange:
     request: ChangeRequest
     ops: dict[int, Any]  # position -> NameOp (lrctl.server.planner)
     requested_at: float
-    finished: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     error: LrctlError | None = None
     deadline: float | None = None
@@ -120,10 +119,31 @@ class PendingChange:
     _callbacks: list[Callable[["PendingChange"], None]] = field(default_factory=list, repr=False)
     _callbacks_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     size: int = -1
+    # How the serving process planned it (lrctl.server.planned_wire.Planned), if it did.
+    planned: Any = None
+    # The Event is made only for a caller that waits on it: most changes have none, and
+    # making one costs the step hook more than the rest of the change's bookkeeping.
+    _done: bool = field(default=False, repr=False)
+    _event: threading.Event | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.size < 0:
             self.size = estimate_bytes(self.request, self.ops)
+
+    @property
+    def done(self) -> bool:
+        """Whether the change is finished."""
+        return self._done
+
+    @property
+    def finished(self) -> threading.Event:
+        """An Event set once the change is finished."""
+        with self._callbacks_lock:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._done:
+                    self._event.set()
+            return self._event
 
     @property
     def due(self) -> int:
@@ -138,7 +158,7 @@ class PendingChange:
         take that lock (an event loop's call_soon_threadsafe is the intended use).
         """
         with self._callbacks_lock:
-            if not self.finished.is_set():
+            if not self._done:
                 self._callbacks.append(fn)
                 return
         fn(self)
@@ -146,7 +166,9 @@ class PendingChange:
     def finish(self, outcome: Outcome | None = None, error: LrctlError | None = None) -> None:
         self.outcome, self.error = outcome, error
         with self._callbacks_lock:
-            self.finished.set()
+            self._done = True
+            if self._event is not None:
+                self._event.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             try:

@@ -42,7 +42,8 @@ from lrctl.server import serving_wire as wire
 from lrctl.server.admission import Budget
 from lrctl.server.factory import SERVICE_NAME, build_server
 from lrctl.server.feed_reader import FeedReader
-from lrctl.server.posted_writes import PostedRing
+from lrctl.server.planned_wire import without_plan
+from lrctl.server.posted_writes import BODY_MAX, PostedRing
 from lrctl.server.queue_limits import estimate_bytes
 from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
 from lrctl.server.serving_writes import HandOver, SnapshotWrites
@@ -145,7 +146,10 @@ class _Link:
         if (self.posted is None or self.closed or request.wait or request.at_step is not None
                 or request.expected_version is not None):
             return None
-        change_id = self.posted.post(marshal.dumps(planned.wire), loads=planned.planned.loads,
+        body = marshal.dumps(planned.wire)
+        if len(body) > BODY_MAX:  # the plan's arrays make it long: the training process plans it
+            body = marshal.dumps(without_plan(planned.wire))
+        change_id = self.posted.post(body, loads=planned.planned.loads,
                                      size=estimate_bytes(request, planned.planned.ops), limits=planned.limits)
         if change_id is not None:
             self.acked = max(self.acked, wire.stamp(planned.planned.loads, planned.planned.version))

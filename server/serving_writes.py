@@ -11,7 +11,9 @@ process acknowledged). Then:
   - a valid change that does not wait and is due at the next boundary is queued here,
     in shared memory, and answered from this plan (lrctl.server.posted_writes; the
     step hook takes it into the controller's queue), while the queue's bounds leave
-    room for it;
+    room for it. The plan goes with it (planned_wire.Planned.plan): the step hook
+    applies it as is where planning again would give the same (same config version,
+    checkpoint loads and step; no schedule touched), and plans again otherwise;
   - any other valid change is handed to the training process pre-planned (its request,
     its ops per position, the version it was planned against:
     lrctl.server.planned_wire's compact tuple), which only makes the live-state checks
@@ -115,10 +117,11 @@ class SnapshotWrites:
                                  limits=snap.static.queue_limits)
             except LrctlError:
                 raise Forward() from None  # against the live state: the training process decides
-            outcome = planner.expected_outcome(0, change, ops, snap.rate_state(), snap.book, snap.version, step)
+            expected = planner.expected_plan(change, ops, snap.rate_state(), snap.book, step)
+            outcome = planner.outcome_of(0, change, expected, snap.version)
             if request.dry_run:
                 return reply(request.max_reported_changes, outcome).SerializeToString()
-            planned = Planned(change, ops, snap.version, request.max_reported_changes, snap.loads)
+            planned = Planned(change, ops, snap.version, request.max_reported_changes, snap.loads, expected)
             return HandOver(planned_to_wire(planned), planned, outcome, snap.static.queue_limits)
 
         try:

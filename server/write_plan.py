@@ -182,7 +182,18 @@ class WritePlanner:
         """What the change would do to `state` at config `version`; raises if invalid.
 
         Planned for its due step (the next one, `step`, when none is given)."""
-        plan = self.plan(ops, state, book.scratch(), step if request.at_step is None else request.at_step)
+        return self.outcome_of(change_id, request, self.expected_plan(request, ops, state, book, step), version)
+
+    def expected_plan(
+        self, request: ChangeRequest, ops: Mapping[int, NameOp], state: RateState, book: ScheduleBook,
+        step: int,
+    ) -> PlannedChange:
+        """The change planned against `state` for its due step (`step`, the next one,
+        when it names none), without adding to `book`; raises if invalid."""
+        return self.plan(ops, state, book.scratch(), step if request.at_step is None else request.at_step)
+
+    def outcome_of(self, change_id: int, request: ChangeRequest, plan: PlannedChange, version: int) -> Outcome:
+        """The expected outcome of a change planned (expected_plan) at config `version`."""
         return Outcome(
             change_id=change_id,
             step=-1 if request.at_step is None else request.at_step,

@@ -10,11 +10,15 @@ waiting on a ring that a stopped process holds.
 
 from __future__ import annotations
 
+import marshal
+import math
 import os
 import subprocess
 import sys
 import threading
+from array import array
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterator
 
 import grpc
@@ -22,10 +26,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PATIENCE_S, absolute, wait_for
+from conftest import PATIENCE_S, absolute, scale, wait_for
 from lrctl.server import attach
+from lrctl.server.planned_wire import Planned, planned_from_wire, planned_to_wire, without_plan
+from lrctl.server.planner import PlannedChange
 from lrctl.server.queue_limits import QueueLimits
-from lrctl.server.requests import ChangeRequest, Update
+from lrctl.server.requests import ChangeRequest, Mode, Update
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
@@ -154,6 +160,117 @@ def test_applied_sets_leave_room_in_the_ring_without_the_link() -> None:
         assert w.ctl.controller.learning_rates()["0.weight"] == pytest.approx(0.12)
     finally:
         w.close()
+
+
+def test_changes_the_training_process_queued_leave_room_at_the_boundary_that_applies_them() -> None:
+    """Changes queued in the training process (not through the ring) count in the
+    ring's header until a boundary applies them; then the ring has room again."""
+    w = Worker(QueueLimits(max_changes_per_connection=3))
+    try:
+        for value in (0.2, 0.3, 0.4):
+            w.ctl.controller.submit(ChangeRequest((Update("1.weight", value),)))
+        w.optimizer.step()  # the ring is empty at this boundary: the queue's count is made exact after it
+        for k in range(3):
+            w.set("0.weight", 0.01 * (k + 1))
+        assert w.forwarded_sets() == 0
+        w.optimizer.step()
+        assert len(w.history()) == 6 and not any(r.failed for r in w.history())
+    finally:
+        w.close()
+
+
+def _pin(selector: str, value: float, mode: int = pb.UPDATE_MODE_ABSOLUTE) -> pb.LearningRateUpdate:
+    return pb.LearningRateUpdate(selector=selector, mode=mode, value=value, target=pb.UPDATE_TARGET_PIN)
+
+
+_SETS = [  # (updates, steps after): bases, pins and both, while "1.*" follows a schedule
+    ([scale("*", 0.5)], 1),
+    ([_pin("0.bias", 0.02)], 1),
+    ([scale("0.*", 3.0), _pin("1.weight", 0.5, pb.UPDATE_MODE_SCALE)], 2),
+    ([absolute("1.bias", 0.07), _pin("0.bias", 0, pb.UPDATE_MODE_UNPIN)], 1),
+    ([scale("0.weight", 2.0)], 0),  # two changes at one boundary: the second was planned
+    ([scale("0.weight", 2.0)], 1),  # at the version the first one replaces
+]
+
+
+def test_a_change_planned_in_the_serving_process_is_applied_as_planning_it_again_would() -> None:
+    """The step hook applies the serving process's plan as is only while it is what
+    planning the change again would give (same version, loads and step): the same Sets
+    give the same plans, rates and history as an in-process worker, which plans each
+    at its boundary, and most plans are not made again."""
+    def run(serving: str) -> tuple[list, int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        ctl = attach(model, optimizer, address="127.0.0.1:0", serving=serving)
+        planned = []
+        plan = ctl.controller._plan
+        ctl.controller._plan = lambda *a, **k: planned.append(1) or plan(*a, **k)  # a spy: counts, then plans
+        channel = grpc.insecure_channel(ctl.address)
+        try:
+            stub = pb_grpc.LearningRateControlStub(channel)
+            stub.SetSchedules(pb.SetSchedulesRequest(schedules=[pb.ScheduleAssignment(
+                selector="1.*", schedule=pb.Schedule(step=pb.StepSchedule(step_size=2, gamma=0.5)))]),
+                timeout=PATIENCE_S)
+            optimizer.step()
+            for updates, steps in _SETS:
+                stub.SetLearningRates(pb.SetLearningRatesRequest(updates=updates), timeout=PATIENCE_S)
+                for _ in range(steps):
+                    optimizer.step()
+            records = ctl.controller.history(-1, 1000)[0]
+            rows = [(r.step, r.version, r.failed, list(r.plan.indices), list(r.plan.old_lr), list(r.plan.new_lr),
+                     list(r.plan.old_base), list(r.plan.new_base), r.plan.old_pin and list(r.plan.old_pin),
+                     r.plan.new_pin and list(r.plan.new_pin)) for r in records]
+            return rows + [ctl.controller.learning_rates()], len(planned)
+        finally:
+            channel.close()
+            ctl.close(grace=0.5)
+
+    posted, planned_there = run("process")
+    here, planned_here = run("inprocess")
+    assert str(posted) == str(here)  # NaN pins compare equal as text
+    assert planned_here == len(_SETS) + 1
+    # Only the change that met a newer version than its plan's (and the schedule's,
+    # whose new schedule ids only the training process gives) were planned again.
+    assert planned_there == 2
+
+
+def test_a_plan_travels_whole_and_is_used_only_for_the_state_it_was_made_for() -> None:
+    ops = {2: ((Mode.SCALE, 2.0), None, None), 0: (None, (Mode.ABSOLUTE, 0.5), None)}
+    plan = PlannedChange(step=7, indices=array("q", ops), old_lr=array("d", [0.1, 0.2]),
+                         new_lr=array("d", [0.2, 0.5]), old_base=array("d", [0.1, 0.2]),
+                         new_base=array("d", [0.2, 0.2]), old_pin=array("d", [math.nan, math.nan]),
+                         new_pin=array("d", [math.nan, 0.5]), old_schedule=None, new_schedule=None,
+                         schedules={})
+    planned = Planned(ChangeRequest((Update("a", 1.0),)), ops, version=4, max_reported_changes=1,
+                      loads=1, plan=plan)
+    got = planned_from_wire(marshal.loads(marshal.dumps(planned_to_wire(planned))))
+    assert got.ops == ops and str(got.plan) == str(plan)  # NaN pins compare equal as text
+    assert got.plan_for(4, 1, 7) is got.plan
+    assert got.plan_for(5, 1, 7) is None and got.plan_for(4, 2, 7) is None and got.plan_for(4, 1, 8) is None
+    assert planned_from_wire(without_plan(planned_to_wire(planned))).plan is None
+    # A plan that gives schedules provisional ids is not sent: the training process
+    # gives the ids.
+    scheduled = replace(plan, old_schedule=array("q", [0, 0]), new_schedule=array("q", [0, 1]))
+    assert planned_from_wire(planned_to_wire(replace(planned, plan=scheduled))).plan is None
+
+
+def test_a_set_whose_plan_does_not_fit_a_slot_is_queued_there_without_it() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(60)])  # 120 names: ~4.8 KB of plan
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = attach(model, optimizer, address="127.0.0.1:0", serving="process")
+    channel = grpc.insecure_channel(ctl.address)
+    try:
+        stub = pb_grpc.LearningRateControlStub(channel)
+        stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[scale("*", 0.5)]), timeout=PATIENCE_S)
+        optimizer.step()
+        forwarded = sum(n for (method, _), n in ctl._server.requests.forwarded().items() if method == SET)
+        assert forwarded == 0
+        assert set(ctl.controller.learning_rates().values()) == {0.05}
+    finally:
+        channel.close()
+        ctl.close(grace=0.5)
 
 
 def test_a_checkpoint_load_withdraws_sets_queued_in_the_ring(worker: Worker) -> None:
