@@ -17,11 +17,9 @@ bodies, callable without a server.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import time
 from collections import deque
-from itertools import accumulate
 from typing import Any, Callable, Iterable, TypeVar
 
 import grpc
@@ -61,10 +59,10 @@ from lrctl.server.watch import WatchHub, WatchLimits
 from lrctl.server.requests import ChangeRequest, Outcome, PendingChange
 from lrctl.server.write_plan import MAX_REASON_CHARS
 from lrctl.server.planned_wire import Planned
+from lrctl.server.record_wire import record_pb, record_to_wire
 from lrctl.server.write_messages import (
     check_message,
     change_request,
-    rate_changes_pb as _rate_changes_pb,
     reply as _reply,
     schedules_pb as _schedules_pb,
     updates_pb as _updates_pb,
@@ -128,24 +126,6 @@ def _pending_pb(view: PendingView) -> pb.PendingChangeInfo:
     message.updates.extend(updates)
     message.schedules.extend(schedules)
     return message
-
-
-def _embedded_size(n: int) -> int:
-    """Wire bytes of an embedded message of n bytes in a repeated field (tag + length)."""
-    return n + 1 + max(1, (n.bit_length() + 6) // 7)
-
-
-def _fit_record(message: pb.ChangeRecord) -> None:
-    """Cut a record bigger than a page alone to PAGE_BYTES: first its per-name changes,
-    then the updates and schedules it echoes (num_changes still counts every name)."""
-    size = message.ByteSize()
-    for field in (message.changes, message.updates, message.schedules):
-        if size <= PAGE_BYTES:
-            return
-        rows = [_embedded_size(m.ByteSize()) for m in field]
-        room = PAGE_BYTES - (size - sum(rows))
-        del field[bisect.bisect_right(list(accumulate(rows)), max(room, 0)):]
-        size = message.ByteSize()
 
 
 # Sent as response headers once the worker has accepted a Lockstep open.
@@ -344,21 +324,18 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                                metrics=event.metrics())
 
     def _event_changes_pb(self, event: Event, per_record: int) -> list[pb.ChangeRecord]:
-        out = []
-        for record in event.changes:
-            change = self._record_pb(record, per_record)
-            _fit_record(change)
-            out.append(change)
-        return out
+        return [self._record_pb(record, per_record) for record in event.changes]
 
-    def event_extras(self, event: Event, per_records: Iterable[int], stats: bool) -> tuple[dict[int, bytes], bytes]:
-        """What of an event the serving process cannot encode from plain numbers
-        (lrctl.server.watch_feed): its change records per per_record, and its statistics
-        (b"" unless `stats`), each a serialized MetricsEvent. Serialized messages
-        concatenate as they merge, so a stream's message is the event's step, time,
-        version and metrics + its records + (statistics) + (dropped)."""
-        changes = {n: pb.MetricsEvent(changes=self._event_changes_pb(event, n)).SerializeToString()
-                   for n in per_records} if event.changes else {}
+    def event_extras(self, event: Event, per_records: Iterable[int], stats: bool) -> tuple[tuple, bytes]:
+        """What of an event the serving process cannot build from plain numbers
+        (lrctl.server.watch_feed): its change records as plain values
+        (lrctl.server.record_wire, with as many per-name changes as the most any stream
+        asked for) and its statistics (b"" unless `stats`), a serialized MetricsEvent.
+        Serialized messages concatenate as they merge, so a stream's message is the
+        event's step, time, version and metrics + its records + (statistics) + (dropped)."""
+        limit = max(per_records, default=DEFAULT_REPORTED_CHANGES)
+        names = self._controller.index.names
+        changes = tuple(record_to_wire(record, names, limit) for record in event.changes)
         extra = (pb.MetricsEvent(stats=_event_stats_pb(event)).SerializeToString()
                  if stats and event.has_stats else b"")
         return changes, extra
@@ -611,7 +588,6 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         used = 0
         for record in records:  # ... and fits a client with gRPC's default 4 MiB limit
             message = self._record_pb(record, per_record)
-            _fit_record(message)
             size = message.ByteSize()
             if messages and used + size > PAGE_BYTES:
                 records, more = records[:len(messages)], True
@@ -656,22 +632,5 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         return pb.CancelChangesResponse(cancelled=cancelled, not_found=not_found)
 
     def _record_pb(self, record: Record, per_record: int) -> pb.ChangeRecord:
-        return pb.ChangeRecord(
-            change_id=record.change_id,
-            version=record.version,
-            step=record.step,
-            applied_at=record.applied_at,
-            requested_at=record.requested_at,
-            updates=_updates_pb(record.updates),
-            schedules=_schedules_pb(record.schedules),
-            changes=_rate_changes_pb(self._controller.rate_changes(record, per_record)),
-            peer=record.peer,
-            user=record.user,
-            reason=record.reason,
-            at_step=record.at_step,
-            num_changes=record.num_changes,
-            role=record.role,
-            token_name=record.token,
-            status=record.status,
-            error=record.error,
-        )
+        """A record's message with at most `per_record` per-name changes, cut to a page."""
+        return record_pb(record_to_wire(record, self._controller.index.names, per_record), per_record)

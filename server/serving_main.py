@@ -45,6 +45,7 @@ from lrctl.server.feed_reader import FeedReader
 from lrctl.server.planned_wire import without_plan
 from lrctl.server.posted_writes import BODY_MAX, PostedRing
 from lrctl.server.queue_limits import estimate_bytes
+from lrctl.server.record_wire import record_pb
 from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
 from lrctl.server.serving_writes import HandOver, SnapshotWrites
 from lrctl.server.status import RequestCounts, status_code
@@ -231,14 +232,15 @@ class _Link:
 class _WireEvent:
     """A telemetry event as the training process sent it (lrctl.server.watch_feed)."""
 
-    __slots__ = ("seq", "step", "changes", "has_stats", "size", "_base", "parts", "stats")
+    __slots__ = ("seq", "step", "changes", "has_stats", "size", "_base", "records", "_parts", "stats")
 
     def __init__(self, seq: int, step: int, time: float, version: int, metrics: dict[str, float],
-                 has_stats: bool, size: int, parts: dict[int, bytes], stats: bytes) -> None:
+                 has_stats: bool, size: int, records: tuple, stats: bytes) -> None:
         self.seq, self.step, self.has_stats, self.size = seq, step, has_stats, size
-        self.changes = bool(parts)
+        self.changes = bool(records)
         self._base: bytes | tuple[float, int, dict[str, float]] = (time, version, metrics)
-        self.parts, self.stats = parts, stats
+        self.records, self.stats = records, stats  # records: record_wire's tuples
+        self._parts: dict[int, bytes] = {}  # per_record -> the serialized records
 
     def body(self, sub: Subscriber, dropped: int) -> bytes:
         """This event's MetricsEvent for `sub` (serialized messages concatenate as they merge)."""
@@ -248,8 +250,11 @@ class _WireEvent:
             body = self._base = lrctl_pb2.MetricsEvent(
                 step=self.step, time=time, version=version, metrics=metrics).SerializeToString()
         if self.changes:
-            part = self.parts.get(sub.per_record)
-            body += part if part is not None else next(iter(self.parts.values()), b"")
+            part = self._parts.get(sub.per_record)
+            if part is None:  # built here, once for each per-name limit streams ask for
+                part = self._parts[sub.per_record] = lrctl_pb2.MetricsEvent(
+                    changes=[record_pb(r, sub.per_record) for r in self.records]).SerializeToString()
+            body += part
         if sub.include_stats and self.stats:
             body += self.stats
         if dropped:

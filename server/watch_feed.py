@@ -10,9 +10,9 @@ the step hook sealed it. Waking the serving loop for each event instead cost the
 training thread a GIL hand-over per step and ~0.2 ms of the loop's Python under the GIL
 (bench/README.md, "Where the 4 streams' cost is"). So the training thread sends the
 event as plain numbers (marshal: step, time, version, metrics) and the serving process
-builds the protobuf message. Only what it cannot build is encoded here: change records
-(on the steps that have them, once per per-name limit some stream asked for) and
-statistics (on stats steps, while a stream asks for them). An event whose tensors are
+builds the protobuf message, change records included (their plain values:
+lrctl.server.record_wire). Only statistics are encoded here (on stats steps, while a
+stream asks for them). An event whose tensors are
 on a device (a CUDA loss) is not read on the training thread (that would wait for the
 device): from it on, the serving loop thread of this process sends, until it has
 caught up; the order stays the seq order.
@@ -212,6 +212,6 @@ class WatchFeed:
         if event.changes or (stats and event.has_stats):
             changes, extra = self._service.event_extras(event, per_records, stats)
         else:  # most steps: numbers only
-            changes, extra = {}, b""
+            changes, extra = (), b""
         return (event.seq, event.step, event.time, event.version, event.metrics(), event.has_stats,
                 event.size, changes, extra)

@@ -35,7 +35,8 @@ from lrctl.client.client import LRClient
 from lrctl.client.errors import AbortedError
 from lrctl.server import attach
 from lrctl.server.requests import ChangeRequest, Update
-from lrctl.server.service import PAGE_BYTES, LearningRateControlService, _fit_record
+from lrctl.server.record_wire import fit_record
+from lrctl.server.service import PAGE_BYTES, LearningRateControlService
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
@@ -235,7 +236,7 @@ def test_a_record_bigger_than_a_page_is_cut_to_fit() -> None:
         pb.RateChange(name=f"encoder.layers.{i}.attention.output.dense.weight", old_lr=0.1, new_lr=0.2,
                       old_base=0.1, new_base=0.2) for i in range(100_000)])
     assert record.ByteSize() > PAGE_BYTES
-    _fit_record(record)
+    fit_record(record)
     assert 0 < len(record.changes) < 100_000 and record.num_changes == 100_000
     assert record.ByteSize() <= PAGE_BYTES
 
