@@ -189,10 +189,14 @@ class History:
         self.counts: dict[str, int] = {} if counts is None else counts
 
     def append(self, record: Record, *, count: bool = True) -> Record:
-        """Add `record` (numbered here) and drop the oldest past the bounds; returns it.
+        """Add `record` (numbered and measured here: a new record, not yet shared) and
+        drop the oldest past the bounds; returns it.
 
         `count` False: a record restored from a checkpoint, not one this process made."""
-        record = replace(record, seq=self._next_seq, size=record_bytes(record))
+        # Numbered and measured in place, before anyone else holds it: a copy
+        # (dataclasses.replace) costs three times its making, in the step hook.
+        object.__setattr__(record, "seq", self._next_seq)
+        object.__setattr__(record, "size", record_bytes(record))
         if count:
             status = record.status or "OK"
             self.counts[status] = self.counts.get(status, 0) + 1

@@ -7,6 +7,8 @@ and demo worker as subprocesses, real files (fsync included); no timing assertio
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import json
 import os
@@ -357,7 +359,7 @@ def test_a_records_estimated_size_covers_what_it_holds(per_name_updates: bool) -
     assert record_bytes(record) <= 2 * held + 4096  # an estimate, not a guess: within 2x
     history = History(limit=100, max_bytes=3 * record_bytes(record))
     for _ in range(5):
-        history.append(record)
+        history.append(dataclasses.replace(record))  # a history numbers the records it is given
     assert len(history) == 3 and history.bytes <= 3 * record_bytes(record)
 
 
