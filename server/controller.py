@@ -347,10 +347,19 @@ class Controller(ControllerState):
     def rebase(self, bases: Mapping[int, float]) -> None:
         """Set the base rates of names (position -> base) without a recorded change: a
         plain torch checkpoint (no lrctl state) was loaded and its rates win. The names
-        keep their schedules; pins are left alone."""
+        keep their schedules; pins are left alone. It counts as a load: the config
+        version stays, so (loads, version) must name the new state for what a serving
+        process read or planned before it (Controller.loads_and_version)."""
         with self._lock:
             indices = [i for i in bases if self._table.base[i] is not None]
+            ring = self._posted
+            if ring is not None:  # changes planned before it are not queued there again
+                with self._ring_emptied(ring) as header:
+                    ring.set_loads(header, self.loads + 1)
+            self.loads += 1
             self._commit(indices, [bases[i] for i in indices], None, None, self._step)
+        for after in self._after_step:  # published before the load returns
+            after()
 
     def adopted_positions(self) -> set[int]:
         """Positions of the names whose schedule is an adopted torch scheduler."""

@@ -389,3 +389,21 @@ def test_the_serving_process_sends_a_set_over_the_link_while_the_ring_is_held(wo
     assert answer.result().change_id == 1 and w.forwarded_sets() == 1
     w.optimizer.step()
     assert w.ctl.controller.learning_rates()["0.weight"] == 0.3
+
+
+def test_a_plain_checkpoint_that_rebases_the_rates_is_a_new_state_for_the_serving_process(worker: Worker) -> None:
+    """Loading a checkpoint saved without lrctl takes its rates as bases (resume
+    "checkpoint") without a recorded change: reads and plans made in the serving process
+    against the rates before it are stale, and are neither answered nor applied."""
+    w = worker
+    plain = torch.optim.SGD(w.model.parameters(), lr=0.4).state_dict()  # no lrctl in it
+    w.optimizer.step()  # the serving process has a read snapshot of version 0 (Worker)
+    w.optimizer.load_state_dict({**plain, "param_groups": [
+        {**g, "params": list(range(4))} for g in plain["param_groups"]]})
+    rates = w.stub.GetLearningRates(pb.GetLearningRatesRequest(selectors=["0.weight"]), timeout=PATIENCE_S)
+    assert rates.rates[0].lr == 0.4
+    w.stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[scale("0.weight", 0.5)]), timeout=PATIENCE_S)
+    w.optimizer.step()
+    assert w.ctl.controller.learning_rates()["0.weight"] == 0.2
+    record = w.history()[-1]
+    assert (list(record.plan.old_base), list(record.plan.new_base)) == ([0.4], [0.2])
