@@ -816,7 +816,8 @@ class Controller(ControllerState):
         ring = self._posted
         if ring is None or not ring.waiting():
             return False
-        load, stays = (self._queue_load(), True) if boundary is None else (self._queue_load(boundary), False)
+        stays = boundary is None
+        load = self._queue_load(boundary)
         taken = ring.take_now(*load, ring_stays=stays)
         if taken is None:
             held = ring.locked() if wait else ring.try_locked(TAKE_WAIT_S)

@@ -121,15 +121,16 @@ def check_room(queued: Iterable[Any], new: Any, limits: QueueLimits) -> None:
             f"(max_changes {limits.max_changes}); {_CANCEL_HINT}")
     if peer_count and peer_size + new.size > limits.max_bytes_per_connection:
         raise ResourceExhaustedError(
-            f"this change (about {mib(new.size)}) would take connection {peer}'s queued changes to about "
-            f"{mib(peer_size + new.size)}, over its quota (max_bytes_per_connection "
-            f"{mib(limits.max_bytes_per_connection)}); {_CANCEL_HINT}")
+            f"this change (about {mib(new.size)}) would take connection {peer}'s queued "
+            f"changes to about {mib(peer_size + new.size)}, over its quota "
+            f"(max_bytes_per_connection {mib(limits.max_bytes_per_connection)}); {_CANCEL_HINT}")
     if token_count and token_size + new.size > limits.max_bytes_per_token:
         raise ResourceExhaustedError(
-            f"this change (about {mib(new.size)}) would take token {token!r}'s queued changes to about "
-            f"{mib(token_size + new.size)}, over its quota (max_bytes_per_token "
-            f"{mib(limits.max_bytes_per_token)}); {_CANCEL_HINT}")
+            f"this change (about {mib(new.size)}) would take token {token!r}'s queued "
+            f"changes to about {mib(token_size + new.size)}, over its quota "
+            f"(max_bytes_per_token {mib(limits.max_bytes_per_token)}); {_CANCEL_HINT}")
     if count and size + new.size > limits.max_bytes:
         raise ResourceExhaustedError(
-            f"this change (about {mib(new.size)}) would take the queue to about {mib(size + new.size)}, over its bound "
-            f"(max_bytes {mib(limits.max_bytes)}); {_CANCEL_HINT}")
+            f"this change (about {mib(new.size)}) would take the queue to about "
+            f"{mib(size + new.size)}, over its bound (max_bytes {mib(limits.max_bytes)}); "
+            f"{_CANCEL_HINT}")

@@ -99,9 +99,10 @@ class PendingChange:
     """An accepted change waiting for its step boundary.
 
     `ops` maps a parameter position to what happens to it; `finished` is set (and
-    `done` true) once the change is applied, rejected at its step, or withdrawn. `deadline` (time.monotonic)
-    is when its waiting caller will have been told it failed: a step boundary that
-    comes later (a paused or overloaded worker) drops it instead of applying it.
+    `done` true) once the change is applied, rejected at its step, or withdrawn.
+    `deadline` (time.monotonic) is when its waiting caller will have been told it
+    failed: a step boundary that comes later (a paused or overloaded worker) drops it
+    instead of applying it.
     `size` estimates the bytes it holds (lrctl.server.queue_limits; given when the
     serving process estimated it already).
     """

@@ -327,10 +327,10 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         return [self._record_pb(record, per_record) for record in event.changes]
 
     def event_extras(self, event: Event, per_records: Iterable[int], stats: bool) -> tuple[tuple, bytes]:
-        """What of an event the serving process cannot build from plain numbers
-        (lrctl.server.watch_feed): its change records as plain values
-        (lrctl.server.record_wire, with as many per-name changes as the most any stream
-        asked for) and its statistics (b"" unless `stats`), a serialized MetricsEvent.
+        """What the feed carries of an event beside its numbers (lrctl.server.watch_feed):
+        its change records as plain values (lrctl.server.record_wire, with as many
+        per-name changes as the most any stream asked for; the serving process builds
+        their messages) and its statistics (b"" unless `stats`), a serialized MetricsEvent.
         Serialized messages concatenate as they merge, so a stream's message is the
         event's step, time, version and metrics + its records + (statistics) + (dropped)."""
         limit = max(per_records, default=DEFAULT_REPORTED_CHANGES)
