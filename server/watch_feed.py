@@ -12,10 +12,10 @@ training thread a GIL hand-over per step and ~0.2 ms of the loop's Python under 
 event as plain numbers (marshal: step, time, version, metrics) and the serving process
 builds the protobuf message, change records included (their plain values:
 lrctl.server.record_wire). Only statistics are encoded here (on stats steps, while a
-stream asks for them). An event whose tensors are
-on a device (a CUDA loss) is not read on the training thread (that would wait for the
-device): from it on, the serving loop thread of this process sends, until it has
-caught up; the order stays the seq order.
+stream asks for them). An event whose tensors are on a device (a CUDA loss) is not
+read on the training thread (that would wait for the device): from it on, the serving
+loop thread of this process sends, until it has caught up; the order stays the seq
+order.
 
 The send never blocks: when the socket is full (the serving process is behind), the
 rest of the frame is kept and the loop sends it once the socket has room; events sealed
