@@ -54,6 +54,23 @@ def planned_waits(wired: tuple) -> bool:
     return bool(wired[_WAIT])
 
 
+def updates_to_wire(updates: tuple[Update, ...]) -> tuple:
+    """Updates as marshal-able tuples (also a change record's: lrctl.server.record_wire)."""
+    return tuple((u.selector, u.value, u.mode.value, u.target.value) for u in updates)
+
+
+def updates_from_wire(wired: tuple) -> tuple[Update, ...]:
+    """The Updates of updates_to_wire's tuples."""
+    return tuple([Update(s, v, _MODE_OF[m], _TARGET_OF[g]) for s, v, m, g in wired])
+
+
+def doubles(raw: bytes) -> array:
+    """An array of doubles from its bytes."""
+    out = array("d")
+    out.frombytes(raw)
+    return out
+
+
 def planned_to_wire(planned: Planned) -> tuple:
     """A marshal-able tuple: updates as plain tuples, the positions as array bytes, each
     distinct op once (schedule specs, objects, pickled only when there are any), the
@@ -77,7 +94,7 @@ def planned_to_wire(planned: Planned) -> tuple:
         which.append(k)
     positions = array("q", planned.ops).tobytes()
     return (
-        tuple((u.selector, u.value, u.mode.value, u.target.value) for u in r.updates),
+        updates_to_wire(r.updates),
         pickle.dumps(specs, pickle.HIGHEST_PROTOCOL) if specs else b"",
         tuple(u.selector for u in r.schedules),
         r.at_step, r.expected_version, r.reason, r.peer, r.user, r.role, r.token, r.wait,
@@ -100,20 +117,14 @@ def _plan_to_wire(plan: PlannedChange | None) -> tuple | None:
             plan.new_base.tobytes(), pins)
 
 
-def _doubles(raw: bytes) -> array:
-    out = array("d")
-    out.frombytes(raw)
-    return out
-
-
 def _plan_from_wire(t: tuple | None, indices: array) -> PlannedChange | None:
     if t is None:
         return None
     step, old_lr, new_lr, old_base, new_base, pins = t
     return PlannedChange(
-        step=step, indices=indices, old_lr=_doubles(old_lr), new_lr=_doubles(new_lr),
-        old_base=_doubles(old_base), new_base=_doubles(new_base),
-        old_pin=None if pins is None else _doubles(pins[0]), new_pin=None if pins is None else _doubles(pins[1]),
+        step=step, indices=indices, old_lr=doubles(old_lr), new_lr=doubles(new_lr),
+        old_base=doubles(old_base), new_base=doubles(new_base),
+        old_pin=None if pins is None else doubles(pins[0]), new_pin=None if pins is None else doubles(pins[1]),
         old_schedule=None, new_schedule=None, schedules={},
     )
 
@@ -133,7 +144,7 @@ def planned_from_wire(t: tuple) -> Planned:
     specs = pickle.loads(specs_raw) if specs_raw else []  # from the serving process we started
     n = len(schedule_selectors)
     request = ChangeRequest(
-        updates=tuple([Update(s, v, _MODE_OF[m], _TARGET_OF[g]) for s, v, m, g in updates]),
+        updates=updates_from_wire(updates),
         schedules=tuple(ScheduleUpdate(s, spec) for s, spec in zip(schedule_selectors, specs[:n])),
         at_step=at_step, expected_version=expected_version, reason=reason, peer=peer, user=user,
         role=role, token=token, wait=wait,

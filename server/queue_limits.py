@@ -90,6 +90,11 @@ def mib(size: int) -> str:
     return f"{size / 1024:.1f} KiB" if size < MIB else f"{size / MIB:.1f} MiB"
 
 
+def _this(new: Any) -> str:
+    """How a refusal names the change (made only when it refuses: check_room runs in the step hook)."""
+    return f"this change (about {mib(new.size)})"
+
+
 def check_room(queued: Iterable[Any], new: Any, limits: QueueLimits) -> None:
     """Raise ResourceExhaustedError if queueing `new` (a PendingChange) would pass a bound.
 
@@ -121,16 +126,15 @@ def check_room(queued: Iterable[Any], new: Any, limits: QueueLimits) -> None:
             f"(max_changes {limits.max_changes}); {_CANCEL_HINT}")
     if peer_count and peer_size + new.size > limits.max_bytes_per_connection:
         raise ResourceExhaustedError(
-            f"this change (about {mib(new.size)}) would take connection {peer}'s queued "
-            f"changes to about {mib(peer_size + new.size)}, over its quota "
-            f"(max_bytes_per_connection {mib(limits.max_bytes_per_connection)}); {_CANCEL_HINT}")
+            f"{_this(new)} would take connection {peer}'s queued changes to about "
+            f"{mib(peer_size + new.size)}, over its quota (max_bytes_per_connection "
+            f"{mib(limits.max_bytes_per_connection)}); {_CANCEL_HINT}")
     if token_count and token_size + new.size > limits.max_bytes_per_token:
         raise ResourceExhaustedError(
-            f"this change (about {mib(new.size)}) would take token {token!r}'s queued "
-            f"changes to about {mib(token_size + new.size)}, over its quota "
-            f"(max_bytes_per_token {mib(limits.max_bytes_per_token)}); {_CANCEL_HINT}")
+            f"{_this(new)} would take token {token!r}'s queued changes to about "
+            f"{mib(token_size + new.size)}, over its quota (max_bytes_per_token "
+            f"{mib(limits.max_bytes_per_token)}); {_CANCEL_HINT}")
     if count and size + new.size > limits.max_bytes:
         raise ResourceExhaustedError(
-            f"this change (about {mib(new.size)}) would take the queue to about "
-            f"{mib(size + new.size)}, over its bound (max_bytes {mib(limits.max_bytes)}); "
-            f"{_CANCEL_HINT}")
+            f"{_this(new)} would take the queue to about {mib(size + new.size)}, over its bound "
+            f"(max_bytes {mib(limits.max_bytes)}); {_CANCEL_HINT}")

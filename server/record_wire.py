@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import bisect
 import math
-from array import array
 from itertools import accumulate
 from typing import Any, Sequence
 
 from lrctl.server.history import Record
+from lrctl.server.planned_wire import doubles, updates_from_wire, updates_to_wire
 from lrctl.server.read_answers import PAGE_BYTES
-from lrctl.server.requests import Mode, Target, Update
 from lrctl.server.write_messages import schedules_pb, updates_pb
 from lrctl.v1 import lrctl_pb2 as pb
-
-_MODE_OF = {m.value: m for m in Mode}
-_TARGET_OF = {t.value: t for t in Target}
 
 
 def record_to_wire(record: Record, names: Sequence[str], limit: int) -> tuple:
@@ -50,7 +46,7 @@ def record_to_wire(record: Record, names: Sequence[str], limit: int) -> tuple:
                 plan.old_base[:k].tobytes(), plan.new_base[:k].tobytes(), pins, schedules)
     return (
         record.change_id, record.version, record.step, record.applied_at, record.requested_at,
-        tuple((u.selector, u.value, u.mode.value, u.target.value) for u in record.updates),
+        updates_to_wire(record.updates),
         pb.ChangeRecord(schedules=schedules_pb(record.schedules)).SerializeToString() if record.schedules else b"",
         rows, record.peer, record.user, record.reason, record.at_step, record.num_changes,
         record.role, record.token, record.status, record.error,
@@ -64,7 +60,7 @@ def record_pb(wired: tuple, per_record: int) -> pb.ChangeRecord:
      at_step, num_changes, role, token, status, error) = wired
     message = pb.ChangeRecord(
         change_id=change_id, version=version, step=step, applied_at=applied_at, requested_at=requested_at,
-        updates=updates_pb(Update(s, v, _MODE_OF[m], _TARGET_OF[t]) for s, v, m, t in updates),
+        updates=updates_pb(updates_from_wire(updates)),
         changes=[] if rows is None else _changes_pb(rows, per_record),
         peer=peer, user=user, reason=reason, at_step=at_step, num_changes=num_changes, role=role,
         token_name=token, status=status, error=error,
@@ -75,21 +71,14 @@ def record_pb(wired: tuple, per_record: int) -> pb.ChangeRecord:
     return message
 
 
-def _doubles(raw: bytes, k: int) -> Sequence[float]:
-    out = array("d")
-    out.frombytes(raw)
-    return out[:k]
-
-
 def _changes_pb(rows: tuple, limit: int) -> list[pb.RateChange]:
     names, old_lr, new_lr, old_base, new_base, pins, schedules = rows
     k = min(limit, len(names))
-    columns: list[Any] = [names[:k], _doubles(old_lr, k), _doubles(new_lr, k), _doubles(old_base, k),
-                          _doubles(new_base, k)]
+    columns: list[Any] = [names[:k], *(doubles(raw)[:k] for raw in (old_lr, new_lr, old_base, new_base))]
     if pins is None:
         columns += [[None] * k, [None] * k]
     else:
-        columns += [[None if math.isnan(p) else p for p in _doubles(raw, k)] for raw in pins]
+        columns += [[None if math.isnan(p) else p for p in doubles(raw)[:k]] for raw in pins]
     columns += [[""] * k, [""] * k] if schedules is None else [s[:k] for s in schedules]
     return [pb.RateChange(name=n, old_lr=a, new_lr=b, old_base=c, new_base=d, old_pin=e, new_pin=f,
                           old_schedule=g, new_schedule=h)
