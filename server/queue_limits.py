@@ -10,10 +10,12 @@ room, and `lrctl pending --cancel` (CancelChanges) clears what is there.
 Bytes are estimated, not measured (measured with tracemalloc, CPython 3.11): a queued
 change costs ~2 KB of objects (its event, lock, request), ~90 bytes per name it
 touches (a dict entry and an int), ~120 bytes per piecewise schedule point, and its
-text (selectors, reason, user, peer, token name). A byte bound never refuses the first
-change of an empty queue (or of a connection or token with nothing queued): a change
-that touches every name of a very large model must still be possible; the queue then
-holds that one change, whose size the model bounds.
+text (selectors, reason, user, peer, token name); a change that keeps the serving
+process's plan (lrctl.server.planned_wire) ~43 bytes more per name, ~60 with pins. A
+byte bound never refuses the first change of an empty queue (or of a connection or
+token with nothing queued): a change that touches every name of a very large model
+must still be possible; the queue then holds that one change, whose size the model
+bounds.
 
 Pure Python: no grpc, no torch.
 """
@@ -30,6 +32,9 @@ _CHANGE_BYTES = 2048
 _UPDATE_BYTES = 160
 _NAME_BYTES = 90
 _POINT_BYTES = 128
+_PLAN_BYTES = 512  # a kept plan: its object and arrays
+_PLAN_NAME_BYTES = 44  # four doubles a name, measured 42.6 (as history.record_bytes counts a plan)
+_PLAN_PIN_BYTES = 16  # two more with pins, measured 59.6 in all
 _STRING_BYTES = 50
 _CANCEL_HINT = "list them with `lrctl pending` and cancel with `lrctl pending --cancel ID`, or wait for them to apply"
 
@@ -62,9 +67,13 @@ def _text_bytes(text: str) -> int:
     return _STRING_BYTES + (len(text) if text.isascii() else 4 * len(text))
 
 
-def estimate_bytes(request: Any, ops: Mapping[int, Any]) -> int:
-    """About how many bytes a queued change (a ChangeRequest and its per-name ops) holds."""
+def estimate_bytes(request: Any, ops: Mapping[int, Any], plan: Any = None) -> int:
+    """About how many bytes a queued change (a ChangeRequest, its per-name ops, and the
+    plan it keeps, a lrctl.server.planner.PlannedChange, if any) holds."""
     size = _CHANGE_BYTES + _NAME_BYTES * len(ops)
+    if plan is not None:
+        per_name = _PLAN_NAME_BYTES + (_PLAN_PIN_BYTES if plan.old_pin is not None else 0)
+        size += _PLAN_BYTES + per_name * len(plan.indices)
     for text in (request.reason, request.peer, request.user, request.role, request.token):
         size += _text_bytes(text)
     for update in request.updates:

@@ -129,7 +129,7 @@ class PendingChange:
 
     def __post_init__(self) -> None:
         if self.size < 0:
-            self.size = estimate_bytes(self.request, self.ops)
+            self.size = estimate_bytes(self.request, self.ops, None if self.planned is None else self.planned.plan)
 
     @property
     def done(self) -> bool:

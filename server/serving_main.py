@@ -147,11 +147,11 @@ class _Link:
         if (self.posted is None or self.closed or request.wait or request.at_step is not None
                 or request.expected_version is not None):
             return None
-        body = marshal.dumps(planned.wire)
+        body, plan = marshal.dumps(planned.wire), planned.planned.plan
         if len(body) > BODY_MAX:  # the plan's arrays make it long: the training process plans it
-            body = marshal.dumps(without_plan(planned.wire))
-        change_id = self.posted.post(body, loads=planned.planned.loads,
-                                     size=estimate_bytes(request, planned.planned.ops), limits=planned.limits)
+            body, plan = marshal.dumps(without_plan(planned.wire)), None
+        size = estimate_bytes(request, planned.planned.ops, plan)
+        change_id = self.posted.post(body, loads=planned.planned.loads, size=size, limits=planned.limits)
         if change_id is not None:
             self.acked = max(self.acked, wire.stamp(planned.planned.loads, planned.planned.version))
         return change_id

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import tracemalloc
 from array import array
 from contextlib import contextmanager
 from dataclasses import replace
@@ -30,8 +31,8 @@ from conftest import PATIENCE_S, absolute, scale, wait_for
 from lrctl.server import attach
 from lrctl.server.planned_wire import Planned, planned_from_wire, planned_to_wire, without_plan
 from lrctl.server.planner import PlannedChange
-from lrctl.server.queue_limits import QueueLimits
-from lrctl.server.requests import ChangeRequest, Mode, Update
+from lrctl.server.queue_limits import QueueLimits, estimate_bytes
+from lrctl.server.requests import ChangeRequest, Mode, PendingChange, Update
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
 
@@ -407,3 +408,35 @@ def test_a_plain_checkpoint_that_rebases_the_rates_is_a_new_state_for_the_servin
     assert w.ctl.controller.learning_rates()["0.weight"] == 0.2
     record = w.history()[-1]
     assert (list(record.plan.old_base), list(record.plan.new_base)) == ([0.4], [0.2])
+
+
+def test_the_queue_counts_the_bytes_of_the_plan_a_change_keeps(worker: Worker) -> None:
+    """A queued change that keeps the serving process's plan holds it until its step:
+    its estimated size, which the queue's byte bounds add up, counts the plan from above
+    (measured here as the training process decodes it) and within 2x."""
+    n = 20_000
+    ops = dict.fromkeys(range(n), ((Mode.SCALE, 0.5), (Mode.ABSOLUTE, 0.1), None))
+    nan = array("d", [math.nan]) * n
+    plan = PlannedChange(step=3, indices=array("q", ops), old_lr=array("d", [0.1]) * n,
+                         new_lr=array("d", [0.05]) * n, old_base=array("d", [0.1]) * n,
+                         new_base=array("d", [0.05]) * n, old_pin=nan, new_pin=array("d", [0.1]) * n,
+                         old_schedule=None, new_schedule=None, schedules={})
+    request = ChangeRequest((Update("*", 0.5),))
+    wired = marshal.loads(marshal.dumps(planned_to_wire(Planned(request, ops, 1, 1, 0, plan))))
+    held = []
+    for t in (wired, without_plan(wired)):
+        tracemalloc.start()
+        planned = planned_from_wire(t)
+        held.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.stop()
+    plan_bytes = held[0] - held[1]
+    kept = PendingChange(1, planned.request, planned.ops, 0.0, planned=planned_from_wire(wired))
+    bare = PendingChange(1, planned.request, planned.ops, 0.0, planned=planned)
+    assert plan_bytes <= kept.size - bare.size <= 2 * plan_bytes
+    # A Set the serving process queued in the ring is counted so there too.
+    w = worker
+    w.stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[_pin("*", 0.3)]), timeout=PATIENCE_S)
+    queued = w.ctl.controller.queued()[0]
+    assert queued.planned.plan is not None
+    assert queued.size == estimate_bytes(queued.request, queued.ops, queued.planned.plan) > estimate_bytes(
+        queued.request, queued.ops)
