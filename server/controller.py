@@ -62,7 +62,7 @@ from lrctl.server.queue_limits import QueueLimits, check_room
 from lrctl.server.rates import RateState, RateTable, ScheduleBook
 from lrctl.server import read_model
 from lrctl.server.read_model import ParameterRow, RateRow, ScheduleRow, StaticPart, VersionedPart
-from lrctl.server.requests import ChangeRequest, Outcome, PendingChange, RateChange
+from lrctl.server.requests import ChangeRequest, Outcome, PendingChange, RateChange, ScheduleUpdate
 from lrctl.server.selectors import NameIndex
 from lrctl.server.strategy import ApplyStrategy, CoalescedGroups, lr_value
 from lrctl.server.telemetry import Telemetry
@@ -1149,13 +1149,19 @@ class Controller(ControllerState):
             change_id=pending.change_id, version=self._version, step=step,
             applied_at=time.time(), requested_at=pending.requested_at,
             updates=request.updates,
-            schedules=tuple(replace(u, schedule=self._book.canonical(u.schedule))
-                            for u in request.schedules),
+            schedules=self._canonical(request.schedules),
             plan=None, peer=request.peer, user=request.user, reason=request.reason,
             at_step=request.at_step, role=request.role, token=request.token,
             status=error.code, error=str(error),
         ))
         self._hand_over(pending, record, error=error)
+
+    def _canonical(self, schedules: tuple[ScheduleUpdate, ...]) -> tuple[ScheduleUpdate, ...]:
+        """`schedules` with the book's own copies of their specs (a record adds no
+        schedule points of its own)."""
+        if not schedules:
+            return ()
+        return tuple([replace(u, schedule=self._book.canonical(u.schedule)) for u in schedules])
 
     def _install(self, plan: PlannedChange, forward: bool) -> None:
         """Put a plan's new (or, backwards, old) values in the table and the optimizer."""
@@ -1204,9 +1210,7 @@ class Controller(ControllerState):
                 applied_at=time.time(),
                 requested_at=pending.requested_at,
                 updates=request.updates,
-                # The book's own copies: a record adds no schedule points of its own.
-                schedules=tuple(replace(u, schedule=self._book.canonical(u.schedule))
-                                for u in request.schedules),
+                schedules=self._canonical(request.schedules),
                 plan=plan,
                 peer=request.peer,
                 user=request.user,

@@ -250,6 +250,8 @@ class RateTable(RateState):
     def class_rate(self, c: int, step: int) -> float:
         """Class c's rate at `step`, clamped to what its parameters can take."""
         key = self.class_key(c)
+        if key[2] == 0 and key[0] == SCHEDULED and key[1] <= self._limits[c]:
+            return key[1]  # constant (Constant.rate): the step hook's regroups come here
         limit = self._limits[c]
         rate, clamped = clamped_rate(key, limit, self.book, step)
         if clamped and c not in self._clamped:
