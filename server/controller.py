@@ -573,14 +573,17 @@ class Controller(ControllerState):
                 self._portable_checked = len(book)
             if table.driven or not self._portable:
                 return None
+            # Empty parts without a comprehension each: this runs in the step hook after
+            # every change, and most jobs have no pins and no new schedules.
             pins = dict(table.pins)
             return VersionedPart(
                 version=self._version, loads=self.loads, step=self._step, class_of=table.class_of.tobytes(),
                 classes=table.classes(), pins=pins,
-                pinned_base={i: table.base[i] for i in pins},  # type: ignore[misc]
-                pinned_schedule={i: table.schedule[i] for i in pins},
+                pinned_base={i: table.base[i] for i in pins} if pins else {},  # type: ignore[misc]
+                pinned_schedule={i: table.schedule[i] for i in pins} if pins else {},
                 groups=array("q", self._strategy.groups_of(range(len(self._params)))).tobytes(),
-                new_schedules=[book[s] for s in range(book_start, len(book))], book_start=book_start)
+                new_schedules=[book[s] for s in range(book_start, len(book))] if book_start < len(book) else [],
+                book_start=book_start)
 
     def status(self) -> StatusView:
         with self._lock:
@@ -770,6 +773,8 @@ class Controller(ControllerState):
     def _queue_load(self, past: int | None = None) -> tuple[int, int]:
         """The queue's count and estimated bytes, as the ring's header holds them (lock
         held); with `past`, of the changes that stay queued past step boundary `past`."""
+        if not self._pending:
+            return 0, 0
         staying = self._pending if past is None else [p for p in self._pending if p.due > past]
         return len(staying), sum(p.size for p in staying)
 
@@ -806,31 +811,39 @@ class Controller(ControllerState):
             self._adopt_posted(ring.take(header, *self._queue_load()))
             yield header
 
-    def _take_posted(self, wait: bool = True, boundary: int | None = None) -> bool:
-        """Queue what the serving process put in the ring (lock held); True if it took
-        the ring. The step hook and the counts do not wait long for the ring's lock
-        (`wait` False): the ring then waits for the next boundary, or read. At step
-        `boundary`, the step hook's, the ring's header is told the queue as it will be
-        past that boundary: every change in the ring is due there (posted_writes), and
-        no change is queued before the boundary's changes are applied."""
+    def _take_posted(self, wait: bool = True, boundary: int | None = None) -> list[PendingChange] | None:
+        """Queue what the serving process put in the ring (lock held); None if it did
+        not take the ring. The step hook and the counts do not wait long for the ring's
+        lock (`wait` False): the ring then waits for the next boundary, or read.
+
+        At step `boundary`, the step hook's, the changes due there are not queued but
+        returned, to be applied after the queue's (they are newer: whatever the queue
+        holds was queued after the ring was last taken), and the ring's header is told
+        the queue as it will be past that boundary: every change in the ring is due
+        there (posted_writes), and no change is queued before the boundary's changes
+        are applied."""
         ring = self._posted
         if ring is None or not ring.waiting():
-            return False
+            return None
         stays = boundary is None
         load = self._queue_load(boundary)
         taken = ring.take_now(*load, ring_stays=stays)
         if taken is None:
             held = ring.locked() if wait else ring.try_locked(TAKE_WAIT_S)
             if held is None:
-                return False
+                return None
             with held as header:
                 taken = ring.take(header, *load, ring_stays=stays)
-        self._adopt_posted(taken)  # the ring's lock is free meanwhile: the serving process posts on
-        return True
+        # The ring's lock is free meanwhile: the serving process posts on.
+        return self._adopt_posted(taken, boundary)
 
-    def _adopt_posted(self, entries: Sequence[tuple[int, float, int, bytes]]) -> None:
+    def _adopt_posted(self, entries: Sequence[tuple[int, float, int, bytes]],
+                      boundary: int | None = None) -> list[PendingChange]:
         """Queue changes taken from the ring (lock held), with the checks that need the
-        live state; one that fails them is recorded as failed (its caller was answered)."""
+        live state; one that fails them is recorded as failed (its caller was answered).
+        Those due at step `boundary` are returned instead: applied there, they never
+        wait in the queue, so its bounds need not be checked for them."""
+        now: list[PendingChange] = []
         for change_id, requested_at, size, body in entries:
             try:
                 planned = planned_from_wire(marshal.loads(body))
@@ -847,12 +860,16 @@ class Controller(ControllerState):
                     raise FailedPreconditionError(
                         f"parameter {self.index.names[frozen[0]]!r} no longer requires grad; "
                         f"change {change_id} was not applied")
+                if boundary is not None and pending.due <= boundary:
+                    now.append(pending)
+                    continue
                 check_room(self._pending, pending, self.queue_limits)
             except LrctlError as exc:
                 log.warning("lrctl: change %d was not applied: %s", change_id, exc)
-                self._fail(pending, self._step, exc)
+                self._fail(pending, self._step if boundary is None else boundary, exc)
                 continue
             self._queue(pending)
+        return now
 
     def withdraw(self, pending: PendingChange, error: LrctlError | None = None) -> bool:
         """Take a change back if it has not been applied; True when it was withdrawn."""
@@ -1006,14 +1023,15 @@ class Controller(ControllerState):
             self._hold(gate)
         with self._lock:
             step = self._step
-            room_left = self._posted is not None and self._take_posted(wait=False, boundary=step)
             self._step = step + 1
             self._step_times.append(time.monotonic())
             self.telemetry.step(step, self._version)
             if self._schedule_moves is not None:
                 self._record_moves(step)
-            if self._next_due <= step:
-                self._apply_due(step, room_left=room_left)
+            # Taken just before they are applied: nothing between can leave them unapplied.
+            posted = None if self._posted is None else self._take_posted(wait=False, boundary=step)
+            if self._next_due <= step or posted:
+                self._apply_due(step, room_left=posted is not None, posted=posted or ())
             if self._table.scheduled or self._table.driven:
                 self._tick(step)
         for after in self._after_step:
@@ -1061,12 +1079,17 @@ class Controller(ControllerState):
         except Exception:  # a bug here must not cost the step
             log.exception("lrctl: recording the schedule's rate change at step %d failed", step)
 
-    def _apply_due(self, step: int, now: float | None = None, room_left: bool = False) -> None:
-        """Apply the changes due at `step` (lock held); `room_left`: the ring's header
+    def _apply_due(self, step: int, now: float | None = None, room_left: bool = False,
+                   posted: Sequence[PendingChange] = ()) -> None:
+        """Apply the changes due at `step` (lock held), the queue's and then `posted`,
+        those taken from the ring at this boundary; `room_left`: the ring's header
         already counts them gone (_take_posted at this boundary)."""
-        due = [p for p in self._pending if p.due <= step]
-        self._pending = [p for p in self._pending if p.due > step]
-        self._next_due = min((p.due for p in self._pending), default=_NEVER)
+        due: list[PendingChange] = []
+        if self._next_due <= step:
+            due = [p for p in self._pending if p.due <= step]
+            self._pending = [p for p in self._pending if p.due > step]
+            self._next_due = min((p.due for p in self._pending), default=_NEVER)
+        due += posted
         now = self._step_times[-1] if now is None else now
         for k, pending in enumerate(due):
             if pending.deadline is not None and now > pending.deadline:
@@ -1182,7 +1205,7 @@ class Controller(ControllerState):
         self._strategy.move(moved, rates)
         self._installed.update(rates)
 
-    def _apply(self, pending: PendingChange, step: int) -> tuple[Outcome, Record]:
+    def _apply(self, pending: PendingChange, step: int) -> tuple[Outcome | None, Record]:
         request = pending.request
         if request.expected_version is not None and request.expected_version != self._version:
             raise FailedPreconditionError(
@@ -1220,6 +1243,10 @@ class Controller(ControllerState):
                 token=request.token,
             )
         )
+        if pending.planned is not None and not request.wait:
+            # The serving process answered its caller when it queued it, and nothing here
+            # holds the change: no one reads an outcome (the record has it all).
+            return None, record
         return Outcome(
             change_id=pending.change_id,
             step=step,

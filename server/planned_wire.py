@@ -145,7 +145,7 @@ def planned_from_wire(t: tuple) -> Planned:
     n = len(schedule_selectors)
     request = ChangeRequest(
         updates=updates_from_wire(updates),
-        schedules=tuple(ScheduleUpdate(s, spec) for s, spec in zip(schedule_selectors, specs[:n])),
+        schedules=tuple([ScheduleUpdate(s, spec) for s, spec in zip(schedule_selectors, specs[:n])]) if n else (),
         at_step=at_step, expected_version=expected_version, reason=reason, peer=peer, user=user,
         role=role, token=token, wait=wait,
     )
