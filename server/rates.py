@@ -48,6 +48,8 @@ def clamped_rate(key: ClassKey, limit: float, book: Any, step: int) -> tuple[flo
     read snapshot (lrctl.server.read_model) evaluates in the serving process."""
     if key[0] == PINNED:
         return key[1], False
+    if key[2] == 0 and key[1] <= limit:  # id 0, constant (Constant.rate): the base, no lookup
+        return key[1], False
     rate = book[key[2]].rate(key[1], step)
     if rate <= limit:  # False for NaN too
         return rate, False
@@ -250,8 +252,6 @@ class RateTable(RateState):
     def class_rate(self, c: int, step: int) -> float:
         """Class c's rate at `step`, clamped to what its parameters can take."""
         key = self.class_key(c)
-        if key[2] == 0 and key[0] == SCHEDULED and key[1] <= self._limits[c]:
-            return key[1]  # constant (Constant.rate): the step hook's regroups come here
         limit = self._limits[c]
         rate, clamped = clamped_rate(key, limit, self.book, step)
         if clamped and c not in self._clamped:
