@@ -978,6 +978,12 @@ class Controller(ControllerState):
             if self._gate is gate:
                 self._gate = None
 
+    @property
+    def lockstep_attached(self) -> bool:
+        """True while a lockstep controller is attached (a read without the lock)."""
+        gate = self._gate
+        return gate is not None and not gate.closed
+
     def lockstep_status(self) -> GateStatus | None:
         """The attached gate's status, or None."""
         gate = self._gate

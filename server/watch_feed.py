@@ -17,6 +17,18 @@ read on the training thread (that would wait for the device): from it on, the se
 loop thread of this process sends, until it has caught up; the order stays the seq
 order.
 
+Batched: a job that steps faster than every `batch_s` (50 ms) sends at most one frame a
+`batch_s`, with all the events sealed since the last (each event's send cost the
+training thread ~70-100 us, most of it fixed per send: with caches cold after the
+step's tensors, every Python call costs several times its tight-loop figure;
+bench/README.md section 3c, "The feed, batched"). An event waits up to `batch_s` (and
+the serving process's read, lrctl.server.feed_reader) before the streams get it. A
+slower job's events go out as each is sealed; so do all of them while a lockstep
+controller is attached (it may wait for each step's event) and when the telemetry
+closes. Events a fast job sealed just before it paused are sent by a timer of this
+process's event loop (every `batch_s` while a stream is open), so a pause never holds
+them back.
+
 The send never blocks: when the socket is full (the serving process is behind), the
 rest of the frame is kept and the loop sends it once the socket has room; events sealed
 meanwhile stay in the telemetry ring and are sent after it. Events that leave the ring
@@ -41,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from lrctl.common.errors import LrctlError
@@ -50,17 +63,26 @@ if TYPE_CHECKING:
     from lrctl.server.service import LearningRateControlService
     from lrctl.server.telemetry import Event
 
+FEED_BATCH_S = 0.05
+# Frames joined into one send, at most about this many bytes: a send the socket takes
+# only in part keeps the rest as the tail, and events should wait in the telemetry
+# ring (bounded, counted as dropped when they leave it), not in a tail.
+_JOIN_BYTES = 4096
+
 
 class WatchFeed:
     """The events of one worker's telemetry, to its serving process.
 
     `send` sends a frame on the link (the loop thread only); `sock` is the feed, this
-    end non-blocking."""
+    end non-blocking; `batch_s`: the least time between two sends of a fast job (0:
+    each event as it is sealed)."""
 
     def __init__(self, service: "LearningRateControlService", loop: asyncio.AbstractEventLoop,
                  send: Callable[[tuple[Any, ...]], None], code: Callable[[LrctlError], int],
-                 sock: socket.socket) -> None:
+                 sock: socket.socket, batch_s: float = FEED_BATCH_S) -> None:
         self._service = service
+        self._controller = service._controller
+        self._batch_s = batch_s
         self._hub = service.watchers
         self._telemetry = service.watchers.telemetry
         self._loop, self._send, self._code = loop, send, code
@@ -77,7 +99,10 @@ class WatchFeed:
         self._on_loop = False  # an event on a device came: the loop sends until caught up
         self._waiting = False  # the loop waits for the socket to have room
         self._closed_sent = False
-        self.frames = 0  # frames sent (for tests and bench)
+        self._sent_at = 0.0  # time.monotonic() of the last send of events
+        self._flush: asyncio.TimerHandle | None = None  # the loop's timer (a stream is open)
+        self.frames = 0  # events sent (for tests and bench)
+        self.sends = 0  # ... in this many sends
 
     def configure(self, count: int, stats: bool, per_records: tuple[int, ...]) -> None:
         """The serving process's streams changed: `count` open, whether any wants
@@ -92,9 +117,14 @@ class WatchFeed:
                 self._on = True
             telemetry.wake = self.push
             self._pump(on_loop=True)  # sealed while the wake was being set
+            if self._batch_s and self._flush is None:
+                self._flush = self._loop.call_later(self._batch_s, self._flush_tick)
         elif not count and self._on:
             self._on = False
             telemetry.wake = None  # no listener: the training thread sends nothing
+            if self._flush is not None:
+                self._flush.cancel()
+                self._flush = None
 
     def start(self, cid: int, from_step: int | None, changes_only: bool, include_stats: bool,
               per_record: int, count: int, stats: bool, per_records: tuple[int, ...]) -> None:
@@ -115,9 +145,23 @@ class WatchFeed:
 
     # -- sending (any thread; see the module docstring) --------------------------------
     def push(self) -> None:
-        """Telemetry's wake: send what was sealed (on the thread that sealed it)."""
-        self._telemetry.woken()  # every sealing calls this again: nothing to re-arm later
+        """Telemetry's wake: send what was sealed (on the thread that sealed it), or
+        leave it to the next send when the last was less than `batch_s` ago."""
+        telemetry = self._telemetry
+        telemetry.woken()  # every sealing calls this again: nothing to re-arm later
+        if (time.monotonic() - self._sent_at < self._batch_s and not telemetry.closed
+                and not self._controller.lockstep_attached):
+            return
         self._pump(on_loop=False)
+
+    def _flush_tick(self) -> None:
+        """The loop's timer: send what a job that paused sealed last (see push)."""
+        self._flush = None
+        if not self._on:
+            return
+        if time.monotonic() - self._sent_at >= self._batch_s and self._cursor < self._telemetry.last_seq:
+            self._pump(on_loop=True)
+        self._flush = self._loop.call_later(self._batch_s, self._flush_tick)
 
     def _pump(self, on_loop: bool) -> None:
         # Never waits for the lock: a thread that finds it held leaves its events to the
@@ -151,24 +195,38 @@ class WatchFeed:
         telemetry = self._telemetry
         closed = telemetry.closed  # read first: closed, it has sealed its last event
         events, _ = telemetry.after(self._cursor)
+        if not events and not closed:
+            return
+        self._sent_at = time.monotonic()
         per_records, stats = self._per_records, self._stats
+        frames: list[bytes] = []
+        size = 0
         for event in events:
             if not on_loop and event.on_device(stats):
                 self._on_loop = True
                 self._call_soon(self._pump, True)
-                return
+                break
+            if size >= _JOIN_BYTES:
+                if not self._write(b"".join(frames), len(frames)):
+                    return  # the socket is full: the loop goes on once there is room
+                frames, size = [], 0
             frame = wire.pack(self._event(event, per_records, stats))
+            frames.append(frame)
+            size += len(frame)
             self._cursor = event.seq
-            if not self._write(frame):
-                return
-        self._on_loop = False
+        else:
+            self._on_loop = False
+        if frames and not self._write(b"".join(frames), len(frames)):
+            return  # the socket is full: the loop goes on once there is room
+        if self._on_loop and not on_loop:
+            return  # the loop sends from the event on a device on
         if closed and not self._closed_sent:
             self._closed_sent = True
             self._write(wire.pack((self._cursor + 1,)))
 
-    def _write(self, frame: bytes) -> bool:
-        """Send the tail and `frame`; False if the socket did not take all of it (the
-        rest is the tail, and the loop waits for room)."""
+    def _write(self, frame: bytes, events: int = 0) -> bool:
+        """Send the tail and `frame` (of `events` events); False if the socket did not
+        take all of it (the rest is the tail, and the loop waits for room)."""
         data = self._tail + frame if self._tail else frame
         try:
             sent = self._sock.send(data)
@@ -179,7 +237,8 @@ class WatchFeed:
             self._on = False
             return False
         if frame:
-            self.frames += 1
+            self.frames += events
+            self.sends += 1
         if sent == len(data):
             self._tail = b""
             return True

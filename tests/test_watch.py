@@ -436,7 +436,8 @@ def test_four_subscribers_see_the_same_events(serving) -> None:  # type: ignore[
 
 def test_the_training_process_sends_each_event_once_whatever_the_streams(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """With a serving process: nothing is sent while nobody watches; then each event
-    once for all four streams, by the training thread itself (no wakeup of a loop);
+    once for all four streams, by the training thread itself (no wakeup of a loop per
+    event; what this fast job sealed last before it paused, by the loop's timer);
     statistics encoded only while a stream asks for them."""
     monkeypatch.setenv("LRCTL_SERVING", "process")
     model, optimizer = _tiny()
@@ -469,7 +470,7 @@ def test_the_training_process_sends_each_event_once_whatever_the_streams(monkeyp
         assert [e.step for e in seen[1]] == list(range(2, 12))  # step 2 was still open
         seqs = [event[0] for event in sent]
         assert len(seqs) == len(set(seqs)) == feed.frames - frames == 10
-        assert threads == {threading.current_thread().name}  # sent by the training thread
+        assert threading.current_thread().name in threads and len(threads) <= 2
         assert all(event[8] for event in sent)  # statistics: one stream asks
         assert all(e.stats for e in seen[0]) and not any(e.stats for e in seen[1])
         streams[0].cancel()
@@ -483,6 +484,49 @@ def test_the_training_process_sends_each_event_once_whatever_the_streams(monkeyp
         for stream in streams[1:]:
             stream.cancel()
         wait_for(lambda: ctl.telemetry.wake is None, "the feed to stop")
+        channel.close()
+
+
+def test_a_fast_job_sends_its_events_in_batches_and_a_pause_holds_none_back(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With a serving process, a job stepping faster than the feed's batch period sends
+    several events a send; when it pauses, the events it sealed last still reach the
+    stream (the loop's timer sends them), each step once, in order."""
+    monkeypatch.setenv("LRCTL_SERVING", "process")
+    model, optimizer = _tiny()
+    with attach(model, optimizer, address="127.0.0.1:0") as ctl:
+        feed = ctl._server._feed
+        channel = grpc.insecure_channel(ctl.address)
+        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
+        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        first = ctl.step
+        for _ in range(40):  # ~1 ms steps: many within one batch period
+            _step(model, optimizer, ctl)
+        seen = _read_until(stream, ctl.step - 2)  # the last sealed event: sent while paused
+        _each_step_once(seen, first, ctl.step - 2)
+        assert not any(e.dropped for e in seen)
+        assert feed.frames >= 39 and feed.sends < feed.frames / 2
+        channel.close()
+
+
+def test_with_a_lockstep_controller_each_event_is_sent_as_it_is_sealed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A lockstep controller may wait for each step's event: while one is attached, the
+    feed sends every event at once, whatever the job's pace."""
+    monkeypatch.setenv("LRCTL_SERVING", "process")
+    model, optimizer = _tiny()
+    with attach(model, optimizer, address="127.0.0.1:0") as ctl, LRClient(ctl.address) as client:
+        feed = ctl._server._feed
+        channel = grpc.insecure_channel(ctl.address)
+        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
+        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        _step(model, optimizer, ctl)  # past step 0, which every=1e9 would hold at
+        with client.lockstep(every=1_000_000_000, timeout=1.0):  # attached, never holds here
+            wait_for(lambda: ctl.controller.lockstep_attached, "lockstep")
+            _step(model, optimizer, ctl)
+            sends = feed.sends
+            for k in range(1, 21):
+                _step(model, optimizer, ctl)
+                assert feed.sends == sends + k and feed._cursor == ctl.telemetry.last_seq
+        assert _read_until(stream, ctl.step - 2)[-1].step == ctl.step - 2
         channel.close()
 
 
@@ -545,6 +589,7 @@ def test_events_on_a_device_are_sent_by_the_loop_in_order(monkeypatch) -> None: 
     model, optimizer = _tiny()
     with attach(model, optimizer, address="127.0.0.1:0") as ctl:
         feed = ctl._server._feed
+        feed._batch_s = 0.0  # each event as it is sealed: the training thread meets each
         threads: list[str] = []
         encode = feed._event
 
@@ -620,6 +665,7 @@ def test_a_late_start_keeps_at_most_a_queue_of_bytes_and_counts_the_rest_dropped
     limits = WatchLimits(queue_bytes=64 * 1024)
     with attach(model, optimizer, address="127.0.0.1:0", serving="process", watch_limits=limits) as ctl:
         feed = ctl._server._feed
+        feed._batch_s = 0.0  # all 200 events reach the serving process before the start
         send, asked = feed._send, threading.Event()
         wide_until = ctl.step + 200
 
