@@ -10,7 +10,8 @@ benchmark over its stdin/stdout, one JSON object per line:
       the earlier ones have been answered. Replies {"started": true} once the stream
       runs; keeps sending until the next command ("stop"), or for S seconds if given.
       With M "echo" the stream is health Checks only: the cost of the bare gRPC server.
-      With "watchers": W, W WatchMetrics streams (from now) are read meanwhile too.
+      With "watchers": W, W WatchMetrics streams (from now) are read meanwhile too
+      (with rate 0, only they).
   {"cmd": "stop"}
       Stop the stream, wait for answers in flight, close the channel, and reply with
       counts per kind, errors, and how late the pacer issued requests.
@@ -263,8 +264,9 @@ def main() -> None:
             if cmd == "load":
                 target = Target(msg["address"])
                 watchers = Watchers(target, int(msg.get("watchers", 0)))
-                stream = LoadStream(target, float(msg["rate"]), msg.get("seconds"), msg.get("mix", "mixed"))
-                stream.start()
+                if float(msg["rate"]) > 0:  # rate 0: the watchers only
+                    stream = LoadStream(target, float(msg["rate"]), msg.get("seconds"), msg.get("mix", "mixed"))
+                    stream.start()
                 reply({"started": True})
             elif cmd == "stop":
                 stats = stream.stop() if stream is not None else {}

@@ -26,8 +26,8 @@ the serving process's read, lrctl.server.feed_reader) before the streams get it.
 slower job's events go out as each is sealed; so do all of them while a lockstep
 controller is attached (it may wait for each step's event) and when the telemetry
 closes. Events a fast job sealed just before it paused are sent by a timer of this
-process's event loop (every `batch_s` while a stream is open), so a pause never holds
-them back.
+process's event loop (looking every 0.2 s while a stream is open, sending once nothing
+was sealed for `batch_s`), so a pause never holds them back for long.
 
 The send never blocks: when the socket is full (the serving process is behind), the
 rest of the frame is kept and the loop sends it once the socket has room; events sealed
@@ -64,6 +64,10 @@ if TYPE_CHECKING:
     from lrctl.server.telemetry import Event
 
 FEED_BATCH_S = 0.05
+# The loop's timer for a paused job: it sends only when the training thread has sealed
+# nothing for a batch period (a job still stepping sends its own: each send the loop
+# makes takes the GIL from the training thread), and it looks this seldom.
+_PAUSED_CHECK_S = 0.2
 # Frames joined into one send, at most about this many bytes: a send the socket takes
 # only in part keeps the rest as the tail, and events should wait in the telemetry
 # ring (bounded, counted as dropped when they leave it), not in a tail.
@@ -100,6 +104,7 @@ class WatchFeed:
         self._waiting = False  # the loop waits for the socket to have room
         self._closed_sent = False
         self._sent_at = 0.0  # time.monotonic() of the last send of events
+        self._sealed_at = 0.0  # ... of the last event the training thread left unsent
         self._flush: asyncio.TimerHandle | None = None  # the loop's timer (a stream is open)
         self.frames = 0  # events sent (for tests and bench)
         self.sends = 0  # ... in this many sends
@@ -118,7 +123,7 @@ class WatchFeed:
             telemetry.wake = self.push
             self._pump(on_loop=True)  # sealed while the wake was being set
             if self._batch_s and self._flush is None:
-                self._flush = self._loop.call_later(self._batch_s, self._flush_tick)
+                self._flush = self._loop.call_later(_PAUSED_CHECK_S, self._flush_tick)
         elif not count and self._on:
             self._on = False
             telemetry.wake = None  # no listener: the training thread sends nothing
@@ -149,8 +154,10 @@ class WatchFeed:
         leave it to the next send when the last was less than `batch_s` ago."""
         telemetry = self._telemetry
         telemetry.woken()  # every sealing calls this again: nothing to re-arm later
-        if (time.monotonic() - self._sent_at < self._batch_s and not telemetry.closed
+        now = time.monotonic()
+        if (now - self._sent_at < self._batch_s and not telemetry.closed
                 and not self._controller.lockstep_attached):
+            self._sealed_at = now
             return
         self._pump(on_loop=False)
 
@@ -159,9 +166,9 @@ class WatchFeed:
         self._flush = None
         if not self._on:
             return
-        if time.monotonic() - self._sent_at >= self._batch_s and self._cursor < self._telemetry.last_seq:
+        if time.monotonic() - self._sealed_at >= self._batch_s and self._cursor < self._telemetry.last_seq:
             self._pump(on_loop=True)
-        self._flush = self._loop.call_later(self._batch_s, self._flush_tick)
+        self._flush = self._loop.call_later(_PAUSED_CHECK_S, self._flush_tick)
 
     def _pump(self, on_loop: bool) -> None:
         # Never waits for the lock: a thread that finds it held leaves its events to the

@@ -508,6 +508,38 @@ def test_a_fast_job_sends_its_events_in_batches_and_a_pause_holds_none_back(monk
         channel.close()
 
 
+def test_a_job_that_keeps_stepping_sends_its_own_events_not_the_loop(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A job stepping every ~30 ms (within the batch period, sending every other step):
+    the loop's timer for paused jobs leaves its events to the training thread (each send
+    the loop made would take the GIL from training), and sends only the last ones once
+    the job stops."""
+    monkeypatch.setenv("LRCTL_SERVING", "process")
+    model, optimizer = _tiny()
+    with attach(model, optimizer, address="127.0.0.1:0") as ctl:
+        feed = ctl._server._feed
+        by_thread: dict[str, int] = {}
+        write = feed._write
+
+        def counting(frame: bytes, events: int = 0) -> bool:
+            name = threading.current_thread().name
+            by_thread[name] = by_thread.get(name, 0) + events
+            return write(frame, events)
+
+        feed._write = counting
+        channel = grpc.insecure_channel(ctl.address)
+        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
+        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        first = ctl.step
+        for _ in range(40):
+            _step(model, optimizer, ctl)
+            time.sleep(0.03)
+        seen = _read_until(stream, ctl.step - 2)
+        _each_step_once(seen, first, ctl.step - 2)
+        ours = by_thread.get(threading.current_thread().name, 0)
+        assert ours >= 30 and sum(by_thread.values()) - ours <= 10, by_thread
+        channel.close()
+
+
 def test_with_a_lockstep_controller_each_event_is_sent_as_it_is_sealed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A lockstep controller may wait for each step's event: while one is attached, the
     feed sends every event at once, whatever the job's pace."""

@@ -1,0 +1,117 @@
+"""What WatchMetrics streams cost the training thread a step, with serving="process".
+
+Benchmark 3c's `watch4+100rps` adds 4 streams to the 100 requests/s: while a stream is
+open, the training process sends every step's event to the serving process. This
+measures that per-step cost alone (no requests): thread CPU of the training thread in
+`report(loss)` and lrctl's step hooks, per step, in the bench's loop (512x4 MLP at batch
+32, AdamW, torch on 1 thread, a tensor loss reported every step), in windows that
+alternate:
+
+  none         no stream open
+  4 streams    4 streams read by another process (bench/load_client.py)
+  unbatched    the same, with the feed sending each event as it is sealed (its batch
+               period set to 0: how the feed sent before it batched a fast job's events)
+
+Caches are cold after the step's tensors, so a Python call there costs several times
+its tight-loop figure; the figures are per step, medians over rounds, and the last two
+lines what the 4 streams add to `none`:
+
+    python bench/bench_stream_cost.py            # ~1.5 minutes
+    python bench/bench_stream_cost.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench_server_load import LoadClient, make_mlp  # bench/, the script's directory
+from bench_set_floor import HookClock
+from lrctl.server import attach
+
+STREAMS = 4
+KINDS = ("none", "4 streams", "unbatched")
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, ctl: Any, steps: int) -> float:
+    """`steps` steps; the training thread's CPU in report(), us a step."""
+    x, y = torch.randn(32, 512), torch.randn(32, 512)
+    spent = 0
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        t0 = time.thread_time_ns()
+        ctl.report(loss)
+        spent += time.thread_time_ns() - t0
+        optimizer.step()
+    return spent / steps / 1e3
+
+
+def wait_until(check: Any, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=400, help="per window")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 60-step windows")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 1, 60
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = make_mlp(512, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    holder: dict[str, Any] = {}
+    clock = HookClock(optimizer, lambda: holder.update(
+        ctl=attach(model, optimizer, address="127.0.0.1:0", serving="process")))
+    ctl = holder["ctl"]
+    feed = ctl._server._feed  # the training process's end of the streams (watch_feed)
+    batch_s = feed._batch_s
+    client = LoadClient()
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
+    try:
+        train(model, optimizer, ctl, 50)  # warm-up
+        for _ in range(args.rounds):
+            for kind in KINDS:
+                if kind != "none":
+                    feed._batch_s = 0.0 if kind == "unbatched" else batch_s
+                    client.ask(cmd="load", address=ctl.address, rate=0, watchers=STREAMS)
+                    wait_until(lambda: ctl.telemetry.wake is not None, "the streams")
+                train(model, optimizer, ctl, 20)
+                clock.reset()
+                report_us = train(model, optimizer, ctl, args.steps)
+                results[kind].append((report_us, clock.us_per_step()))
+                if kind != "none":
+                    client.ask(cmd="stop")
+                    wait_until(lambda: ctl.telemetry.wake is None, "the streams to close")
+    finally:
+        feed._batch_s = batch_s
+        client.close()
+        ctl.close()
+    print(f"training thread CPU a step, us (median of {args.rounds} round(s) of {args.steps}-step windows)")
+    print(f"  {'':12s} {'report()':>9s} {'step hook':>10s} {'together':>9s}")
+    together = {}
+    for kind in KINDS:
+        rows = results[kind]
+        together[kind] = statistics.median(r + h for r, h in rows)
+        print(f"  {kind:12s} {statistics.median(r for r, _ in rows):9.1f} "
+              f"{statistics.median(h for _, h in rows):10.1f} {together[kind]:9.1f}")
+    for kind, label in (("4 streams", "batched"), ("unbatched", "unbatched")):
+        print(f"  {STREAMS} streams add, {label:9s} {together[kind] - together['none']:7.1f} us a step")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
