@@ -1,7 +1,7 @@
 """The serving process's reader of the WatchMetrics feed (serving="process").
 
-The training thread sends each step's event on the feed socket itself
-(lrctl.server.watch_feed). A send to a socket that another process is waiting on makes
+The training thread sends the step events on the feed socket itself (a job stepping
+faster than every 50 ms, several in one send: lrctl.server.watch_feed). A send to a socket that another process is waiting on makes
 the kernel wake that process, and on a VM that wakeup is paid by the sender: ~40 us of
 the training thread's time per step (a `send` costs ~10 us when nobody waits on the
 socket; bench/README.md section 3c, "The feed, read on a timer"). So this end does not
