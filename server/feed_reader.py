@@ -1,10 +1,11 @@
 """The serving process's reader of the WatchMetrics feed (serving="process").
 
 The training thread sends the step events on the feed socket itself (a job stepping
-faster than every 50 ms, several in one send: lrctl.server.watch_feed). A send to a socket that another process is waiting on makes
-the kernel wake that process, and on a VM that wakeup is paid by the sender: ~40 us of
-the training thread's time per step (a `send` costs ~10 us when nobody waits on the
-socket; bench/README.md section 3c, "The feed, read on a timer"). So this end does not
+faster than every 50 ms, several in one send: lrctl.server.watch_feed). A send to a
+socket that another process is waiting on makes the kernel wake that process, and on a
+VM that wakeup is paid by the sender: ~40 us of the training thread's time per send (a
+`send` costs ~10 us when nobody waits on the socket; bench/README.md section 3c, "The
+feed, read on a timer"). So this end does not
 wait on the feed while it only fans events out to WatchMetrics streams: it reads what
 has come every `poll_s` (2 ms: an event reaches the streams up to that much later; the
 serving process's timer wakes it on its own core), and every 50 ms once the feed has
