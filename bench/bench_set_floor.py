@@ -65,6 +65,14 @@ class HookClock:
         return self.total_ns / max(self.calls, 1) / 1e3
 
 
+def attach_timed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> tuple[Any, HookClock]:
+    """attach(model, optimizer, **kwargs) between the two pre-hooks of a HookClock, which
+    then times lrctl's step hooks."""
+    holder: dict[str, Any] = {}
+    clock = HookClock(optimizer, lambda: holder.update(ctl=attach(model, optimizer, **kwargs)))
+    return holder["ctl"], clock
+
+
 class MinimalSets:
     """The floor: every other step, one Set of the ring's size, applied in Python."""
 
@@ -121,10 +129,7 @@ def main() -> None:
 
     model = make_mlp(512, 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    holder: dict[str, Any] = {}
-    clock = HookClock(optimizer, lambda: holder.update(
-        ctl=attach(model, optimizer, address="127.0.0.1:0", serving="process")))
-    ctl = holder["ctl"]
+    ctl, clock = attach_timed(model, optimizer, address="127.0.0.1:0", serving="process")
     client = LoadClient()
     floor_per_set, lrctl_per_set = [], []
     floor_idle = 0.0

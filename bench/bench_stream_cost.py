@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from bench_server_load import LoadClient, make_mlp  # bench/, the script's directory
-from bench_set_floor import HookClock
-from lrctl.server import attach
+from bench_set_floor import attach_timed
 
 STREAMS = 4
 KINDS = ("none", "4 streams", "unbatched")
@@ -74,10 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = make_mlp(512, 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    holder: dict[str, Any] = {}
-    clock = HookClock(optimizer, lambda: holder.update(
-        ctl=attach(model, optimizer, address="127.0.0.1:0", serving="process")))
-    ctl = holder["ctl"]
+    ctl, clock = attach_timed(model, optimizer, address="127.0.0.1:0", serving="process")
     feed = ctl._server._feed  # the training process's end of the streams (watch_feed)
     batch_s = feed._batch_s
     client = LoadClient()

@@ -495,9 +495,7 @@ def test_a_fast_job_sends_its_events_in_batches_and_a_pause_holds_none_back(monk
     model, optimizer = _tiny()
     with attach(model, optimizer, address="127.0.0.1:0") as ctl:
         feed = ctl._server._feed
-        channel = grpc.insecure_channel(ctl.address)
-        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
-        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        channel, stream = _watch_one(ctl)
         first = ctl.step
         for _ in range(40):  # ~1 ms steps: many within one batch period
             _step(model, optimizer, ctl)
@@ -526,9 +524,7 @@ def test_a_job_that_keeps_stepping_sends_its_own_events_not_the_loop(monkeypatch
             return write(frame, events)
 
         feed._write = counting
-        channel = grpc.insecure_channel(ctl.address)
-        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
-        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        channel, stream = _watch_one(ctl)
         first = ctl.step
         for _ in range(40):
             _step(model, optimizer, ctl)
@@ -547,9 +543,7 @@ def test_with_a_lockstep_controller_each_event_is_sent_as_it_is_sealed(monkeypat
     model, optimizer = _tiny()
     with attach(model, optimizer, address="127.0.0.1:0") as ctl, LRClient(ctl.address) as client:
         feed = ctl._server._feed
-        channel = grpc.insecure_channel(ctl.address)
-        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
-        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        channel, stream = _watch_one(ctl)
         _step(model, optimizer, ctl)  # past step 0, which every=1e9 would hold at
         with client.lockstep(every=1_000_000_000, timeout=1.0):  # attached, never holds here
             wait_for(lambda: ctl.controller.lockstep_attached, "lockstep")
@@ -560,6 +554,14 @@ def test_with_a_lockstep_controller_each_event_is_sent_as_it_is_sealed(monkeypat
                 assert feed.sends == sends + k and feed._cursor == ctl.telemetry.last_seq
         assert _read_until(stream, ctl.step - 2)[-1].step == ctl.step - 2
         channel.close()
+
+
+def _watch_one(ctl) -> tuple[grpc.Channel, Any]:  # type: ignore[no-untyped-def]
+    """A channel and one WatchMetrics stream (from now) on `ctl`, once the worker counts it."""
+    channel = grpc.insecure_channel(ctl.address)
+    stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
+    wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+    return channel, stream
 
 
 def _read_until(stream, step: int) -> list[pb.MetricsEvent]:  # type: ignore[no-untyped-def]
@@ -587,9 +589,7 @@ def test_a_serving_process_that_falls_behind_costs_training_nothing(monkeypatch)
     model, optimizer = _tiny()
     padding = {f"metric_{k:02d}": float(k) for k in range(40)}  # ~1 KB an event
     with attach(model, optimizer, address="127.0.0.1:0", events=64) as ctl:
-        channel = grpc.insecure_channel(ctl.address)
-        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
-        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        channel, stream = _watch_one(ctl)
         _step(model, optimizer, ctl)
         _step(model, optimizer, ctl)
         first = next(stream).step
@@ -630,9 +630,7 @@ def test_events_on_a_device_are_sent_by_the_loop_in_order(monkeypatch) -> None: 
             return encode(*args)
 
         feed._event = noting
-        channel = grpc.insecure_channel(ctl.address)
-        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(pb.WatchMetricsRequest(), timeout=PATIENCE_S)
-        wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
+        channel, stream = _watch_one(ctl)
         first = ctl.step
         for _ in range(60):
             _step(model, optimizer, ctl)
