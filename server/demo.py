@@ -9,6 +9,7 @@ with exactly those rates. With --serve, it only runs a worker for you to play wi
 
 from __future__ import annotations
 
+import faulthandler
 import math
 import os
 import signal
@@ -204,6 +205,8 @@ def serve(address: str, model_name: str, steps: int, step_delay: float, insecure
     model, optimizer, loss_fn = JOBS[model_name]()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's stack on stderr (a stuck worker)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         ctl = attach(model, optimizer, address=address, insecure=insecure, tls=tls,
                      guardrails=guardrails, audit_log=audit_log, metrics_address=metrics_address,

@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,14 @@ def test_serve_runs_until_sigterm_and_shuts_down_cleanly(model: str) -> None:
             frozen = run_cli(address, "set", "encoder.norm.weight=0.1")
             assert frozen.returncode == 4 and "does not require grad" in frozen.stderr
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # stuck: its threads' stacks, for the report
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the worker did not stop within 30 s of SIGTERM; stdout:\n{out}\nstderr:\n{err}")
     finally:
         if proc.poll() is None:
             proc.kill()
