@@ -5,13 +5,13 @@ faster than every 50 ms, several in one send: lrctl.server.watch_feed). A send t
 socket that another process is waiting on makes the kernel wake that process, and on a
 VM that wakeup is paid by the sender: ~40 us of the training thread's time per send (a
 `send` costs ~10 us when nobody waits on the socket; bench/README.md section 3c, "The
-feed, read on a timer"). So this end does not
-wait on the feed while it only fans events out to WatchMetrics streams: it reads what
-has come every `poll_s` (2 ms: an event reaches the streams up to that much later; the
-serving process's timer wakes it on its own core), and every 50 ms once the feed has
-been quiet for 0.1 s (a paused job: its next event comes up to 50 ms late). While a Lockstep call is open (a
-controller that decides at each step boundary, and may wait for that step's event), it
-reads on readiness again, as soon as an event comes.
+feed, read on a timer"). So this end does not wait on the feed while it only fans events
+out to WatchMetrics streams: it reads what has come every `poll_s` (2 ms: an event
+reaches the streams up to that much later; the serving process's timer wakes it on its
+own core), and every 50 ms once the feed has been quiet for 0.1 s (a paused job: its
+next event comes up to 50 ms late). While a Lockstep call is open (a controller that
+decides at each step boundary, and may wait for that step's event), it reads on
+readiness again, as soon as an event comes.
 """
 
 from __future__ import annotations
