@@ -307,7 +307,7 @@ class Bench:
             if config.rate and not config.inline:
                 address = ctl.address if ctl is not None else self.sidecar_address()
                 client.ask(cmd="load", address=address, rate=config.rate, mix=config.mix,
-                           watchers=config.watchers)
+                           watchers=config.watchers, watch_method=args.watch_method)
                 load_start = time.perf_counter()
                 cpu_start = thread_cpu()
                 sidecar_start = helper_cpu(ctl)
@@ -495,6 +495,10 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=4,
                         help="also run each kind (but forward) with this many WatchMetrics streams "
                              "read while the loop reports its loss every step, plus 100 requests/s (0: off)")
+    parser.add_argument("--watch-method", default="WatchMetricsBatched",
+                        choices=("WatchMetricsBatched", "WatchMetrics"),
+                        help="the watchers' method: the one LRClient.watch_metrics reads (default), or "
+                             "a message per event")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval for the whole run (default: Python's, 0.005 s)")
     parser.add_argument("--sidecar-rate", type=float, default=100.0,
@@ -523,7 +527,7 @@ def main() -> None:
     print(f"server load on training: MLP width {args.width}, depth {args.depth} ({n_tensors} tensors), "
           f"batch {args.batch}, AdamW, torch {torch.__version__} on 1 thread, {os.cpu_count()} cores; "
           f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up) per configuration; "
-          f"GIL switch interval {sys.getswitchinterval() * 1e3:g} ms")
+          f"GIL switch interval {sys.getswitchinterval() * 1e3:g} ms; watchers read {args.watch_method}")
     machine = MachineLoad()
     configs = Bench(args).run()
     report(configs, args)

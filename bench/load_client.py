@@ -10,8 +10,10 @@ benchmark over its stdin/stdout, one JSON object per line:
       the earlier ones have been answered. Replies {"started": true} once the stream
       runs; keeps sending until the next command ("stop"), or for S seconds if given.
       With M "echo" the stream is health Checks only: the cost of the bare gRPC server.
-      With "watchers": W, W WatchMetrics streams (from now) are read meanwhile too
-      (with rate 0, only they).
+      With "watchers": W, W streams of the job's events (from now) are read meanwhile
+      too (with rate 0, only they), with the method "watch_method" names: as
+      LRClient.watch_metrics reads them, WatchMetricsBatched (the default), or
+      WatchMetrics (a message per event).
   {"cmd": "stop"}
       Stop the stream, wait for answers in flight, close the channel, and reply with
       counts per kind, errors, and how late the pacer issued requests.
@@ -113,10 +115,13 @@ class Target:
 
 
 class Watchers:
-    """W WatchMetrics streams, each read on a thread of its own, until stop()."""
+    """W streams of the job's events, each read on a thread of its own, until stop()."""
 
-    def __init__(self, target: Target, count: int) -> None:
-        self.calls = [target.stub.WatchMetrics(pb.WatchMetricsRequest(), metadata=METADATA)
+    def __init__(self, target: Target, count: int, method: str = "WatchMetricsBatched") -> None:
+        if method not in ("WatchMetrics", "WatchMetricsBatched"):
+            raise ValueError(f"watch_method {method!r}")
+        self.batched = method == "WatchMetricsBatched"
+        self.calls = [getattr(target.stub, method)(pb.WatchMetricsRequest(), metadata=METADATA)
                       for _ in range(count)]
         self.events = [0] * count
         self.dropped = 0
@@ -126,9 +131,10 @@ class Watchers:
 
     def _read(self, k: int) -> None:
         try:
-            for event in self.calls[k]:
-                self.events[k] += 1
-                self.dropped += event.dropped
+            for message in self.calls[k]:
+                for event in message.events if self.batched else (message,):
+                    self.events[k] += 1
+                    self.dropped += event.dropped
         except grpc.RpcError:
             pass  # cancelled by stop()
 
@@ -263,7 +269,8 @@ def main() -> None:
         try:
             if cmd == "load":
                 target = Target(msg["address"])
-                watchers = Watchers(target, int(msg.get("watchers", 0)))
+                watchers = Watchers(target, int(msg.get("watchers", 0)),
+                                    msg.get("watch_method", "WatchMetricsBatched"))
                 if float(msg["rate"]) > 0:  # rate 0: the watchers only
                     stream = LoadStream(target, float(msg["rate"]), msg.get("seconds"), msg.get("mix", "mixed"))
                     stream.start()

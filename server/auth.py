@@ -36,7 +36,8 @@ ENV = {ADMIN: ("LRCTL_ADMIN_TOKEN", "LRCTL_ADMIN_TOKEN_FILE"),
 _LRCTL = "/lrctl.v1.LearningRateControl/"
 READER_METHODS = frozenset(
     _LRCTL + m for m in ("ListParameters", "GetLearningRates", "GetStatus", "ListChanges",
-                         "GetSchedules", "ListPending", "WatchMetrics")
+                         "GetSchedules", "ListPending", "WatchMetrics",
+                         "WatchMetricsBatched")
 )
 _READER_PREFIXES = ("/grpc.reflection.",)
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)

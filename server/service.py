@@ -20,7 +20,7 @@ import asyncio
 import collections
 import time
 from collections import deque
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterable, TypeVar
 
 import grpc
 
@@ -54,7 +54,9 @@ from lrctl.server.read_answers import (
     checked_page_size,
 )
 from lrctl.server.telemetry import Event
-from lrctl.server.subscribers import DEFAULT_REPORTED_CHANGES, MAX_ENTRIES_PER_CHANGE_PAGE, changes_per_record
+from lrctl.server.subscribers import (
+    DEFAULT_REPORTED_CHANGES, MAX_ENTRIES_PER_CHANGE_PAGE, changes_per_record, runs,
+)
 from lrctl.server.watch import WatchHub, WatchLimits
 from lrctl.server.requests import ChangeRequest, Outcome, PendingChange
 from lrctl.server.write_plan import MAX_REASON_CHARS
@@ -279,6 +281,18 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
         return self.cancel_changes(request, self._who(context))
 
     async def WatchMetrics(self, request: pb.WatchMetricsRequest, context: grpc.aio.ServicerContext) -> Any:
+        async for batch in self._watch(request, context):
+            for message in batch:
+                yield message
+
+    async def WatchMetricsBatched(self, request: pb.WatchMetricsRequest, context: grpc.aio.ServicerContext) -> Any:
+        async for batch in self._watch(request, context):
+            for run in runs(batch, pb.MetricsEvent.ByteSize):
+                yield pb.MetricsEvents(events=run)
+
+    async def _watch(self, request: pb.WatchMetricsRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[list[pb.MetricsEvent]]:
+        """A watch call's events, in the batches its subscriber's queue hands over."""
         # The loop only copies references into queues; a stream's reader pays for its
         # own encoding here, never the training thread. (With serving="process" the
         # serving process serves the streams: lrctl.server.watch_feed.)
@@ -292,8 +306,8 @@ class LearningRateControlService(pb_grpc.LearningRateControlServicer):
                 batch = await sub.next_batch()
                 if not batch:
                     return  # the worker closed: the stream ends
-                for event, dropped in batch:
-                    yield self._event_pb(event, dropped, request.include_stats, per_record)
+                yield [self._event_pb(event, dropped, request.include_stats, per_record)
+                       for event, dropped in batch]
         finally:
             self.watchers.unsubscribe(sub)
 

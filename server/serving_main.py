@@ -49,12 +49,13 @@ from lrctl.server.record_wire import record_pb
 from lrctl.server.serving_reads import REQUESTS as SNAPSHOT_READS, SnapshotReads
 from lrctl.server.serving_writes import HandOver, SnapshotWrites
 from lrctl.server.status import RequestCounts, status_code
-from lrctl.server.subscribers import Subscriber, Subscribers, WatchLimits, changes_per_record
+from lrctl.server.subscribers import Subscriber, Subscribers, WatchLimits, changes_per_record, runs
 from lrctl.v1 import lrctl_pb2
 
 log = logging.getLogger("lrctl.serving")
 _CODES = {s.value[0]: s for s in grpc.StatusCode}
 _GONE = "the training process is not answering (it exited, or is closing)"
+_EVENTS_TAG = b"\x0a"  # MetricsEvents.events: field 1, length-delimited
 _CACHE_ENTRIES = 256
 _STEPPED = {
     "/lrctl.v1.LearningRateControl/GetLearningRates": lrctl_pb2.GetLearningRatesResponse,
@@ -229,6 +230,16 @@ class _Link:
         return cid, queue
 
 
+def _varint(n: int) -> bytes:
+    """`n` (>= 0) as a protobuf varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 class _WireEvent:
     """A telemetry event as the training process sent it (lrctl.server.watch_feed)."""
 
@@ -315,19 +326,36 @@ class _Watch:
         return "" if found is None else found.name
 
     async def stream(self, body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        """A WatchMetrics call, counted as the in-process interceptor counts it: with the
-        status it ended with (OK or an error's code); a call the client left, not at all."""
+        """A WatchMetrics call: a message per event."""
+        async for batch in self._counted(wire.WATCH_METHOD, body, context):
+            for message in batch:
+                yield message
+
+    async def stream_batched(self, body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """A WatchMetricsBatched call: the events that came together in one MetricsEvents
+        (serialized messages concatenate as they merge: each event is field 1, length-
+        delimited), up to BATCH_BYTES."""
+        async for batch in self._counted(wire.WATCH_BATCHED_METHOD, body, context):
+            for run in runs(batch, len):
+                yield b"".join([_EVENTS_TAG + _varint(len(message)) + message for message in run])
+
+    async def _counted(self, method: str, body: bytes,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[list[bytes]]:
+        """A watch call's batches of event messages, the call counted as the in-process
+        interceptor counts it: with the status it ended with (OK or an error's code); a
+        call the client left, not at all."""
         counts = self.link.reads.requests
         try:
-            async for message in self._stream(body, context):
-                yield message
+            async for batch in self._stream(method, body, context):
+                yield batch
         except grpc.aio.AbortError:
             code = context.code()
-            counts.add(wire.WATCH_METHOD, code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN")
+            counts.add(method, code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN")
             raise
-        counts.add(wire.WATCH_METHOD, "OK")
+        counts.add(method, "OK")
 
-    async def _stream(self, body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _stream(self, method: str, body: bytes,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[list[bytes]]:
         link = self.link
         try:
             request = lrctl_pb2.WatchMetricsRequest.FromString(body)
@@ -339,7 +367,7 @@ class _Watch:
             await context.abort(status_code(exc), str(exc))
         except Exception as exc:  # an undecodable request
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the request to {wire.WATCH_METHOD} could not be decoded: {exc}")
+                                f"the request to {method} could not be decoded: {exc}")
         sub = Subscriber(peer, token, min_step=from_step, changes_only=request.changes_only,
                          include_stats=request.include_stats, cursor=0, limits=self.subscribers.limits,
                          per_record=per_record)
@@ -362,8 +390,7 @@ class _Watch:
                     if not self.closed and link.closed:
                         await context.abort(grpc.StatusCode.UNAVAILABLE, _GONE)
                     return  # the worker closed: the stream ends
-                for event, lost in batch:
-                    yield event.body(sub, lost)
+                yield [event.body(sub, lost) for event, lost in batch]
         finally:
             link.calls.pop(cid, None)
             self._early.pop(sub, None)
@@ -393,6 +420,9 @@ def _handlers(link: _Link) -> grpc.GenericRpcHandler:
         if method == wire.WATCH_METHOD:
             assert link.watch is not None
             handlers[method] = grpc.unary_stream_rpc_method_handler(link.watch.stream)
+        elif method == wire.WATCH_BATCHED_METHOD:
+            assert link.watch is not None
+            handlers[method] = grpc.unary_stream_rpc_method_handler(link.watch.stream_batched)
         elif m.client_streaming:
             handlers[method] = grpc.stream_stream_rpc_method_handler(_bidi(link, method))
         elif m.server_streaming:

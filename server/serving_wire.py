@@ -77,6 +77,7 @@ SNAPSHOT_WANTED, SNAPSHOT = "N", "P"
 WATCH, WATCH_CONFIG, WATCH_START = "W", "w", "B"
 PLANNED, ACCEPTED = "D", "A"
 WATCH_METHOD = "/lrctl.v1.LearningRateControl/WatchMetrics"
+WATCH_BATCHED_METHOD = "/lrctl.v1.LearningRateControl/WatchMetricsBatched"
 
 
 def pack(frame: tuple[Any, ...]) -> bytes:
@@ -151,8 +152,8 @@ WRITES = ("/lrctl.v1.LearningRateControl/SetLearningRates",
 
 # The methods the serving process may answer itself: snapshot reads
 # (lrctl.server.serving_reads), writes planned or refused there
-# (lrctl.server.serving_writes), and WatchMetrics (its streams live there).
-ANSWERED = (*WRITES, *CACHEABLE, WATCH_METHOD)
+# (lrctl.server.serving_writes), and the WatchMetrics streams (they live there).
+ANSWERED = (*WRITES, *CACHEABLE, WATCH_METHOD, WATCH_BATCHED_METHOD)
 # Calls of ANSWERED that the serving process answered itself, by method and status
 # code: counters at COUNTS_AT, written by the serving process only (one writer at a
 # time), read by the training process for lrctl_requests_total. (A frame per call would

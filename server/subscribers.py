@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from lrctl.common.errors import InvalidArgumentError, ResourceExhaustedError
 
@@ -28,6 +28,11 @@ MIB = 1024 * 1024
 # and the most it may ask for.
 DEFAULT_REPORTED_CHANGES = 1000
 MAX_ENTRIES_PER_CHANGE_PAGE = 200_000
+# WatchMetricsBatched: the most bytes of events one message joins (one larger event comes
+# alone); well under the 4 MiB a gRPC client receives by default.
+BATCH_BYTES = 256 * 1024
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,22 @@ def changes_per_record(requested: int) -> int:
     if requested < 0:
         raise InvalidArgumentError(f"max_changes_per_record {requested} is negative")
     return min(requested or DEFAULT_REPORTED_CHANGES, MAX_ENTRIES_PER_CHANGE_PAGE)
+
+
+def runs(items: list[T], size: Callable[[T], int], limit: int = BATCH_BYTES) -> Iterator[list[T]]:
+    """`items` in order, in runs of at most `limit` bytes each by `size` (an item larger
+    than `limit` is a run of its own): the messages of a WatchMetricsBatched stream."""
+    run: list[T] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if run and total + n > limit:
+            yield run
+            run, total = [], 0
+        run.append(item)
+        total += n
+    if run:
+        yield run
 
 
 class Subscriber:

@@ -16,7 +16,8 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
 
 import grpc
 import pytest
@@ -29,7 +30,7 @@ from lrctl.server import attach
 from lrctl.server.auth import ADMIN, READER, Token, Tokens
 from lrctl.server.param_stats import STATS
 from lrctl.server.telemetry import Event, Telemetry
-from lrctl.server.subscribers import Subscriber
+from lrctl.server.subscribers import BATCH_BYTES, Subscriber, runs
 from lrctl.server.watch import WatchLimits
 from lrctl.v1 import lrctl_pb2 as pb
 from lrctl.v1 import lrctl_pb2_grpc as pb_grpc
@@ -337,7 +338,14 @@ def test_watch_needs_only_the_reader_role(serving) -> None:  # type: ignore[no-u
             stream.close()
 
 
-def test_a_slow_subscriber_loses_the_oldest_and_is_told_how_many(serving) -> None:  # type: ignore[no-untyped-def]
+def _events(stream, batched: bool) -> Iterator[pb.MetricsEvent]:  # type: ignore[no-untyped-def]
+    """The events of a WatchMetrics or a WatchMetricsBatched stream, one by one."""
+    for message in stream:
+        yield from (message.events if batched else (message,))
+
+
+@pytest.mark.parametrize("method", ["WatchMetrics", "WatchMetricsBatched"])
+def test_a_slow_subscriber_loses_the_oldest_and_is_told_how_many(serving, method) -> None:  # type: ignore[no-untyped-def]
     """A stream that is never read while training runs on: training is not held up,
     the stream's queue drops its oldest events, and each event it then gets says how
     many were lost right before it (the gap in steps)."""
@@ -347,7 +355,7 @@ def test_a_slow_subscriber_loses_the_oldest_and_is_told_how_many(serving) -> Non
     with attach(model, optimizer, address="127.0.0.1:0", events=100_000, events_max_bytes=1 << 30,
                 watch_limits=limits) as ctl:
         channel = grpc.insecure_channel(ctl.address)
-        stream = pb_grpc.LearningRateControlStub(channel).WatchMetrics(
+        stream = getattr(pb_grpc.LearningRateControlStub(channel), method)(
             pb.WatchMetricsRequest(), timeout=10 * PATIENCE_S)
         wait_for(lambda: len(ctl.service.watchers) == 1, "the watcher")
         # In-process, the stream's state is here; with a serving process it is there,
@@ -365,7 +373,7 @@ def test_a_slow_subscriber_loses_the_oldest_and_is_told_how_many(serving) -> Non
             wait_for(lambda: sub.lost > 0, "the slow stream to lose events")
         ctl.report(step=steps)  # seals the last step
         received, told, previous = 0, 0, -1
-        for event in stream:
+        for event in _events(stream, method == "WatchMetricsBatched"):
             assert event.step - previous - 1 == event.dropped, (previous, event.step, event.dropped)
             told += event.dropped
             received += 1
@@ -432,6 +440,73 @@ def test_four_subscribers_see_the_same_events(serving) -> None:  # type: ignore[
         assert ctl.telemetry.wake is None
         _step(model, optimizer, ctl)  # training goes on
         channel.close()
+
+
+def test_batched_streams_carry_the_same_events_several_to_a_message(serving) -> None:  # type: ignore[no-untyped-def]
+    """WatchMetricsBatched beside WatchMetrics: the same events, in order; with a
+    serving process a fast job's events come several to a message. A reader that falls
+    behind by megabytes gets them back in messages of at most BATCH_BYTES (+ one event)."""
+    model, optimizer = _tiny()
+    padding = [{f"metric_{k:03d}_" + "x" * 50: float(k) for k in range(h, h + 63)} for h in (0, 63)]  # ~10 KB
+    with attach(model, optimizer, address="127.0.0.1:0", stats_every=1, stats=("grad_norm",)) as ctl:
+        channel = grpc.insecure_channel(ctl.address)
+        stub = pb_grpc.LearningRateControlStub(channel)
+        single = stub.WatchMetrics(pb.WatchMetricsRequest(include_stats=True), timeout=PATIENCE_S)
+        batched = stub.WatchMetricsBatched(pb.WatchMetricsRequest(include_stats=True), timeout=PATIENCE_S)
+        wait_for(lambda: len(ctl.service.watchers) == 2, "two watchers")
+        stub.SetLearningRates(pb.SetLearningRatesRequest(updates=[absolute("0.weight", 0.5)], wait=False))
+        for _ in range(400):  # ~4 MB, read only afterwards
+            _step(model, optimizer, ctl)
+            ctl.report(**padding[0])
+            ctl.report(**padding[1])
+        _step(model, optimizer, ctl)  # seals step 400
+        last = ctl.step - 2
+        singles = _read_until(single, last)
+        messages, events = [], []
+        for message in batched:
+            messages.append(message)
+            events.extend(message.events)
+            if events[-1].step >= last:
+                break
+        single.cancel()
+        batched.cancel()
+        assert events == singles and sum(e.dropped for e in events) == 0
+        assert [e.step for e in events] == list(range(events[0].step, last + 1))
+        assert sum(len(e.changes) for e in events) == 1 and all(e.stats for e in events)
+        largest = max(e.ByteSize() for e in events)
+        assert all(m.events and (len(m.events) == 1 or m.ByteSize() <= BATCH_BYTES + largest) for m in messages)
+        if serving == "process":
+            assert max(len(m.events) for m in messages) > 1
+        channel.close()
+
+
+def test_runs_split_by_bytes_in_order() -> None:
+    assert list(runs([], len)) == []
+    assert list(runs([b"ab", b"cd", b"e"], len, limit=4)) == [[b"ab", b"cd"], [b"e"]]
+    assert list(runs([b"abcdef", b"a", b"bcdefgh", b"c"], len, limit=4)) == [[b"abcdef"], [b"a"], [b"bcdefgh"], [b"c"]]
+    assert list(runs([b"a"] * 5, len, limit=2)) == [[b"a", b"a"]] * 2 + [[b"a"]]
+
+
+def test_the_client_reads_a_worker_without_the_batched_method() -> None:
+    """An older worker (WatchMetrics only, here a bare gRPC server of lrctl's messages):
+    LRClient.watch_metrics falls back to it, once, and reads every event."""
+
+    def watch(request: pb.WatchMetricsRequest, context: grpc.ServicerContext) -> Iterator[pb.MetricsEvent]:
+        yield from (pb.MetricsEvent(step=s, version=1, metrics={"loss": 1.0 / (s + 1)}) for s in range(3))
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("lrctl.v1.LearningRateControl", {
+        "WatchMetrics": grpc.unary_stream_rpc_method_handler(
+            watch, request_deserializer=pb.WatchMetricsRequest.FromString,
+            response_serializer=pb.MetricsEvent.SerializeToString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with LRClient(f"127.0.0.1:{port}") as client:
+            events = list(client.watch_metrics(timeout=PATIENCE_S))
+        assert [(e.step, e.metrics["loss"]) for e in events] == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
+    finally:
+        server.stop(None)
 
 
 def test_the_training_process_sends_each_event_once_whatever_the_streams(monkeypatch) -> None:  # type: ignore[no-untyped-def]

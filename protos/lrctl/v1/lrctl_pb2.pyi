@@ -709,6 +709,12 @@ class MetricsEvent(_message.Message):
     dropped: int
     def __init__(self, step: _Optional[int] = ..., time: _Optional[float] = ..., version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., stats: _Optional[_Iterable[_Union[ParameterStats, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[ChangeRecord, _Mapping]]] = ..., dropped: _Optional[int] = ...) -> None: ...
 
+class MetricsEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[MetricsEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[MetricsEvent, _Mapping]]] = ...) -> None: ...
+
 class ParameterStats(_message.Message):
     __slots__ = ("name", "values")
     class ValuesEntry(_message.Message):

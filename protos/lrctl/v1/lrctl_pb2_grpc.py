@@ -94,6 +94,11 @@ class LearningRateControlStub:
                 request_serializer=lrctl_dot_v1_dot_lrctl__pb2.WatchMetricsRequest.SerializeToString,
                 response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.MetricsEvent.FromString,
                 _registered_method=True)
+        self.WatchMetricsBatched = channel.unary_stream(
+                '/lrctl.v1.LearningRateControl/WatchMetricsBatched',
+                request_serializer=lrctl_dot_v1_dot_lrctl__pb2.WatchMetricsRequest.SerializeToString,
+                response_deserializer=lrctl_dot_v1_dot_lrctl__pb2.MetricsEvents.FromString,
+                _registered_method=True)
 
 
 class LearningRateControlServicer:
@@ -205,6 +210,17 @@ class LearningRateControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchMetricsBatched(self, request, context):
+        """WatchMetrics with the events that are ready together in one message, in order
+        (a job that steps faster than ~20 times a second hands its events over in batches,
+        serving="process"): the same events, request, role and errors, for a fraction of
+        the CPU per event on both ends. No message is empty; a message holds several
+        events only up to ~256 KiB (one larger event comes alone).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearningRateControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -267,6 +283,11 @@ def add_LearningRateControlServicer_to_server(servicer, server):
                     servicer.WatchMetrics,
                     request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.WatchMetricsRequest.FromString,
                     response_serializer=lrctl_dot_v1_dot_lrctl__pb2.MetricsEvent.SerializeToString,
+            ),
+            'WatchMetricsBatched': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMetricsBatched,
+                    request_deserializer=lrctl_dot_v1_dot_lrctl__pb2.WatchMetricsRequest.FromString,
+                    response_serializer=lrctl_dot_v1_dot_lrctl__pb2.MetricsEvents.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -593,6 +614,33 @@ class LearningRateControl:
             '/lrctl.v1.LearningRateControl/WatchMetrics',
             lrctl_dot_v1_dot_lrctl__pb2.WatchMetricsRequest.SerializeToString,
             lrctl_dot_v1_dot_lrctl__pb2.MetricsEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMetricsBatched(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lrctl.v1.LearningRateControl/WatchMetricsBatched',
+            lrctl_dot_v1_dot_lrctl__pb2.WatchMetricsRequest.SerializeToString,
+            lrctl_dot_v1_dot_lrctl__pb2.MetricsEvents.FromString,
             options,
             channel_credentials,
             insecure,
