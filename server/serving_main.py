@@ -373,7 +373,6 @@ class _Watch:
                          per_record=per_record)
         sub.ready = False  # no feed events until its start came
         self.subscribers.add(sub)
-        self._count_streams()
         self.keep_early(sub)
         cid, queue = link.call_id()
         try:
@@ -396,11 +395,6 @@ class _Watch:
             self._early.pop(sub, None)
             if self.subscribers.remove(sub):
                 link.send((wire.WATCH_CONFIG, *self.config()))
-                self._count_streams()
-
-    def _count_streams(self) -> None:
-        if self.link.feed is not None:
-            self.link.feed.streams(len(self.subscribers))
 
 
 async def _end(context: grpc.aio.ServicerContext, frame: tuple[Any, ...] | None) -> None:
@@ -538,16 +532,12 @@ def _bidi(link: _Link, method: str) -> Any:
             link.send((wire.HALF_CLOSE, cid))
 
         pumping = asyncio.ensure_future(pump())
-        if link.feed is not None:  # Lockstep: a controller may wait for each step's event
-            link.feed.lockstep(1)
         try:
             async for response in _responses(link, cid, queue, context, ended):
                 yield response
         finally:
             pumping.cancel()
             link.finish(cid, ended[0])
-            if link.feed is not None:
-                link.feed.lockstep(-1)
 
     return call
 

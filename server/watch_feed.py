@@ -21,8 +21,8 @@ Batched: a job that steps faster than every `batch_s` (50 ms) sends at most one 
 `batch_s`, with all the events sealed since the last (each event's send cost the
 training thread ~70-100 us, most of it fixed per send: with caches cold after the
 step's tensors, every Python call costs several times its tight-loop figure;
-bench/README.md section 3c, "The feed, batched"). An event waits up to `batch_s` (and
-the serving process's read, lrctl.server.feed_reader) before the streams get it. A
+bench/README.md section 3c, "The feed, batched"). An event waits up to `batch_s` before
+the streams get it (the serving process reads each send as it comes). A
 slower job's events go out as each is sealed; so do all of them while a lockstep
 controller is attached (it may wait for each step's event) and when the telemetry
 closes. Events a fast job sealed just before it paused are sent by a timer of this
