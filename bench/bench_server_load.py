@@ -95,10 +95,13 @@ def helper_cpu(ctl: Any) -> float:
     if hasattr(ctl, "sidecar_cpu"):
         return ctl.sidecar_cpu()
     process = getattr(getattr(ctl, "_server", None), "process", None)
-    if process is None:
-        return 0.0
+    return 0.0 if process is None else process_cpu(process.pid)
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds so far of process `pid` (user + system; Linux /proc, else 0)."""
     try:
-        with open(f"/proc/{process.pid}/stat") as f:
+        with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
