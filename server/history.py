@@ -82,7 +82,7 @@ def _pin(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Record:
     """One change of the history: applied (its plan: per-name values in compact
     arrays, model order), or accepted and then failed at its step (`status` names the

@@ -20,7 +20,7 @@ _MODE_OF = {m.value: m for m in Mode}
 _TARGET_OF = {t.value: t for t in Target}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Planned:
     """A change planned against config `version` after `loads` checkpoint loads
     (lrctl.server.serving_writes): the training process queues it as is while both are

@@ -30,7 +30,7 @@ LimitCheck = Callable[[Sequence[int], Sequence[float]], Optional[int]]
 LimitText = Callable[[int], str]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PlannedChange:
     """A change planned for `step`: per name (model-order position), old and new.
 

@@ -157,7 +157,7 @@ class PostedRing:
             at = HEADER.size + (k % SLOTS) * SLOT
             change_id, requested_at, size, n = SLOT_HEAD.unpack_from(buffer, at)
             start = at + SLOT_HEAD.size
-            out.append((change_id, requested_at, size, bytes(buffer[start:start + n])))
+            out.append((change_id, requested_at, size, buffer[start:start + n]))  # a slice of an mmap: bytes
         header[_QUEUED] = queued + len(out) if ring_stays else queued
         header[_QUEUED_BYTES] = queued_bytes + header[_RING_BYTES] if ring_stays else queued_bytes
         header[_HEAD] = header[_TAIL]

@@ -227,18 +227,24 @@ class Telemetry:
         self.last_metrics: dict[str, Any] = {}  # the newest value of each metric (Prometheus)
 
     # -- the training thread ---------------------------------------------------------
-    def report(self, step: int, metrics: Mapping[str, float | torch.Tensor]) -> None:
-        """Add validated metrics to the event of `step` (later values of a name win)."""
+    def report(self, step: int, metrics: dict[str, float | torch.Tensor]) -> None:
+        """Add validated metrics to the event of `step` (later values of a name win).
+        `metrics` is the telemetry's from now on (check_metrics made it): the step's
+        first report keeps it as the event's, without a copy."""
         with self._lock:
             event = self._open
             if event is None or event.step != step:
                 event = self._event_for(step)
             current = event._metrics
-            merged = {**current, **metrics} if current else dict(metrics)
+            if current:
+                merged = {**current, **metrics}
+                added = [k for k in metrics if k not in current]
+            else:
+                merged = added = metrics  # type: ignore[assignment]
             if len(merged) > MAX_METRICS_PER_EVENT:
                 raise ValueError(f"step {step} would have {len(merged)} metrics; at most "
                                  f"{MAX_METRICS_PER_EVENT} a step")
-            event.size += sum(_METRIC_BYTES + len(k) for k in metrics if k not in current)
+            event.size += _METRIC_BYTES * len(added) + sum(map(len, added))
             event._metrics = merged
             if not event.lazy:
                 for v in metrics.values():
