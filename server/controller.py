@@ -1035,7 +1035,8 @@ class Controller(ControllerState):
             if self._schedule_moves is not None:
                 self._record_moves(step)
             # Taken just before they are applied: nothing between can leave them unapplied.
-            posted = None if self._posted is None else self._take_posted(wait=False, boundary=step)
+            ring = self._posted
+            posted = self._take_posted(wait=False, boundary=step) if ring is not None and ring.waiting() else None
             if self._next_due <= step or posted:
                 self._apply_due(step, room_left=posted is not None, posted=posted or ())
             if self._table.scheduled or self._table.driven:
@@ -1207,6 +1208,8 @@ class Controller(ControllerState):
         groups at their class's rate for `step` (lock held; see RateTable.commit)."""
         table = self._table
         moved = table.commit(indices, bases, schedules, pins)
+        if not moved:  # every name kept its class (a Set to the rates in force)
+            return
         rates = {c: table.class_rate(c, step) for c in set(moved.values())}
         self._strategy.move(moved, rates)
         self._installed.update(rates)

@@ -134,6 +134,8 @@ SHARED = struct.Struct("<qqq")  # seq, step, version stamp
 # write_snapshot) from SNAPSHOT_AT on: the rest of the shared memory.
 SNAPSHOT_AT = 4096
 SNAPSHOT_HEAD = struct.Struct("<qqq")  # seq, version stamp, body length
+_Q = struct.Struct("<q")  # (compiled once: the step hook writes with them every step)
+_QQ = struct.Struct("<qq")
 SHARED_BYTES = SNAPSHOT_AT + 512 * 1024
 # The reads whose answers the serving process may keep for the version they were
 # computed at (their rates do not depend on the step when no schedule is in force), and
@@ -226,10 +228,10 @@ def read_closing(buffer: Any) -> bool:
 
 
 def write_shared(buffer: Any, step: int, version: int) -> None:
-    seq = SHARED.unpack_from(buffer, 0)[0]
-    struct.pack_into("<q", buffer, 0, seq + 1)
-    struct.pack_into("<qq", buffer, 8, step, version)
-    struct.pack_into("<q", buffer, 0, seq + 2)
+    seq = _Q.unpack_from(buffer, 0)[0]
+    _Q.pack_into(buffer, 0, seq + 1)
+    _QQ.pack_into(buffer, 8, step, version)
+    _Q.pack_into(buffer, 0, seq + 2)
 
 
 def write_snapshot(buffer: Any, version: int, versioned: tuple) -> bool:
@@ -240,11 +242,11 @@ def write_snapshot(buffer: Any, version: int, versioned: tuple) -> bool:
     start = SNAPSHOT_AT + SNAPSHOT_HEAD.size
     if start + len(body) > len(buffer):
         return False
-    seq = SNAPSHOT_HEAD.unpack_from(buffer, SNAPSHOT_AT)[0]
-    struct.pack_into("<q", buffer, SNAPSHOT_AT, seq + 1)
+    seq = _Q.unpack_from(buffer, SNAPSHOT_AT)[0]
+    _Q.pack_into(buffer, SNAPSHOT_AT, seq + 1)
     buffer[start:start + len(body)] = body
-    struct.pack_into("<qq", buffer, SNAPSHOT_AT + 8, version, len(body))
-    struct.pack_into("<q", buffer, SNAPSHOT_AT, seq + 2)
+    _QQ.pack_into(buffer, SNAPSHOT_AT + 8, version, len(body))
+    _Q.pack_into(buffer, SNAPSHOT_AT, seq + 2)
     return True
 
 
