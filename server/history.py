@@ -82,6 +82,9 @@ def _pin(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+# Slotted, not frozen (as PlannedChange, ChangeRequest, Update, Planned): the step hook
+# makes one per change, and a frozen dataclass's __init__ costs a call per field, ~4x
+# (bench/README.md 3c, "Fewer objects per Set"). Nothing changes a record once appended.
 @dataclass(slots=True)
 class Record:
     """One change of the history: applied (its plan: per-name values in compact
@@ -199,8 +202,8 @@ class History:
         `count` False: a record restored from a checkpoint, not one this process made."""
         # Numbered and measured in place, before anyone else holds it: a copy
         # (dataclasses.replace) costs three times its making, in the step hook.
-        object.__setattr__(record, "seq", self._next_seq)
-        object.__setattr__(record, "size", record_bytes(record))
+        record.seq = self._next_seq
+        record.size = record_bytes(record)
         if count:
             status = record.status or "OK"
             self.counts[status] = self.counts.get(status, 0) + 1

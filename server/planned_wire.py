@@ -20,7 +20,7 @@ _MODE_OF = {m.value: m for m in Mode}
 _TARGET_OF = {t.value: t for t in Target}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True)  # not frozen: made per change in the step hook (history.Record)
 class Planned:
     """A change planned against config `version` after `loads` checkpoint loads
     (lrctl.server.serving_writes): the training process queues it as is while both are

@@ -30,7 +30,7 @@ LimitCheck = Callable[[Sequence[int], Sequence[float]], Optional[int]]
 LimitText = Callable[[int], str]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True)  # not frozen: made per change in the step hook (history.Record)
 class PlannedChange:
     """A change planned for `step`: per name (model-order position), old and new.
 

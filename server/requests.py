@@ -30,7 +30,7 @@ class Target(Enum):
     PIN = "pin"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True)  # not frozen: made per change in the step hook (history.Record)
 class Update:
     """One entry of a batch: set (or scale) the base, or the pin, of what `selector` matches."""
 
@@ -48,7 +48,7 @@ class ScheduleUpdate:
     schedule: Any  # a lrctl.common.schedules.Schedule, or None to clear
 
 
-@dataclass(slots=True)
+@dataclass(slots=True)  # not frozen: made per change in the step hook (history.Record)
 class ChangeRequest:
     """A batch of updates and its options, as a handler hands it to the controller."""
 
