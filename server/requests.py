@@ -94,8 +94,8 @@ class Outcome:
     changes: tuple[RateChange, ...]
 
 
-# One lock for every change's finishing: held for a few list and flag operations,
-# never while a callback runs, and a lock a change costs the step hook ~6 us to make.
+# One lock for the finishing of every change (a lock of its own cost the step hook ~6 us
+# a change to make): held for a few list and flag operations, never while a callback runs.
 _FINISH_LOCK = threading.Lock()
 
 
