@@ -1035,8 +1035,7 @@ class Controller(ControllerState):
             if self._schedule_moves is not None:
                 self._record_moves(step)
             # Taken just before they are applied: nothing between can leave them unapplied.
-            ring = self._posted
-            posted = self._take_posted(wait=False, boundary=step) if ring is not None and ring.waiting() else None
+            posted = None if self._posted is None else self._take_posted(wait=False, boundary=step)
             if self._next_due <= step or posted:
                 self._apply_due(step, room_left=posted is not None, posted=posted or ())
             if self._table.scheduled or self._table.driven:

@@ -317,9 +317,7 @@ class RateTable(RateState):
                     pin_of.pop(i, None)
                 else:
                     pin_of[i] = p
-            # _key(i), without a call per name for the common unpinned one (the step hook
-            # commits every change: a call costs several us there, caches cold).
-            key = self._key(i) if i in pin_of else (SCHEDULED, b, schedules[i])
+            key = self._key(i)
             c = class_of[i]
             if key != keys[c]:
                 moves.setdefault((c, key), []).append(i)

@@ -134,7 +134,7 @@ SHARED = struct.Struct("<qqq")  # seq, step, version stamp
 # write_snapshot) from SNAPSHOT_AT on: the rest of the shared memory.
 SNAPSHOT_AT = 4096
 SNAPSHOT_HEAD = struct.Struct("<qqq")  # seq, version stamp, body length
-_Q = struct.Struct("<q")  # (compiled once: the step hook writes with them every step)
+_Q = struct.Struct("<q")  # compiled once: the step hook writes the shared step every step
 _QQ = struct.Struct("<qq")
 SHARED_BYTES = SNAPSHOT_AT + 512 * 1024
 # The reads whose answers the serving process may keep for the version they were
@@ -220,11 +220,11 @@ CLOSING_AT = 24
 
 
 def set_closing(buffer: Any) -> None:
-    struct.pack_into("<q", buffer, CLOSING_AT, 1)
+    _Q.pack_into(buffer, CLOSING_AT, 1)
 
 
 def read_closing(buffer: Any) -> bool:
-    return struct.unpack_from("<q", buffer, CLOSING_AT)[0] != 0
+    return _Q.unpack_from(buffer, CLOSING_AT)[0] != 0
 
 
 def write_shared(buffer: Any, step: int, version: int) -> None:
