@@ -62,6 +62,7 @@ import asyncio
 import marshal
 import socket
 import struct
+import zlib
 from typing import Any
 
 LEN = struct.Struct("!I")
@@ -126,17 +127,27 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
 
 
 # -- the published step and version (shared memory, written by the training process) --
-# A seqlock: the writer makes `seq` odd, writes step and version, makes it even again;
-# a reader retries while it is odd or changed under it. One writer at a time (a lock
+# Each value carries a check word computed from it, and a reader takes only what
+# matches its check (else it reads again). Not a sequence counter around the
+# writes: on a CPU that may make stores visible out of order (aarch64), another
+# process can see the counter's last store before the data's, and Python has no memory
+# barrier to put between them. A check holds on any CPU. One writer at a time (a lock
 # in the training process). The version published is a stamp (below).
-SHARED = struct.Struct("<qqq")  # seq, step, version stamp
+# The step's check is the hash of the (step, stamp) tuple: of ints, the same in every
+# process of this interpreter whatever PYTHONHASHSEED, and cheaper on the training
+# thread, every step, than a CRC (zlib's code and tables, cold after backward: +8 us).
+SHARED = struct.Struct("<qqq")  # step, version stamp, check
+_VERSION_LENGTH = struct.Struct("<qq")
 # A read snapshot's versioned part, written by the training process itself (see
 # write_snapshot) from SNAPSHOT_AT on: the rest of the shared memory.
 SNAPSHOT_AT = 4096
-SNAPSHOT_HEAD = struct.Struct("<qqq")  # seq, version stamp, body length
-_Q = struct.Struct("<q")  # compiled once: the step hook writes the shared step every step
-_QQ = struct.Struct("<qq")
+SNAPSHOT_HEAD = struct.Struct("<qqI")  # version stamp, body length, CRC-32 of both and the body
+_Q = struct.Struct("<q")
 SHARED_BYTES = SNAPSHOT_AT + 512 * 1024
+# How often a reader reads again a value that does not match its check before it gives
+# up: only a writer stopped half-way leaves one so for long (each try takes ~1 us,
+# a write as long).
+_TRIES = 10_000
 # The reads whose answers the serving process may keep for the version they were
 # computed at (their rates do not depend on the step when no schedule is in force), and
 # whether the answer carries a `step` field to bring up to date. (A parameter's
@@ -207,12 +218,18 @@ def stamp_loads(value: int) -> int:
     return value >> _LOADS_SHIFT
 
 
+class TornError(RuntimeError):
+    """A value in the shared memory never matched its check: its writer stopped while
+    writing it (the training process was killed)."""
+
+
 def read_shared(buffer: Any) -> tuple[int, int]:
-    """(step, version stamp) as last published."""
-    while True:
-        seq, step, version = SHARED.unpack_from(buffer, 0)
-        if not seq & 1 and SHARED.unpack_from(buffer, 0)[0] == seq:
+    """(step, version stamp) as last published; TornError if it cannot be read."""
+    for _ in range(_TRIES):
+        step, version, check = SHARED.unpack_from(buffer, 0)
+        if hash((step, version)) == check:
             return step, version
+    raise TornError("the training process's published step could not be read (it stopped while writing it)")
 
 
 # The controller is closing (no change is accepted): set once, by the training process.
@@ -228,38 +245,39 @@ def read_closing(buffer: Any) -> bool:
 
 
 def write_shared(buffer: Any, step: int, version: int) -> None:
-    seq = _Q.unpack_from(buffer, 0)[0]
-    _Q.pack_into(buffer, 0, seq + 1)
-    _QQ.pack_into(buffer, 8, step, version)
-    _Q.pack_into(buffer, 0, seq + 2)
+    """Publish (step, version stamp) for read_shared (the step hook, every step)."""
+    SHARED.pack_into(buffer, 0, step, version, hash((step, version)))
+
+
+def _snapshot_check(version: int, body: bytes) -> int:
+    return zlib.crc32(body, zlib.crc32(_VERSION_LENGTH.pack(version, len(body))))
 
 
 def write_snapshot(buffer: Any, version: int, versioned: tuple) -> bool:
     """Put a read snapshot's versioned part (read_model.VersionedPart.to_wire()) of
-    version stamp `version` where the serving process finds it without asking (a
-    seqlock, as the step's; one writer at a time); False if it does not fit."""
+    version stamp `version` where the serving process finds it without asking (with
+    a check, as the step's; one writer at a time); False if it does not fit."""
     body = marshal.dumps(versioned)
     start = SNAPSHOT_AT + SNAPSHOT_HEAD.size
     if start + len(body) > len(buffer):
         return False
-    seq = _Q.unpack_from(buffer, SNAPSHOT_AT)[0]
-    _Q.pack_into(buffer, SNAPSHOT_AT, seq + 1)
     buffer[start:start + len(body)] = body
-    _QQ.pack_into(buffer, SNAPSHOT_AT + 8, version, len(body))
-    _Q.pack_into(buffer, SNAPSHOT_AT, seq + 2)
+    SNAPSHOT_HEAD.pack_into(buffer, SNAPSHOT_AT, version, len(body), _snapshot_check(version, body))
     return True
 
 
 def read_snapshot(buffer: Any, newer_than: int) -> tuple | None:
     """The versioned part written by write_snapshot, if its version stamp is newer than
-    `newer_than`; else None."""
+    `newer_than`; else None (also when it does not match its check: the serving
+    process then asks for the snapshot over the link)."""
     start = SNAPSHOT_AT + SNAPSHOT_HEAD.size
+    limit = len(buffer) - start
     for _ in range(100):  # a writer stopped half-way: ask instead
-        seq, version, n = SNAPSHOT_HEAD.unpack_from(buffer, SNAPSHOT_AT)
-        if version <= newer_than or seq == 0:
+        version, n, check = SNAPSHOT_HEAD.unpack_from(buffer, SNAPSHOT_AT)
+        if version <= newer_than or n <= 0:  # n 0: none written yet
             return None
-        body = bytes(buffer[start:start + n])
-        if not seq & 1 and SNAPSHOT_HEAD.unpack_from(buffer, SNAPSHOT_AT)[0] == seq:
+        body = bytes(buffer[start:start + min(n, limit)])
+        if _snapshot_check(version, body) == check:
             return marshal.loads(body)
     return None
 
