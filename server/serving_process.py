@@ -308,7 +308,11 @@ class ServingProcess:
     def _check_published(self) -> None:
         if self._stopped:
             return
-        if wire.read_shared(self._shared) != (self._controller.step, self._stamp()):
+        try:
+            stale = wire.read_shared(self._shared) != (self._controller.step, self._stamp())
+        except wire.TornError:  # not written whole (only this process writes it): again
+            stale = True
+        if stale:
             self._publish()
         now = time.monotonic()
         if now - self._grads_checked >= _GRADS_S or self._controller.grads_changed:
