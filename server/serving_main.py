@@ -180,10 +180,7 @@ class _Link:
         """A write's answer named `version`: taken as of the loads published now (one
         that crossed a load may be counted too new: its reads are forwarded, which is
         always right, until the versions pass it or a snapshot says otherwise)."""
-        try:
-            _, published = wire.read_shared(self.shared)
-        except wire.TornError:  # the training process is gone: reads are refused, not stale
-            return
+        _, published = wire.read_shared(self.shared)
         self.acked = max(self.acked, wire.stamp(wire.stamp_loads(published), version))
 
     def keep(self, method: str, request: bytes, version: int, body: bytes, message_type: Any) -> None:
@@ -437,24 +434,21 @@ def _unary(link: _Link, method: str) -> Any:
     snapshot_read = method in SNAPSHOT_READS
 
     async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        try:
-            if snapshot_read:
-                answer = await link.reads.answer(method, request, context, link.acked)
-                if answer is not None:
-                    return answer
-            if write:
-                assert link.writes is not None
-                planned = await link.writes.answer(method, request, context, link.acked)
-                if isinstance(planned, bytes):
-                    return planned
-                if planned is not None:
-                    return await _hand_over(link, method, context, planned)
-            if cacheable:
-                answer = link.cached(method, request)
-                if answer is not None:
-                    return answer
-        except wire.TornError:  # the training process stopped while publishing its step
-            await context.abort(grpc.StatusCode.UNAVAILABLE, _GONE)
+        if snapshot_read:
+            answer = await link.reads.answer(method, request, context, link.acked)
+            if answer is not None:
+                return answer
+        if write:
+            assert link.writes is not None
+            planned = await link.writes.answer(method, request, context, link.acked)
+            if isinstance(planned, bytes):
+                return planned
+            if planned is not None:
+                return await _hand_over(link, method, context, planned)
+        if cacheable:
+            answer = link.cached(method, request)
+            if answer is not None:
+                return answer
         cid, queue = link.open(method, context, request)
         frame = await _answer(link, cid, queue, context)
         body = frame[4]

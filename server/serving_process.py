@@ -308,11 +308,7 @@ class ServingProcess:
     def _check_published(self) -> None:
         if self._stopped:
             return
-        try:
-            stale = wire.read_shared(self._shared) != (self._controller.step, self._stamp())
-        except wire.TornError:  # not written whole (only this process writes it): again
-            stale = True
-        if stale:
+        if wire.read_shared(self._shared) != (self._controller.step, self._stamp()):
             self._publish()
         now = time.monotonic()
         if now - self._grads_checked >= _GRADS_S or self._controller.grads_changed:

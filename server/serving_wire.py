@@ -128,15 +128,21 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
 
 # -- the published step and version (shared memory, written by the training process) --
 # Each value carries a check word computed from it, and a reader takes only what
-# matches its check (else it reads again). Not a sequence counter around the
-# writes: on a CPU that may make stores visible out of order (aarch64), another
-# process can see the counter's last store before the data's, and Python has no memory
-# barrier to put between them. A check holds on any CPU. One writer at a time (a lock
-# in the training process). The version published is a stamp (below).
-# The step's check is the hash of the (step, stamp) tuple: of ints, the same in every
-# process of this interpreter whatever PYTHONHASHSEED, and cheaper on the training
-# thread, every step, than a CRC (zlib's code and tables, cold after backward: +8 us).
+# matches its check. Not a sequence counter around the writes: on a CPU that may make
+# stores visible out of order (aarch64), another process can see the counter's last
+# store before the data's, and Python has no memory barrier to put between them. A
+# check holds on any CPU. One writer at a time (a lock in the training process). The
+# version published is a stamp (below).
+# The step is written to two slots in turn, then the index of the one written: a
+# reader takes the indexed slot, or the other one (the value before) while the
+# indexed one does not match its check yet. So a reader never waits for a writer, not
+# even one the OS stopped half-way through a write for a time slice (with one slot,
+# a reader spun that long), nor one killed there (its last whole value stays).
+# The check is the hash of the (step, stamp) tuple: of ints, the same in every process
+# of this interpreter whatever PYTHONHASHSEED, and cheaper on the training thread,
+# every step, than a CRC (zlib's code and tables, cold after backward: +8 us).
 SHARED = struct.Struct("<qqq")  # step, version stamp, check
+SHARED_SLOTS = (8, 32)  # the two slots' offsets; the index of the last written is at 0
 _VERSION_LENGTH = struct.Struct("<qq")
 # A read snapshot's versioned part, written by the training process itself (see
 # write_snapshot) from SNAPSHOT_AT on: the rest of the shared memory.
@@ -144,10 +150,9 @@ SNAPSHOT_AT = 4096
 SNAPSHOT_HEAD = struct.Struct("<qqI")  # version stamp, body length, CRC-32 of both and the body
 _Q = struct.Struct("<q")
 SHARED_BYTES = SNAPSHOT_AT + 512 * 1024
-# How often a reader reads again a value that does not match its check before it gives
-# up: only a writer stopped half-way leaves one so for long (each try takes ~1 us,
-# a write as long).
-_TRIES = 10_000
+# How often a reader of the step reads again when neither slot matches its check
+# before it gives up: only damaged memory leaves both so.
+_TRIES = 1000
 # The reads whose answers the serving process may keep for the version they were
 # computed at (their rates do not depend on the step when no schedule is in force), and
 # whether the answer carries a `step` field to bring up to date. (A parameter's
@@ -219,21 +224,25 @@ def stamp_loads(value: int) -> int:
 
 
 class TornError(RuntimeError):
-    """A value in the shared memory never matched its check: its writer stopped while
-    writing it (the training process was killed)."""
+    """The published step never matched its check in either slot: the shared memory
+    was damaged."""
 
 
 def read_shared(buffer: Any) -> tuple[int, int]:
-    """(step, version stamp) as last published; TornError if it cannot be read."""
+    """(step, version stamp) as last published (or the value before, while the last is
+    not wholly visible yet); TornError if neither can be read."""
     for _ in range(_TRIES):
-        step, version, check = SHARED.unpack_from(buffer, 0)
-        if hash((step, version)) == check:
-            return step, version
-    raise TornError("the training process's published step could not be read (it stopped while writing it)")
+        last = _Q.unpack_from(buffer, 0)[0]
+        for slot in (last, 1 - last) if last in (0, 1) else ():
+            step, version, check = SHARED.unpack_from(buffer, SHARED_SLOTS[slot])
+            if hash((step, version)) == check:
+                return step, version
+    raise TornError("the training process's published step could not be read (its shared memory is damaged)")
 
 
 # The controller is closing (no change is accepted): set once, by the training process.
-CLOSING_AT = 24
+CLOSING_AT = 56
+assert SHARED_SLOTS[1] + SHARED.size <= CLOSING_AT and CLOSING_AT + _Q.size <= COUNTS_AT
 
 
 def set_closing(buffer: Any) -> None:
@@ -246,7 +255,9 @@ def read_closing(buffer: Any) -> bool:
 
 def write_shared(buffer: Any, step: int, version: int) -> None:
     """Publish (step, version stamp) for read_shared (the step hook, every step)."""
-    SHARED.pack_into(buffer, 0, step, version, hash((step, version)))
+    slot = 1 - _Q.unpack_from(buffer, 0)[0]  # the one a reader is not sent to
+    SHARED.pack_into(buffer, SHARED_SLOTS[slot], step, version, hash((step, version)))
+    _Q.pack_into(buffer, 0, slot)
 
 
 def _snapshot_check(version: int, body: bytes) -> int:

@@ -2,8 +2,9 @@
 (lrctl.server.serving_wire: the step and version stamp, and each version's read
 snapshot) are read only as they were written: each carries a check word, and a reader
 takes nothing that does not match it: a value its writer stopped half-way through, a
-mix of two writes, or bytes damaged in place. Checked with the writer and a reader in
-two processes at once, as they run."""
+mix of two writes, or bytes damaged in place; and a reader of the step never waits for
+its writer (two slots). Checked with the writer and a reader in two processes at once,
+as they run."""
 
 from __future__ import annotations
 
@@ -47,13 +48,26 @@ def test_the_step_and_a_snapshot_read_back_as_written(shared: mmap.mmap) -> None
     assert wire.read_snapshot(shared, newer_than=4) == _snapshot(5)
 
 
-def test_a_damaged_step_is_never_read(shared: mmap.mmap) -> None:
+def test_a_step_written_half_way_leaves_the_one_before_and_a_damaged_one_is_never_read(
+        shared: mmap.mmap) -> None:
+    wire.write_shared(shared, 40, 7)
     wire.write_shared(shared, 41, 7)
-    shared[0] ^= 0x01  # the step's low byte, its check unchanged: 40 or a mix of two writes
+    last = shared[0]  # the index of the slot written last
+    older = wire.SHARED_SLOTS[1 - last]
+    # The writer stopped (descheduled, or killed) half-way through the next value: its
+    # step in the slot the reader is not sent to, the rest not yet. Read at once: 41.
+    wire.SHARED.pack_into(shared, older, 42, 0, 0)
+    assert wire.read_shared(shared) == (41, 7)
+    # The last value damaged in place: the reader takes the whole one beside it, never
+    # the damaged one.
+    wire.write_shared(shared, 42, 7)
+    shared[wire.SHARED_SLOTS[shared[0]]] ^= 0x01  # 42's step -> 43, its check unchanged
+    assert wire.read_shared(shared) == (41, 7)
+    shared[wire.SHARED_SLOTS[1 - shared[0]]] ^= 0x01  # and 41's
     with pytest.raises(wire.TornError, match="could not be read"):
         wire.read_shared(shared)
-    wire.write_shared(shared, 42, 7)  # the next write makes it readable again
-    assert wire.read_shared(shared) == (42, 7)
+    wire.write_shared(shared, 44, 7)  # the next write makes it readable again
+    assert wire.read_shared(shared) == (44, 7)
 
 
 def test_a_snapshot_written_half_way_or_damaged_is_not_taken(shared: mmap.mmap) -> None:
