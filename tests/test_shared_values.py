@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Iterator
 
 import pytest
 
@@ -22,7 +23,7 @@ from lrctl.server import serving_wire as wire
 
 
 @pytest.fixture()
-def shared() -> mmap.mmap:
+def shared() -> Iterator[mmap.mmap]:
     fd = os.memfd_create("lrctl-test-shared")
     os.ftruncate(fd, wire.SHARED_BYTES)
     buffer = mmap.mmap(fd, wire.SHARED_BYTES)
